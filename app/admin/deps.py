@@ -1,0 +1,40 @@
+"""Operator authentication: `Authorization: Bearer <VIDGATE_ADMIN_TOKEN>`."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.core.deps import RuntimeDep
+from app.core.errors import AppError
+from app.core.settings import SANDBOX_ADMIN_TOKEN
+
+bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken", description="VIDGATE_ADMIN_TOKEN")
+
+
+class InvalidAdminToken(AppError):
+    status = 401
+    code = "invalid_admin_token"
+    title = "Missing or wrong operator token"
+
+
+def admin_token(runtime: RuntimeDep) -> str | None:
+    settings = runtime.settings
+    if settings.admin_token is not None and settings.admin_token.get_secret_value():
+        return settings.admin_token.get_secret_value()
+    return SANDBOX_ADMIN_TOKEN if settings.sandbox else None
+
+
+async def require_admin(
+    runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
+    expected = admin_token(runtime)
+    given = credentials.credentials if credentials else ""
+    if expected is None or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise InvalidAdminToken(
+            "Send the operator token as 'Authorization: Bearer <VIDGATE_ADMIN_TOKEN>'.",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, Index, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.core import clock
+from app.core.database import Base, BigIntId
+
+
+class BudgetCounter(Base):
+    """Running spent/reserved totals of one scope ("tenant:<id>" or "key:<id>") in one period.
+
+    The counters are what the conditional reservation checks; the ledger is what they must equal.
+    """
+
+    __tablename__ = "budget_counters"
+
+    scope: Mapped[str] = mapped_column(String(48), primary_key=True)
+    period_start: Mapped[datetime] = mapped_column(primary_key=True)
+    spent_cents: Mapped[int] = mapped_column(default=0)
+    reserved_cents: Mapped[int] = mapped_column(default=0)
+
+
+class LedgerEntry(Base):
+    """Append-only: one row per movement of money, written in the transaction that moves it."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        Index("ix_ledger_entries_tenant_period", "tenant_id", "period_start"),
+        Index("ix_ledger_entries_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    api_key_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    prediction_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    model_id: Mapped[str | None] = mapped_column(String(100))
+    period_start: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(16))  # reserve | settle | release | refund
+    reserved_delta: Mapped[int] = mapped_column(default=0)
+    spent_delta: Mapped[int] = mapped_column(default=0)
+    note: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+class PricePoint(Base):
+    """The highest costCents the vendor has billed for a model, resolution and duration."""
+
+    __tablename__ = "price_points"
+
+    model_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    resolution: Mapped[str] = mapped_column(String(8), primary_key=True)
+    duration_s: Mapped[int] = mapped_column(primary_key=True)
+    max_seen_cents: Mapped[int]
+    updated_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+class RateWindow(Base):
+    __tablename__ = "rate_windows"
+
+    scope: Mapped[str] = mapped_column(String(48), primary_key=True)
+    window_start: Mapped[datetime] = mapped_column(primary_key=True)
+    count: Mapped[int] = mapped_column(default=0)
+
+
+class ThresholdNotice(Base):
+    """A budget.threshold event already sent: its primary key makes it once per period."""
+
+    __tablename__ = "threshold_notices"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    period_start: Mapped[datetime] = mapped_column(primary_key=True)
+    percent: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)

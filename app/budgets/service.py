@@ -1,0 +1,379 @@
+"""Where money moves. Every change of a balance is one conditional or arithmetic SQL UPDATE that the
+database applies atomically, plus one append-only ledger row in the same transaction.
+
+Scopes: every movement updates the tenant's counter ("tenant:<id>") and the key's ("key:<id>"), so a
+key can carry a smaller budget of its own. Counters are per budget period; a hold is settled or
+released in the period it was taken in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, ThresholdNotice
+from app.core import clock
+from app.core.database import insert_ignore
+from app.core.errors import AppError
+from app.tenants.models import ApiKey, Tenant
+
+# The one published price point: 480p for 5 s costs 9 cents. Other resolutions scale by pixel count.
+PUBLISHED_CENTS_PER_SECOND_480P = 9 / 5
+RESOLUTION_FACTOR = {"480p": 1.0, "720p": (1280 * 720) / (854 * 480), "1080p": (1920 * 1080) / (854 * 480)}
+DEFAULT_RESOLUTION = "720p"
+DEFAULT_DURATION_S = 5
+THRESHOLDS = (50, 80, 100)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class BudgetExceeded(AppError):
+    status = 402
+    code = "budget_exceeded"
+    title = "Budget exceeded"
+
+
+@dataclass(frozen=True)
+class Period:
+    start: datetime
+    end: datetime | None  # None for the "total" period
+
+
+@dataclass(frozen=True)
+class Hold:
+    """What a prediction holds or was charged, and where: enough to settle or release it."""
+
+    tenant_id: str
+    api_key_id: str
+    prediction_id: str
+    model_id: str
+    period_start: datetime
+
+
+def period_of(kind: str, at: datetime) -> Period:
+    at = at.astimezone(UTC)
+    day = at.replace(hour=0, minute=0, second=0, microsecond=0)
+    if kind == "day":
+        return Period(day, day + timedelta(days=1))
+    if kind == "week":
+        start = day - timedelta(days=day.weekday())
+        return Period(start, start + timedelta(days=7))
+    if kind == "month":
+        start = day.replace(day=1)
+        end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+        return Period(start, end)
+    return Period(EPOCH, None)
+
+
+def _tenant_scope(tenant_id: str) -> str:
+    return f"tenant:{tenant_id}"
+
+
+def _key_scope(key_id: str) -> str:
+    return f"key:{key_id}"
+
+
+# ---------------------------------------------------------------- estimates
+
+
+def table_estimate(price_table: dict[str, dict[str, float]], model_id: str, resolution: str, duration_s: int) -> int:
+    per_second = price_table.get(model_id, {}).get(resolution)
+    if per_second is None:
+        per_second = PUBLISHED_CENTS_PER_SECOND_480P * RESOLUTION_FACTOR[resolution]
+    return math.ceil(per_second * duration_s - 1e-9)
+
+
+async def estimate_cents(
+    session: AsyncSession,
+    price_table: dict[str, dict[str, float]],
+    model_id: str,
+    resolution: str,
+    duration_s: int,
+) -> int:
+    seen = await session.scalar(
+        select(PricePoint.max_seen_cents).where(
+            PricePoint.model_id == model_id,
+            PricePoint.resolution == resolution,
+            PricePoint.duration_s == duration_s,
+        )
+    )
+    return max(table_estimate(price_table, model_id, resolution, duration_s), seen or 0)
+
+
+async def learn_price(session: AsyncSession, model_id: str, resolution: str, duration_s: int, cents: int) -> None:
+    """Raise the remembered maximum for this price point; never lower it."""
+    now = clock.now()
+    inserted = await insert_ignore(
+        session,
+        PricePoint,
+        [
+            dict(
+                model_id=model_id,
+                resolution=resolution,
+                duration_s=duration_s,
+                max_seen_cents=cents,
+                updated_at=now,
+            )
+        ],
+    )
+    if not inserted:
+        await session.execute(
+            update(PricePoint)
+            .where(
+                PricePoint.model_id == model_id,
+                PricePoint.resolution == resolution,
+                PricePoint.duration_s == duration_s,
+                PricePoint.max_seen_cents < cents,
+            )
+            .values(max_seen_cents=cents, updated_at=now)
+        )
+
+
+# ---------------------------------------------------------------- movements
+
+
+async def _ensure_counters(session: AsyncSession, scopes: list[str], period_start: datetime) -> None:
+    await insert_ignore(
+        session,
+        BudgetCounter,
+        [dict(scope=s, period_start=period_start, spent_cents=0, reserved_cents=0) for s in scopes],
+    )
+
+
+async def _hold_within(
+    session: AsyncSession, scope: str, period_start: datetime, amount: int, limit: ColumnElement[Any]
+) -> bool:
+    """Add `amount` to the scope's reservations only if spent + reserved stays within its limit.
+
+    The limit is a subquery on the tenant or key row, so the check and the increment are one
+    statement the database serializes on the counter row: concurrent requests cannot both pass.
+    """
+    result = await session.execute(
+        update(BudgetCounter)
+        .where(
+            BudgetCounter.scope == scope,
+            BudgetCounter.period_start == period_start,
+            or_(limit.is_(None), BudgetCounter.spent_cents + BudgetCounter.reserved_cents + amount <= limit),
+        )
+        .values(reserved_cents=BudgetCounter.reserved_cents + amount)
+        .returning(BudgetCounter.scope)
+    )
+    return result.first() is not None
+
+
+async def _shift(
+    session: AsyncSession,
+    hold: Hold,
+    *,
+    reserved_delta: int,
+    spent_delta: int,
+    kind: str,
+    note: str | None = None,
+) -> None:
+    """Move money unconditionally (settle, release, refund) and record it."""
+    for scope in (_tenant_scope(hold.tenant_id), _key_scope(hold.api_key_id)):
+        await session.execute(
+            update(BudgetCounter)
+            .where(BudgetCounter.scope == scope, BudgetCounter.period_start == hold.period_start)
+            .values(
+                reserved_cents=BudgetCounter.reserved_cents + reserved_delta,
+                spent_cents=BudgetCounter.spent_cents + spent_delta,
+            )
+        )
+    _record(session, hold, kind=kind, reserved_delta=reserved_delta, spent_delta=spent_delta, note=note)
+
+
+def _record(
+    session: AsyncSession, hold: Hold, *, kind: str, reserved_delta: int, spent_delta: int, note: str | None
+) -> None:
+    session.add(
+        LedgerEntry(
+            tenant_id=hold.tenant_id,
+            api_key_id=hold.api_key_id,
+            prediction_id=hold.prediction_id,
+            model_id=hold.model_id,
+            period_start=hold.period_start,
+            kind=kind,
+            reserved_delta=reserved_delta,
+            spent_delta=spent_delta,
+            note=note,
+            created_at=clock.now(),
+        )
+    )
+
+
+async def reserve(session: AsyncSession, tenant: Tenant, key: ApiKey, hold: Hold, amount: int) -> None:
+    """Place a hold of `amount` cents for a prediction, or raise BudgetExceeded and change nothing."""
+    tenant_limit = select(Tenant.budget_cents).where(Tenant.id == tenant.id).scalar_subquery()
+    key_limit = select(ApiKey.budget_cents).where(ApiKey.id == key.id).scalar_subquery()
+    checks = ((_tenant_scope(tenant.id), tenant_limit), (_key_scope(key.id), key_limit))
+    for scope, limit in checks:
+        if await _hold_within(session, scope, hold.period_start, amount, limit):
+            continue
+        await _ensure_counters(session, [scope], hold.period_start)
+        if not await _hold_within(session, scope, hold.period_start, amount, limit):
+            # Raising rolls back the whole transaction, including a hold already taken on the other scope.
+            raise await _budget_exceeded(session, tenant, key, scope, hold.period_start, amount)
+    _record(session, hold, kind="reserve", reserved_delta=amount, spent_delta=0, note=None)
+
+
+async def settle(session: AsyncSession, hold: Hold, held: int, cost: int) -> None:
+    """Turn a hold into the vendor's real charge. A charge above the hold is still recorded: it was billed."""
+    await _shift(session, hold, reserved_delta=-held, spent_delta=cost, kind="settle")
+
+
+async def release(session: AsyncSession, hold: Hold, held: int, note: str) -> None:
+    await _shift(session, hold, reserved_delta=-held, spent_delta=0, kind="release", note=note)
+
+
+async def refund(session: AsyncSession, hold: Hold, charged: int, note: str) -> None:
+    await _shift(session, hold, reserved_delta=0, spent_delta=-charged, kind="refund", note=note)
+
+
+async def _budget_exceeded(
+    session: AsyncSession, tenant: Tenant, key: ApiKey, scope: str, period_start: datetime, amount: int
+) -> BudgetExceeded:
+    counter = await session.get(BudgetCounter, (scope, period_start), populate_existing=True)
+    spent = counter.spent_cents if counter else 0
+    reserved = counter.reserved_cents if counter else 0
+    is_key = scope.startswith("key:")
+    limit = (key.budget_cents if is_key else tenant.budget_cents) or 0
+    period = period_of(tenant.budget_period, period_start)
+    whose = "this API key's" if is_key else "the tenant's"
+    return BudgetExceeded(
+        f"This prediction is estimated at {amount} cents, but {whose} budget has "
+        f"{max(limit - spent - reserved, 0)} of {limit} cents left this period. "
+        "Wait for the period to reset, or ask your operator to raise the budget.",
+        scope="key" if is_key else "tenant",
+        limitCents=limit,
+        spentCents=spent,
+        reservedCents=reserved,
+        remainingCents=max(limit - spent - reserved, 0),
+        estimateCents=amount,
+        resetsAt=period.end.isoformat().replace("+00:00", "Z") if period.end else None,
+    )
+
+
+# ---------------------------------------------------------------- thresholds
+
+
+async def newly_crossed_thresholds(session: AsyncSession, tenant: Tenant, period_start: datetime) -> list[int]:
+    """Which of 50/80/100 % the tenant's spending has just reached, each reported once a period."""
+    if not tenant.budget_cents:
+        return []
+    spent = await session.scalar(
+        select(BudgetCounter.spent_cents).where(
+            BudgetCounter.scope == _tenant_scope(tenant.id), BudgetCounter.period_start == period_start
+        )
+    )
+    reached = [p for p in THRESHOLDS if (spent or 0) * 100 >= p * tenant.budget_cents]
+    crossed = []
+    for percent in reached:
+        row = dict(tenant_id=tenant.id, period_start=period_start, percent=percent, created_at=clock.now())
+        if await insert_ignore(session, ThresholdNotice, [row]):
+            crossed.append(percent)
+    return crossed
+
+
+# ---------------------------------------------------------------- reports
+
+
+@dataclass(frozen=True)
+class Usage:
+    budget_cents: int | None
+    period: str
+    period_start: datetime | None
+    period_end: datetime | None
+    spent_cents: int
+    reserved_cents: int
+
+    @property
+    def remaining_cents(self) -> int | None:
+        if self.budget_cents is None:
+            return None
+        return max(self.budget_cents - self.spent_cents - self.reserved_cents, 0)
+
+
+async def tenant_usage(session: AsyncSession, tenant: Tenant) -> Usage:
+    """The current period's usage, summed from the ledger."""
+    period = period_of(tenant.budget_period, clock.now())
+    spent, reserved = (
+        await session.execute(
+            select(
+                func.coalesce(func.sum(LedgerEntry.spent_delta), 0),
+                func.coalesce(func.sum(LedgerEntry.reserved_delta), 0),
+            ).where(LedgerEntry.tenant_id == tenant.id, LedgerEntry.period_start == period.start)
+        )
+    ).one()
+    return Usage(
+        budget_cents=tenant.budget_cents,
+        period=tenant.budget_period,
+        period_start=period.start if tenant.budget_period != "total" else None,
+        period_end=period.end,
+        spent_cents=int(spent),
+        reserved_cents=int(reserved),
+    )
+
+
+async def usage_report(
+    session: AsyncSession, start: datetime | None, end: datetime | None, group_by: str
+) -> list[dict[str, Any]]:
+    """Spent cents and predictions charged, from the ledger, grouped by tenant, model or UTC day."""
+    key: Any = {
+        "tenant": LedgerEntry.tenant_id,
+        "model": LedgerEntry.model_id,
+        "day": func.date(LedgerEntry.created_at),
+    }[group_by]
+    stmt = select(
+        key.label("key"),
+        func.coalesce(func.sum(LedgerEntry.spent_delta), 0).label("spent"),
+        func.count(LedgerEntry.id).filter(LedgerEntry.kind == "settle").label("predictions"),
+    ).where(LedgerEntry.spent_delta != 0)
+    if start is not None:
+        stmt = stmt.where(LedgerEntry.created_at >= start)
+    if end is not None:
+        stmt = stmt.where(LedgerEntry.created_at < end)
+    rows = await session.execute(stmt.group_by(key).order_by(key))
+    return [{group_by: str(row.key), "spentCents": int(row.spent), "predictions": int(row.predictions)} for row in rows]
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    scope: str
+    period_start: datetime
+    counter_spent: int
+    counter_reserved: int
+    ledger_spent: int
+    ledger_reserved: int
+
+
+async def verify_ledger(session: AsyncSession) -> list[Mismatch]:
+    """Recompute every counter from the ledger; any difference is a bug worth waking someone for."""
+    sums: dict[tuple[str, datetime], tuple[int, int]] = {}
+    for column, scope_of in ((LedgerEntry.tenant_id, _tenant_scope), (LedgerEntry.api_key_id, _key_scope)):
+        rows = await session.execute(
+            select(
+                column,
+                LedgerEntry.period_start,
+                func.sum(LedgerEntry.spent_delta),
+                func.sum(LedgerEntry.reserved_delta),
+            ).group_by(column, LedgerEntry.period_start)
+        )
+        for owner, period_start, spent, reserved in rows:
+            if owner is not None:
+                sums[(scope_of(owner), period_start)] = (int(spent), int(reserved))
+    counters = {
+        (c.scope, c.period_start): (c.spent_cents, c.reserved_cents)
+        for c in await session.scalars(select(BudgetCounter))
+    }
+    mismatches = []
+    for scope, period_start in sorted(set(sums) | set(counters)):
+        ledger = sums.get((scope, period_start), (0, 0))
+        counter = counters.get((scope, period_start), (0, 0))
+        if ledger != counter or counter[1] < 0:
+            mismatches.append(Mismatch(scope, period_start, counter[0], counter[1], ledger[0], ledger[1]))
+    return mismatches

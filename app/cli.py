@@ -1,0 +1,372 @@
+"""The `vidgate` command. Operator commands talk to the database directly, so they work without a
+running server, from any working directory, with the same VIDGATE_* settings."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import typer
+
+from app.core.settings import Settings, get_settings
+
+T = TypeVar("T")
+
+cli = typer.Typer(help="vidgate: a gateway in front of the VibeDream video API.", no_args_is_help=True)
+tenants_cli = typer.Typer(help="Create and inspect tenants.", no_args_is_help=True)
+keys_cli = typer.Typer(help="Create and revoke tenant API keys.", no_args_is_help=True)
+ledger_cli = typer.Typer(help="Check the money.", no_args_is_help=True)
+deliveries_cli = typer.Typer(help="Inspect and redeliver webhooks.", no_args_is_help=True)
+cli.add_typer(tenants_cli, name="tenants")
+cli.add_typer(keys_cli, name="keys")
+cli.add_typer(ledger_cli, name="ledger")
+cli.add_typer(deliveries_cli, name="deliveries")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+def _emit(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
+    if as_json:
+        typer.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2, default=_default).decode())
+    else:
+        typer.echo(text(data))
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    raise TypeError
+
+
+def _with_session(work: Callable[[Any], Awaitable[T]]) -> T:
+    from app.core.database import create_engine, create_sessionmaker, transaction
+    from app.core.errors import AppError
+
+    async def run() -> T:
+        engine = create_engine(get_settings().database_url, pool_size=2)
+        try:
+            async with transaction(create_sessionmaker(engine)) as session:
+                return await work(session)
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(run())
+    except AppError as exc:
+        typer.echo(f"error: {exc.detail}", err=True)
+        raise typer.Exit(2) from None
+
+
+# ---------------------------------------------------------------- running
+
+
+@cli.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Server processes (PostgreSQL only).")] = 1,
+) -> None:
+    """Run the API (and, unless VIDGATE_RUN_WORKER=false, the poller and webhook dispatcher)."""
+    import uvicorn
+
+    settings = get_settings()
+    if not settings.public_base_url:
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
+        os.environ["VIDGATE_PUBLIC_BASE_URL"] = f"http://{shown}:{port}"
+        get_settings.cache_clear()
+    if workers > 1 and settings.is_sqlite:
+        typer.echo("error: several server processes need PostgreSQL (VIDGATE_DATABASE_URL).", err=True)
+        raise typer.Exit(2)
+    uvicorn.run(
+        "app.main:app",
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=15,
+    )
+
+
+@cli.command()
+def worker() -> None:
+    """Run only the poller and the webhook dispatcher (no HTTP API)."""
+    from app.core.database import create_engine, create_sessionmaker
+    from app.core.logging import configure_logging
+    from app.runtime import build_runtime
+    from app.worker import Worker
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    if settings.sandbox and not os.environ.get("VIDGATE_UPSTREAM_BASE_URL"):
+        typer.echo(
+            "error: a worker without VIDGATE_UPSTREAM_API_KEY needs VIDGATE_UPSTREAM_BASE_URL "
+            "(the simulator's address); in sandbox mode `vidgate serve` runs the worker itself.",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+    async def run() -> None:
+        engine = create_engine(settings.database_url)
+        runtime = build_runtime(settings, engine, create_sessionmaker(engine))
+        process = Worker(runtime)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, process.stop)
+        try:
+            await process.run()
+        finally:
+            await runtime.close()
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
+@cli.command()
+def migrate() -> None:
+    """Apply the Alembic migrations to VIDGATE_DATABASE_URL."""
+    from app.core.database import create_engine
+    from app.core.migrate import upgrade_to_head
+
+    async def run() -> None:
+        engine = create_engine(get_settings().database_url, pool_size=1)
+        try:
+            await upgrade_to_head(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+    typer.echo("database is at the latest migration")
+
+
+@cli.command()
+def simulator(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 9100,
+    completion_s: Annotated[float, typer.Option(help="Seconds until a prediction is done.")] = 6.0,
+    failure_ratio: Annotated[float, typer.Option(help="Share of predictions that fail.")] = 0.0,
+    estimated_time: Annotated[str, typer.Option(help="estimatedTime the simulator announces.")] = "5-20s",
+) -> None:
+    """Run the VibeDream API simulator on its own (for tests, benchmarks and demos)."""
+    from app.upstream.simulator import SimConfig, run_simulator
+
+    run_simulator(host, port, SimConfig(completion_s, failure_ratio, estimated_time))
+
+
+# ---------------------------------------------------------------- tenants and keys
+
+
+def _tenant_dict(tenant: Any) -> dict[str, Any]:
+    from app.tenants.schemas import TenantOut
+
+    return TenantOut.model_validate(tenant).model_dump(by_alias=True)
+
+
+def _tenant_text(t: dict[str, Any]) -> str:
+    budget = "unlimited" if t["budgetCents"] is None else f"{t['budgetCents']} cents a {t['budgetPeriod']}"
+    return (
+        f"{t['id']}  {t['name']}\n  budget: {budget}\n  max concurrent: {t['maxConcurrent'] or '-'}"
+        f"  rate/min: {t['ratePerMinute'] or '-'}\n  webhook: {t['webhookUrl'] or '-'}"
+    )
+
+
+@tenants_cli.command("create")
+def tenants_create(
+    name: Annotated[str, typer.Argument()],
+    budget_cents: Annotated[int | None, typer.Option(help="Budget in cents (none = unlimited).")] = None,
+    budget_period: Annotated[str, typer.Option(help="day, week, month or total.")] = "month",
+    max_concurrent: Annotated[int | None, typer.Option()] = None,
+    rate_per_minute: Annotated[int | None, typer.Option()] = None,
+    webhook_url: Annotated[str | None, typer.Option()] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a tenant; prints its webhook secret once."""
+    from pydantic import ValidationError
+
+    from app.tenants import service
+    from app.tenants.schemas import TenantCreate
+
+    try:
+        data = TenantCreate(
+            name=name,
+            budget_cents=budget_cents,
+            budget_period=budget_period,
+            max_concurrent=max_concurrent,
+            rate_per_minute=rate_per_minute,
+            webhook_url=webhook_url,
+        )
+    except ValidationError as exc:
+        typer.echo(f"error: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+    async def work(session: Any) -> dict[str, Any]:
+        tenant = await service.create_tenant(session, data)
+        return {**_tenant_dict(tenant), "webhookSecret": tenant.webhook_secret}
+
+    created = _with_session(work)
+    _emit(created, as_json, lambda t: _tenant_text(t) + f"\n  webhook secret (shown once): {t['webhookSecret']}")
+
+
+@tenants_cli.command("list")
+def tenants_list(as_json: JsonOpt = False) -> None:
+    from app.tenants import service
+
+    async def work(session: Any) -> list[dict[str, Any]]:
+        return [_tenant_dict(t) for t in await service.list_tenants(session)]
+
+    _emit(_with_session(work), as_json, lambda rows: "\n".join(_tenant_text(t) for t in rows) or "no tenants")
+
+
+@tenants_cli.command("show")
+def tenants_show(tenant_id: str, as_json: JsonOpt = False) -> None:
+    from app.budgets import service as budgets_service
+    from app.tenants import service
+
+    async def work(session: Any) -> dict[str, Any]:
+        tenant = await service.get_tenant(session, tenant_id)
+        usage = await budgets_service.tenant_usage(session, tenant)
+        return {
+            **_tenant_dict(tenant),
+            "usage": {"spentCents": usage.spent_cents, "reservedCents": usage.reserved_cents},
+        }
+
+    _emit(
+        _with_session(work),
+        as_json,
+        lambda t: (
+            _tenant_text(t) + f"\n  this period: {t['usage']['spentCents']} spent, {t['usage']['reservedCents']} held"
+        ),
+    )
+
+
+@keys_cli.command("create")
+def keys_create(
+    tenant_id: str,
+    name: Annotated[str | None, typer.Option()] = None,
+    budget_cents: Annotated[int | None, typer.Option(help="This key's own, smaller budget.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an API key; it is shown once."""
+    from app.tenants import service
+    from app.tenants.schemas import KeyCreate
+
+    async def work(session: Any) -> dict[str, Any]:
+        tenant = await service.get_tenant(session, tenant_id)
+        key, raw = await service.create_key(session, tenant, KeyCreate(name=name, budget_cents=budget_cents))
+        return {"id": key.id, "key": raw, "prefix": key.prefix, "createdAt": key.created_at}
+
+    _emit(_with_session(work), as_json, lambda k: f"{k['id']}\n  key (shown once): {k['key']}")
+
+
+@keys_cli.command("revoke")
+def keys_revoke(tenant_id: str, key_id: str, as_json: JsonOpt = False) -> None:
+    from app.tenants import service
+
+    async def work(session: Any) -> dict[str, Any]:
+        tenant = await service.get_tenant(session, tenant_id)
+        key = await service.revoke_key(session, tenant, key_id)
+        return {"id": key.id, "revokedAt": key.revoked_at}
+
+    _emit(_with_session(work), as_json, lambda k: f"{k['id']} revoked")
+
+
+# ---------------------------------------------------------------- money and webhooks
+
+
+@cli.command()
+def usage(
+    from_: Annotated[str | None, typer.Option("--from", help="Start date, e.g. 2026-11-01.")] = None,
+    to: Annotated[str | None, typer.Option(help="End date, inclusive.")] = None,
+    group_by: Annotated[str, typer.Option(help="tenant, model or day.")] = "tenant",
+    as_json: JsonOpt = False,
+) -> None:
+    """Spending from the ledger."""
+    from app.admin.router import _parse_moment
+    from app.budgets import service as budgets_service
+
+    if group_by not in ("tenant", "model", "day"):
+        typer.echo("error: --group-by must be tenant, model or day", err=True)
+        raise typer.Exit(2)
+
+    async def work(session: Any) -> list[dict[str, Any]]:
+        start = _parse_moment(from_, "from", end=False)
+        end = _parse_moment(to, "to", end=True)
+        return await budgets_service.usage_report(session, start, end, group_by)
+
+    _emit(
+        _with_session(work),
+        as_json,
+        lambda rows: (
+            "\n".join(f"{r[group_by]:<40} {r['spentCents']:>10} cents {r['predictions']:>8} predictions" for r in rows)
+            or "no spending"
+        ),
+    )
+
+
+@ledger_cli.command("verify")
+def ledger_verify(as_json: JsonOpt = False) -> None:
+    """Recompute every balance from the ledger; exits 1 on any mismatch."""
+    from app.budgets import service as budgets_service
+
+    mismatches = _with_session(budgets_service.verify_ledger)
+    _emit(
+        {"ok": not mismatches, "mismatches": [m.__dict__ for m in mismatches]},
+        as_json,
+        lambda r: "ledger and balances agree" if r["ok"] else "\n".join(f"MISMATCH {m}" for m in r["mismatches"]),
+    )
+    if mismatches:
+        raise typer.Exit(1)
+
+
+@deliveries_cli.command("list")
+def deliveries_list(
+    status: Annotated[str | None, typer.Option(help="pending, succeeded or dead.")] = None,
+    tenant: Annotated[str | None, typer.Option()] = None,
+    limit: Annotated[int, typer.Option()] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    from app.webhooks import service as webhooks_service
+
+    async def work(session: Any) -> list[dict[str, Any]]:
+        rows, _ = await webhooks_service.list_deliveries(
+            session, tenant_id=tenant, status=status, limit=limit, cursor=None
+        )
+        return [webhooks_service.present(d) for d in rows]
+
+    _emit(
+        _with_session(work),
+        as_json,
+        lambda rows: (
+            "\n".join(
+                f"{d['id']}  {d['status']:<9} {d['eventType']:<22} attempts={d['attempts']} {d['url']}" for d in rows
+            )
+            or "no deliveries"
+        ),
+    )
+
+
+@deliveries_cli.command("redeliver")
+def deliveries_redeliver(delivery_id: str, as_json: JsonOpt = False) -> None:
+    from app.webhooks import service as webhooks_service
+
+    async def work(session: Any) -> dict[str, Any]:
+        delivery = await webhooks_service.get_delivery(session, delivery_id)
+        return webhooks_service.present(await webhooks_service.redeliver(session, delivery))
+
+    _emit(_with_session(work), as_json, lambda d: f"{d['id']} queued for redelivery")
+
+
+def main() -> None:
+    try:
+        Settings()
+    except Exception as exc:
+        typer.echo(f"error: invalid settings: {exc}", err=True)
+        sys.exit(2)
+    cli()

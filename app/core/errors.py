@@ -1,0 +1,131 @@
+"""One error hierarchy, rendered as application/problem+json (RFC 9457) by one set of handlers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+log = logging.getLogger("vidgate.errors")
+
+PROBLEM_BASE = "https://vidgate.dev/problems/"
+
+
+class AppError(Exception):
+    status: int = 400
+    code: str = "bad_request"
+    title: str = "Bad request"
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None, **fields: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+        self.fields = fields
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "type": PROBLEM_BASE + self.code,
+            "title": self.title,
+            "status": self.status,
+            "code": self.code,
+            "detail": self.detail,
+            **self.fields,
+        }
+
+
+class InvalidRequest(AppError):
+    status = 422
+    code = "validation_error"
+    title = "The request is not valid"
+
+
+class Unauthorized(AppError):
+    status = 401
+    code = "invalid_api_key"
+    title = "Missing, unknown or revoked API key"
+
+    def __init__(self, detail: str, **fields: Any) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"}, **fields)
+
+
+class NotFound(AppError):
+    status = 404
+    code = "not_found"
+    title = "Not found"
+
+
+class Conflict(AppError):
+    status = 409
+    code = "conflict"
+    title = "Conflict"
+
+
+class ServiceUnavailable(AppError):
+    status = 503
+    code = "service_unavailable"
+    title = "Service unavailable"
+
+
+def problem_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/problem+json", headers=headers)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(AppError)
+    async def _app_error(_request: Request, exc: AppError) -> Response:
+        return problem_response(exc.status, exc.body(), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> Response:
+        errors = [
+            {
+                "field": _field_path(tuple(err.get("loc", ()))),
+                "message": str(err.get("msg", "invalid")).removeprefix("Value error, "),
+            }
+            for err in exc.errors()
+        ]
+        first = errors[0] if errors else {"field": "body", "message": "invalid"}
+        error = InvalidRequest(f"{first['field']}: {first['message']}", field=first["field"], errors=errors)
+        return problem_response(error.status, error.body())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        code = codes.get(exc.status_code, "http_error")
+        detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404:
+            detail = "No such route. See /openapi.json for the API."
+        body = {
+            "type": PROBLEM_BASE + code,
+            "title": detail,
+            "status": exc.status_code,
+            "code": code,
+            "detail": detail,
+        }
+        return problem_response(exc.status_code, body, dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        # Log the type and route only: exception text may carry URLs or secrets.
+        log.error(
+            "unhandled error",
+            extra={"error_type": type(exc).__name__, "path": request.url.path},
+        )
+        body = {
+            "type": PROBLEM_BASE + "internal_error",
+            "title": "Internal error",
+            "status": 500,
+            "code": "internal_error",
+            "detail": "The gateway failed unexpectedly. Retry the request with the same Idempotency-Key.",
+        }
+        return problem_response(500, body)

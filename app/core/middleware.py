@@ -1,0 +1,49 @@
+"""A plain ASGI middleware (cheaper than BaseHTTPMiddleware): request id, sandbox header, metrics."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.core import metrics
+from app.core.logging import request_id_var
+
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, *, sandbox: bool) -> None:
+        self.app = app
+        self.sandbox = sandbox
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _VALID_REQUEST_ID.match(given) else secrets.token_hex(12)
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500
+        extra = [(b"x-request-id", request_id.encode())]
+        if self.sandbox:
+            extra.append((b"x-vidgate-sandbox", b"true"))
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = list(message.get("headers", [])) + extra
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            metrics.REQUESTS.labels(route=path, method=scope["method"], status=str(status)).inc()
+            metrics.REQUEST_LATENCY.labels(route=path).observe(time.perf_counter() - started)
+            request_id_var.reset(token)

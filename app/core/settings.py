@@ -1,0 +1,122 @@
+"""Every setting of the gateway, read from the environment (prefix VIDGATE_)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_SQLITE_PATH = PROJECT_ROOT / "data" / "vidgate.db"
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept the URLs people paste and pick the async drivers the gateway needs."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url.removeprefix("postgres://")
+    if url.startswith("postgresql://"):
+        return "postgresql+asyncpg://" + url.removeprefix("postgresql://")
+    if url.startswith("sqlite:///"):
+        return "sqlite+aiosqlite:///" + url.removeprefix("sqlite:///")
+    return url
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VIDGATE_", env_file=".env", extra="ignore")
+
+    database_url: str = f"sqlite:///{DEFAULT_SQLITE_PATH}"
+    upstream_base_url: str = "https://api.vibedream.ai"
+    upstream_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("VIDGATE_UPSTREAM_API_KEY", "VIBEDREAM_API_KEY")
+    )
+    upstream_timeout_s: float = 30.0
+    admin_token: SecretStr | None = None
+    public_base_url: str | None = None
+    allowed_models: Annotated[list[str], NoDecode] = ["ltx-2-19b"]
+
+    run_worker: bool = True
+    worker_concurrency: int = 64
+    poll_interval_s: float = 1.5
+    poll_batch_size: int = 200
+    lease_s: float = 15.0
+    prediction_max_age_s: float = 3600.0
+    submit_recovery_s: float = 120.0
+
+    price_table: Annotated[dict[str, dict[str, float]], NoDecode] = {}
+    keep_failed_charge: bool = True
+    idempotency_ttl_s: float = 24 * 3600.0
+    prefer_wait_max_s: float = 60.0
+
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = 15.0
+    webhook_retry_schedule_s: Annotated[list[float], NoDecode] = [0, 5, 300, 1800, 7200, 18000, 36000, 36000]
+    webhook_concurrency: int = 64
+    webhook_per_endpoint_concurrency: int = 4
+    webhook_secret_grace_s: float = 24 * 3600.0
+
+    sandbox_completion_s: float = 6.0
+    sandbox_failure_ratio: float = 0.0
+    sandbox_estimated_time: str = "5-20s"
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("database_url")
+    @classmethod
+    def _driver(cls, value: str) -> str:
+        return normalize_database_url(value)
+
+    @field_validator("allowed_models", mode="before")
+    @classmethod
+    def _models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_retry_schedule_s", mode="before")
+    @classmethod
+    def _schedule(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [float(part) for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("price_table", mode="before")
+    @classmethod
+    def _prices(cls, value: object) -> object:
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else {}
+        return value
+
+    @model_validator(mode="after")
+    def _recovery_outlives_upstream_calls(self) -> Settings:
+        # A hold is only recovered once its upstream call cannot still be running.
+        if self.submit_recovery_s <= self.upstream_timeout_s + 5:
+            raise ValueError("VIDGATE_SUBMIT_RECOVERY_S must exceed VIDGATE_UPSTREAM_TIMEOUT_S by more than 5 s")
+        return self
+
+    @property
+    def sandbox(self) -> bool:
+        return self.upstream_api_key is None or not self.upstream_api_key.get_secret_value()
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def require_safe_for_production(self) -> None:
+        if not self.sandbox and (self.admin_token is None or not self.admin_token.get_secret_value()):
+            raise SystemExit(
+                "VIDGATE_ADMIN_TOKEN is required when an upstream key is set: "
+                "the operator API would otherwise be open. Set it to a long random string."
+            )
+
+
+SANDBOX_ADMIN_TOKEN = "sandbox-admin-token"  # noqa: S105 - only ever accepted in sandbox mode
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,91 @@
+"""Assembles the ASGI app: routers, error handlers, middleware and the process lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.admin.router import router as admin_router
+from app.budgets.router import router as usage_router
+from app.core.database import create_engine, create_sessionmaker
+from app.core.errors import install_error_handlers
+from app.core.logging import configure_logging
+from app.core.middleware import RequestContextMiddleware
+from app.core.migrate import upgrade_to_head
+from app.core.ops_router import router as ops_router
+from app.core.settings import Settings, get_settings
+from app.predictions.router import router as predictions_router
+from app.runtime import Runtime, build_runtime
+from app.upstream import sandbox
+from app.webhooks.router import router as webhooks_router
+from app.worker import Worker
+
+log = logging.getLogger("vidgate")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    if getattr(app.state, "runtime", None) is not None:
+        yield  # tests hand in a ready runtime
+        return
+    settings: Settings = app.state.settings
+    settings.require_safe_for_production()
+    engine = create_engine(settings.database_url)
+    sessions = create_sessionmaker(engine)
+    public_base_url = settings.public_base_url or "http://127.0.0.1:8000"
+    simulator = None
+    upstream_url = None
+    if settings.sandbox:
+        await upgrade_to_head(engine)
+        simulator, upstream_url = await sandbox.start(settings, public_base_url)
+    runtime = build_runtime(settings, engine, sessions, upstream_url)
+    app.state.runtime = runtime
+    worker_task = None
+    worker = Worker(runtime)
+    if settings.run_worker:
+        worker_task = asyncio.create_task(worker.run())
+    if settings.sandbox:
+        await sandbox.create_demo_key(sessions, settings, public_base_url)
+    try:
+        yield
+    finally:
+        worker.stop()
+        if worker_task is not None:
+            with contextlib.suppress(Exception):
+                await worker_task
+        await runtime.close()
+        if simulator is not None:
+            await simulator.cleanup()
+        await engine.dispose()
+        app.state.runtime = None
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    settings = settings or (runtime.settings if runtime else get_settings())
+    app = FastAPI(
+        title="vidgate",
+        version="0.1.0",
+        summary="A gateway in front of the VibeDream video-generation API: budgets, signed webhooks.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, sandbox=settings.sandbox)
+    for router in (predictions_router, usage_router, webhooks_router, admin_router, ops_router):
+        app.include_router(router)
+    return app
+
+
+def _default_app() -> FastAPI:
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    return create_app(settings)
+
+
+app = _default_app()

@@ -1,0 +1,20 @@
+"""Imports every domain's models so Alembic and tests see the whole schema."""
+
+from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, RateWindow, ThresholdNotice
+from app.predictions.models import IdempotencyKey, Prediction
+from app.tenants.models import ApiKey, Tenant
+from app.webhooks.models import WebhookAttempt, WebhookDelivery
+
+__all__ = [
+    "ApiKey",
+    "BudgetCounter",
+    "IdempotencyKey",
+    "LedgerEntry",
+    "Prediction",
+    "PricePoint",
+    "RateWindow",
+    "Tenant",
+    "ThresholdNotice",
+    "WebhookAttempt",
+    "WebhookDelivery",
+]

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, Index, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.core import clock
+from app.core.database import Base
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+    __table_args__ = (
+        Index("ix_predictions_tenant_id_id", "tenant_id", "id"),
+        Index("ix_predictions_next_poll_at", "next_poll_at"),
+        Index("ix_predictions_status_created_at", "status", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    model_id: Mapped[str] = mapped_column(String(100))
+    model_name: Mapped[str | None] = mapped_column(String(200))
+    upstream_id: Mapped[str | None] = mapped_column(String(200), unique=True)
+    # submitting (held, upstream not yet confirmed) -> processing -> completed | failed
+    status: Mapped[str] = mapped_column(String(16))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON)
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    outputs: Mapped[list[str] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    estimated_time: Mapped[str | None] = mapped_column(String(40))
+    estimate_cents: Mapped[int]
+    charged_cents: Mapped[int | None]
+    period_start: Mapped[datetime]
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+    completed_at: Mapped[datetime | None]
+    terminal_seen_at: Mapped[datetime | None]
+
+    # The poll queue lives on the row: due time plus a lease any process can take over.
+    next_poll_at: Mapped[datetime | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(80))
+    lease_expires_at: Mapped[datetime | None]
+    poll_count: Mapped[int] = mapped_column(default=0)
+    poll_failures: Mapped[int] = mapped_column(default=0)
+
+
+class IdempotencyKey(Base):
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_expires_at", "expires_at"),)
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    prediction_id: Mapped[str | None] = mapped_column(String(40))
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+    expires_at: Mapped[datetime]

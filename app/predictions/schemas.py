@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.upstream.schemas import GenerateParams, check_http_url
+
+METADATA_MAX_BYTES = 4096
+PublicStatus = Literal["processing", "completed", "failed"]
+
+
+class GenerateRequest(GenerateParams):
+    """The vendor's body plus gateway-only fields, which are stored and never forwarded."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    webhook: str | None = Field(default=None, max_length=2048)
+    webhook_events_filter: list[Literal["completed", "failed"]] | None = Field(
+        default=None, alias="webhookEventsFilter"
+    )
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook(cls, value: str | None) -> str | None:
+        return None if value is None else check_http_url(value, "webhook")
+
+    @field_validator("webhook_events_filter")
+    @classmethod
+    def _filter(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else sorted(set(value))
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and len(orjson.dumps(value)) > METADATA_MAX_BYTES:
+            raise ValueError(f"metadata must serialize to at most {METADATA_MAX_BYTES} bytes of JSON")
+        return value
+
+    def upstream_body(self) -> dict[str, object]:
+        return GenerateParams.model_validate(
+            self.model_dump(include=set(GenerateParams.model_fields), exclude_none=True)
+        ).upstream_body()
+
+
+class PredictionOut(BaseModel):
+    """GET /api/v1/predictions/{id}: the upstream's shape plus costCents and metadata."""
+
+    id: str
+    modelId: str
+    modelName: str | None
+    status: PublicStatus
+    outputs: list[str] | None
+    error: str | None
+    createdAt: datetime
+    completedAt: datetime | None
+    costCents: int | None
+    metadata: dict[str, Any] | None
+
+
+class SubmitOut(BaseModel):
+    """The upstream's submit answer with the gateway's id; with Prefer: wait, also the GET fields."""
+
+    id: str
+    status: PublicStatus
+    statusUrl: str
+    estimatedTime: str | None
+    costCents: int | None
+    createdAt: datetime
+    metadata: dict[str, Any] | None
+    outputs: list[str] | None = None
+    error: str | None = None
+    completedAt: datetime | None = None
+
+
+class PredictionList(BaseModel):
+    data: list[PredictionOut]
+    nextCursor: str | None

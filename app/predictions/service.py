@@ -1,0 +1,554 @@
+"""Predictions: submit (hold, forward, settle), reads, terminal transitions and crash recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.budgets import limits as budget_limits
+from app.budgets import service as budgets_service
+from app.core import clock, metrics
+from app.core.database import insert_ignore, transaction
+from app.core.errors import AppError, Conflict, InvalidRequest, NotFound
+from app.core.ids import new_id
+from app.predictions.models import IdempotencyKey, Prediction
+from app.predictions.schemas import GenerateRequest
+from app.runtime import Runtime
+from app.tenants.models import ApiKey, Tenant
+from app.upstream.client import UpstreamRefused, UpstreamUnavailable
+from app.upstream.schemas import UpstreamPrediction, UpstreamSubmitted
+from app.webhooks import service as webhooks_service
+from app.webhooks.ssrf import ForbiddenTarget, check_url
+
+log = logging.getLogger("vidgate.predictions")
+
+TERMINAL = ("completed", "failed")
+PUBLIC_STATUSES = ("processing", "completed", "failed")
+MODEL_NAMES = {"ltx-2-19b": "LTX-2 19B"}
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+    title = "Model not available"
+
+
+class PredictionNotFound(NotFound):
+    code = "prediction_not_found"
+    title = "No such prediction"
+
+
+class WebhookUrlForbidden(InvalidRequest):
+    code = "webhook_url_forbidden"
+    title = "Webhook URL not allowed"
+
+
+class IdempotencyKeyReused(InvalidRequest):
+    code = "idempotency_key_reused"
+    title = "Idempotency-Key used with another request"
+
+
+class IdempotencyKeyInFlight(Conflict):
+    code = "idempotency_key_in_flight"
+    title = "A request with this Idempotency-Key is still being processed"
+
+
+class UpstreamRejected(AppError):
+    status = 422
+    code = "upstream_rejected"
+    title = "The video provider refused the request"
+
+
+class UpstreamError(AppError):
+    status = 502
+    code = "upstream_error"
+    title = "The video provider failed"
+
+
+class UpstreamDown(AppError):
+    status = 503
+    code = "upstream_unavailable"
+    title = "The video provider is unreachable"
+
+
+# ---------------------------------------------------------------- representation
+
+
+def iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+
+def present(prediction: Prediction) -> dict[str, Any]:
+    """The GET representation; webhooks carry exactly this as `data`."""
+    return {
+        "id": prediction.id,
+        "modelId": prediction.model_id,
+        "modelName": prediction.model_name,
+        "status": prediction.status,
+        "outputs": prediction.outputs,
+        "error": prediction.error,
+        "createdAt": iso(prediction.created_at),
+        "completedAt": iso(prediction.completed_at),
+        "costCents": prediction.charged_cents,
+        "metadata": prediction.meta,
+    }
+
+
+def present_submit(prediction: Prediction, status_url: str, *, extended: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": prediction.id,
+        "status": prediction.status,
+        "statusUrl": status_url,
+        "estimatedTime": prediction.estimated_time,
+        "costCents": prediction.charged_cents,
+        "createdAt": iso(prediction.created_at),
+        "metadata": prediction.meta,
+    }
+    if extended:
+        body.update(outputs=prediction.outputs, error=prediction.error, completedAt=iso(prediction.completed_at))
+    return body
+
+
+def first_poll_delay_s(estimated_time: str | None, default_s: float) -> float:
+    """The lower bound of the vendor's estimate ("5-20s" -> 5): polling earlier only wastes calls."""
+    if not estimated_time:
+        return default_s
+    match = re.match(r"\s*(\d+(?:\.\d+)?)\s*(?:-\s*\d+(?:\.\d+)?)?\s*(ms|s|m|min)?\s*$", estimated_time)
+    if not match:
+        return default_s
+    value = float(match.group(1))
+    unit = match.group(2) or "s"
+    seconds = value / 1000 if unit == "ms" else value * 60 if unit in ("m", "min") else value
+    return min(seconds, 600.0)
+
+
+def _hold(prediction: Prediction) -> budgets_service.Hold:
+    return budgets_service.Hold(
+        tenant_id=prediction.tenant_id,
+        api_key_id=prediction.api_key_id,
+        prediction_id=prediction.id,
+        model_id=prediction.model_id,
+        period_start=prediction.period_start,
+    )
+
+
+# ---------------------------------------------------------------- submit
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    body: dict[str, Any]
+    replayed: bool
+    prediction_id: str
+
+
+def request_fingerprint(model_id: str, request: GenerateRequest) -> str:
+    canonical = {"modelId": model_id, **request.model_dump(mode="json", by_alias=True, exclude_none=True)}
+    return hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def check_submittable(runtime: Runtime, model_id: str, request: GenerateRequest) -> None:
+    """Everything decidable without the database, so bad input costs nothing."""
+    if model_id not in runtime.settings.allowed_models:
+        raise ModelNotFound(
+            f"Model {model_id!r} is not available here. Allowed: {', '.join(runtime.settings.allowed_models)}.",
+            modelId=model_id,
+        )
+    if request.webhook is not None:
+        try:
+            check_url(request.webhook, allow_private=runtime.settings.webhook_allow_private)
+        except ForbiddenTarget as exc:
+            raise WebhookUrlForbidden(f"webhook: {exc.reason}", field="webhook") from exc
+
+
+async def submit(
+    runtime: Runtime,
+    tenant: Tenant,
+    key: ApiKey,
+    model_id: str,
+    request: GenerateRequest,
+    *,
+    idempotency_key: str | None,
+    status_url_base: str,
+) -> SubmitResult:
+    check_submittable(runtime, model_id, request)
+    fingerprint = request_fingerprint(model_id, request)
+    prediction_id = new_id("pred")
+
+    # Transaction 1: claim the idempotency key, pass the limits and hold the estimate. Committed
+    # before the upstream call, so concurrent requests and other replicas see the hold.
+    async with transaction(runtime.sessions) as session:
+        if idempotency_key is not None:
+            replay = await _claim_idempotency_key(session, runtime, tenant, idempotency_key, fingerprint, prediction_id)
+            if replay is not None:
+                return replay
+        prediction = await _hold_and_record(session, runtime, tenant, key, model_id, request, prediction_id)
+
+    try:
+        submitted = await runtime.upstream.submit(model_id, request.upstream_body())
+    except (UpstreamRefused, UpstreamUnavailable) as exc:
+        async with transaction(runtime.sessions) as session:
+            await _abandon(session, prediction, reason=f"upstream did not accept the prediction: {exc}")
+            if idempotency_key is not None:
+                await _forget_idempotency_key(session, tenant.id, idempotency_key)
+        raise _upstream_problem(exc) from exc
+
+    # Transaction 2: the hold becomes the vendor's price, together with the upstream id.
+    async with transaction(runtime.sessions) as session:
+        prediction = await _confirm(session, runtime, tenant, prediction, submitted)
+        body = present_submit(prediction, f"{status_url_base}/{prediction.id}", extended=False)
+        if idempotency_key is not None:
+            await session.execute(
+                update(IdempotencyKey)
+                .where(IdempotencyKey.tenant_id == tenant.id, IdempotencyKey.key == idempotency_key)
+                .values(response=body)
+            )
+    return SubmitResult(body=body, replayed=False, prediction_id=prediction.id)
+
+
+async def _claim_idempotency_key(
+    session: AsyncSession,
+    runtime: Runtime,
+    tenant: Tenant,
+    idempotency_key: str,
+    fingerprint: str,
+    prediction_id: str,
+) -> SubmitResult | None:
+    now = clock.now()
+    row = dict(
+        tenant_id=tenant.id,
+        key=idempotency_key,
+        request_hash=fingerprint,
+        prediction_id=prediction_id,
+        response=None,
+        created_at=now,
+        expires_at=now + timedelta(seconds=runtime.settings.idempotency_ttl_s),
+    )
+    if await insert_ignore(session, IdempotencyKey, [row]):
+        return None
+    existing = await session.get(IdempotencyKey, (tenant.id, idempotency_key), populate_existing=True)
+    if existing is None or existing.expires_at <= now:
+        # Expired (or removed after a failure) between our insert and read: start afresh.
+        await session.execute(
+            delete(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant.id, IdempotencyKey.key == idempotency_key)
+        )
+        await insert_ignore(session, IdempotencyKey, [row])
+        return None
+    if existing.request_hash != fingerprint:
+        raise IdempotencyKeyReused(
+            "This Idempotency-Key was already used with a different request body or model. "
+            "Use a new key for a new request.",
+            field="Idempotency-Key",
+        )
+    if existing.response is None:
+        raise IdempotencyKeyInFlight(
+            "A request with this Idempotency-Key is still in flight. Retry in a moment to get its answer.",
+            headers={"Retry-After": "1"},
+        )
+    return SubmitResult(body=existing.response, replayed=True, prediction_id=existing.prediction_id or "")
+
+
+async def _forget_idempotency_key(session: AsyncSession, tenant_id: str, idempotency_key: str) -> None:
+    """Only successes are remembered: after a failure the caller may retry with the same key."""
+    await session.execute(
+        delete(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == idempotency_key)
+    )
+
+
+async def _hold_and_record(
+    session: AsyncSession,
+    runtime: Runtime,
+    tenant: Tenant,
+    key: ApiKey,
+    model_id: str,
+    request: GenerateRequest,
+    prediction_id: str,
+) -> Prediction:
+    settings = runtime.settings
+    now = clock.now()
+    resolution = request.resolution or budgets_service.DEFAULT_RESOLUTION
+    duration = request.duration or budgets_service.DEFAULT_DURATION_S
+    try:
+        await budget_limits.consume_rate(session, tenant)
+        await budget_limits.acquire_slot(session, tenant, retry_after_s=max(1, round(settings.poll_interval_s)))
+        estimate = await budgets_service.estimate_cents(session, settings.price_table, model_id, resolution, duration)
+        period = budgets_service.period_of(tenant.budget_period, now)
+        hold = budgets_service.Hold(tenant.id, key.id, prediction_id, model_id, period.start)
+        await budgets_service.reserve(session, tenant, key, hold, estimate)
+    except AppError as exc:
+        metrics.BUDGET_REFUSALS.labels(code=exc.code).inc()
+        raise
+    prediction = Prediction(
+        id=prediction_id,
+        tenant_id=tenant.id,
+        api_key_id=key.id,
+        model_id=model_id,
+        model_name=MODEL_NAMES.get(model_id, model_id),
+        status="submitting",
+        params=request.upstream_body(),
+        webhook_url=request.webhook,
+        webhook_events=request.webhook_events_filter,
+        meta=request.metadata,
+        estimate_cents=estimate,
+        period_start=period.start,
+        created_at=now,
+        poll_count=0,
+        poll_failures=0,
+    )
+    session.add(prediction)
+    await session.flush()
+    return prediction
+
+
+async def _confirm(
+    session: AsyncSession, runtime: Runtime, tenant: Tenant, held: Prediction, submitted: UpstreamSubmitted
+) -> Prediction:
+    now = clock.now()
+    delay = first_poll_delay_s(submitted.estimated_time, runtime.settings.poll_interval_s)
+    prediction = await session.scalar(
+        update(Prediction)
+        .where(Prediction.id == held.id, Prediction.status == "submitting")
+        .values(
+            upstream_id=submitted.id,
+            status="processing",
+            estimated_time=submitted.estimated_time,
+            charged_cents=submitted.cost_cents,
+            next_poll_at=now + timedelta(seconds=delay),
+        )
+        .returning(Prediction)
+        .execution_options(populate_existing=True)
+    )
+    if prediction is None:
+        # Unreachable while submit_recovery_s exceeds the upstream timeout (settings enforce it);
+        # if it happens anyway, the vendor billed us, so the charge is recorded all the same.
+        log.error("late upstream confirmation", extra={"prediction_id": held.id})
+        prediction = await session.get(Prediction, held.id, populate_existing=True)
+        assert prediction is not None
+        await budgets_service.settle(session, _hold(prediction), 0, submitted.cost_cents)
+        prediction.upstream_id = submitted.id
+        prediction.charged_cents = submitted.cost_cents
+        prediction.status = "processing"
+        prediction.next_poll_at = now + timedelta(seconds=delay)
+        await session.execute(update(Tenant).where(Tenant.id == tenant.id).values(in_flight=Tenant.in_flight + 1))
+        await session.flush()
+        return prediction
+    await budgets_service.settle(session, _hold(prediction), prediction.estimate_cents, submitted.cost_cents)
+    params = prediction.params
+    await budgets_service.learn_price(
+        session,
+        prediction.model_id,
+        str(params.get("resolution", budgets_service.DEFAULT_RESOLUTION)),
+        int(params.get("duration", budgets_service.DEFAULT_DURATION_S)),
+        submitted.cost_cents,
+    )
+    await _notify_thresholds(session, tenant, prediction.period_start)
+    return prediction
+
+
+async def _notify_thresholds(session: AsyncSession, tenant: Tenant, period_start: datetime) -> None:
+    crossed = await budgets_service.newly_crossed_thresholds(session, tenant, period_start)
+    if crossed:
+        usage = await budgets_service.tenant_usage(session, tenant)
+        for percent in crossed:
+            await webhooks_service.enqueue_budget_threshold(session, tenant, percent, usage)
+
+
+async def _abandon(session: AsyncSession, held: Prediction, *, reason: str) -> bool:
+    """The upstream never confirmed: release the hold and the slot. The row stays for the record."""
+    result = await session.execute(
+        update(Prediction)
+        .where(Prediction.id == held.id, Prediction.status == "submitting")
+        .values(status="rejected", error=reason[:500], completed_at=clock.now())
+        .returning(Prediction.id)
+    )
+    if result.first() is None:
+        return False
+    await budgets_service.release(session, _hold(held), held.estimate_cents, note=reason[:200])
+    await budget_limits.release_slot(session, held.tenant_id)
+    return True
+
+
+def _upstream_problem(exc: UpstreamRefused | UpstreamUnavailable) -> AppError:
+    if isinstance(exc, UpstreamRefused):
+        if exc.status in (401, 403):
+            return UpstreamError(
+                "The video provider refused the gateway's credentials. Nothing was charged; tell your operator."
+            )
+        return UpstreamRejected(
+            f"The video provider refused the request ({exc.status}): {exc.message}. Nothing was charged.",
+            upstreamStatus=exc.status,
+            upstreamError=exc.message,
+        )
+    retry = int(exc.retry_after_s) if exc.retry_after_s else 5
+    return UpstreamDown(
+        f"The video provider could not be reached ({exc.reason}). Nothing was charged; retry later.",
+        headers={"Retry-After": str(retry)},
+    )
+
+
+# ---------------------------------------------------------------- reads
+
+
+async def get_for_tenant(session: AsyncSession, tenant_id: str, prediction_id: str) -> Prediction:
+    prediction = await session.get(Prediction, prediction_id, populate_existing=True)
+    if prediction is None or prediction.tenant_id != tenant_id or prediction.status not in PUBLIC_STATUSES:
+        raise PredictionNotFound(f"There is no prediction {prediction_id!r} for this API key's tenant.")
+    return prediction
+
+
+async def list_for_tenant(
+    session: AsyncSession, tenant_id: str, *, status: str | None, limit: int, cursor: str | None
+) -> tuple[list[Prediction], str | None]:
+    stmt = select(Prediction).where(Prediction.tenant_id == tenant_id)
+    stmt = stmt.where(Prediction.status == status) if status else stmt.where(Prediction.status.in_(PUBLIC_STATUSES))
+    if cursor:
+        stmt = stmt.where(Prediction.id < cursor)
+    rows = list(await session.scalars(stmt.order_by(Prediction.id.desc()).limit(limit + 1)))
+    next_cursor = rows[limit - 1].id if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+async def wait_until_terminal(runtime: Runtime, tenant_id: str, prediction_id: str, wait_s: float) -> Prediction:
+    """Watch the database, not this process: the poll may happen in another worker."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        async with transaction(runtime.sessions) as session:
+            prediction = await get_for_tenant(session, tenant_id, prediction_id)
+        remaining = deadline - asyncio.get_running_loop().time()
+        if prediction.status in TERMINAL or remaining <= 0:
+            return prediction
+        await asyncio.sleep(min(0.2, remaining))
+
+
+# ---------------------------------------------------------------- terminal transitions
+
+
+async def finish(
+    session: AsyncSession,
+    runtime: Runtime,
+    prediction_id: str,
+    *,
+    lease_owner: str | None,
+    status: str,
+    outputs: list[str] | None,
+    error: str | None,
+    completed_at: datetime | None,
+    model_name: str | None = None,
+    poll_count: int | None = None,
+) -> Prediction | None:
+    """Make a prediction terminal, release its slot, apply the failed-charge policy and write its
+    webhook deliveries, all in the caller's transaction. Fenced on the lease: a worker whose lease
+    was taken over changes nothing and gets None."""
+    now = clock.now()
+    conditions = [Prediction.id == prediction_id, Prediction.status == "processing"]
+    if lease_owner is not None:
+        conditions.append(Prediction.lease_owner == lease_owner)
+    values: dict[str, Any] = dict(
+        status=status,
+        outputs=outputs,
+        error=error,
+        completed_at=completed_at or now,
+        terminal_seen_at=now,
+        next_poll_at=None,
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+    if model_name:
+        values["model_name"] = model_name
+    if poll_count is not None:
+        values["poll_count"] = poll_count
+    prediction = await session.scalar(
+        update(Prediction)
+        .where(*conditions)
+        .values(**values)
+        .returning(Prediction)
+        .execution_options(populate_existing=True)
+    )
+    if prediction is None:
+        return None
+    await budget_limits.release_slot(session, prediction.tenant_id)
+    if status == "failed" and not runtime.settings.keep_failed_charge and prediction.charged_cents:
+        await budgets_service.refund(session, _hold(prediction), prediction.charged_cents, note="failed prediction")
+        prediction.charged_cents = 0
+        await session.flush()
+    tenant = await session.get(Tenant, prediction.tenant_id)
+    assert tenant is not None
+    await webhooks_service.enqueue_prediction_event(session, runtime.settings, tenant, prediction, present(prediction))
+    metrics.PREDICTIONS_FINISHED.labels(status=status).inc()
+    metrics.POLLS_PER_PREDICTION.observe(prediction.poll_count)
+    return prediction
+
+
+async def apply_poll_result(
+    session: AsyncSession,
+    runtime: Runtime,
+    prediction: Prediction,
+    upstream: UpstreamPrediction,
+    lease_owner: str,
+) -> bool:
+    """Store what one poll saw. Returns False when the lease was lost (the write was refused)."""
+    if upstream.status in TERMINAL:
+        done = await finish(
+            session,
+            runtime,
+            prediction.id,
+            lease_owner=lease_owner,
+            status=upstream.status,
+            outputs=upstream.outputs if upstream.status == "completed" else None,
+            error=upstream.error if upstream.status == "failed" else None,
+            completed_at=upstream.completed_at,
+            model_name=upstream.model_name,
+            poll_count=prediction.poll_count,
+        )
+        return done is not None
+    result = await session.execute(
+        update(Prediction)
+        .where(
+            Prediction.id == prediction.id,
+            Prediction.lease_owner == lease_owner,
+            Prediction.status == "processing",
+        )
+        .values(
+            next_poll_at=clock.now() + timedelta(seconds=runtime.settings.poll_interval_s),
+            lease_owner=None,
+            lease_expires_at=None,
+            poll_failures=0,
+            poll_count=prediction.poll_count,
+            model_name=upstream.model_name or prediction.model_name,
+        )
+        .returning(Prediction.id)
+    )
+    return result.first() is not None
+
+
+async def recover_interrupted_submits(runtime: Runtime) -> int:
+    """Holds whose upstream call never came back (the process died mid-submit) are released, and their
+    Idempotency-Key freed, so they never block the tenant."""
+    cutoff = clock.now() - timedelta(seconds=runtime.settings.submit_recovery_s)
+    async with transaction(runtime.sessions) as session:
+        stuck = list(
+            await session.scalars(
+                select(Prediction)
+                .where(Prediction.status == "submitting", Prediction.created_at < cutoff)
+                .limit(100)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        recovered = 0
+        for prediction in stuck:
+            if await _abandon(session, prediction, reason="gateway interrupted before the upstream confirmed it"):
+                recovered += 1
+                await session.execute(
+                    delete(IdempotencyKey).where(
+                        IdempotencyKey.prediction_id == prediction.id, IdempotencyKey.response.is_(None)
+                    )
+                )
+    return recovered

@@ -1,0 +1,53 @@
+"""What a running process shares: settings, the database, the HTTP clients. Built once per process."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+
+import aiohttp
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.core.http import upstream_session, webhook_session
+from app.core.settings import Settings
+from app.upstream.client import UpstreamClient
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    upstream: UpstreamClient
+    upstream_http: aiohttp.ClientSession
+    webhook_http: aiohttp.ClientSession
+    worker_id: str = field(default_factory=new_worker_id)
+
+    async def close(self) -> None:
+        await self.upstream_http.close()
+        await self.webhook_http.close()
+
+
+def build_runtime(
+    settings: Settings,
+    engine: AsyncEngine,
+    sessions: async_sessionmaker[AsyncSession],
+    upstream_base_url: str | None = None,
+) -> Runtime:
+    upstream_http = upstream_session(
+        concurrency=max(settings.worker_concurrency, 32), timeout_s=settings.upstream_timeout_s
+    )
+    webhook_http = webhook_session(
+        concurrency=settings.webhook_concurrency,
+        timeout_s=settings.webhook_timeout_s,
+        allow_private=settings.webhook_allow_private,
+    )
+    key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else "sandbox"
+    upstream = UpstreamClient(upstream_http, upstream_base_url or settings.upstream_base_url, key)
+    return Runtime(settings, engine, sessions, upstream, upstream_http, webhook_http)

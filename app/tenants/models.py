@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, String
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.core import clock
+from app.core.database import Base
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    budget_cents: Mapped[int | None]
+    budget_period: Mapped[str] = mapped_column(String(8), default="month")
+    max_concurrent: Mapped[int | None]
+    rate_per_minute: Mapped[int | None]
+    # Kept by conditional UPDATEs so the concurrency cap holds across processes.
+    in_flight: Mapped[int] = mapped_column(default=0)
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    webhook_disabled_at: Mapped[datetime | None]
+    webhook_secret: Mapped[str] = mapped_column(String(100))
+    webhook_secret_previous: Mapped[str | None] = mapped_column(String(100))
+    webhook_secret_previous_expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+    deleted_at: Mapped[datetime | None]
+
+    keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant", lazy="raise")
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    budget_cents: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(default=clock.now)
+    revoked_at: Mapped[datetime | None]
+
+    tenant: Mapped[Tenant] = relationship(back_populates="keys", lazy="raise")

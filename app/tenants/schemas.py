@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+BudgetPeriod = Literal["day", "week", "month", "total"]
+
+
+class CamelModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class TenantCreate(CamelModel):
+    name: str = Field(min_length=1, max_length=200)
+    budget_cents: int | None = Field(default=None, ge=0, strict=True)
+    budget_period: BudgetPeriod = "month"
+    max_concurrent: int | None = Field(default=None, ge=1, strict=True)
+    rate_per_minute: int | None = Field(default=None, ge=1, strict=True)
+    webhook_url: str | None = Field(default=None, max_length=2048)
+
+
+class TenantUpdate(CamelModel):
+    """Only the fields present are changed; null clears a limit or the webhook URL."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    budget_cents: int | None = Field(default=None, ge=0, strict=True)
+    budget_period: BudgetPeriod | None = None
+    max_concurrent: int | None = Field(default=None, ge=1, strict=True)
+    rate_per_minute: int | None = Field(default=None, ge=1, strict=True)
+    webhook_url: str | None = Field(default=None, max_length=2048)
+
+
+class TenantOut(CamelModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, from_attributes=True)
+
+    id: str
+    name: str
+    budget_cents: int | None
+    budget_period: BudgetPeriod
+    max_concurrent: int | None
+    rate_per_minute: int | None
+    webhook_url: str | None
+    webhook_disabled_at: datetime | None
+    created_at: datetime
+
+
+class TenantCreated(TenantOut):
+    webhook_secret: str
+
+
+class TenantList(CamelModel):
+    data: list[TenantOut]
+
+
+class KeyCreate(CamelModel):
+    name: str | None = Field(default=None, max_length=200)
+    budget_cents: int | None = Field(default=None, ge=0, strict=True)
+
+
+class KeyOut(CamelModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, from_attributes=True)
+
+    id: str
+    name: str | None
+    prefix: str
+    budget_cents: int | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class KeyCreated(CamelModel):
+    id: str
+    key: str
+    prefix: str
+    name: str | None
+    budget_cents: int | None
+    created_at: datetime
+
+
+class WebhookSecretRotated(CamelModel):
+    webhook_secret: str
+    previous_secret_expires_at: datetime

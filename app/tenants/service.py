@@ -1,0 +1,163 @@
+"""Tenants, their API keys and webhook secrets. Functions flush; the caller's transaction commits."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from datetime import timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.core import clock
+from app.core.errors import NotFound, Unauthorized
+from app.core.ids import new_id
+from app.tenants.models import ApiKey, Tenant
+from app.tenants.schemas import KeyCreate, TenantCreate, TenantUpdate
+
+KEY_PREFIX = "vg_"
+
+
+class TenantNotFound(NotFound):
+    code = "tenant_not_found"
+    title = "No such tenant"
+
+
+class KeyNotFound(NotFound):
+    code = "key_not_found"
+    title = "No such API key"
+
+
+def hash_key(raw_key: str) -> str:
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def new_webhook_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+async def create_tenant(session: AsyncSession, data: TenantCreate) -> Tenant:
+    tenant = Tenant(
+        id=new_id("ten"),
+        name=data.name,
+        budget_cents=data.budget_cents,
+        budget_period=data.budget_period,
+        max_concurrent=data.max_concurrent,
+        rate_per_minute=data.rate_per_minute,
+        webhook_url=data.webhook_url,
+        webhook_secret=new_webhook_secret(),
+        in_flight=0,
+        created_at=clock.now(),
+    )
+    session.add(tenant)
+    await session.flush()
+    return tenant
+
+
+async def get_tenant(session: AsyncSession, tenant_id: str) -> Tenant:
+    tenant = await session.get(Tenant, tenant_id)
+    if tenant is None or tenant.deleted_at is not None:
+        raise TenantNotFound(f"There is no tenant {tenant_id!r}.")
+    return tenant
+
+
+async def find_tenant_by_name(session: AsyncSession, name: str) -> Tenant | None:
+    return await session.scalar(
+        select(Tenant).where(Tenant.name == name, Tenant.deleted_at.is_(None)).order_by(Tenant.id).limit(1)
+    )
+
+
+async def list_tenants(session: AsyncSession) -> list[Tenant]:
+    rows = await session.scalars(select(Tenant).where(Tenant.deleted_at.is_(None)).order_by(Tenant.id))
+    return list(rows)
+
+
+async def update_tenant(session: AsyncSession, tenant: Tenant, data: TenantUpdate) -> Tenant:
+    changes = data.model_dump(exclude_unset=True)
+    for field, value in changes.items():
+        if field in ("name", "budget_period") and value is None:
+            continue
+        setattr(tenant, field, value)
+    if "webhook_url" in changes:
+        # Setting the URL again is how an operator re-enables an endpoint that answered 410 Gone.
+        tenant.webhook_disabled_at = None
+    await session.flush()
+    return tenant
+
+
+async def delete_tenant(session: AsyncSession, tenant: Tenant) -> None:
+    """Soft delete: the ledger and predictions stay for accounting; every key stops working."""
+    now = clock.now()
+    tenant.deleted_at = now
+    await session.execute(
+        update(ApiKey).where(ApiKey.tenant_id == tenant.id, ApiKey.revoked_at.is_(None)).values(revoked_at=now)
+    )
+    await session.flush()
+
+
+async def create_key(session: AsyncSession, tenant: Tenant, data: KeyCreate) -> tuple[ApiKey, str]:
+    raw = KEY_PREFIX + secrets.token_urlsafe(24)  # 192 bits
+    key = ApiKey(
+        id=new_id("key"),
+        tenant_id=tenant.id,
+        name=data.name,
+        prefix=raw[:11],
+        key_hash=hash_key(raw),
+        budget_cents=data.budget_cents,
+        created_at=clock.now(),
+    )
+    session.add(key)
+    await session.flush()
+    return key, raw
+
+
+async def list_keys(session: AsyncSession, tenant: Tenant) -> list[ApiKey]:
+    rows = await session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.id))
+    return list(rows)
+
+
+async def revoke_key(session: AsyncSession, tenant: Tenant, key_id: str) -> ApiKey:
+    key = await session.get(ApiKey, key_id)
+    if key is None or key.tenant_id != tenant.id:
+        raise KeyNotFound(f"Tenant {tenant.id!r} has no key {key_id!r}.")
+    if key.revoked_at is None:
+        key.revoked_at = clock.now()
+        await session.flush()
+    return key
+
+
+async def authenticate(session: AsyncSession, raw_key: str) -> tuple[Tenant, ApiKey]:
+    if not raw_key.startswith(KEY_PREFIX):
+        raise Unauthorized("API keys start with 'vg_'. Send 'Authorization: Bearer vg_...'.")
+    digest = hash_key(raw_key)
+    row = (
+        await session.execute(
+            select(ApiKey, Tenant).join(Tenant, Tenant.id == ApiKey.tenant_id).where(ApiKey.key_hash == digest)
+        )
+    ).first()
+    # The lookup is by hash, so timing reveals nothing about the key; compare anyway to be explicit.
+    if row is None or not hmac.compare_digest(row[0].key_hash, digest):
+        raise Unauthorized("This API key is unknown. Ask your operator for a key.")
+    key, tenant = row
+    if key.revoked_at is not None or tenant.deleted_at is not None:
+        raise Unauthorized("This API key was revoked. Ask your operator for a new one.")
+    return tenant, key
+
+
+async def rotate_webhook_secret(session: AsyncSession, tenant: Tenant, grace_s: float) -> Tenant:
+    now = clock.now()
+    tenant.webhook_secret_previous = tenant.webhook_secret
+    tenant.webhook_secret_previous_expires_at = now + timedelta(seconds=grace_s)
+    tenant.webhook_secret = new_webhook_secret()
+    await session.flush()
+    return tenant
+
+
+def active_webhook_secrets(tenant: Tenant) -> list[str]:
+    secrets_ = [tenant.webhook_secret]
+    expires = tenant.webhook_secret_previous_expires_at
+    if tenant.webhook_secret_previous and expires is not None and expires > clock.now():
+        secrets_.append(tenant.webhook_secret_previous)
+    return secrets_

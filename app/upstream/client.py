@@ -1,0 +1,98 @@
+"""The VibeDream API client. It never sees a tenant's key: only the operator's vendor key."""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+from pydantic import ValidationError
+
+from app.core import metrics
+from app.upstream.schemas import UpstreamPrediction, UpstreamSubmitted
+
+
+class UpstreamRefused(Exception):
+    """The vendor answered 4xx (not 429): resending the same request will not help."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"upstream refused with {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class UpstreamUnavailable(Exception):
+    """5xx, 429, a timeout or no connection: worth retrying later."""
+
+    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamClient:
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str) -> None:
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+
+    async def submit(self, model_id: str, body: dict[str, object]) -> UpstreamSubmitted:
+        url = f"{self._base}/api/v1/models/{model_id}/generate"
+        payload = await self._call("submit", "POST", url, body)
+        try:
+            return UpstreamSubmitted.model_validate(payload)
+        except ValidationError as exc:
+            raise UpstreamUnavailable("upstream answered an unexpected submit shape") from exc
+
+    async def get_prediction(self, upstream_id: str) -> UpstreamPrediction:
+        payload = await self._call("poll", "GET", f"{self._base}/api/v1/predictions/{upstream_id}", None)
+        try:
+            return UpstreamPrediction.model_validate(payload)
+        except ValidationError as exc:
+            raise UpstreamUnavailable("upstream answered an unexpected prediction shape") from exc
+
+    async def ping(self) -> bool:
+        try:
+            async with self._session.get(self._base, timeout=aiohttp.ClientTimeout(total=2)) as response:
+                return response.status < 500
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def _call(self, op: str, method: str, url: str, body: dict[str, object] | None) -> object:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            async with self._session.request(method, url, json=body, headers=self._headers) as response:
+                outcome = str(response.status)
+                if response.status == 429 or response.status >= 500:
+                    raise UpstreamUnavailable(
+                        f"upstream answered {response.status}",
+                        _retry_after(response.headers.get("Retry-After")),
+                    )
+                try:
+                    payload = await response.json(content_type=None)
+                except ValueError as exc:
+                    raise UpstreamUnavailable(f"upstream answered {response.status} without JSON") from exc
+                if response.status >= 400:
+                    raise UpstreamRefused(response.status, _message(payload, response.status))
+                return payload
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            outcome = "timeout" if isinstance(exc, TimeoutError) else "connection_error"
+            raise UpstreamUnavailable(f"upstream unreachable ({type(exc).__name__})") from exc
+        finally:
+            metrics.UPSTREAM_LATENCY.labels(op=op, outcome=outcome).observe(time.perf_counter() - started)
+
+
+def _message(payload: object, status: int) -> str:
+    if isinstance(payload, dict):
+        for field in ("error", "message", "detail"):
+            value = payload.get(field)
+            if isinstance(value, str) and value:
+                return value
+    return f"upstream answered {status}"
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None

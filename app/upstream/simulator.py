@@ -1,0 +1,235 @@
+"""A simulator of the VibeDream API: sandbox mode, tests and benchmarks talk to it over real HTTP.
+
+It follows the vendor's documented shapes (SPEC section 1) and adds controls under /_sim for fault
+injection and counting, which the real vendor does not have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from app.upstream.schemas import GenerateParams
+
+SANDBOX_MP4 = Path(__file__).parent / "assets" / "sandbox.mp4"
+MODEL_NAMES = {"ltx-2-19b": "LTX-2 19B"}
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class SimConfig:
+    completion_s: float = 6.0
+    failure_ratio: float = 0.0
+    estimated_time: str = "5-20s"
+    price_multiplier: float = 1.0
+    output_base_url: str | None = None
+
+
+@dataclass
+class SimPrediction:
+    id: str
+    model_id: str
+    created: float
+    done_at: float
+    fails: bool
+
+
+@dataclass
+class Faults:
+    """Answer the next N submits or polls with this status (0 = drop the connection)."""
+
+    submit_status: int = 500
+    submit_count: int = 0
+    poll_status: int = 500
+    poll_count: int = 0
+    poll_delay_s: float = 0.0
+
+
+@dataclass
+class SimState:
+    config: SimConfig
+    predictions: dict[str, SimPrediction] = field(default_factory=dict)
+    faults: Faults = field(default_factory=Faults)
+    submits: int = 0
+    polls: int = 0
+    polls_by_id: dict[str, int] = field(default_factory=dict)
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+
+
+STATE = web.AppKey("state", SimState)
+
+
+def price_cents(resolution: str, duration: int, multiplier: float) -> int:
+    factor = {"480p": 1.0, "720p": (1280 * 720) / (854 * 480), "1080p": (1920 * 1080) / (854 * 480)}[resolution]
+    return math.ceil(9 / 5 * factor * duration * multiplier - 1e-9)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def _generate(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    state.submits += 1
+    if not request.headers.get("Authorization", "").startswith("Bearer "):
+        return _error(401, "missing API key")
+    if state.faults.submit_count > 0:
+        state.faults.submit_count -= 1
+        if state.faults.submit_status == 0:
+            raise ConnectionResetError("simulated drop")
+        return _error(state.faults.submit_status, "simulated failure")
+    model_id = request.match_info["model_id"]
+    if model_id not in MODEL_NAMES:
+        return _error(404, f"model {model_id} not found")
+    try:
+        body = await request.json()
+        params = GenerateParams.model_validate(body)
+    except (ValueError, ValidationError):
+        return _error(400, "invalid request body")
+    state.bodies.append(body)
+    config = state.config
+    now = time.time()
+    pred = SimPrediction(
+        id="vd_" + secrets.token_hex(8),
+        model_id=model_id,
+        created=now,
+        done_at=now + config.completion_s,
+        fails=random.random() < config.failure_ratio,
+    )
+    state.predictions[pred.id] = pred
+    base = f"{request.scheme}://{request.host}"
+    cost = price_cents(params.resolution or "720p", params.duration or 5, config.price_multiplier)
+    return web.json_response(
+        {
+            "id": pred.id,
+            "status": "processing",
+            "statusUrl": f"{base}/api/v1/predictions/{pred.id}",
+            "estimatedTime": config.estimated_time,
+            "costCents": cost,
+            "createdAt": _iso(now),
+        }
+    )
+
+
+async def _prediction(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    state.polls += 1
+    pred_id = request.match_info["prediction_id"]
+    state.polls_by_id[pred_id] = state.polls_by_id.get(pred_id, 0) + 1
+    faults = state.faults
+    if faults.poll_delay_s:
+        await asyncio.sleep(faults.poll_delay_s)
+    if faults.poll_count > 0:
+        faults.poll_count -= 1
+        return _error(faults.poll_status, "simulated failure")
+    pred = state.predictions.get(pred_id)
+    if pred is None:
+        return _error(404, "prediction not found")
+    now = time.time()
+    done = now >= pred.done_at
+    status = "processing" if not done else ("failed" if pred.fails else "completed")
+    base = state.config.output_base_url or f"{request.scheme}://{request.host}"
+    return web.json_response(
+        {
+            "id": pred.id,
+            "modelId": pred.model_id,
+            "modelName": MODEL_NAMES[pred.model_id],
+            "status": status,
+            "outputs": [f"{base.rstrip('/')}/sandbox/outputs/{pred.id}.mp4"] if status == "completed" else None,
+            "error": "Content moderation: the prompt was flagged (simulated)" if status == "failed" else None,
+            "createdAt": _iso(pred.created),
+            "completedAt": _iso(pred.done_at) if done else None,
+        }
+    )
+
+
+async def _output(_request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(SANDBOX_MP4, headers={"Content-Type": "video/mp4"})
+
+
+async def _root(_request: web.Request) -> web.StreamResponse:
+    return web.json_response({"service": "vibedream-simulator"})
+
+
+async def _get_stats(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    return web.json_response(
+        {
+            "submits": state.submits,
+            "polls": state.polls,
+            "pollsById": state.polls_by_id,
+            "predictions": len(state.predictions),
+        }
+    )
+
+
+async def _set_faults(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = await request.json()
+    for name, value in body.items():
+        if hasattr(state.faults, name):
+            setattr(state.faults, name, value)
+    return web.json_response({"ok": True})
+
+
+async def _set_config(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = await request.json()
+    for name, value in body.items():
+        if hasattr(state.config, name):
+            setattr(state.config, name, value)
+    return web.json_response({"ok": True})
+
+
+async def _finish(request: web.Request) -> web.StreamResponse:
+    """Make every prediction terminal now (tests that should not wait for the clock)."""
+    state = request.app[STATE]
+    now = time.time()
+    for pred in state.predictions.values():
+        pred.done_at = min(pred.done_at, now)
+    return web.json_response({"ok": True})
+
+
+def create_simulator(config: SimConfig | None = None) -> web.Application:
+    app = web.Application()
+    app[STATE] = SimState(config=config or SimConfig())
+    app.router.add_get("/", _root)
+    app.router.add_post("/api/v1/models/{model_id}/generate", _generate)
+    app.router.add_get("/api/v1/predictions/{prediction_id}", _prediction)
+    app.router.add_get("/sandbox/outputs/{name}", _output)
+    app.router.add_get("/_sim/stats", _get_stats)
+    app.router.add_post("/_sim/faults", _set_faults)
+    app.router.add_post("/_sim/config", _set_config)
+    app.router.add_post("/_sim/finish", _finish)
+    return app
+
+
+async def start_simulator(
+    host: str = "127.0.0.1", port: int = 0, config: SimConfig | None = None
+) -> tuple[web.AppRunner, str]:
+    """Start the simulator on this event loop; returns the runner and its base URL."""
+    runner = web.AppRunner(create_simulator(config), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    assert server is not None
+    bound_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    return runner, f"http://{host}:{bound_port}"
+
+
+def run_simulator(host: str, port: int, config: SimConfig) -> None:
+    web.run_app(create_simulator(config), host=host, port=port, access_log=None, print=None)

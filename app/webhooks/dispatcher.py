@@ -1,0 +1,235 @@
+"""Delivers due webhook rows. Claims by lease (SKIP LOCKED on PostgreSQL) so any number of processes
+can deliver, and caps concurrency per endpoint so one slow receiver cannot starve the others."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from datetime import timedelta
+
+import aiohttp
+from sqlalchemy import select, update
+
+from app.core import clock, metrics
+from app.core.database import transaction
+from app.runtime import Runtime
+from app.tenants import service as tenants_service
+from app.tenants.models import Tenant
+from app.webhooks.models import WebhookAttempt, WebhookDelivery
+from app.webhooks.signing import signature_header
+from app.webhooks.ssrf import ForbiddenTarget, check_url
+
+log = logging.getLogger("vidgate.webhooks")
+
+USER_AGENT = "vidgate-webhooks/1"
+
+
+class Dispatcher:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.busy_hosts: Counter[str] = Counter()
+
+    def _saturated(self) -> list[str]:
+        cap = self.runtime.settings.webhook_per_endpoint_concurrency
+        return [host for host, n in self.busy_hosts.items() if n >= cap]
+
+    async def run_once(self) -> int:
+        settings = self.runtime.settings
+        free = settings.webhook_concurrency - len(self.tasks)
+        if free <= 0:
+            return 0
+        claimed = await self._claim(free)
+        cap = settings.webhook_per_endpoint_concurrency
+        started, excess = [], []
+        for delivery in claimed:
+            if self.busy_hosts[delivery.target_host] >= cap:
+                excess.append(delivery.id)
+                continue
+            self.busy_hosts[delivery.target_host] += 1
+            started.append(delivery)
+        if excess:
+            await self._unlease(excess)
+        if started:
+            secrets = await self._secrets({d.tenant_id for d in started})
+            for delivery in started:
+                task = asyncio.create_task(self._deliver(delivery, secrets.get(delivery.tenant_id, [])))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+        return len(started)
+
+    async def _claim(self, limit: int) -> list[WebhookDelivery]:
+        now = clock.now()
+        lease = timedelta(seconds=self.runtime.settings.webhook_timeout_s + 15)
+        due = (
+            select(WebhookDelivery.id)
+            .where(
+                WebhookDelivery.status == "pending",
+                WebhookDelivery.next_attempt_at <= now,
+                (WebhookDelivery.lease_expires_at.is_(None)) | (WebhookDelivery.lease_expires_at < now),
+            )
+            .order_by(WebhookDelivery.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        saturated = self._saturated()
+        if saturated:
+            due = due.where(WebhookDelivery.target_host.not_in(saturated))
+        async with transaction(self.runtime.sessions) as session:
+            rows = await session.scalars(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id.in_(due.scalar_subquery()))
+                .values(lease_owner=self.runtime.worker_id, lease_expires_at=now + lease)
+                .returning(WebhookDelivery)
+                .execution_options(synchronize_session=False)
+            )
+            return list(rows)
+
+    async def _unlease(self, ids: list[str]) -> None:
+        async with transaction(self.runtime.sessions) as session:
+            await session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id.in_(ids), WebhookDelivery.lease_owner == self.runtime.worker_id)
+                .values(lease_owner=None, lease_expires_at=None)
+            )
+
+    async def _secrets(self, tenant_ids: set[str]) -> dict[str, list[str]]:
+        async with transaction(self.runtime.sessions) as session:
+            tenants = await session.scalars(select(Tenant).where(Tenant.id.in_(tenant_ids)))
+            return {t.id: tenants_service.active_webhook_secrets(t) for t in tenants}
+
+    async def _deliver(self, delivery: WebhookDelivery, secrets: list[str]) -> None:
+        try:
+            status, error, retry_after, latency_ms = await self._post(delivery, secrets)
+            await self._record(delivery, status, error, retry_after, latency_ms)
+        except Exception as exc:
+            log.error(
+                "delivery bookkeeping failed",
+                extra={"delivery_id": delivery.id, "error_type": type(exc).__name__},
+            )
+        finally:
+            self.busy_hosts[delivery.target_host] -= 1
+            if self.busy_hosts[delivery.target_host] <= 0:
+                del self.busy_hosts[delivery.target_host]
+
+    async def _post(
+        self, delivery: WebhookDelivery, secrets: list[str]
+    ) -> tuple[int | None, str | None, float | None, int]:
+        timestamp = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "user-agent": USER_AGENT,
+            "webhook-id": delivery.id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": signature_header(secrets, delivery.id, timestamp, delivery.payload),
+        }
+        started = time.perf_counter()
+        status: int | None = None
+        error: str | None = None
+        retry_after: float | None = None
+        try:
+            # aiohttp dials IP literals without asking the resolver, so those are checked here.
+            check_url(delivery.url, allow_private=self.runtime.settings.webhook_allow_private)
+            async with self.runtime.webhook_http.post(
+                delivery.url, data=delivery.payload.encode(), headers=headers, allow_redirects=False
+            ) as response:
+                status = response.status
+                retry_after = _seconds(response.headers.get("Retry-After"))
+                await response.content.read(1024)  # drain a little so keep-alive can reuse the connection
+        except ForbiddenTarget as exc:
+            error = f"refused: {exc.reason}"
+        except aiohttp.ClientConnectorError as exc:
+            cause = exc.__cause__ if isinstance(exc.__cause__, ForbiddenTarget) else None
+            error = f"refused: {cause.reason}" if cause else f"connection failed ({type(exc).__name__})"
+        except TimeoutError:
+            error = f"timed out after {self.runtime.settings.webhook_timeout_s:g} s"
+        except aiohttp.ClientError as exc:
+            error = f"request failed ({type(exc).__name__})"
+        return status, error, retry_after, int((time.perf_counter() - started) * 1000)
+
+    async def _record(
+        self,
+        delivery: WebhookDelivery,
+        status: int | None,
+        error: str | None,
+        retry_after: float | None,
+        latency_ms: int,
+    ) -> None:
+        settings = self.runtime.settings
+        now = clock.now()
+        attempts = delivery.attempts + 1
+        values: dict[str, object] = dict(
+            attempts=attempts,
+            last_status_code=status,
+            last_error=error,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+        disable_endpoint = False
+        if status is not None and 200 <= status < 300:
+            outcome = "succeeded"
+            values.update(status="succeeded", delivered_at=now, next_attempt_at=None)
+            metrics.NOTIFICATION_LAG.observe(max((now - delivery.created_at).total_seconds(), 0.0))
+        elif status == 410:
+            outcome = "gone"
+            values.update(
+                status="dead",
+                next_attempt_at=None,
+                last_error="receiver answered 410 Gone; endpoint disabled",
+            )
+            disable_endpoint = True
+        elif attempts >= len(settings.webhook_retry_schedule_s):
+            outcome = "dead"
+            values.update(status="dead", next_attempt_at=None)
+        else:
+            outcome = "failed"
+            delay = settings.webhook_retry_schedule_s[attempts] * random.uniform(0.9, 1.1)
+            if status in (429, 503) and retry_after is not None:
+                delay = max(delay, retry_after)
+            values.update(next_attempt_at=now + timedelta(seconds=delay))
+        if status is not None and error is None and outcome not in ("succeeded",):
+            values["last_error"] = values.get("last_error") if outcome == "gone" else f"receiver answered {status}"
+        metrics.WEBHOOK_ATTEMPTS.labels(outcome=outcome).inc()
+        async with transaction(self.runtime.sessions) as session:
+            result = await session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id == delivery.id, WebhookDelivery.lease_owner == self.runtime.worker_id)
+                .values(**values)
+                .returning(WebhookDelivery.id)
+            )
+            if result.first() is None:
+                return  # our lease was taken over; the new holder records its own attempt
+            session.add(
+                WebhookAttempt(
+                    delivery_id=delivery.id,
+                    attempted_at=now,
+                    status_code=status,
+                    latency_ms=latency_ms,
+                    error=str(values["last_error"])[:500] if values.get("last_error") else None,
+                    worker=self.runtime.worker_id,
+                )
+            )
+            if disable_endpoint:
+                await session.execute(
+                    update(Tenant)
+                    .where(Tenant.id == delivery.tenant_id, Tenant.webhook_url == delivery.url)
+                    .values(webhook_disabled_at=now)
+                )
+
+    async def release_leases(self) -> None:
+        async with transaction(self.runtime.sessions) as session:
+            await session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.lease_owner == self.runtime.worker_id, WebhookDelivery.status == "pending")
+                .values(lease_owner=None, lease_expires_at=None)
+            )
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(float(value), 0.0) if value else None
+    except ValueError:
+        return None

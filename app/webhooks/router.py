@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query
+
+from app.core.deps import SessionDep
+from app.tenants.deps import CallerDep
+from app.webhooks import service as webhooks_service
+from app.webhooks.schemas import DeliveryDetail, DeliveryList
+
+router = APIRouter(prefix="/api/v1", tags=["webhooks"])
+
+StatusQuery = Annotated[str | None, Query(pattern="^(pending|succeeded|dead)$")]
+
+
+async def detail(session: SessionDep, delivery_id: str, tenant_id: str | None) -> dict[str, Any]:
+    delivery = await webhooks_service.get_delivery(session, delivery_id, tenant_id)
+    attempts = await webhooks_service.list_attempts(session, delivery.id)
+    return {
+        **webhooks_service.present(delivery),
+        "attemptLog": [
+            {
+                "attemptedAt": a.attempted_at,
+                "statusCode": a.status_code,
+                "latencyMs": a.latency_ms,
+                "error": a.error,
+            }
+            for a in attempts
+        ],
+    }
+
+
+@router.get("/webhook-deliveries", response_model=DeliveryList, summary="Your webhook deliveries, newest first")
+async def list_own(
+    session: SessionDep,
+    caller: CallerDep,
+    status: StatusQuery = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+) -> dict[str, Any]:
+    rows, next_cursor = await webhooks_service.list_deliveries(
+        session, tenant_id=caller.tenant.id, status=status, limit=limit, cursor=cursor
+    )
+    return {"data": [webhooks_service.present(d) for d in rows], "nextCursor": next_cursor}
+
+
+@router.get("/webhook-deliveries/{deliveryId}", response_model=DeliveryDetail, summary="One delivery and its attempts")
+async def get_own(
+    session: SessionDep, caller: CallerDep, delivery_id: Annotated[str, Path(alias="deliveryId")]
+) -> dict[str, Any]:
+    return await detail(session, delivery_id, caller.tenant.id)

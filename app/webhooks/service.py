@@ -1,0 +1,155 @@
+"""Webhook outbox: deliveries are rows written in the transaction of the change that causes them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import orjson
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.core import clock
+from app.core.errors import NotFound
+from app.core.ids import new_id
+from app.core.settings import Settings
+from app.tenants.models import Tenant
+from app.webhooks.models import WebhookAttempt, WebhookDelivery
+
+if TYPE_CHECKING:
+    from app.budgets.service import Usage
+    from app.predictions.models import Prediction
+
+
+class DeliveryNotFound(NotFound):
+    code = "webhook_delivery_not_found"
+    title = "No such webhook delivery"
+
+
+def _iso(value: Any) -> str | None:
+    return None if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+def target_host(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+def tenant_endpoint(tenant: Tenant) -> str | None:
+    return tenant.webhook_url if tenant.webhook_disabled_at is None else None
+
+
+def _add(
+    session: AsyncSession,
+    tenant: Tenant,
+    url: str,
+    event_type: str,
+    data: dict[str, Any],
+    prediction_id: str | None,
+) -> None:
+    now = clock.now()
+    body = orjson.dumps({"type": event_type, "timestamp": _iso(now), "data": data}).decode()
+    session.add(
+        WebhookDelivery(
+            id=new_id("msg"),
+            tenant_id=tenant.id,
+            prediction_id=prediction_id,
+            event_type=event_type,
+            url=url,
+            target_host=target_host(url),
+            payload=body,
+            status="pending",
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+    )
+
+
+async def enqueue_prediction_event(
+    session: AsyncSession, settings: Settings, tenant: Tenant, prediction: Prediction, data: dict[str, Any]
+) -> None:
+    status = prediction.status
+    if prediction.webhook_events is not None and status not in prediction.webhook_events:
+        return
+    url = prediction.webhook_url or tenant_endpoint(tenant)
+    if url is None:
+        return
+    _add(session, tenant, url, f"prediction.{status}", data, prediction.id)
+    await session.flush()
+
+
+async def enqueue_budget_threshold(session: AsyncSession, tenant: Tenant, percent: int, usage: Usage) -> None:
+    url = tenant_endpoint(tenant)
+    if url is None:
+        return
+    data = {
+        "tenantId": tenant.id,
+        "percent": percent,
+        "budgetCents": usage.budget_cents,
+        "period": usage.period,
+        "periodStart": _iso(usage.period_start),
+        "periodEnd": _iso(usage.period_end),
+        "spentCents": usage.spent_cents,
+        "reservedCents": usage.reserved_cents,
+    }
+    _add(session, tenant, url, "budget.threshold", data, None)
+    await session.flush()
+
+
+def present(delivery: WebhookDelivery) -> dict[str, Any]:
+    parts = urlsplit(delivery.url)
+    # Query strings often carry tokens: show where it goes, not how it authenticates.
+    shown_url = f"{parts.scheme}://{parts.netloc}{parts.path}" + ("?…" if parts.query else "")
+    return {
+        "id": delivery.id,
+        "tenantId": delivery.tenant_id,
+        "predictionId": delivery.prediction_id,
+        "eventType": delivery.event_type,
+        "url": shown_url,
+        "status": delivery.status,
+        "attempts": delivery.attempts,
+        "nextAttemptAt": delivery.next_attempt_at if delivery.status == "pending" else None,
+        "lastStatusCode": delivery.last_status_code,
+        "lastError": delivery.last_error,
+        "createdAt": delivery.created_at,
+        "deliveredAt": delivery.delivered_at,
+    }
+
+
+async def list_deliveries(
+    session: AsyncSession, *, tenant_id: str | None, status: str | None, limit: int, cursor: str | None
+) -> tuple[list[WebhookDelivery], str | None]:
+    stmt = select(WebhookDelivery)
+    if tenant_id:
+        stmt = stmt.where(WebhookDelivery.tenant_id == tenant_id)
+    if status:
+        stmt = stmt.where(WebhookDelivery.status == status)
+    if cursor:
+        stmt = stmt.where(WebhookDelivery.id < cursor)
+    rows = list(await session.scalars(stmt.order_by(WebhookDelivery.id.desc()).limit(limit + 1)))
+    return rows[:limit], rows[limit - 1].id if len(rows) > limit else None
+
+
+async def get_delivery(session: AsyncSession, delivery_id: str, tenant_id: str | None = None) -> WebhookDelivery:
+    delivery = await session.get(WebhookDelivery, delivery_id, populate_existing=True)
+    if delivery is None or (tenant_id is not None and delivery.tenant_id != tenant_id):
+        raise DeliveryNotFound(f"There is no webhook delivery {delivery_id!r}.")
+    return delivery
+
+
+async def list_attempts(session: AsyncSession, delivery_id: str) -> list[WebhookAttempt]:
+    rows = await session.scalars(
+        select(WebhookAttempt).where(WebhookAttempt.delivery_id == delivery_id).order_by(WebhookAttempt.id)
+    )
+    return list(rows)
+
+
+async def redeliver(session: AsyncSession, delivery: WebhookDelivery) -> WebhookDelivery:
+    """Queue the same event again, same webhook-id, with a fresh retry schedule."""
+    await session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery.id)
+        .values(status="pending", attempts=0, next_attempt_at=clock.now(), lease_owner=None, lease_expires_at=None)
+    )
+    return await get_delivery(session, delivery.id)

@@ -1,0 +1,96 @@
+"""The background side of a process: the poller, the webhook dispatcher and housekeeping.
+
+Everything it works on is a database row with a due time and a lease, so `vidgate serve` (embedded)
+and any number of `vidgate worker` processes share the work, and a killed one loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from sqlalchemy import delete, func, select
+
+from app.budgets.models import RateWindow
+from app.core import clock, metrics
+from app.core.database import transaction
+from app.predictions import poller
+from app.predictions import service as predictions_service
+from app.predictions.models import IdempotencyKey, Prediction
+from app.runtime import Runtime
+from app.webhooks.dispatcher import Dispatcher
+
+log = logging.getLogger("vidgate.worker")
+
+IDLE_POLL_S = 0.2
+IDLE_DISPATCH_S = 0.1
+HOUSEKEEPING_S = 10.0
+SHUTDOWN_GRACE_S = 10.0
+
+
+class Worker:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.stopping = asyncio.Event()
+        self.poll_tasks: set[asyncio.Task[None]] = set()
+        self.poll_semaphore = asyncio.Semaphore(runtime.settings.worker_concurrency)
+        self.dispatcher = Dispatcher(runtime)
+
+    async def run(self) -> None:
+        log.info("worker started", extra={"worker_id": self.runtime.worker_id})
+        loops = [
+            self._loop(lambda: poller.run_once(self.runtime, self.poll_semaphore, self.poll_tasks), IDLE_POLL_S),
+            self._loop(self.dispatcher.run_once, IDLE_DISPATCH_S),
+            self._loop(self.housekeeping, HOUSEKEEPING_S, always_sleep=True),
+        ]
+        await asyncio.gather(*loops)
+        await self._drain()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def _loop(self, step: Callable[[], Awaitable[int]], idle_s: float, always_sleep: bool = False) -> None:
+        while not self.stopping.is_set():
+            try:
+                done = await step()
+            except Exception as exc:
+                # The database may be restarting: back off and keep going, the rows are safe.
+                log.error(
+                    "worker step failed",
+                    extra={"step": getattr(step, "__name__", "step"), "error_type": type(exc).__name__},
+                )
+                done = 0
+                idle_s_now = max(idle_s, 1.0)
+            else:
+                idle_s_now = idle_s
+            if done == 0 or always_sleep:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), idle_s_now)
+
+    async def _drain(self) -> None:
+        """Graceful stop: let in-flight polls and deliveries finish, then hand back every lease."""
+        pending = self.poll_tasks | self.dispatcher.tasks
+        if pending:
+            _, still_running = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_S)
+            for task in still_running:
+                task.cancel()
+            await asyncio.gather(*still_running, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await poller.release_leases(self.runtime)
+            await self.dispatcher.release_leases()
+        log.info("worker stopped", extra={"worker_id": self.runtime.worker_id})
+
+    async def housekeeping(self) -> int:
+        await predictions_service.recover_interrupted_submits(self.runtime)
+        now = clock.now()
+        async with transaction(self.runtime.sessions) as session:
+            await session.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at < now))
+            await session.execute(delete(RateWindow).where(RateWindow.window_start < now - timedelta(minutes=5)))
+            in_flight = await session.scalar(
+                select(func.count()).select_from(Prediction).where(Prediction.status == "processing")
+            )
+        metrics.IN_FLIGHT.set(in_flight or 0)
+        return 0
