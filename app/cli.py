@@ -370,3 +370,7 @@ def main() -> None:
         typer.echo(f"error: invalid settings: {exc}", err=True)
         sys.exit(2)
     cli()
+
+
+if __name__ == "__main__":
+    main()

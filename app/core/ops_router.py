@@ -7,6 +7,7 @@ from fastapi.responses import FileResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from app.core.database import transaction
 from app.core.deps import RuntimeDep
 from app.core.errors import NotFound
 from app.core.migrate import current_revision, head_revision
@@ -25,10 +26,10 @@ async def healthz() -> dict[str, str]:
 async def readyz(runtime: RuntimeDep) -> Response:
     checks: dict[str, str] = {}
     try:
-        async with runtime.engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-        revision = await current_revision(runtime.engine)
+        async with transaction(runtime.sessions) as session:
+            await session.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+            revision = await current_revision(await session.connection())
         checks["migrations"] = "ok" if revision == head_revision() else f"at {revision}, head is {head_revision()}"
     except Exception as exc:
         checks["database"] = f"unreachable ({type(exc).__name__})"

@@ -1,0 +1,46 @@
+# The two commands of the quick start are `make serve` and `make test`; both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: install serve test lint typecheck test-sqlite test-postgresql bench bench-smoke clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "vidgate needs Python 3.11 or newer")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/vidgate serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check app tests migrations bench
+	$(BIN)/ruff format --check app tests migrations bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test-sqlite: $(STAMP)
+	VIDGATE_TEST_DB=sqlite $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+test-postgresql: $(STAMP)
+	VIDGATE_TEST_DB=postgresql $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+# Lint, types, then the whole suite on SQLite (the default) and on PostgreSQL (production).
+test: lint typecheck test-sqlite test-postgresql
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+bench-smoke: $(STAMP)
+	$(BIN)/python -m bench --smoke
+
+clean:
+	rm -rf $(VENV) data .mypy_cache .ruff_cache .hypothesis
