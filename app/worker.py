@@ -14,6 +14,7 @@ from datetime import timedelta
 
 from sqlalchemy import delete, func, select
 
+from app.budgets import service as budgets_service
 from app.budgets.models import RateWindow
 from app.core import clock, metrics
 from app.core.database import transaction
@@ -92,5 +93,9 @@ class Worker:
             in_flight = await session.scalar(
                 select(func.count()).select_from(Prediction).where(Prediction.status == "processing")
             )
+            balances = await budgets_service.current_balances(session)
         metrics.IN_FLIGHT.set(in_flight or 0)
+        for tenant_id, (spent, reserved) in balances.items():
+            metrics.SPENT_CENTS.labels(tenant=tenant_id).set(spent)
+            metrics.RESERVED_CENTS.labels(tenant=tenant_id).set(reserved)
         return 0

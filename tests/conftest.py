@@ -200,9 +200,13 @@ class Tenant:
     def headers(self, **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}", **extra}
 
-    async def submit(self, body: dict[str, Any] | None = None, model: str = "ltx-2-19b", **headers: str) -> httpx.Response:
+    async def submit(
+        self, body: dict[str, Any] | None = None, model: str = "ltx-2-19b", **headers: str
+    ) -> httpx.Response:
         payload = body if body is not None else valid_body()
-        return await self.api.http.post(f"/api/v1/models/{model}/generate", json=payload, headers=self.headers(**headers))
+        return await self.api.http.post(
+            f"/api/v1/models/{model}/generate", json=payload, headers=self.headers(**headers)
+        )
 
     async def get(self, path: str, **kwargs: Any) -> httpx.Response:
         return await self.api.http.get(path, headers=self.headers(), **kwargs)

@@ -139,7 +139,16 @@ async def test_get_prediction_shape(api: Api, sim: SimState) -> None:
     assert submitted["estimatedTime"] == "0-1s"
     got = (await tenant.get(f"/api/v1/predictions/{submitted['id']}")).json()
     assert set(got) == {
-        "id", "modelId", "modelName", "status", "outputs", "error", "createdAt", "completedAt", "costCents", "metadata",
+        "id",
+        "modelId",
+        "modelName",
+        "status",
+        "outputs",
+        "error",
+        "createdAt",
+        "completedAt",
+        "costCents",
+        "metadata",
     }
     assert got["modelId"] == "ltx-2-19b" and got["status"] == "processing" and got["metadata"] == {"k": "v"}
     assert sim.polls == 0  # reads are served from the database
@@ -200,6 +209,7 @@ async def test_request_id_is_echoed_or_generated(api: Api) -> None:
     assert given.headers["x-request-id"] == "abc-123"
     generated = await api.http.get("/healthz")
     assert len(generated.headers["x-request-id"]) >= 16
+    assert "x-vidgate-sandbox" not in generated.headers  # tests run with a vendor key: not sandbox
 
 
 async def test_readyz_checks_database_and_migrations(api: Api) -> None:

@@ -82,9 +82,7 @@ async def _is(tenant: Any, prediction_id: str, status: str) -> bool:
     return await _status(tenant, prediction_id) == status
 
 
-async def test_upstream_500s_then_outage_every_prediction_still_ends(
-    live_api: Api, worker: Any, sim: SimState
-) -> None:
+async def test_upstream_500s_then_outage_every_prediction_still_ends(live_api: Api, worker: Any, sim: SimState) -> None:
     tenant = await live_api.tenant()
     ids = [(await tenant.submit()).json()["id"] for _ in range(5)]
     sim.faults.poll_count = 6

@@ -120,9 +120,7 @@ async def test_body_that_is_not_json(api: Api, sim: SimState) -> None:
 
 async def test_gateway_fields_are_never_forwarded(api: Api, sim: SimState) -> None:
     tenant = await api.tenant()
-    body = valid_body(
-        webhook="https://hooks.example.com/x", webhookEventsFilter=["failed"], metadata={"secret": "s"}
-    )
+    body = valid_body(webhook="https://hooks.example.com/x", webhookEventsFilter=["failed"], metadata={"secret": "s"})
     response = await tenant.submit(body)
     assert response.status_code == 200
     assert sim.bodies == [{k: body[k] for k in ("image", "prompt", "resolution", "duration")}]

@@ -341,6 +341,27 @@ async def usage_report(
     return [{group_by: str(row.key), "spentCents": int(row.spent), "predictions": int(row.predictions)} for row in rows]
 
 
+async def current_balances(session: AsyncSession) -> dict[str, tuple[int, int]]:
+    """(spent, reserved) of every live tenant's current period, for the metrics gauges."""
+    now = clock.now()
+    tenants = await session.execute(select(Tenant.id, Tenant.budget_period).where(Tenant.deleted_at.is_(None)))
+    wanted = {(_tenant_scope(tid), period_of(kind, now).start): tid for tid, kind in tenants}
+    if not wanted:
+        return {}
+    starts = {start for _, start in wanted}
+    rows = await session.execute(
+        select(BudgetCounter).where(
+            BudgetCounter.scope.in_([scope for scope, _ in wanted]), BudgetCounter.period_start.in_(starts)
+        )
+    )
+    balances = dict.fromkeys(wanted.values(), (0, 0))
+    for (counter,) in rows:
+        tenant_id = wanted.get((counter.scope, counter.period_start))
+        if tenant_id is not None:
+            balances[tenant_id] = (counter.spent_cents, counter.reserved_cents)
+    return balances
+
+
 @dataclass(frozen=True)
 class Mismatch:
     scope: str

@@ -26,7 +26,7 @@ def normalize_database_url(url: str) -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VIDGATE_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="VIDGATE_", env_file=".env", extra="ignore", populate_by_name=True)
 
     database_url: str = f"sqlite:///{DEFAULT_SQLITE_PATH}"
     upstream_base_url: str = "https://api.vibedream.ai"

@@ -1,0 +1,77 @@
+"""After a run, /metrics carries every family operators chart, with values that match what happened."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.upstream.simulator import SimState
+from tests.conftest import Api, Receiver, eventually, valid_body
+
+
+async def scrape(api: Api) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    response = await api.http.get("/metrics")
+    assert response.status_code == 200
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def total(samples: dict[str, Any], name: str, **labels: str) -> float:
+    return sum(value for key, value in samples.get(name, {}).items() if all((k, v) in key for k, v in labels.items()))
+
+
+async def test_metrics_families_after_a_run(live_api: Api, worker: Any, sim: SimState, receiver_factory: Any) -> None:
+    before = await scrape(live_api)
+    receiver: Receiver = await receiver_factory()
+    tenant = await live_api.tenant(budgetCents=18, webhookUrl=receiver.url)
+    sim.faults.poll_count = 1  # one failed poll shows up as an upstream error
+    ids = [(await tenant.submit()).json()["id"] for _ in range(2)]
+    refused = await tenant.submit()
+    assert refused.status_code == 402
+    # Two prediction.completed events and budget.threshold at 50, 80 and 100 %.
+    events = sorted([(await receiver.next()).body.split('"type":"')[1].split('"')[0] for _ in range(5)])
+    assert events == ["budget.threshold"] * 3 + ["prediction.completed"] * 2
+
+    async def deliveries_recorded() -> bool:
+        samples = await scrape(live_api)
+        return (
+            total(samples, "vidgate_webhook_attempts_total", outcome="succeeded")
+            - total(before, "vidgate_webhook_attempts_total", outcome="succeeded")
+            >= 5
+        )
+
+    await eventually(deliveries_recorded, what="webhook attempt metrics")
+    await worker.housekeeping()
+    after = await scrape(live_api)
+
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    route = "/api/v1/models/{modelId}/generate"
+    assert delta("vidgate_http_requests_total", route=route, status="200") == 2
+    assert delta("vidgate_http_requests_total", route=route, status="402") == 1
+    assert delta("vidgate_budget_refusals_total", code="budget_exceeded") == 1
+    assert delta("vidgate_upstream_request_seconds_count", op="submit") == 2
+    assert delta("vidgate_upstream_request_seconds_count", op="poll") >= 3
+    assert delta("vidgate_upstream_errors_total", op="poll") == 1
+    assert delta("vidgate_poll_lag_seconds_count") >= 3
+    assert delta("vidgate_notification_lag_seconds_count") == 5
+    assert delta("vidgate_predictions_finished_total", status="completed") == 2
+    assert delta("vidgate_upstream_polls_per_prediction_count") == 2
+    assert total(after, "vidgate_spent_cents", tenant=tenant.id) == 18
+    assert total(after, "vidgate_reserved_cents", tenant=tenant.id) == 0
+    assert "vidgate_predictions_in_flight" in after
+    lag_p_inf = total(after, "vidgate_poll_lag_seconds_bucket", le="+Inf")
+    lag_le_2 = total(after, "vidgate_poll_lag_seconds_bucket", le="2.0")
+    assert lag_le_2 == lag_p_inf  # every poll happened within 2 s of its due time in this small run
+
+
+async def test_metrics_is_cheap_and_plain_text(live_api: Api) -> None:
+    response = await live_api.http.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    assert "valid_body" not in response.text and "vg_" not in response.text
+    _ = valid_body
