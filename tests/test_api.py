@@ -217,3 +217,36 @@ async def test_readyz_checks_database_and_migrations(api: Api) -> None:
     body = response.json()
     assert body["checks"]["database"] == "ok"
     assert body["checks"]["migrations"] == "ok"
+
+
+async def test_logs_are_json_lines_with_ids_and_no_secrets(api: Api) -> None:
+    import io
+    import json
+    import logging
+
+    from app.core.logging import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        tenant = await api.tenant(webhookUrl="https://hooks.example.com/x?token=hush")
+        response = await tenant.submit(valid_body(webhook="https://hooks.example.com/y?token=hush2"))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    submitted = [line for line in lines if line["msg"] == "prediction submitted"]
+    assert len(submitted) == 1
+    assert submitted[0]["prediction_id"] == response.json()["id"]
+    assert submitted[0]["tenant_id"] == tenant.id
+    assert submitted[0]["request_id"] == response.headers["x-request-id"]
+    access = [line for line in lines if line["msg"] == "request" and line["route"].endswith("/generate")]
+    assert access and access[0]["status"] == 200 and access[0]["tenant_id"] == tenant.id
+    text = stream.getvalue()
+    for secret in (tenant.key, ADMIN_TOKEN, "vendor-test-key", "hush", tenant.data["webhookSecret"]):
+        assert secret not in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import time
@@ -9,7 +10,9 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core import metrics
-from app.core.logging import request_id_var
+from app.core.logging import request_id_var, tenant_id_var
+
+access_log = logging.getLogger("vidgate.access")
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -26,6 +29,7 @@ class RequestContextMiddleware:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _VALID_REQUEST_ID.match(given) else secrets.token_hex(12)
         token = request_id_var.set(request_id)
+        tenant_token = tenant_id_var.set(None)
         started = time.perf_counter()
         status = 500
         extra = [(b"x-request-id", request_id.encode())]
@@ -42,8 +46,15 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
+            elapsed = time.perf_counter() - started
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             metrics.REQUESTS.labels(route=path, method=scope["method"], status=str(status)).inc()
-            metrics.REQUEST_LATENCY.labels(route=path).observe(time.perf_counter() - started)
+            metrics.REQUEST_LATENCY.labels(route=path).observe(elapsed)
+            # The route template, never the raw path or query string: those can carry ids and tokens.
+            access_log.info(
+                "request",
+                extra={"method": scope["method"], "route": path, "status": status, "ms": round(elapsed * 1000, 1)},
+            )
+            tenant_id_var.reset(tenant_token)
             request_id_var.reset(token)

@@ -211,6 +211,7 @@ async def submit(
                 .where(IdempotencyKey.tenant_id == tenant.id, IdempotencyKey.key == idempotency_key)
                 .values(response=body)
             )
+    log.info("prediction submitted", extra={"prediction_id": prediction.id, "cost_cents": submitted.cost_cents})
     return SubmitResult(body=body, replayed=False, prediction_id=prediction.id)
 
 
@@ -483,6 +484,10 @@ async def finish(
     assert tenant is not None
     await webhooks_service.enqueue_prediction_event(session, runtime.settings, tenant, prediction, present(prediction))
     metrics.PREDICTIONS_FINISHED.labels(status=status).inc()
+    log.info(
+        "prediction finished",
+        extra={"prediction_id": prediction.id, "tenant_id": prediction.tenant_id, "status": status},
+    )
     metrics.POLLS_PER_PREDICTION.observe(prediction.poll_count)
     return prediction
 

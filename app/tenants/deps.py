@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.core.database import transaction
 from app.core.deps import RuntimeDep
 from app.core.errors import Unauthorized
+from app.core.logging import tenant_id_var
 from app.tenants import service as tenants_service
 from app.tenants.models import ApiKey, Tenant
 
@@ -30,6 +31,7 @@ async def current_caller(
         raise Unauthorized("Send your API key as 'Authorization: Bearer vg_...'.")
     async with transaction(runtime.sessions) as session:
         tenant, key = await tenants_service.authenticate(session, credentials.credentials)
+    tenant_id_var.set(tenant.id)
     return Caller(tenant, key)
 
 

@@ -1,0 +1,106 @@
+"""Leases: a worker whose lease expired and was taken over cannot write its stale result."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+
+from app.core import clock
+from app.core.database import transaction
+from app.predictions import poller
+from app.predictions import service as predictions_service
+from app.predictions.models import Prediction
+from app.runtime import Runtime
+from app.tenants.models import Tenant
+from app.upstream.schemas import UpstreamPrediction
+from app.upstream.simulator import SimState
+from app.webhooks.dispatcher import Dispatcher
+from app.webhooks.models import WebhookAttempt, WebhookDelivery
+from tests.conftest import Api, Receiver
+
+
+def upstream_done(prediction: Prediction, status: str = "completed") -> UpstreamPrediction:
+    return UpstreamPrediction.model_validate(
+        {
+            "id": prediction.upstream_id,
+            "status": status,
+            "outputs": [f"https://cdn.example.com/{status}.mp4"] if status == "completed" else None,
+            "error": "boom" if status == "failed" else None,
+        }
+    )
+
+
+async def test_only_one_holder_polls_and_a_stale_holder_cannot_write(
+    live_api: Api, live_runtime: Runtime, sim: SimState, receiver_factory: Any
+) -> None:
+    receiver: Receiver = await receiver_factory()
+    tenant = await live_api.tenant(webhookUrl=receiver.url, maxConcurrent=5)
+    submitted = (await tenant.submit()).json()
+    worker_a = live_runtime
+    worker_b = dataclasses.replace(live_runtime, worker_id="worker-b")
+
+    [claimed_a] = await poller.claim_due(worker_a, 10)
+    assert claimed_a.id == submitted["id"]
+    assert await poller.claim_due(worker_b, 10) == []  # leased: nobody else polls it meanwhile
+
+    clock.shift_to(clock.now() + timedelta(seconds=live_runtime.settings.lease_s + 1))
+    [claimed_b] = await poller.claim_due(worker_b, 10)
+    assert claimed_b.id == submitted["id"]
+
+    async with transaction(live_runtime.sessions) as session:
+        stale = await predictions_service.apply_poll_result(
+            session, worker_a, claimed_a, upstream_done(claimed_a, "failed"), worker_a.worker_id
+        )
+    assert stale is False
+    async with transaction(live_runtime.sessions) as session:
+        fresh = await predictions_service.apply_poll_result(
+            session, worker_b, claimed_b, upstream_done(claimed_b), worker_b.worker_id
+        )
+    assert fresh is True
+
+    final = (await tenant.get(f"/api/v1/predictions/{submitted['id']}")).json()
+    assert final["status"] == "completed" and final["outputs"] == ["https://cdn.example.com/completed.mp4"]
+    async with transaction(live_runtime.sessions) as session:
+        deliveries = await session.scalar(select(func.count()).select_from(WebhookDelivery))
+        tenant_row = await session.get(Tenant, tenant.id)
+        assert tenant_row is not None
+        assert deliveries == 1
+        assert tenant_row.in_flight == 0
+
+
+async def test_stale_dispatcher_cannot_record_an_attempt(
+    live_api: Api, live_runtime: Runtime, sim: SimState, receiver_factory: Any
+) -> None:
+    receiver: Receiver = await receiver_factory()
+    tenant = await live_api.tenant(webhookUrl=receiver.url)
+    submitted = (await tenant.submit()).json()
+    async with transaction(live_runtime.sessions) as session:
+        done = await predictions_service.finish(
+            session,
+            live_runtime,
+            submitted["id"],
+            lease_owner=None,
+            status="completed",
+            outputs=["https://cdn.example.com/x.mp4"],
+            error=None,
+            completed_at=None,
+        )
+        assert done is not None
+
+    dispatcher_a = Dispatcher(live_runtime)
+    dispatcher_b = Dispatcher(dataclasses.replace(live_runtime, worker_id="worker-b"))
+    [delivery_a] = await dispatcher_a._claim(10)
+    clock.shift_to(clock.now() + timedelta(seconds=live_runtime.settings.webhook_timeout_s + 16))
+    [delivery_b] = await dispatcher_b._claim(10)
+    assert delivery_a.id == delivery_b.id
+
+    await dispatcher_a._record(delivery_a, 500, None, None, 12)  # A's lease is gone: no effect
+    await dispatcher_b._record(delivery_b, 204, None, None, 7)
+    async with transaction(live_runtime.sessions) as session:
+        row = await session.get(WebhookDelivery, delivery_a.id, populate_existing=True)
+        attempts = list(await session.scalars(select(WebhookAttempt)))
+    assert row is not None and row.status == "succeeded" and row.attempts == 1
+    assert [(a.status_code, a.worker) for a in attempts] == [(204, "worker-b")]
