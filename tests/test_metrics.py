@@ -76,3 +76,24 @@ async def test_metrics_is_cheap_and_plain_text(live_api: Api) -> None:
     assert response.headers["content-type"].startswith("text/plain")
     assert "valid_body" not in response.text and "vg_" not in response.text
     _ = valid_body
+
+
+def test_dashboard_charts_every_metric_family() -> None:
+    import json
+    from pathlib import Path
+
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from app.core import metrics
+
+    dashboard = (Path(__file__).resolve().parents[1] / "deploy/grafana/vidgate-dashboard.json").read_text()
+    exprs = " ".join(t["expr"] for p in json.loads(dashboard)["panels"] for t in p["targets"])
+    families = {
+        family.name
+        for value in vars(metrics).values()
+        if isinstance(value, MetricWrapperBase)
+        for family in value.collect()
+    }
+    assert families
+    missing = {name for name in families if name not in exprs}
+    assert not missing, f"dashboard has no panel for {missing}"
