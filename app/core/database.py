@@ -82,7 +82,9 @@ def _sqlite_engine(url: str) -> AsyncEngine:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Read-only units of work begin deferred: in WAL mode they then neither wait for nor block writers.
+        readonly = conn.get_execution_options().get(READONLY_OPTION, False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -91,13 +93,20 @@ def create_sessionmaker(bind: AsyncEngine | Any) -> async_sessionmaker[AsyncSess
     return async_sessionmaker(bind, expire_on_commit=False, autoflush=False)
 
 
+READONLY_OPTION = "vidgate_readonly"
+
+
 @asynccontextmanager
-async def transaction(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+async def transaction(
+    sessions: async_sessionmaker[AsyncSession], *, readonly: bool = False
+) -> AsyncIterator[AsyncSession]:
     """Open a session and a transaction; commit when the block ends, roll back when it raises.
 
     Service functions only flush: this is where every unit of work becomes durable.
     """
     async with sessions() as session, session.begin():
+        if readonly:
+            await session.connection(execution_options={READONLY_OPTION: True})
         yield session
 
 

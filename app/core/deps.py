@@ -24,5 +24,11 @@ async def _session(runtime: Annotated[Runtime, Depends(get_runtime)]) -> AsyncIt
         yield session
 
 
+async def _read_session(runtime: Annotated[Runtime, Depends(get_runtime)]) -> AsyncIterator[AsyncSession]:
+    async with transaction(runtime.sessions, readonly=True) as session:
+        yield session
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]
+ReadSessionDep = Annotated[AsyncSession, Depends(_read_session, scope="function")]

@@ -5,7 +5,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 
-from app.core.deps import RuntimeDep, SessionDep
+from app.core.deps import ReadSessionDep, RuntimeDep
 from app.core.errors import InvalidRequest
 from app.core.responses import json_response
 from app.predictions import service as predictions_service
@@ -68,7 +68,7 @@ async def generate(
 
 @router.get("/predictions/{predictionId}", response_model=PredictionOut, summary="Get a prediction")
 async def get_prediction(
-    session: SessionDep, caller: CallerDep, prediction_id: Annotated[str, Path(alias="predictionId")]
+    session: ReadSessionDep, caller: CallerDep, prediction_id: Annotated[str, Path(alias="predictionId")]
 ) -> Response:
     prediction = await predictions_service.get_for_tenant(session, caller.tenant.id, prediction_id)
     return json_response(predictions_service.present(prediction))
@@ -76,7 +76,7 @@ async def get_prediction(
 
 @router.get("/predictions", response_model=PredictionList, summary="List your predictions, newest first")
 async def list_predictions(
-    session: SessionDep,
+    session: ReadSessionDep,
     caller: CallerDep,
     status: Annotated[str | None, Query(pattern="^(processing|completed|failed)$")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,

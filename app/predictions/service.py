@@ -421,7 +421,7 @@ async def wait_until_terminal(runtime: Runtime, tenant_id: str, prediction_id: s
     """Watch the database, not this process: the poll may happen in another worker."""
     deadline = asyncio.get_running_loop().time() + wait_s
     while True:
-        async with transaction(runtime.sessions) as session:
+        async with transaction(runtime.sessions, readonly=True) as session:
             prediction = await get_for_tenant(session, tenant_id, prediction_id)
         remaining = deadline - asyncio.get_running_loop().time()
         if prediction.status in TERMINAL or remaining <= 0:

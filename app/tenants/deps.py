@@ -29,7 +29,7 @@ async def current_caller(
 ) -> Caller:
     if credentials is None:
         raise Unauthorized("Send your API key as 'Authorization: Bearer vg_...'.")
-    async with transaction(runtime.sessions) as session:
+    async with transaction(runtime.sessions, readonly=True) as session:
         tenant, key = await tenants_service.authenticate(session, credentials.credentials)
     tenant_id_var.set(tenant.id)
     return Caller(tenant, key)

@@ -4,7 +4,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 
-from app.core.deps import SessionDep
+from app.core.deps import ReadSessionDep
 from app.tenants.deps import CallerDep
 from app.webhooks import service as webhooks_service
 from app.webhooks.schemas import DeliveryDetail, DeliveryList
@@ -14,7 +14,7 @@ router = APIRouter(prefix="/api/v1", tags=["webhooks"])
 StatusQuery = Annotated[str | None, Query(pattern="^(pending|succeeded|dead)$")]
 
 
-async def detail(session: SessionDep, delivery_id: str, tenant_id: str | None) -> dict[str, Any]:
+async def detail(session: ReadSessionDep, delivery_id: str, tenant_id: str | None) -> dict[str, Any]:
     delivery = await webhooks_service.get_delivery(session, delivery_id, tenant_id)
     attempts = await webhooks_service.list_attempts(session, delivery.id)
     return {
@@ -33,7 +33,7 @@ async def detail(session: SessionDep, delivery_id: str, tenant_id: str | None) -
 
 @router.get("/webhook-deliveries", response_model=DeliveryList, summary="Your webhook deliveries, newest first")
 async def list_own(
-    session: SessionDep,
+    session: ReadSessionDep,
     caller: CallerDep,
     status: StatusQuery = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -47,6 +47,6 @@ async def list_own(
 
 @router.get("/webhook-deliveries/{deliveryId}", response_model=DeliveryDetail, summary="One delivery and its attempts")
 async def get_own(
-    session: SessionDep, caller: CallerDep, delivery_id: Annotated[str, Path(alias="deliveryId")]
+    session: ReadSessionDep, caller: CallerDep, delivery_id: Annotated[str, Path(alias="deliveryId")]
 ) -> dict[str, Any]:
     return await detail(session, delivery_id, caller.tenant.id)
