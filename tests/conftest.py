@@ -89,6 +89,7 @@ def sim(simulator: tuple[str, SimState]) -> SimState:
     state.faults = Faults()
     state.predictions.clear()
     state.polls_by_id.clear()
+    state.poll_times.clear()
     state.bodies.clear()
     state.submits = 0
     state.polls = 0

