@@ -36,19 +36,18 @@ class Worker:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.stopping = asyncio.Event()
-        self.poll_tasks: set[asyncio.Task[None]] = set()
-        self.poll_semaphore = asyncio.Semaphore(runtime.settings.worker_concurrency)
+        self.poller = poller.Poller(runtime)
         self.dispatcher = Dispatcher(runtime)
 
     async def run(self) -> None:
         log.info("worker started", extra={"worker_id": self.runtime.worker_id})
-        loops = [
-            self._loop(lambda: poller.run_once(self.runtime, self.poll_semaphore, self.poll_tasks), IDLE_POLL_S),
+        writer = asyncio.create_task(self.poller.write_loop(self.stopping))
+        await asyncio.gather(
+            self._loop(self.poller.run_once, IDLE_POLL_S),
             self._loop(self.dispatcher.run_once, IDLE_DISPATCH_S),
             self._loop(self.housekeeping, HOUSEKEEPING_S, always_sleep=True),
-        ]
-        await asyncio.gather(*loops)
-        await self._drain()
+        )
+        await self._drain(writer)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -71,11 +70,15 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), idle_s_now)
 
-    async def _drain(self) -> None:
-        """Graceful stop: let in-flight polls and deliveries finish, then hand back every lease."""
-        pending = self.poll_tasks | self.dispatcher.tasks
-        if pending:
-            _, still_running = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_S)
+    async def _drain(self, writer: asyncio.Task[None]) -> None:
+        """Graceful stop: let in-flight polls and deliveries finish and be stored, then hand back every
+        lease still held, so other processes need not wait for it to expire."""
+        deliveries = set(self.dispatcher.tasks)
+        await self.poller.drain(SHUTDOWN_GRACE_S)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer, SHUTDOWN_GRACE_S)
+        if deliveries:
+            _, still_running = await asyncio.wait(deliveries, timeout=SHUTDOWN_GRACE_S)
             for task in still_running:
                 task.cancel()
             await asyncio.gather(*still_running, return_exceptions=True)

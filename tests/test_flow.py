@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -84,11 +85,42 @@ async def _is(tenant: Any, prediction_id: str, status: str) -> bool:
 
 async def test_upstream_500s_then_outage_every_prediction_still_ends(live_api: Api, worker: Any, sim: SimState) -> None:
     tenant = await live_api.tenant()
-    ids = [(await tenant.submit()).json()["id"] for _ in range(5)]
+    sim.config.completion_s = 3600  # nothing finishes until the outage is over
     sim.faults.poll_count = 6
     sim.faults.poll_status = 500
+    ids = [(await tenant.submit()).json()["id"] for _ in range(5)]
+    await eventually(lambda: _faults_used(sim), what="the 500s to be served")
+    # Then the upstream is unreachable (connection refused) for a while.
+    upstream = live_api.runtime.upstream
+    real_base = upstream._base
+    upstream._base = "http://127.0.0.1:9"
+    refused_before = _poll_errors()
+    await eventually(lambda: _more_errors(refused_before, 5), what="polls against the dead upstream")
+    assert all([await _is(tenant, pid, "processing") for pid in ids])
+    upstream._base = real_base
+    for simulated in sim.predictions.values():
+        simulated.done_at = time.time()
     for prediction_id in ids:
         await eventually(lambda pid=prediction_id: _is(tenant, pid, "completed"), timeout=30, what="completion")
+
+
+async def _faults_used(sim: SimState) -> bool:
+    return sim.faults.poll_count == 0
+
+
+def _poll_errors() -> float:
+    from app.core import metrics
+
+    return sum(
+        sample.value
+        for family in metrics.UPSTREAM_ERRORS.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels.get("op") == "poll"
+    )
+
+
+async def _more_errors(before: float, count: int) -> bool:
+    return _poll_errors() - before >= count
 
 
 @pytest.mark.parametrize("settings_overrides", [{"prediction_max_age_s": 1.0}])

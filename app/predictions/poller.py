@@ -1,14 +1,23 @@
 """Polls the upstream for every in-flight prediction. The queue is the predictions table itself:
-`next_poll_at` says when, a lease says who, so any process can take over a dead one's work."""
+`next_poll_at` says when, a lease says who, so any process can take over a dead one's work.
+
+Claims are batched, upstream calls run concurrently on the shared keep-alive pool, and results are
+written back in batches: one transaction stores many polls, which is what keeps thousands of
+predictions in flight affordable.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+from dataclasses import dataclass
+from typing import Any
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core import clock, metrics
 from app.core.database import transaction
@@ -16,10 +25,20 @@ from app.predictions import service as predictions_service
 from app.predictions.models import Prediction
 from app.runtime import Runtime
 from app.upstream.client import UpstreamRefused, UpstreamUnavailable
+from app.upstream.schemas import UpstreamPrediction
 
 log = logging.getLogger("vidgate.poller")
 
 MAX_BACKOFF_S = 30.0
+WRITE_BATCH = 500
+
+
+@dataclass(frozen=True)
+class Outcome:
+    prediction: Prediction
+    seen: UpstreamPrediction | None = None  # None: the call failed, back off
+    retry_after_s: float | None = None
+    expired: bool = False
 
 
 async def claim_due(runtime: Runtime, limit: int) -> list[Prediction]:
@@ -51,62 +70,6 @@ async def claim_due(runtime: Runtime, limit: int) -> list[Prediction]:
         return list(rows)
 
 
-async def poll_one(runtime: Runtime, prediction: Prediction) -> None:
-    settings = runtime.settings
-    owner = runtime.worker_id
-    now = clock.now()
-    if prediction.next_poll_at is not None:
-        metrics.POLL_LAG.observe(max((now - prediction.next_poll_at).total_seconds(), 0.0))
-    age = (now - prediction.created_at).total_seconds()
-    if age > settings.prediction_max_age_s:
-        async with transaction(runtime.sessions) as session:
-            await predictions_service.finish(
-                session,
-                runtime,
-                prediction.id,
-                lease_owner=owner,
-                status="failed",
-                outputs=None,
-                error=(
-                    f"vidgate gave up: the upstream reported no final status within "
-                    f"{int(settings.prediction_max_age_s)} s"
-                ),
-                completed_at=None,
-            )
-        return
-
-    prediction.poll_count += 1
-    try:
-        seen = await runtime.upstream.get_prediction(prediction.upstream_id or "")
-    except (UpstreamUnavailable, UpstreamRefused) as exc:
-        kind = "refused" if isinstance(exc, UpstreamRefused) else "unavailable"
-        metrics.UPSTREAM_ERRORS.labels(op="poll", kind=kind).inc()
-        retry_after = exc.retry_after_s if isinstance(exc, UpstreamUnavailable) else None
-        await _back_off(runtime, prediction, retry_after)
-        return
-    async with transaction(runtime.sessions) as session:
-        if not await predictions_service.apply_poll_result(session, runtime, prediction, seen, owner):
-            log.info("lease lost before the poll result was stored", extra={"prediction_id": prediction.id})
-
-
-async def _back_off(runtime: Runtime, prediction: Prediction, retry_after_s: float | None) -> None:
-    failures = prediction.poll_failures + 1
-    delay = min(runtime.settings.poll_interval_s * 2 ** (failures - 1), MAX_BACKOFF_S)
-    delay = max(delay, retry_after_s or 0.0) * random.uniform(0.9, 1.1)
-    async with transaction(runtime.sessions) as session:
-        await session.execute(
-            update(Prediction)
-            .where(Prediction.id == prediction.id, Prediction.lease_owner == runtime.worker_id)
-            .values(
-                next_poll_at=clock.now() + timedelta(seconds=delay),
-                poll_failures=failures,
-                poll_count=prediction.poll_count,
-                lease_owner=None,
-                lease_expires_at=None,
-            )
-        )
-
-
 async def release_leases(runtime: Runtime) -> None:
     """On shutdown: hand our leased rows back at once instead of making others wait out the lease."""
     async with transaction(runtime.sessions) as session:
@@ -117,22 +80,154 @@ async def release_leases(runtime: Runtime) -> None:
         )
 
 
-async def run_once(runtime: Runtime, semaphore: asyncio.Semaphore, tasks: set[asyncio.Task[None]]) -> int:
-    free = runtime.settings.worker_concurrency - len(tasks)
-    if free <= 0:
-        return 0
-    claimed = await claim_due(runtime, min(free, runtime.settings.poll_batch_size))
-    for prediction in claimed:
-        task = asyncio.create_task(_guarded(runtime, semaphore, prediction))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    return len(claimed)
+class Poller:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
+        self.unwritten = 0  # claimed rows whose result is not stored yet: bounds the work in flight
 
+    async def run_once(self) -> int:
+        settings = self.runtime.settings
+        free = settings.worker_concurrency - self.unwritten
+        if free <= 0:
+            return 0
+        claimed = await claim_due(self.runtime, min(free, settings.poll_batch_size))
+        self.unwritten += len(claimed)
+        for prediction in claimed:
+            task = asyncio.create_task(self._fetch(prediction))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        return len(claimed)
 
-async def _guarded(runtime: Runtime, semaphore: asyncio.Semaphore, prediction: Prediction) -> None:
-    async with semaphore:
+    async def _fetch(self, prediction: Prediction) -> None:
+        now = clock.now()
+        if prediction.next_poll_at is not None:
+            metrics.POLL_LAG.observe(max((now - prediction.next_poll_at).total_seconds(), 0.0))
+        if (now - prediction.created_at).total_seconds() > self.runtime.settings.prediction_max_age_s:
+            self.outcomes.put_nowait(Outcome(prediction, expired=True))
+            return
         try:
-            await poll_one(runtime, prediction)
+            seen = await self.runtime.upstream.get_prediction(prediction.upstream_id or "")
+        except (UpstreamUnavailable, UpstreamRefused) as exc:
+            kind = "refused" if isinstance(exc, UpstreamRefused) else "unavailable"
+            metrics.UPSTREAM_ERRORS.labels(op="poll", kind=kind).inc()
+            retry_after = exc.retry_after_s if isinstance(exc, UpstreamUnavailable) else None
+            self.outcomes.put_nowait(Outcome(prediction, retry_after_s=retry_after))
+            return
         except Exception as exc:
-            # The lease expires and another pass (here or elsewhere) retries; never lose the row.
             log.error("poll failed", extra={"prediction_id": prediction.id, "error_type": type(exc).__name__})
+            self.outcomes.put_nowait(Outcome(prediction))
+            return
+        self.outcomes.put_nowait(Outcome(prediction, seen=seen))
+
+    async def write_loop(self, stopping: asyncio.Event) -> None:
+        """Store results as they arrive, many per transaction. Runs until stopped and drained."""
+        while not (stopping.is_set() and not self.tasks and self.outcomes.empty()):
+            try:
+                first = await asyncio.wait_for(self.outcomes.get(), 0.2)
+            except TimeoutError:
+                continue
+            batch = [first]
+            while len(batch) < WRITE_BATCH and not self.outcomes.empty():
+                batch.append(self.outcomes.get_nowait())
+            try:
+                await self.write(batch)
+            except Exception as exc:
+                # Nothing is lost: the leases expire and the rows are polled again.
+                log.error("storing poll results failed", extra={"error_type": type(exc).__name__, "rows": len(batch)})
+            finally:
+                self.unwritten -= len(batch)
+
+    async def write(self, batch: list[Outcome]) -> None:
+        runtime = self.runtime
+        owner = runtime.worker_id
+        now = clock.now()
+        interval = runtime.settings.poll_interval_s
+        still = [o.prediction.id for o in batch if o.seen is not None and o.seen.status == "processing"]
+        failed = [o for o in batch if o.seen is None and not o.expired]
+        ended = [o for o in batch if o.expired or (o.seen is not None and o.seen.status != "processing")]
+        async with transaction(runtime.sessions) as session:
+            if still:
+                # Fenced on the lease: a worker that lost its lease writes nothing.
+                await session.execute(
+                    update(Prediction)
+                    .where(Prediction.id.in_(still), Prediction.lease_owner == owner, Prediction.status == "processing")
+                    .values(
+                        next_poll_at=now + timedelta(seconds=interval),
+                        poll_count=Prediction.poll_count + 1,
+                        poll_failures=0,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+            if failed:
+                table: Any = Prediction.__table__
+                await session.execute(
+                    update(table)
+                    .where(
+                        table.c.id == bindparam("pid"),
+                        table.c.lease_owner == owner,
+                        table.c.status == "processing",
+                    )
+                    .values(
+                        next_poll_at=bindparam("due"),
+                        poll_failures=table.c.poll_failures + 1,
+                        poll_count=table.c.poll_count + 1,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                    ),
+                    [{"pid": o.prediction.id, "due": now + timedelta(seconds=self._backoff_s(o))} for o in failed],
+                )
+            for outcome in ended:
+                await self._finish(session, outcome)
+
+    def _backoff_s(self, outcome: Outcome) -> float:
+        failures = outcome.prediction.poll_failures + 1
+        delay = min(self.runtime.settings.poll_interval_s * 2 ** (failures - 1), MAX_BACKOFF_S)
+        return float(max(delay, outcome.retry_after_s or 0.0) * random.uniform(0.9, 1.1))
+
+    async def _finish(self, session: AsyncSession, outcome: Outcome) -> None:
+        prediction = outcome.prediction
+        if outcome.expired:
+            max_age = int(self.runtime.settings.prediction_max_age_s)
+            await predictions_service.finish(
+                session,
+                self.runtime,
+                prediction.id,
+                lease_owner=self.runtime.worker_id,
+                status="failed",
+                outputs=None,
+                error=f"vidgate gave up: the upstream reported no final status within {max_age} s",
+                completed_at=None,
+            )
+            return
+        assert outcome.seen is not None
+        prediction.poll_count += 1
+        await predictions_service.apply_poll_result(
+            session, self.runtime, prediction, outcome.seen, self.runtime.worker_id
+        )
+
+    async def run_round(self) -> int:
+        """Claim, poll and store one round synchronously (tests and one-off tools; the worker pipelines)."""
+        claimed = await self.run_once()
+        await asyncio.gather(*self.tasks)
+        batch = []
+        while not self.outcomes.empty():
+            batch.append(self.outcomes.get_nowait())
+        try:
+            if batch:
+                await self.write(batch)
+        finally:
+            self.unwritten -= len(batch)
+        return claimed
+
+    async def drain(self, timeout_s: float) -> None:
+        """Graceful stop: let in-flight calls finish (their results are still written), then give up."""
+        if self.tasks:
+            _, pending = await asyncio.wait(set(self.tasks), timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*pending, return_exceptions=True)
