@@ -9,7 +9,13 @@ from typing import Protocol
 
 REQUIRED = ("aiohttp", "httpx")
 OPTIONAL = ("httpx-aiohttp", "aiosonic", "pyreqwest")
-_MODULES = {"aiohttp": "aiohttp", "httpx": "httpx", "httpx-aiohttp": "httpx_aiohttp", "aiosonic": "aiosonic", "pyreqwest": "pyreqwest"}
+_MODULES = {
+    "aiohttp": "aiohttp",
+    "httpx": "httpx",
+    "httpx-aiohttp": "httpx_aiohttp",
+    "aiosonic": "aiosonic",
+    "pyreqwest": "pyreqwest",
+}
 DESCRIPTIONS = {
     "aiohttp": "aiohttp ClientSession, TCPConnector(limit=concurrency)",
     "httpx": "httpx.AsyncClient with its own transport (httpcore), Limits(max_connections=concurrency)",
@@ -36,7 +42,9 @@ def version(name: str) -> str:
 
 
 class Client(Protocol):
-    async def request(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]: ...
+    async def request(
+        self, method: str, url: str, body: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, bytes]: ...
 
     async def close(self) -> None: ...
 
