@@ -87,13 +87,19 @@ def table_estimate(price_table: dict[str, dict[str, float]], model_id: str, reso
     return math.ceil(per_second * duration_s - 1e-9)
 
 
-async def estimate_cents(
+@dataclass(frozen=True)
+class Estimate:
+    cents: int
+    seen_cents: int | None  # the highest the vendor has billed for this point, if ever
+
+
+async def price_estimate(
     session: AsyncSession,
     price_table: dict[str, dict[str, float]],
     model_id: str,
     resolution: str,
     duration_s: int,
-) -> int:
+) -> Estimate:
     seen = await session.scalar(
         select(PricePoint.max_seen_cents).where(
             PricePoint.model_id == model_id,
@@ -101,7 +107,17 @@ async def estimate_cents(
             PricePoint.duration_s == duration_s,
         )
     )
-    return max(table_estimate(price_table, model_id, resolution, duration_s), seen or 0)
+    return Estimate(max(table_estimate(price_table, model_id, resolution, duration_s), seen or 0), seen)
+
+
+async def estimate_cents(
+    session: AsyncSession,
+    price_table: dict[str, dict[str, float]],
+    model_id: str,
+    resolution: str,
+    duration_s: int,
+) -> int:
+    return (await price_estimate(session, price_table, model_id, resolution, duration_s)).cents
 
 
 async def learn_price(session: AsyncSession, model_id: str, resolution: str, duration_s: int, cents: int) -> None:
@@ -173,18 +189,24 @@ async def _shift(
     spent_delta: int,
     kind: str,
     note: str | None = None,
-) -> None:
-    """Move money unconditionally (settle, release, refund) and record it."""
+) -> int:
+    """Move money unconditionally (settle, release, refund) and record it. Returns the tenant's spent
+    cents after the move, as the database computed it."""
+    spent_after = 0
     for scope in (_tenant_scope(hold.tenant_id), _key_scope(hold.api_key_id)):
-        await session.execute(
+        spent = await session.scalar(
             update(BudgetCounter)
             .where(BudgetCounter.scope == scope, BudgetCounter.period_start == hold.period_start)
             .values(
                 reserved_cents=BudgetCounter.reserved_cents + reserved_delta,
                 spent_cents=BudgetCounter.spent_cents + spent_delta,
             )
+            .returning(BudgetCounter.spent_cents)
         )
+        if scope.startswith("tenant:"):
+            spent_after = spent or 0
     _record(session, hold, kind=kind, reserved_delta=reserved_delta, spent_delta=spent_delta, note=note)
+    return spent_after
 
 
 def _record(
@@ -221,9 +243,10 @@ async def reserve(session: AsyncSession, tenant: Tenant, key: ApiKey, hold: Hold
     _record(session, hold, kind="reserve", reserved_delta=amount, spent_delta=0, note=None)
 
 
-async def settle(session: AsyncSession, hold: Hold, held: int, cost: int) -> None:
-    """Turn a hold into the vendor's real charge. A charge above the hold is still recorded: it was billed."""
-    await _shift(session, hold, reserved_delta=-held, spent_delta=cost, kind="settle")
+async def settle(session: AsyncSession, hold: Hold, held: int, cost: int) -> int:
+    """Turn a hold into the vendor's real charge. A charge above the hold is still recorded: it was billed.
+    Returns the tenant's spent cents after the charge."""
+    return await _shift(session, hold, reserved_delta=-held, spent_delta=cost, kind="settle")
 
 
 async def release(session: AsyncSession, hold: Hold, held: int, note: str) -> None:
@@ -261,21 +284,24 @@ async def _budget_exceeded(
 # ---------------------------------------------------------------- thresholds
 
 
-async def newly_crossed_thresholds(session: AsyncSession, tenant: Tenant, period_start: datetime) -> list[int]:
-    """Which of 50/80/100 % the tenant's spending has just reached, each reported once a period."""
-    if not tenant.budget_cents:
+async def newly_crossed_thresholds(
+    session: AsyncSession, tenant: Tenant, period_start: datetime, spent_before: int, spent_after: int
+) -> list[int]:
+    """Which of 50/80/100 % this charge made the tenant reach, each reported once a period.
+
+    `spent_before`/`spent_after` come from the atomic UPDATE that charged, so concurrent charges
+    each see their own step and exactly one of them crosses a given line.
+    """
+    budget = tenant.budget_cents
+    if not budget:
         return []
-    spent = await session.scalar(
-        select(BudgetCounter.spent_cents).where(
-            BudgetCounter.scope == _tenant_scope(tenant.id), BudgetCounter.period_start == period_start
-        )
-    )
-    reached = [p for p in THRESHOLDS if (spent or 0) * 100 >= p * tenant.budget_cents]
     crossed = []
-    for percent in reached:
-        row = dict(tenant_id=tenant.id, period_start=period_start, percent=percent, created_at=clock.now())
-        if await insert_ignore(session, ThresholdNotice, [row]):
-            crossed.append(percent)
+    for percent in THRESHOLDS:
+        line = percent * budget
+        if spent_before * 100 < line <= spent_after * 100:
+            row = dict(tenant_id=tenant.id, period_start=period_start, percent=percent, created_at=clock.now())
+            if await insert_ignore(session, ThresholdNotice, [row]):
+                crossed.append(percent)
     return crossed
 
 

@@ -190,7 +190,7 @@ async def submit(
             replay = await _claim_idempotency_key(session, runtime, tenant, idempotency_key, fingerprint, prediction_id)
             if replay is not None:
                 return replay
-        prediction = await _hold_and_record(session, runtime, tenant, key, model_id, request, prediction_id)
+        prediction, estimate = await _hold_and_record(session, runtime, tenant, key, model_id, request, prediction_id)
 
     try:
         submitted = await runtime.upstream.submit(model_id, request.upstream_body())
@@ -203,7 +203,7 @@ async def submit(
 
     # Transaction 2: the hold becomes the vendor's price, together with the upstream id.
     async with transaction(runtime.sessions) as session:
-        prediction = await _confirm(session, runtime, tenant, prediction, submitted)
+        prediction = await _confirm(session, runtime, tenant, prediction, estimate, submitted)
         body = present_submit(prediction, f"{status_url_base}/{prediction.id}", extended=False)
         if idempotency_key is not None:
             await session.execute(
@@ -272,7 +272,7 @@ async def _hold_and_record(
     model_id: str,
     request: GenerateRequest,
     prediction_id: str,
-) -> Prediction:
+) -> tuple[Prediction, budgets_service.Estimate]:
     settings = runtime.settings
     now = clock.now()
     resolution = request.resolution or budgets_service.DEFAULT_RESOLUTION
@@ -280,10 +280,10 @@ async def _hold_and_record(
     try:
         await budget_limits.consume_rate(session, tenant)
         await budget_limits.acquire_slot(session, tenant, retry_after_s=max(1, round(settings.poll_interval_s)))
-        estimate = await budgets_service.estimate_cents(session, settings.price_table, model_id, resolution, duration)
+        estimate = await budgets_service.price_estimate(session, settings.price_table, model_id, resolution, duration)
         period = budgets_service.period_of(tenant.budget_period, now)
         hold = budgets_service.Hold(tenant.id, key.id, prediction_id, model_id, period.start)
-        await budgets_service.reserve(session, tenant, key, hold, estimate)
+        await budgets_service.reserve(session, tenant, key, hold, estimate.cents)
     except AppError as exc:
         metrics.BUDGET_REFUSALS.labels(code=exc.code).inc()
         raise
@@ -298,7 +298,7 @@ async def _hold_and_record(
         webhook_url=request.webhook,
         webhook_events=request.webhook_events_filter,
         meta=request.metadata,
-        estimate_cents=estimate,
+        estimate_cents=estimate.cents,
         period_start=period.start,
         created_at=now,
         poll_count=0,
@@ -306,11 +306,16 @@ async def _hold_and_record(
     )
     session.add(prediction)
     await session.flush()
-    return prediction
+    return prediction, estimate
 
 
 async def _confirm(
-    session: AsyncSession, runtime: Runtime, tenant: Tenant, held: Prediction, submitted: UpstreamSubmitted
+    session: AsyncSession,
+    runtime: Runtime,
+    tenant: Tenant,
+    held: Prediction,
+    estimate: budgets_service.Estimate,
+    submitted: UpstreamSubmitted,
 ) -> Prediction:
     now = clock.now()
     delay = first_poll_delay_s(submitted.estimated_time, runtime.settings.poll_interval_s)
@@ -341,21 +346,25 @@ async def _confirm(
         await session.execute(update(Tenant).where(Tenant.id == tenant.id).values(in_flight=Tenant.in_flight + 1))
         await session.flush()
         return prediction
-    await budgets_service.settle(session, _hold(prediction), prediction.estimate_cents, submitted.cost_cents)
-    params = prediction.params
-    await budgets_service.learn_price(
-        session,
-        prediction.model_id,
-        str(params.get("resolution", budgets_service.DEFAULT_RESOLUTION)),
-        int(params.get("duration", budgets_service.DEFAULT_DURATION_S)),
-        submitted.cost_cents,
-    )
-    await _notify_thresholds(session, tenant, prediction.period_start)
+    cost = submitted.cost_cents
+    spent_after = await budgets_service.settle(session, _hold(prediction), prediction.estimate_cents, cost)
+    if estimate.seen_cents is None or cost > estimate.seen_cents:
+        params = prediction.params
+        await budgets_service.learn_price(
+            session,
+            prediction.model_id,
+            str(params.get("resolution", budgets_service.DEFAULT_RESOLUTION)),
+            int(params.get("duration", budgets_service.DEFAULT_DURATION_S)),
+            cost,
+        )
+    await _notify_thresholds(session, tenant, prediction.period_start, spent_after - cost, spent_after)
     return prediction
 
 
-async def _notify_thresholds(session: AsyncSession, tenant: Tenant, period_start: datetime) -> None:
-    crossed = await budgets_service.newly_crossed_thresholds(session, tenant, period_start)
+async def _notify_thresholds(
+    session: AsyncSession, tenant: Tenant, period_start: datetime, spent_before: int, spent_after: int
+) -> None:
+    crossed = await budgets_service.newly_crossed_thresholds(session, tenant, period_start, spent_before, spent_after)
     if crossed:
         usage = await budgets_service.tenant_usage(session, tenant)
         for percent in crossed:
