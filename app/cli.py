@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
@@ -126,7 +126,18 @@ def worker() -> None:
             await runtime.close()
             await engine.dispose()
 
-    asyncio.run(run())
+    run_loop(run())
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """uvloop where available (as uvicorn picks for the API), asyncio otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 @cli.command()
