@@ -76,6 +76,11 @@ def serve(
     import uvicorn
 
     settings = get_settings()
+    try:
+        settings.require_safe_for_production()
+    except SystemExit as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     if not settings.public_base_url:
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
         os.environ["VIDGATE_PUBLIC_BASE_URL"] = f"http://{shown}:{port}"

@@ -63,7 +63,8 @@ class Dispatcher:
 
     async def _claim(self, limit: int) -> list[WebhookDelivery]:
         now = clock.now()
-        lease = timedelta(seconds=self.runtime.settings.webhook_timeout_s + 15)
+        # The attempt itself is bounded by the timeout; the margin covers storing its outcome.
+        lease = timedelta(seconds=self.runtime.settings.webhook_timeout_s + 5)
         due = (
             select(WebhookDelivery.id)
             .where(
