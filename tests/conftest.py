@@ -58,12 +58,27 @@ async def _fresh_postgres(name: str) -> str:
     return f"postgresql+asyncpg://{PG_SERVER.split('://', 1)[1]}/{name}"
 
 
+async def _drop_postgres(name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_SERVER + "/postgres")
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(scope="session")
-async def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+async def database_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
     if TEST_DB == "postgresql":
-        return await _fresh_postgres(f"vidgate_test_{_worker_id()}")
+        # Unique per run and worker, so two test runs on one machine never drop each other's database.
+        run = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))[:12]
+        name = f"vidgate_test_{run}_{_worker_id()}"
+        yield await _fresh_postgres(name)
+        await _drop_postgres(name)
+        return
     path = Path(tmp_path_factory.mktemp("db")) / "vidgate.db"
-    return f"sqlite+aiosqlite:///{path}"
+    yield f"sqlite+aiosqlite:///{path}"
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +99,7 @@ async def simulator() -> AsyncIterator[tuple[str, SimState]]:
 @pytest.fixture
 def sim(simulator: tuple[str, SimState]) -> SimState:
     """The simulator's state, reset for this test."""
-    url, state = simulator
+    _url, state = simulator
     state.config = SimConfig(completion_s=0.3, estimated_time="0-1s")
     state.faults = Faults()
     state.predictions.clear()

@@ -27,7 +27,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from app.core import clock
 from app.core.database import create_sessionmaker, transaction
 from app.core.ids import new_id
-from app.predictions import poller
+from app.predictions import service as predictions_service
 from app.runtime import Runtime, build_runtime
 from app.tenants.service import new_webhook_secret
 from app.upstream.simulator import SimState
@@ -413,6 +413,37 @@ async def test_budget_threshold_events_once_per_period(
     assert {e["spentCents"] for e in again} == {18}
 
 
+@pytest.mark.parametrize("settings_overrides", [fast(keep_failed_charge=False)])
+async def test_budget_threshold_not_repeated_when_spend_dips_and_recrosses(
+    live_api: Api, worker: Any, sim: SimState, receiver_factory: Any, settings_overrides: dict[str, Any]
+) -> None:
+    receiver: Receiver = await receiver_factory()
+    sink: Receiver = await receiver_factory()
+    tenant = await live_api.tenant(budgetCents=20, webhookUrl=receiver.url)
+
+    async def threshold_rows() -> list[dict[str, Any]]:
+        return [d for d in await deliveries(tenant, limit="100") if d["eventType"] == "budget.threshold"]
+
+    await submit(tenant, webhook=sink.url)
+    sim.config.failure_ratio = 1.0
+    doomed = await submit(tenant, webhook=sink.url)  # 18 of 20: 50 and 80 are reached
+    sim.config.failure_ratio = 0.0
+    assert len(await threshold_rows()) == 2
+    assert (await wait_terminal(tenant, doomed["id"]))["status"] == "failed"
+    assert (await tenant.get("/api/v1/usage")).json()["spentCents"] == 9  # refunded: back under 50 %
+
+    await submit(tenant, webhook=sink.url)  # 18 of 20 again, in the same period
+    assert len(await threshold_rows()) == 2
+    percents = sorted(
+        [verify(tenant.data["webhookSecret"], await receiver.next())["data"]["percent"] for _ in range(2)]
+    )
+    assert percents == [50, 80]
+    for _ in range(3):
+        await sink.next()
+    assert len(await threshold_rows()) == 2
+    assert len(receiver.received) == 2
+
+
 # ---------------------------------------------------------------- secret rotation
 
 
@@ -494,6 +525,8 @@ async def test_always_failing_receiver_goes_dead_and_operator_redelivers(
     assert dead["nextAttemptAt"] is None
     assert len(receiver.received) == len(schedule)
     assert {header(r, "webhook-id") for r in receiver.received} == {row["id"]}
+    for attempt in receiver.received:
+        verify(tenant.data["webhookSecret"], attempt)
 
     listed = await live_api.admin("GET", "/admin/v1/webhook-deliveries", params={"status": "dead"})
     assert listed.status_code == 200
@@ -539,6 +572,7 @@ async def test_redirect_is_a_failure_and_is_not_followed(
     assert dead["deliveredAt"] is None
     assert [a["statusCode"] for a in dead["attemptLog"]] == [status]
     assert len(receiver.received) == 1
+    verify(tenant.data["webhookSecret"], receiver.received[0])
     assert trap.requests == []
 
 
@@ -556,6 +590,7 @@ async def test_410_gone_kills_the_delivery_and_disables_the_endpoint(
     shown = (await live_api.admin("GET", f"/admin/v1/tenants/{tenant.id}")).json()
     assert shown["webhookDisabledAt"] is not None
     assert shown["webhookUrl"] == receiver.url
+    verify(tenant.data["webhookSecret"], receiver.received[0])
 
     # While disabled, events are not queued for the endpoint at all.
     second = await submit(tenant)
@@ -601,6 +636,7 @@ async def test_429_retry_after_is_honoured(
     # The schedule alone would retry 0.2 s later.
     assert wait >= at_least_s, f"retry planned {wait:.1f} s after a 429 with Retry-After: {value}"
     assert len(receiver.received) == 1
+    verify(tenant.data["webhookSecret"], receiver.received[0])
 
 
 # ---------------------------------------------------------------- isolation between endpoints
@@ -608,7 +644,7 @@ async def test_429_retry_after_is_honoured(
 
 @pytest.mark.parametrize(
     "settings_overrides",
-    [fast(webhook_timeout_s=1.5, webhook_per_endpoint_concurrency=4, webhook_retry_schedule_s=[0, 60])],
+    [fast(webhook_timeout_s=3.0, webhook_per_endpoint_concurrency=4, webhook_retry_schedule_s=[0, 60])],
 )
 async def test_slow_receiver_neither_blocks_others_nor_exceeds_its_cap(
     live_api: Api,
@@ -619,7 +655,8 @@ async def test_slow_receiver_neither_blocks_others_nor_exceeds_its_cap(
     settings_overrides: dict[str, Any],
 ) -> None:
     cap = settings_overrides["webhook_per_endpoint_concurrency"]
-    slow: Server = await server_factory(delay_s=30.0)  # far past the timeout; freed when the client hangs up
+    # Holds every request far past the timeout, until the test releases it or the client hangs up.
+    slow: Server = await server_factory(delay_s=60.0)
     fast_receiver: Receiver = await receiver_factory()
     slow_tenant = await live_api.tenant(name="slow", webhookUrl=slow.url)
     fast_tenant = await live_api.tenant(name="fast", webhookUrl=fast_receiver.url)
@@ -633,28 +670,42 @@ async def test_slow_receiver_neither_blocks_others_nor_exceeds_its_cap(
     )
     slow_ids = inserted[:8]
 
+    async def slow_attempts() -> list[int]:
+        return [(await db_row(rt, i)).attempts for i in slow_ids]
+
     seen = set()
     for _ in range(8):
         seen.add(header(await fast_receiver.next(timeout=10), "webhook-id"))
-    assert len(seen) == 8
-    # All eight fast events arrived before even the first slow request timed out.
-    slow_rows = [await db_row(rt, i) for i in slow_ids]
-    assert [r.attempts for r in slow_rows] == [0] * 8, "fast deliveries waited behind a slow timeout"
-    assert len(slow.requests) <= cap
+    assert seen == set(inserted[8:])
+    # All eight fast events arrived before even the first slow request timed out...
+    assert await slow_attempts() == [0] * 8, "fast deliveries waited behind a slow timeout"
+    # ...while the slow endpoint held as many requests as its cap allows, and no more.
+    assert len(slow.requests) == cap
+    assert slow.open_now == cap
     for item in fast_receiver.received:
         verify(fast_tenant.data["webhookSecret"], item)
 
-    async def all_slow_timed_out() -> bool:
-        return all([(await db_row(rt, i)).attempts == 1 for i in slow_ids])
+    async def first_batch_timed_out() -> bool:
+        return sorted(await slow_attempts()) == [0] * (8 - cap) + [1] * cap and slow.open_now == cap
 
-    await eventually(all_slow_timed_out, timeout=20, what="every slow delivery to time out once")
-    assert len(slow.requests) == 8
-    assert slow.max_open == cap, f"{slow.max_open} requests open at once on one endpoint, cap {cap}"
-    for delivery_id in slow_ids:
+    await eventually(first_batch_timed_out, timeout=20, what="the first slow batch to time out, the next to start")
+    assert len(slow.requests) == 2 * cap
+    timed_out = [i for i in slow_ids if (await db_row(rt, i)).attempts == 1]
+    for delivery_id in timed_out:
         row = await db_row(rt, delivery_id)
         assert row.status == "pending"
         assert row.last_status_code is None
         assert (row.last_error or "").startswith("timed out"), row.last_error
+
+    slow.release.set()  # the receiver recovers: the held requests are answered 204
+
+    async def rest_succeeded() -> bool:
+        rows = [await db_row(rt, i) for i in slow_ids if i not in timed_out]
+        return all(r.status == "succeeded" for r in rows)
+
+    await eventually(rest_succeeded, what="the held slow deliveries to succeed")
+    assert slow.max_open == cap, f"{slow.max_open} requests open at once on one endpoint, cap {cap}"
+    assert len(slow.requests) == 8
 
 
 # ---------------------------------------------------------------- crash safety
@@ -674,17 +725,21 @@ async def test_outbox_row_committed_with_terminal_state_is_delivered_by_a_fresh_
     pred = await submit(tenant, metadata={"crash": True})
     rt = live_api.runtime
 
-    # Only the poller runs (no dispatcher): it makes the prediction terminal, then "the process dies".
-    tasks: set[asyncio.Task[None]] = set()
-    semaphore = asyncio.Semaphore(4)
-
-    async def polled_to_terminal() -> bool:
-        await poller.run_once(rt, semaphore, tasks)
-        if tasks:
-            await asyncio.gather(*tasks)
-        return (await prediction(tenant, pred["id"]))["status"] == "completed"
-
-    await eventually(polled_to_terminal, what="poller to complete the prediction")
+    # The prediction becomes terminal while no worker runs: the outbox row is committed with the state
+    # change, and nothing delivers it (as if the process died right after the commit).
+    async with transaction(rt.sessions) as session:
+        done = await predictions_service.finish(
+            session,
+            rt,
+            pred["id"],
+            lease_owner=None,
+            status="completed",
+            outputs=["https://cdn.example.com/out.mp4"],
+            error=None,
+            completed_at=None,
+        )
+        assert done is not None
+    assert (await prediction(tenant, pred["id"]))["status"] == "completed"
     row = await only_delivery(tenant)
     assert row["status"] == "pending"
     assert row["attempts"] == 0

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, ThresholdNotice
@@ -160,25 +160,44 @@ async def _ensure_counters(session: AsyncSession, scopes: list[str], period_star
     )
 
 
-async def _hold_within(
-    session: AsyncSession, scope: str, period_start: datetime, amount: int, limit: ColumnElement[Any]
-) -> bool:
-    """Add `amount` to the scope's reservations only if spent + reserved stays within its limit.
+def _scopes(tenant: Tenant, key: ApiKey) -> dict[str, ColumnElement[Any]]:
+    """The counters a hold must fit in, each with its limit as a subquery on the owning row.
 
-    The limit is a subquery on the tenant or key row, so the check and the increment are one
-    statement the database serializes on the counter row: concurrent requests cannot both pass.
+    A key has a counter only if it carries a budget of its own (set when the key is created), so the
+    common request touches one counter row: the tenant's.
     """
-    result = await session.execute(
-        update(BudgetCounter)
-        .where(
+    scopes: dict[str, ColumnElement[Any]] = {
+        _tenant_scope(tenant.id): select(Tenant.budget_cents).where(Tenant.id == tenant.id).scalar_subquery()
+    }
+    if key.budget_cents is not None:
+        scopes[_key_scope(key.id)] = select(ApiKey.budget_cents).where(ApiKey.id == key.id).scalar_subquery()
+    return scopes
+
+
+async def _hold_within(
+    session: AsyncSession, scopes: dict[str, ColumnElement[Any]], period_start: datetime, amount: int
+) -> set[str]:
+    """Add `amount` to the reservations of every scope whose spent + reserved stays within its limit;
+    returns the scopes that took it.
+
+    One conditional UPDATE: the database checks and increments each counter row atomically, so
+    concurrent requests on any number of replicas cannot both pass the last free cents.
+    """
+    fits = [
+        and_(
             BudgetCounter.scope == scope,
-            BudgetCounter.period_start == period_start,
             or_(limit.is_(None), BudgetCounter.spent_cents + BudgetCounter.reserved_cents + amount <= limit),
         )
+        for scope, limit in scopes.items()
+    ]
+    rows = await session.scalars(
+        update(BudgetCounter)
+        .where(BudgetCounter.period_start == period_start, or_(*fits))
         .values(reserved_cents=BudgetCounter.reserved_cents + amount)
         .returning(BudgetCounter.scope)
+        .execution_options(synchronize_session=False)
     )
-    return result.first() is not None
+    return set(rows)
 
 
 async def _shift(
@@ -191,22 +210,28 @@ async def _shift(
     note: str | None = None,
 ) -> int:
     """Move money unconditionally (settle, release, refund) and record it. Returns the tenant's spent
-    cents after the move, as the database computed it."""
-    spent_after = 0
-    for scope in (_tenant_scope(hold.tenant_id), _key_scope(hold.api_key_id)):
-        spent = await session.scalar(
-            update(BudgetCounter)
-            .where(BudgetCounter.scope == scope, BudgetCounter.period_start == hold.period_start)
-            .values(
-                reserved_cents=BudgetCounter.reserved_cents + reserved_delta,
-                spent_cents=BudgetCounter.spent_cents + spent_delta,
-            )
-            .returning(BudgetCounter.spent_cents)
-        )
-        if scope.startswith("tenant:"):
-            spent_after = spent or 0
+    cents after the move, as the database computed it.
+
+    The ledger row is flushed first so that the counter rows, which concurrent requests of the tenant
+    wait for, stay locked only for the UPDATE and the COMMIT.
+    """
     _record(session, hold, kind=kind, reserved_delta=reserved_delta, spent_delta=spent_delta, note=note)
-    return spent_after
+    await session.flush()
+    tenant_scope = _tenant_scope(hold.tenant_id)
+    rows = await session.execute(
+        update(BudgetCounter)
+        .where(
+            BudgetCounter.scope.in_((tenant_scope, _key_scope(hold.api_key_id))),
+            BudgetCounter.period_start == hold.period_start,
+        )
+        .values(
+            reserved_cents=BudgetCounter.reserved_cents + reserved_delta,
+            spent_cents=BudgetCounter.spent_cents + spent_delta,
+        )
+        .returning(BudgetCounter.scope, BudgetCounter.spent_cents)
+        .execution_options(synchronize_session=False)
+    )
+    return next((spent for scope, spent in rows if scope == tenant_scope), 0)
 
 
 def _record(
@@ -229,18 +254,24 @@ def _record(
 
 
 async def reserve(session: AsyncSession, tenant: Tenant, key: ApiKey, hold: Hold, amount: int) -> None:
-    """Place a hold of `amount` cents for a prediction, or raise BudgetExceeded and change nothing."""
-    tenant_limit = select(Tenant.budget_cents).where(Tenant.id == tenant.id).scalar_subquery()
-    key_limit = select(ApiKey.budget_cents).where(ApiKey.id == key.id).scalar_subquery()
-    checks = ((_tenant_scope(tenant.id), tenant_limit), (_key_scope(key.id), key_limit))
-    for scope, limit in checks:
-        if await _hold_within(session, scope, hold.period_start, amount, limit):
-            continue
-        await _ensure_counters(session, [scope], hold.period_start)
-        if not await _hold_within(session, scope, hold.period_start, amount, limit):
-            # Raising rolls back the whole transaction, including a hold already taken on the other scope.
-            raise await _budget_exceeded(session, tenant, key, scope, hold.period_start, amount)
+    """Place a hold of `amount` cents for a prediction, or raise BudgetExceeded.
+
+    Call it last in the transaction: from here to COMMIT the tenant's counter row is locked.
+    Raising rolls back the whole transaction, including a hold already taken on another scope.
+    """
     _record(session, hold, kind="reserve", reserved_delta=amount, spent_delta=0, note=None)
+    await session.flush()
+    scopes = _scopes(tenant, key)
+    missing = scopes.keys() - await _hold_within(session, scopes, hold.period_start, amount)
+    if missing:
+        # Most likely the period's counter does not exist yet: create it and try those scopes again.
+        await _ensure_counters(session, sorted(missing), hold.period_start)
+        retry = {scope: scopes[scope] for scope in missing}
+        missing -= await _hold_within(session, retry, hold.period_start, amount)
+    if missing:
+        tenant_scope = _tenant_scope(tenant.id)
+        scope = tenant_scope if tenant_scope in missing else next(iter(missing))
+        raise await _budget_exceeded(session, tenant, key, scope, hold.period_start, amount)
 
 
 async def settle(session: AsyncSession, hold: Hold, held: int, cost: int) -> int:
@@ -401,15 +432,18 @@ class Mismatch:
 async def verify_ledger(session: AsyncSession) -> list[Mismatch]:
     """Recompute every counter from the ledger; any difference is a bug worth waking someone for."""
     sums: dict[tuple[str, datetime], tuple[int, int]] = {}
+    budgeted_keys = select(ApiKey.id).where(ApiKey.budget_cents.is_not(None))
     for column, scope_of in ((LedgerEntry.tenant_id, _tenant_scope), (LedgerEntry.api_key_id, _key_scope)):
-        rows = await session.execute(
-            select(
-                column,
-                LedgerEntry.period_start,
-                func.sum(LedgerEntry.spent_delta),
-                func.sum(LedgerEntry.reserved_delta),
-            ).group_by(column, LedgerEntry.period_start)
-        )
+        query = select(
+            column,
+            LedgerEntry.period_start,
+            func.sum(LedgerEntry.spent_delta),
+            func.sum(LedgerEntry.reserved_delta),
+        ).group_by(column, LedgerEntry.period_start)
+        if column is LedgerEntry.api_key_id:
+            # Only keys with a budget of their own keep a counter.
+            query = query.where(LedgerEntry.api_key_id.in_(budgeted_keys))
+        rows = await session.execute(query)
         for owner, period_start, spent, reserved in rows:
             if owner is not None:
                 sums[(scope_of(owner), period_start)] = (int(spent), int(reserved))

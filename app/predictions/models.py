@@ -34,6 +34,8 @@ class Prediction(Base):
     error: Mapped[str | None] = mapped_column(Text)
     estimated_time: Mapped[str | None] = mapped_column(String(40))
     estimate_cents: Mapped[int]
+    # Counted in the tenant's in_flight (only while the tenant has a maxConcurrent).
+    holds_slot: Mapped[bool] = mapped_column(default=False)
     charged_cents: Mapped[int | None]
     period_start: Mapped[datetime]
     created_at: Mapped[datetime] = mapped_column(default=clock.now)

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets import limits as budget_limits
@@ -277,35 +277,39 @@ async def _hold_and_record(
     now = clock.now()
     resolution = request.resolution or budgets_service.DEFAULT_RESOLUTION
     duration = request.duration or budgets_service.DEFAULT_DURATION_S
+    period = budgets_service.period_of(tenant.budget_period, now)
     try:
         await budget_limits.consume_rate(session, tenant)
-        await budget_limits.acquire_slot(session, tenant, retry_after_s=max(1, round(settings.poll_interval_s)))
         estimate = await budgets_service.price_estimate(session, settings.price_table, model_id, resolution, duration)
-        period = budgets_service.period_of(tenant.budget_period, now)
+        prediction = Prediction(
+            id=prediction_id,
+            tenant_id=tenant.id,
+            api_key_id=key.id,
+            model_id=model_id,
+            model_name=MODEL_NAMES.get(model_id, model_id),
+            status="submitting",
+            params=request.upstream_body(),
+            webhook_url=request.webhook,
+            webhook_events=request.webhook_events_filter,
+            meta=request.metadata,
+            estimate_cents=estimate.cents,
+            holds_slot=tenant.max_concurrent is not None,
+            period_start=period.start,
+            created_at=now,
+            poll_count=0,
+            poll_failures=0,
+        )
+        session.add(prediction)
+        await session.flush()
+        # The contended rows (the tenant's slot count, its budget counter) are locked last, so they
+        # stay locked only for these statements and the COMMIT.
+        if prediction.holds_slot:
+            await budget_limits.acquire_slot(session, tenant, retry_after_s=max(1, round(settings.poll_interval_s)))
         hold = budgets_service.Hold(tenant.id, key.id, prediction_id, model_id, period.start)
         await budgets_service.reserve(session, tenant, key, hold, estimate.cents)
     except AppError as exc:
         metrics.BUDGET_REFUSALS.labels(code=exc.code).inc()
         raise
-    prediction = Prediction(
-        id=prediction_id,
-        tenant_id=tenant.id,
-        api_key_id=key.id,
-        model_id=model_id,
-        model_name=MODEL_NAMES.get(model_id, model_id),
-        status="submitting",
-        params=request.upstream_body(),
-        webhook_url=request.webhook,
-        webhook_events=request.webhook_events_filter,
-        meta=request.metadata,
-        estimate_cents=estimate.cents,
-        period_start=period.start,
-        created_at=now,
-        poll_count=0,
-        poll_failures=0,
-    )
-    session.add(prediction)
-    await session.flush()
     return prediction, estimate
 
 
@@ -343,7 +347,8 @@ async def _confirm(
         prediction.charged_cents = submitted.cost_cents
         prediction.status = "processing"
         prediction.next_poll_at = now + timedelta(seconds=delay)
-        await session.execute(update(Tenant).where(Tenant.id == tenant.id).values(in_flight=Tenant.in_flight + 1))
+        if prediction.holds_slot:
+            await session.execute(update(Tenant).where(Tenant.id == tenant.id).values(in_flight=Tenant.in_flight + 1))
         await session.flush()
         return prediction
     cost = submitted.cost_cents
@@ -382,7 +387,8 @@ async def _abandon(session: AsyncSession, held: Prediction, *, reason: str) -> b
     if result.first() is None:
         return False
     await budgets_service.release(session, _hold(held), held.estimate_cents, note=reason[:200])
-    await budget_limits.release_slot(session, held.tenant_id)
+    if held.holds_slot:
+        await budget_limits.release_slot(session, held.tenant_id)
     return True
 
 
@@ -402,6 +408,17 @@ def _upstream_problem(exc: UpstreamRefused | UpstreamUnavailable) -> AppError:
         f"The video provider could not be reached ({exc.reason}). Nothing was charged; retry later.",
         headers={"Retry-After": str(retry)},
     )
+
+
+async def start_counting_slots(session: AsyncSession, tenant: Tenant) -> None:
+    """A tenant just got a maxConcurrent: its predictions already in flight take their slots now."""
+    in_flight = (Prediction.tenant_id == tenant.id, Prediction.status.in_(("submitting", "processing")))
+    await session.execute(
+        update(Prediction).where(*in_flight).values(holds_slot=True).execution_options(synchronize_session=False)
+    )
+    count = await session.scalar(select(func.count()).select_from(Prediction).where(*in_flight))
+    tenant.in_flight = count or 0
+    await session.flush()
 
 
 # ---------------------------------------------------------------- reads
@@ -484,7 +501,8 @@ async def finish(
     )
     if prediction is None:
         return None
-    await budget_limits.release_slot(session, prediction.tenant_id)
+    if prediction.holds_slot:
+        await budget_limits.release_slot(session, prediction.tenant_id)
     if status == "failed" and not runtime.settings.keep_failed_charge and prediction.charged_cents:
         await budgets_service.refund(session, _hold(prediction), prediction.charged_cents, note="failed prediction")
         prediction.charged_cents = 0

@@ -8,7 +8,8 @@ import logging
 import random
 import time
 from collections import Counter
-from datetime import timedelta
+from datetime import UTC, timedelta
+from email.utils import parsedate_to_datetime
 
 import aiohttp
 from sqlalchemy import select, update
@@ -230,7 +231,17 @@ class Dispatcher:
 
 
 def _seconds(value: str | None) -> float | None:
-    try:
-        return max(float(value), 0.0) if value else None
-    except ValueError:
+    """Retry-After is either delta-seconds or an HTTP-date (RFC 9110 section 10.2.3)."""
+    if not value:
         return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max((moment - clock.now()).total_seconds(), 0.0)

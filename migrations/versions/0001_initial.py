@@ -165,6 +165,7 @@ def upgrade() -> None:
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("estimated_time", sa.String(length=40), nullable=True),
         sa.Column("estimate_cents", sa.Integer(), nullable=False),
+        sa.Column("holds_slot", sa.Boolean(), nullable=False),
         sa.Column("charged_cents", sa.Integer(), nullable=True),
         sa.Column("period_start", sa.DateTime(timezone=True), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -195,9 +196,7 @@ def upgrade() -> None:
         sa.Column("error", sa.String(length=500), nullable=True),
         sa.Column("worker", sa.String(length=80), nullable=True),
         sa.ForeignKeyConstraint(
-            ["delivery_id"],
-            ["webhook_deliveries.id"],
-            name=op.f("fk_webhook_attempts_delivery_id_webhook_deliveries"),
+            ["delivery_id"], ["webhook_deliveries.id"], name=op.f("fk_webhook_attempts_delivery_id_webhook_deliveries")
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_webhook_attempts")),
     )
