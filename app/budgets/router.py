@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from app.budgets import service as budgets_service
 from app.budgets.schemas import UsageOut
 from app.core.deps import ReadSessionDep
-from app.tenants.deps import CallerDep
+from app.tenants.deps import ReaderDep
 
 router = APIRouter(prefix="/api/v1", tags=["usage"])
 
@@ -25,5 +25,5 @@ def present_usage(usage: budgets_service.Usage) -> dict[str, Any]:
 
 
 @router.get("/usage", response_model=UsageOut, summary="This period's budget and spending")
-async def usage(session: ReadSessionDep, caller: CallerDep) -> dict[str, Any]:
+async def usage(session: ReadSessionDep, caller: ReaderDep) -> dict[str, Any]:
     return present_usage(await budgets_service.tenant_usage(session, caller.tenant))

@@ -10,7 +10,7 @@ from app.core.errors import InvalidRequest
 from app.core.responses import json_response
 from app.predictions import service as predictions_service
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, SubmitOut
-from app.tenants.deps import CallerDep
+from app.tenants.deps import CallerDep, ReaderDep
 
 router = APIRouter(prefix="/api/v1", tags=["predictions"])
 
@@ -68,7 +68,7 @@ async def generate(
 
 @router.get("/predictions/{predictionId}", response_model=PredictionOut, summary="Get a prediction")
 async def get_prediction(
-    session: ReadSessionDep, caller: CallerDep, prediction_id: Annotated[str, Path(alias="predictionId")]
+    session: ReadSessionDep, caller: ReaderDep, prediction_id: Annotated[str, Path(alias="predictionId")]
 ) -> Response:
     prediction = await predictions_service.get_for_tenant(session, caller.tenant.id, prediction_id)
     return json_response(predictions_service.present(prediction))
@@ -77,7 +77,7 @@ async def get_prediction(
 @router.get("/predictions", response_model=PredictionList, summary="List your predictions, newest first")
 async def list_predictions(
     session: ReadSessionDep,
-    caller: CallerDep,
+    caller: ReaderDep,
     status: Annotated[str | None, Query(pattern="^(processing|completed|failed)$")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=64)] = None,

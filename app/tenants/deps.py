@@ -7,9 +7,10 @@ from typing import Annotated
 
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.database import transaction
-from app.core.deps import RuntimeDep
+from app.core.deps import ReadSessionDep, RuntimeDep
 from app.core.errors import Unauthorized
 from app.core.logging import tenant_id_var
 from app.tenants import service as tenants_service
@@ -24,15 +25,27 @@ class Caller:
     key: ApiKey
 
 
-async def current_caller(
-    runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> Caller:
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+async def _authenticate(session: AsyncSession, credentials: HTTPAuthorizationCredentials | None) -> Caller:
     if credentials is None:
         raise Unauthorized("Send your API key as 'Authorization: Bearer vg_...'.")
-    async with transaction(runtime.sessions, readonly=True) as session:
-        tenant, key = await tenants_service.authenticate(session, credentials.credentials)
+    tenant, key = await tenants_service.authenticate(session, credentials.credentials)
     tenant_id_var.set(tenant.id)
     return Caller(tenant, key)
 
 
+async def current_caller(runtime: RuntimeDep, credentials: Credentials) -> Caller:
+    """For routes that do slow work (submit): the key check is its own short transaction."""
+    async with transaction(runtime.sessions, readonly=True) as session:
+        return await _authenticate(session, credentials)
+
+
+async def current_reader(session: ReadSessionDep, credentials: Credentials) -> Caller:
+    """For read routes: the key check shares the request's read transaction (one round trip less)."""
+    return await _authenticate(session, credentials)
+
+
 CallerDep = Annotated[Caller, Depends(current_caller)]
+ReaderDep = Annotated[Caller, Depends(current_reader)]

@@ -5,7 +5,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 
 from app.core.deps import ReadSessionDep
-from app.tenants.deps import CallerDep
+from app.tenants.deps import ReaderDep
 from app.webhooks import service as webhooks_service
 from app.webhooks.schemas import DeliveryDetail, DeliveryList
 
@@ -34,7 +34,7 @@ async def detail(session: ReadSessionDep, delivery_id: str, tenant_id: str | Non
 @router.get("/webhook-deliveries", response_model=DeliveryList, summary="Your webhook deliveries, newest first")
 async def list_own(
     session: ReadSessionDep,
-    caller: CallerDep,
+    caller: ReaderDep,
     status: StatusQuery = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
@@ -47,6 +47,6 @@ async def list_own(
 
 @router.get("/webhook-deliveries/{deliveryId}", response_model=DeliveryDetail, summary="One delivery and its attempts")
 async def get_own(
-    session: ReadSessionDep, caller: CallerDep, delivery_id: Annotated[str, Path(alias="deliveryId")]
+    session: ReadSessionDep, caller: ReaderDep, delivery_id: Annotated[str, Path(alias="deliveryId")]
 ) -> dict[str, Any]:
     return await detail(session, delivery_id, caller.tenant.id)
