@@ -42,12 +42,13 @@ class Worker:
     async def run(self) -> None:
         log.info("worker started", extra={"worker_id": self.runtime.worker_id})
         writer = asyncio.create_task(self.poller.write_loop(self.stopping))
+        recorder = asyncio.create_task(self.dispatcher.write_loop(self.stopping))
         await asyncio.gather(
             self._loop(self.poller.run_once, IDLE_POLL_S),
             self._loop(self.dispatcher.run_once, IDLE_DISPATCH_S),
             self._loop(self.housekeeping, HOUSEKEEPING_S, always_sleep=True),
         )
-        await self._drain(writer)
+        await self._drain(writer, recorder)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -70,18 +71,26 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), idle_s_now)
 
-    async def _drain(self, writer: asyncio.Task[None]) -> None:
+    async def _drain(self, writer: asyncio.Task[None], recorder: asyncio.Task[None]) -> None:
         """Graceful stop: let in-flight polls and deliveries finish and be stored, then hand back every
         lease still held, so other processes need not wait for it to expire."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_GRACE_S
+
+        def left() -> float:
+            return max(deadline - loop.time(), 0.5)
+
         deliveries = set(self.dispatcher.tasks)
-        await self.poller.drain(SHUTDOWN_GRACE_S)
+        await self.poller.drain(left())
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer, SHUTDOWN_GRACE_S)
+            await asyncio.wait_for(writer, left())
         if deliveries:
-            _, still_running = await asyncio.wait(deliveries, timeout=SHUTDOWN_GRACE_S)
+            _, still_running = await asyncio.wait(deliveries, timeout=left())
             for task in still_running:
                 task.cancel()
             await asyncio.gather(*still_running, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(recorder, left())
         with contextlib.suppress(Exception):
             await poller.release_leases(self.runtime)
             await self.dispatcher.release_leases()

@@ -8,7 +8,8 @@ import logging
 import random
 import time
 from collections import Counter
-from datetime import UTC, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 
 import aiohttp
@@ -28,10 +29,24 @@ log = logging.getLogger("vidgate.webhooks")
 USER_AGENT = "vidgate-webhooks/1"
 
 
+WRITE_BATCH = 500
+
+
+@dataclass(frozen=True)
+class Attempt:
+    delivery: WebhookDelivery
+    at: datetime
+    status: int | None
+    error: str | None
+    retry_after_s: float | None
+    latency_ms: int
+
+
 class Dispatcher:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.tasks: set[asyncio.Task[None]] = set()
+        self.attempts: asyncio.Queue[Attempt] = asyncio.Queue()
         self.busy_hosts: Counter[str] = Counter()
 
     def _saturated(self) -> list[str]:
@@ -106,16 +121,38 @@ class Dispatcher:
     async def _deliver(self, delivery: WebhookDelivery, secrets: list[str]) -> None:
         try:
             status, error, retry_after, latency_ms = await self._post(delivery, secrets)
-            await self._record(delivery, status, error, retry_after, latency_ms)
-        except Exception as exc:
-            log.error(
-                "delivery bookkeeping failed",
-                extra={"delivery_id": delivery.id, "error_type": type(exc).__name__},
-            )
+            self.attempts.put_nowait(Attempt(delivery, clock.now(), status, error, retry_after, latency_ms))
         finally:
             self.busy_hosts[delivery.target_host] -= 1
             if self.busy_hosts[delivery.target_host] <= 0:
                 del self.busy_hosts[delivery.target_host]
+
+    async def write_loop(self, stopping: asyncio.Event) -> None:
+        """Record attempts as they finish, many per transaction. Runs until stopped and drained."""
+        while not (stopping.is_set() and not self.tasks and self.attempts.empty()):
+            try:
+                first = await asyncio.wait_for(self.attempts.get(), 0.2)
+            except TimeoutError:
+                continue
+            batch = [first]
+            while len(batch) < WRITE_BATCH and not self.attempts.empty():
+                batch.append(self.attempts.get_nowait())
+            try:
+                await self.record(batch)
+            except Exception as exc:
+                # The leases expire and the deliveries are attempted again: at least once, never lost.
+                log.error("recording webhook attempts failed", extra={"error_type": type(exc).__name__})
+
+    async def run_round(self) -> int:
+        """Claim, deliver and record one round synchronously (tests and one-off tools)."""
+        started = await self.run_once()
+        await asyncio.gather(*self.tasks)
+        batch = []
+        while not self.attempts.empty():
+            batch.append(self.attempts.get_nowait())
+        if batch:
+            await self.record(batch)
+        return started
 
     async def _post(
         self, delivery: WebhookDelivery, secrets: list[str]
@@ -152,6 +189,77 @@ class Dispatcher:
             error = f"request failed ({type(exc).__name__})"
         return status, error, retry_after, int((time.perf_counter() - started) * 1000)
 
+    def _next_state(self, attempt: Attempt) -> tuple[str, dict[str, object]]:
+        """What one attempt's answer means for its delivery: the outcome and the row's new values."""
+        settings = self.runtime.settings
+        delivery, status, now = attempt.delivery, attempt.status, attempt.at
+        attempts = delivery.attempts + 1
+        values: dict[str, object] = dict(
+            attempts=attempts,
+            last_status_code=status,
+            last_error=attempt.error if status is None else None,
+            lease_owner=None,
+            lease_expires_at=None,
+            status="pending",
+            delivered_at=None,
+            next_attempt_at=None,
+        )
+        if status is not None and 200 <= status < 300:
+            values.update(status="succeeded", delivered_at=now)
+            return "succeeded", values
+        if status is not None:
+            values["last_error"] = f"receiver answered {status}"
+        if status == 410:
+            values.update(status="dead", last_error="receiver answered 410 Gone; endpoint disabled")
+            return "gone", values
+        if attempts >= len(settings.webhook_retry_schedule_s):
+            values.update(status="dead")
+            return "dead", values
+        delay = settings.webhook_retry_schedule_s[attempts] * random.uniform(0.9, 1.1)
+        if status in (429, 503) and attempt.retry_after_s is not None:
+            delay = max(delay, attempt.retry_after_s)
+        values.update(next_attempt_at=now + timedelta(seconds=delay))
+        return "failed", values
+
+    async def record(self, batch: list[Attempt]) -> None:
+        """Store a batch of attempts in one transaction, each fenced on our lease: a worker whose lease
+        was taken over records nothing, and the new holder records its own attempt."""
+        owner = self.runtime.worker_id
+        async with transaction(self.runtime.sessions) as session:
+            for attempt in batch:
+                delivery = attempt.delivery
+                outcome, values = self._next_state(attempt)
+                stored = await session.scalar(
+                    update(WebhookDelivery)
+                    .where(WebhookDelivery.id == delivery.id, WebhookDelivery.lease_owner == owner)
+                    .values(**values)
+                    .returning(WebhookDelivery.id)
+                    .execution_options(synchronize_session=False)
+                )
+                if stored is None:
+                    continue
+                metrics.WEBHOOK_ATTEMPTS.labels(outcome=outcome).inc()
+                if outcome == "succeeded":
+                    metrics.NOTIFICATION_LAG.observe(max((attempt.at - delivery.created_at).total_seconds(), 0.0))
+                error = values["last_error"]
+                session.add(
+                    WebhookAttempt(
+                        delivery_id=delivery.id,
+                        attempted_at=attempt.at,
+                        status_code=attempt.status,
+                        latency_ms=attempt.latency_ms,
+                        error=str(error)[:500] if error else None,
+                        worker=owner,
+                    )
+                )
+                if outcome == "gone":
+                    await session.execute(
+                        update(Tenant)
+                        .where(Tenant.id == delivery.tenant_id, Tenant.webhook_url == delivery.url)
+                        .values(webhook_disabled_at=attempt.at)
+                        .execution_options(synchronize_session=False)
+                    )
+
     async def _record(
         self,
         delivery: WebhookDelivery,
@@ -160,66 +268,7 @@ class Dispatcher:
         retry_after: float | None,
         latency_ms: int,
     ) -> None:
-        settings = self.runtime.settings
-        now = clock.now()
-        attempts = delivery.attempts + 1
-        values: dict[str, object] = dict(
-            attempts=attempts,
-            last_status_code=status,
-            last_error=error,
-            lease_owner=None,
-            lease_expires_at=None,
-        )
-        disable_endpoint = False
-        if status is not None and 200 <= status < 300:
-            outcome = "succeeded"
-            values.update(status="succeeded", delivered_at=now, next_attempt_at=None)
-            metrics.NOTIFICATION_LAG.observe(max((now - delivery.created_at).total_seconds(), 0.0))
-        elif status == 410:
-            outcome = "gone"
-            values.update(
-                status="dead",
-                next_attempt_at=None,
-                last_error="receiver answered 410 Gone; endpoint disabled",
-            )
-            disable_endpoint = True
-        elif attempts >= len(settings.webhook_retry_schedule_s):
-            outcome = "dead"
-            values.update(status="dead", next_attempt_at=None)
-        else:
-            outcome = "failed"
-            delay = settings.webhook_retry_schedule_s[attempts] * random.uniform(0.9, 1.1)
-            if status in (429, 503) and retry_after is not None:
-                delay = max(delay, retry_after)
-            values.update(next_attempt_at=now + timedelta(seconds=delay))
-        if status is not None and error is None and outcome not in ("succeeded",):
-            values["last_error"] = values.get("last_error") if outcome == "gone" else f"receiver answered {status}"
-        metrics.WEBHOOK_ATTEMPTS.labels(outcome=outcome).inc()
-        async with transaction(self.runtime.sessions) as session:
-            result = await session.execute(
-                update(WebhookDelivery)
-                .where(WebhookDelivery.id == delivery.id, WebhookDelivery.lease_owner == self.runtime.worker_id)
-                .values(**values)
-                .returning(WebhookDelivery.id)
-            )
-            if result.first() is None:
-                return  # our lease was taken over; the new holder records its own attempt
-            session.add(
-                WebhookAttempt(
-                    delivery_id=delivery.id,
-                    attempted_at=now,
-                    status_code=status,
-                    latency_ms=latency_ms,
-                    error=str(values["last_error"])[:500] if values.get("last_error") else None,
-                    worker=self.runtime.worker_id,
-                )
-            )
-            if disable_endpoint:
-                await session.execute(
-                    update(Tenant)
-                    .where(Tenant.id == delivery.tenant_id, Tenant.webhook_url == delivery.url)
-                    .values(webhook_disabled_at=now)
-                )
+        await self.record([Attempt(delivery, clock.now(), status, error, retry_after, latency_ms)])
 
     async def release_leases(self) -> None:
         async with transaction(self.runtime.sessions) as session:
