@@ -97,6 +97,9 @@ def serve(
         access_log=False,
         proxy_headers=False,
         timeout_graceful_shutdown=15,
+        # Longer than common clients' idle timeout (httpx: 5 s), so the server is never the side that
+        # closes a connection a client is just reusing; load balancers should idle out first too.
+        timeout_keep_alive=75,
     )
 
 

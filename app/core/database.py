@@ -106,7 +106,11 @@ async def transaction(
     """
     async with sessions() as session, session.begin():
         if readonly:
-            await session.connection(execution_options={READONLY_OPTION: True})
+            options: dict[str, Any] = {READONLY_OPTION: True}
+            if isinstance(session.bind, AsyncEngine) and session.bind.dialect.name == "postgresql":
+                # Reads need no BEGIN/COMMIT round trips: each statement sees committed data.
+                options["isolation_level"] = "AUTOCOMMIT"
+            await session.connection(execution_options=options)
         yield session
 
 
