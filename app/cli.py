@@ -182,6 +182,18 @@ def simulator(
 # ---------------------------------------------------------------- tenants and keys
 
 
+def _check_webhook_url(url: str | None) -> None:
+    from app.webhooks.ssrf import ForbiddenTarget, check_url
+
+    if url is None:
+        return
+    try:
+        check_url(url, allow_private=get_settings().webhook_allow_private)
+    except ForbiddenTarget as exc:
+        typer.echo(f"error: webhook URL: {exc.reason}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _tenant_dict(tenant: Any) -> dict[str, Any]:
     from app.tenants.schemas import TenantOut
 
@@ -209,6 +221,7 @@ def tenants_create(
     """Create a tenant; prints its webhook secret once."""
     from pydantic import ValidationError
 
+    _check_webhook_url(webhook_url)
     from app.tenants import service
     from app.tenants.schemas import TenantCreate
 
@@ -231,6 +244,57 @@ def tenants_create(
 
     created = _with_session(work)
     _emit(created, as_json, lambda t: _tenant_text(t) + f"\n  webhook secret (shown once): {t['webhookSecret']}")
+
+
+@tenants_cli.command("update")
+def tenants_update(
+    tenant_id: str,
+    name: Annotated[str | None, typer.Option()] = None,
+    budget_cents: Annotated[int | None, typer.Option(help="New budget in cents.")] = None,
+    unlimited: Annotated[bool, typer.Option("--unlimited", help="Remove the budget.")] = False,
+    budget_period: Annotated[str | None, typer.Option(help="day, week, month or total.")] = None,
+    max_concurrent: Annotated[int | None, typer.Option()] = None,
+    rate_per_minute: Annotated[int | None, typer.Option()] = None,
+    webhook_url: Annotated[str | None, typer.Option()] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change a tenant's name, budget, limits or webhook URL (only the options given)."""
+    from pydantic import ValidationError
+
+    _check_webhook_url(webhook_url)
+    from app.predictions import service as predictions_service
+    from app.tenants import service
+    from app.tenants.schemas import TenantUpdate
+
+    given: dict[str, Any] = {
+        k: v
+        for k, v in dict(
+            name=name,
+            budget_cents=budget_cents,
+            budget_period=budget_period,
+            max_concurrent=max_concurrent,
+            rate_per_minute=rate_per_minute,
+            webhook_url=webhook_url,
+        ).items()
+        if v is not None
+    }
+    if unlimited:
+        given["budget_cents"] = None
+    try:
+        data = TenantUpdate(**given)
+    except ValidationError as exc:
+        typer.echo(f"error: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+    async def work(session: Any) -> dict[str, Any]:
+        tenant = await service.get_tenant(session, tenant_id)
+        was_counting = tenant.max_concurrent is not None
+        tenant = await service.update_tenant(session, tenant, data)
+        if tenant.max_concurrent is not None and not was_counting:
+            await predictions_service.start_counting_slots(session, tenant)
+        return _tenant_dict(tenant)
+
+    _emit(_with_session(work), as_json, _tenant_text)
 
 
 @tenants_cli.command("list")

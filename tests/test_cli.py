@@ -1,0 +1,74 @@
+"""The operator CLI in process (the process tests run it as a real command too)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from app.cli import cli
+from app.core.settings import get_settings
+
+
+@pytest.fixture
+def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("VIDGATE_DATABASE_URL", f"sqlite:///{tmp_path / 'cli.db'}")
+    monkeypatch.setenv("VIDGATE_WEBHOOK_ALLOW_PRIVATE", "false")
+    get_settings.cache_clear()
+    assert CliRunner().invoke(cli, ["migrate"]).exit_code == 0
+    yield
+    get_settings.cache_clear()
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_tenant_lifecycle(db: None) -> None:
+    code, out, _ = run("tenants", "create", "acme", "--budget-cents", "500", "--budget-period", "day", "--json")
+    assert code == 0
+    tenant = json.loads(out)
+    assert tenant["budgetCents"] == 500 and tenant["budgetPeriod"] == "day"
+    assert tenant["webhookSecret"].startswith("whsec_")
+
+    code, out, _ = run("tenants", "update", tenant["id"], "--max-concurrent", "3", "--json")
+    assert code == 0 and json.loads(out)["maxConcurrent"] == 3 and json.loads(out)["budgetCents"] == 500
+    code, out, _ = run("tenants", "update", tenant["id"], "--unlimited", "--json")
+    assert code == 0 and json.loads(out)["budgetCents"] is None
+
+    code, out, _ = run("keys", "create", tenant["id"], "--name", "ci", "--json")
+    key = json.loads(out)
+    assert code == 0 and key["key"].startswith("vg_")
+    code, out, _ = run("keys", "revoke", tenant["id"], key["id"])
+    assert code == 0 and "revoked" in out
+
+    code, out, _ = run("tenants", "list", "--json")
+    assert [t["id"] for t in json.loads(out)] == [tenant["id"]]
+    code, out, _ = run("tenants", "show", tenant["id"])
+    assert code == 0 and "acme" in out and "0 spent" in out
+    code, out, _ = run("ledger", "verify")
+    assert code == 0 and "agree" in out
+    code, out, _ = run("usage", "--group-by", "model", "--json")
+    assert code == 0 and json.loads(out) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("tenants", "create", "x", "--budget-period", "year"),
+        ("tenants", "create", "x", "--budget-cents", "-5"),
+        ("tenants", "create", "x", "--webhook-url", "http://127.0.0.1/hook"),
+        ("tenants", "show", "ten_missing"),
+        ("keys", "create", "ten_missing"),
+        ("usage", "--group-by", "planet"),
+    ],
+)
+def test_bad_input_is_a_readable_error(db: None, args: tuple[str, ...]) -> None:
+    code, out, err = run(*args)
+    assert code == 2
+    assert err.startswith("error: ")
+    assert "Traceback" not in out + err
