@@ -103,7 +103,9 @@ async def in_flight(rt: Runtime, tenant_id: str) -> int:
 
 async def counter(rt: Runtime, scope: str) -> list[tuple[int, int]]:
     async with transaction(rt.sessions) as session:
-        rows = await session.scalars(select(BudgetCounter).where(BudgetCounter.scope == scope))
+        rows = await session.scalars(
+            select(BudgetCounter).where(BudgetCounter.scope == scope).order_by(BudgetCounter.period_start)
+        )
         return [(c.spent_cents, c.reserved_cents) for c in rows]
 
 
@@ -169,7 +171,8 @@ async def replicas(live_runtime: Runtime, database_url: str, sim_url: str) -> As
     async with contextlib.AsyncExitStack() as stack:
         clients = []
         for rt in runtimes:
-            transport = httpx.ASGITransport(app=create_app(rt.settings, rt))
+            # A 500 is an answer to count, not an exception that hides the others.
+            transport = httpx.ASGITransport(app=create_app(rt.settings, rt), raise_app_exceptions=False)
             client = httpx.AsyncClient(transport=transport, base_url="http://gateway.test", timeout=120)
             clients.append(await stack.enter_async_context(client))
         try:
@@ -203,9 +206,7 @@ async def test_concurrent_submits_never_overspend(
     period = budgets_service.period_of("month", clock.now())
     assert period.end is not None
 
-    responses = await asyncio.gather(
-        *(submit_as(replicas[i % len(replicas)], raw_key) for i in range(CONCURRENT))
-    )
+    responses = await asyncio.gather(*(submit_as(replicas[i % len(replicas)], raw_key) for i in range(CONCURRENT)))
 
     statuses = Counter(r.status_code for r in responses)
     assert statuses == {200: N_FIT, 402: CONCURRENT - N_FIT}, [r.text for r in responses if r.status_code >= 500][:3]
@@ -234,7 +235,6 @@ async def test_concurrent_submits_never_overspend(
     assert await mismatches(live_api.runtime) == []
     kinds = Counter(entry.kind for entry in await ledger_rows(live_api.runtime))
     assert kinds == {"reserve": N_FIT, "settle": N_FIT}
-    assert await in_flight(live_api.runtime, tenant.id) == N_FIT
 
 
 # ---------------------------------------------------------------- per-key budgets
@@ -304,6 +304,29 @@ async def test_max_concurrent_then_freed_by_finishing(live_api: Api, sim: SimSta
     assert await mismatches(live_api.runtime) == []
 
 
+async def test_max_concurrent_set_later_counts_predictions_already_in_flight(live_api: Api, sim: SimState) -> None:
+    tenant = await live_api.tenant()
+    first = await tenant.submit()
+    second = await tenant.submit()
+    assert (first.status_code, second.status_code) == (200, 200)
+
+    patched = await live_api.admin("PATCH", f"/admin/v1/tenants/{tenant.id}", json={"maxConcurrent": 2})
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["maxConcurrent"] == 2
+    assert await in_flight(live_api.runtime, tenant.id) == 2
+    refused = await tenant.submit()
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "concurrency_limited"
+
+    async with running_worker(live_api.runtime):
+        for body in (first.json(), second.json()):
+            await eventually(lambda pid=body["id"]: status_is(tenant, pid, "completed"), what="completion")
+        assert await in_flight(live_api.runtime, tenant.id) == 0
+        assert (await tenant.submit()).status_code == 200
+        assert await in_flight(live_api.runtime, tenant.id) == 1
+    assert sim.submits == 3
+
+
 async def test_budget_refusal_does_not_take_a_concurrency_slot(api: Api, sim: SimState) -> None:
     tenant = await api.tenant(maxConcurrent=1, budgetCents=5)
     refused = await tenant.submit()
@@ -333,7 +356,6 @@ async def test_rate_per_minute_resets_next_minute(api: Api, sim: SimState) -> No
     assert sim.submits == 3
     now = await usage(tenant)
     assert (now["spentCents"], now["reservedCents"]) == (27, 0)
-    assert await in_flight(api.runtime, tenant.id) == 3
 
     clock.shift_to(datetime(2030, 6, 10, 10, 1, 0, 500000, tzinfo=UTC))
     for _ in range(3):
@@ -445,7 +467,7 @@ async def test_failed_prediction_ledger_entries(
     live_api: Api, worker: Any, sim: SimState, settings_overrides: dict[str, Any]
 ) -> None:
     sim.config.failure_ratio = 1.0
-    tenant = await live_api.tenant(budgetCents=100)
+    tenant = await live_api.tenant(budgetCents=100, maxConcurrent=5)
     pred = (await tenant.submit()).json()
     await eventually(lambda: status_is(tenant, pred["id"], "failed"), what="failed status")
 
@@ -549,7 +571,9 @@ async def test_charge_above_estimate_is_recorded_and_learned(api: Api, sim: SimS
 # ---------------------------------------------------------------- crash recovery
 
 
-async def _hold_without_forwarding(rt: Runtime, tenant: Tenant, idempotency_key: str | None) -> Prediction:
+async def _hold_without_forwarding(
+    rt: Runtime, tenant: Tenant, idempotency_key: str | None
+) -> tuple[Prediction, budgets_service.Estimate]:
     """Transaction 1 of a submit, committed, as a process that dies right after it leaves it."""
     request = GenerateRequest.model_validate(valid_body())
     prediction_id = new_id("pred")
@@ -563,9 +587,11 @@ async def _hold_without_forwarding(rt: Runtime, tenant: Tenant, idempotency_key:
                 session, rt, tenant_row, idempotency_key, fingerprint, prediction_id
             )
             assert claimed is None
-        return await predictions_service._hold_and_record(
+        held, estimate = await predictions_service._hold_and_record(
             session, rt, tenant_row, key_row, MODEL, request, prediction_id
         )
+        assert estimate.cents == PRICE
+        return held, estimate
 
 
 async def test_crash_between_reserve_and_forward_is_recovered(live_api: Api, sim: SimState) -> None:
@@ -579,7 +605,7 @@ async def test_crash_between_reserve_and_forward_is_recovered(live_api: Api, sim
     start = datetime(2030, 6, 10, 12, 0, tzinfo=UTC)
     clock.shift_to(start)
     tenant = await live_api.tenant(budgetCents=100, maxConcurrent=1)
-    held = await _hold_without_forwarding(rt, tenant, "crash-key")
+    held, _ = await _hold_without_forwarding(rt, tenant, "crash-key")
     assert held.status == "submitting"
 
     now = await usage(tenant)
@@ -629,8 +655,8 @@ async def test_crash_between_forward_and_settle_looks_the_same(live_api: Api, si
     rt = live_api.runtime
     start = datetime(2030, 6, 10, 12, 0, tzinfo=UTC)
     clock.shift_to(start)
-    tenant = await live_api.tenant(budgetCents=100)
-    held = await _hold_without_forwarding(rt, tenant, None)
+    tenant = await live_api.tenant(budgetCents=100, maxConcurrent=5)
+    held, estimate = await _hold_without_forwarding(rt, tenant, None)
     submitted = await rt.upstream.submit(MODEL, GenerateRequest.model_validate(valid_body()).upstream_body())
     assert sim.submits == 1
 
@@ -648,7 +674,7 @@ async def test_crash_between_forward_and_settle_looks_the_same(live_api: Api, si
     async with transaction(rt.sessions) as session:
         tenant_row = await session.get(TenantRow, tenant.id)
         assert tenant_row is not None
-        late = await predictions_service._confirm(session, rt, tenant_row, held, submitted)
+        late = await predictions_service._confirm(session, rt, tenant_row, held, estimate, submitted)
         assert late.status == "processing"
         assert late.charged_cents == PRICE
     assert await ledger_of(rt, held.id) == [("reserve", PRICE, 0), ("release", -PRICE, 0), ("settle", 0, PRICE)]

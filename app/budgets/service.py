@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, ThresholdNotice
@@ -175,29 +175,25 @@ def _scopes(tenant: Tenant, key: ApiKey) -> dict[str, ColumnElement[Any]]:
 
 
 async def _hold_within(
-    session: AsyncSession, scopes: dict[str, ColumnElement[Any]], period_start: datetime, amount: int
-) -> set[str]:
-    """Add `amount` to the reservations of every scope whose spent + reserved stays within its limit;
-    returns the scopes that took it.
+    session: AsyncSession, scope: str, limit: ColumnElement[Any], period_start: datetime, amount: int
+) -> bool:
+    """Add `amount` to the scope's reservations only if spent + reserved stays within its limit.
 
-    One conditional UPDATE: the database checks and increments each counter row atomically, so
+    One conditional UPDATE: the database checks and increments the counter row atomically, so
     concurrent requests on any number of replicas cannot both pass the last free cents.
     """
-    fits = [
-        and_(
+    stored = await session.scalar(
+        update(BudgetCounter)
+        .where(
             BudgetCounter.scope == scope,
+            BudgetCounter.period_start == period_start,
             or_(limit.is_(None), BudgetCounter.spent_cents + BudgetCounter.reserved_cents + amount <= limit),
         )
-        for scope, limit in scopes.items()
-    ]
-    rows = await session.scalars(
-        update(BudgetCounter)
-        .where(BudgetCounter.period_start == period_start, or_(*fits))
         .values(reserved_cents=BudgetCounter.reserved_cents + amount)
         .returning(BudgetCounter.scope)
         .execution_options(synchronize_session=False)
     )
-    return set(rows)
+    return stored is not None
 
 
 async def _shift(
@@ -217,21 +213,22 @@ async def _shift(
     """
     _record(session, hold, kind=kind, reserved_delta=reserved_delta, spent_delta=spent_delta, note=note)
     await session.flush()
-    tenant_scope = _tenant_scope(hold.tenant_id)
-    rows = await session.execute(
-        update(BudgetCounter)
-        .where(
-            BudgetCounter.scope.in_((tenant_scope, _key_scope(hold.api_key_id))),
-            BudgetCounter.period_start == hold.period_start,
+    spent_after = 0
+    # Always the tenant's row before the key's, as in reserve(): one lock order, no deadlocks.
+    for scope in (_tenant_scope(hold.tenant_id), _key_scope(hold.api_key_id)):
+        spent = await session.scalar(
+            update(BudgetCounter)
+            .where(BudgetCounter.scope == scope, BudgetCounter.period_start == hold.period_start)
+            .values(
+                reserved_cents=BudgetCounter.reserved_cents + reserved_delta,
+                spent_cents=BudgetCounter.spent_cents + spent_delta,
+            )
+            .returning(BudgetCounter.spent_cents)
+            .execution_options(synchronize_session=False)
         )
-        .values(
-            reserved_cents=BudgetCounter.reserved_cents + reserved_delta,
-            spent_cents=BudgetCounter.spent_cents + spent_delta,
-        )
-        .returning(BudgetCounter.scope, BudgetCounter.spent_cents)
-        .execution_options(synchronize_session=False)
-    )
-    return next((spent for scope, spent in rows if scope == tenant_scope), 0)
+        if scope.startswith("tenant:"):
+            spent_after = spent or 0
+    return spent_after
 
 
 def _record(
@@ -261,17 +258,14 @@ async def reserve(session: AsyncSession, tenant: Tenant, key: ApiKey, hold: Hold
     """
     _record(session, hold, kind="reserve", reserved_delta=amount, spent_delta=0, note=None)
     await session.flush()
-    scopes = _scopes(tenant, key)
-    missing = scopes.keys() - await _hold_within(session, scopes, hold.period_start, amount)
-    if missing:
-        # Most likely the period's counter does not exist yet: create it and try those scopes again.
-        await _ensure_counters(session, sorted(missing), hold.period_start)
-        retry = {scope: scopes[scope] for scope in missing}
-        missing -= await _hold_within(session, retry, hold.period_start, amount)
-    if missing:
-        tenant_scope = _tenant_scope(tenant.id)
-        scope = tenant_scope if tenant_scope in missing else next(iter(missing))
-        raise await _budget_exceeded(session, tenant, key, scope, hold.period_start, amount)
+    # The tenant's counter first, then the key's: the same order as every other movement.
+    for scope, limit in _scopes(tenant, key).items():
+        if await _hold_within(session, scope, limit, hold.period_start, amount):
+            continue
+        # Most likely the period's counter does not exist yet: create it and try again.
+        await _ensure_counters(session, [scope], hold.period_start)
+        if not await _hold_within(session, scope, limit, hold.period_start, amount):
+            raise await _budget_exceeded(session, tenant, key, scope, hold.period_start, amount)
 
 
 async def settle(session: AsyncSession, hold: Hold, held: int, cost: int) -> int:

@@ -26,11 +26,11 @@ class Prediction(Base):
     upstream_id: Mapped[str | None] = mapped_column(String(200), unique=True)
     # submitting (held, upstream not yet confirmed) -> processing -> completed | failed
     status: Mapped[str] = mapped_column(String(16))
-    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON(none_as_null=True))
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
-    webhook_events: Mapped[list[str] | None] = mapped_column(JSON)
-    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
-    outputs: Mapped[list[str] | None] = mapped_column(JSON)
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON(none_as_null=True))
+    outputs: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     error: Mapped[str | None] = mapped_column(Text)
     estimated_time: Mapped[str | None] = mapped_column(String(40))
     estimate_cents: Mapped[int]
@@ -58,6 +58,6 @@ class IdempotencyKey(Base):
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     request_hash: Mapped[str] = mapped_column(String(64))
     prediction_id: Mapped[str | None] = mapped_column(String(40))
-    response: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     created_at: Mapped[datetime] = mapped_column(default=clock.now)
     expires_at: Mapped[datetime]

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets import limits as budget_limits
@@ -32,6 +33,7 @@ from app.webhooks.ssrf import ForbiddenTarget, check_url
 log = logging.getLogger("vidgate.predictions")
 
 TERMINAL = ("completed", "failed")
+CONFIRM_ATTEMPTS = 4
 PUBLIC_STATUSES = ("processing", "completed", "failed")
 MODEL_NAMES = {"ltx-2-19b": "LTX-2 19B"}
 
@@ -201,16 +203,25 @@ async def submit(
                 await _forget_idempotency_key(session, tenant.id, idempotency_key)
         raise _upstream_problem(exc) from exc
 
-    # Transaction 2: the hold becomes the vendor's price, together with the upstream id.
-    async with transaction(runtime.sessions) as session:
-        prediction = await _confirm(session, runtime, tenant, prediction, estimate, submitted)
-        body = present_submit(prediction, f"{status_url_base}/{prediction.id}", extended=False)
-        if idempotency_key is not None:
-            await session.execute(
-                update(IdempotencyKey)
-                .where(IdempotencyKey.tenant_id == tenant.id, IdempotencyKey.key == idempotency_key)
-                .values(response=body)
-            )
+    # Transaction 2: the hold becomes the vendor's price, together with the upstream id. The vendor
+    # has billed by now, so a database hiccup is retried rather than turned into a lost charge.
+    for attempt in range(CONFIRM_ATTEMPTS):
+        try:
+            async with transaction(runtime.sessions) as session:
+                prediction = await _confirm(session, runtime, tenant, prediction, estimate, submitted)
+                body = present_submit(prediction, f"{status_url_base}/{prediction.id}", extended=False)
+                if idempotency_key is not None:
+                    await session.execute(
+                        update(IdempotencyKey)
+                        .where(IdempotencyKey.tenant_id == tenant.id, IdempotencyKey.key == idempotency_key)
+                        .values(response=body)
+                    )
+            break
+        except DBAPIError as exc:
+            if attempt == CONFIRM_ATTEMPTS - 1:
+                raise
+            log.warning("confirm retried", extra={"prediction_id": prediction.id, "error_type": type(exc).__name__})
+            await asyncio.sleep(0.05 * 2**attempt)
     log.info("prediction submitted", extra={"prediction_id": prediction.id, "cost_cents": submitted.cost_cents})
     return SubmitResult(body=body, replayed=False, prediction_id=prediction.id)
 
@@ -337,11 +348,13 @@ async def _confirm(
         .execution_options(populate_existing=True)
     )
     if prediction is None:
+        prediction = await session.get(Prediction, held.id, populate_existing=True)
+        assert prediction is not None
+        if prediction.upstream_id == submitted.id:
+            return prediction  # a retried confirm whose first COMMIT did land: charged once already
         # Unreachable while submit_recovery_s exceeds the upstream timeout (settings enforce it);
         # if it happens anyway, the vendor billed us, so the charge is recorded all the same.
         log.error("late upstream confirmation", extra={"prediction_id": held.id})
-        prediction = await session.get(Prediction, held.id, populate_existing=True)
-        assert prediction is not None
         await budgets_service.settle(session, _hold(prediction), 0, submitted.cost_cents)
         prediction.upstream_id = submitted.id
         prediction.charged_cents = submitted.cost_cents
