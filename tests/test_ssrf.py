@@ -624,9 +624,7 @@ async def test_resolve_checked_localhost_when_private_allowed() -> None:
         ("::ffff:127.0.0.1", "::ffff:7f00:1"),
     ],
 )
-async def test_resolve_checked_literals_skip_dns(
-    monkeypatch: pytest.MonkeyPatch, host: str, expected: str
-) -> None:
+async def test_resolve_checked_literals_skip_dns(monkeypatch: pytest.MonkeyPatch, host: str, expected: str) -> None:
     monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", _no_dns)
     assert await resolve_checked(host, 443, allow_private=True) == [expected]
     with pytest.raises(ForbiddenTarget):
