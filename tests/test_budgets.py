@@ -673,8 +673,9 @@ async def test_crash_between_forward_and_settle_looks_the_same(live_api: Api, si
 
     async with transaction(rt.sessions) as session:
         tenant_row = await session.get(TenantRow, tenant.id)
-        assert tenant_row is not None
-        late = await predictions_service._confirm(session, rt, tenant_row, held, estimate, submitted)
+        key_row = await session.get(ApiKey, held.api_key_id)
+        assert tenant_row is not None and key_row is not None
+        late = await predictions_service._confirm(session, rt, tenant_row, key_row, held, estimate, submitted)
         assert late.status == "processing"
         assert late.charged_cents == PRICE
     assert await ledger_of(rt, held.id) == [("reserve", PRICE, 0), ("release", -PRICE, 0), ("settle", 0, PRICE)]

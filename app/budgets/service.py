@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, or_, select, update
+from sqlalchemy import ColumnElement, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, ThresholdNotice
@@ -52,6 +52,8 @@ class Hold:
     prediction_id: str
     model_id: str
     period_start: datetime
+    # Whether the key keeps a counter of its own; when unknown (True), its UPDATE simply finds no row.
+    key_budgeted: bool = True
 
 
 def period_of(kind: str, at: datetime) -> Period:
@@ -211,11 +213,11 @@ async def _shift(
     The ledger row is flushed first so that the counter rows, which concurrent requests of the tenant
     wait for, stay locked only for the UPDATE and the COMMIT.
     """
-    _record(session, hold, kind=kind, reserved_delta=reserved_delta, spent_delta=spent_delta, note=note)
-    await session.flush()
+    await _record(session, hold, kind=kind, reserved_delta=reserved_delta, spent_delta=spent_delta, note=note)
     spent_after = 0
     # Always the tenant's row before the key's, as in reserve(): one lock order, no deadlocks.
-    for scope in (_tenant_scope(hold.tenant_id), _key_scope(hold.api_key_id)):
+    scopes = [_tenant_scope(hold.tenant_id)] + ([_key_scope(hold.api_key_id)] if hold.key_budgeted else [])
+    for scope in scopes:
         spent = await session.scalar(
             update(BudgetCounter)
             .where(BudgetCounter.scope == scope, BudgetCounter.period_start == hold.period_start)
@@ -231,11 +233,12 @@ async def _shift(
     return spent_after
 
 
-def _record(
+async def _record(
     session: AsyncSession, hold: Hold, *, kind: str, reserved_delta: int, spent_delta: int, note: str | None
 ) -> None:
-    session.add(
-        LedgerEntry(
+    # A Core INSERT: the ledger is append-only, so the ORM's unit of work would only add overhead.
+    await session.execute(
+        insert(LedgerEntry).values(
             tenant_id=hold.tenant_id,
             api_key_id=hold.api_key_id,
             prediction_id=hold.prediction_id,
@@ -256,8 +259,7 @@ async def reserve(session: AsyncSession, tenant: Tenant, key: ApiKey, hold: Hold
     Call it last in the transaction: from here to COMMIT the tenant's counter row is locked.
     Raising rolls back the whole transaction, including a hold already taken on another scope.
     """
-    _record(session, hold, kind="reserve", reserved_delta=amount, spent_delta=0, note=None)
-    await session.flush()
+    await _record(session, hold, kind="reserve", reserved_delta=amount, spent_delta=0, note=None)
     # The tenant's counter first, then the key's: the same order as every other movement.
     for scope, limit in _scopes(tenant, key).items():
         if await _hold_within(session, scope, limit, hold.period_start, amount):

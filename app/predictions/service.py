@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, insert, inspect, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -132,13 +132,18 @@ def first_poll_delay_s(estimated_time: str | None, default_s: float) -> float:
     return min(seconds, 600.0)
 
 
-def _hold(prediction: Prediction) -> budgets_service.Hold:
+def _row(prediction: Prediction) -> dict[str, Any]:
+    return {attr.key: getattr(prediction, attr.key) for attr in inspect(Prediction).column_attrs}
+
+
+def _hold(prediction: Prediction, key: ApiKey | None = None) -> budgets_service.Hold:
     return budgets_service.Hold(
         tenant_id=prediction.tenant_id,
         api_key_id=prediction.api_key_id,
         prediction_id=prediction.id,
         model_id=prediction.model_id,
         period_start=prediction.period_start,
+        key_budgeted=key is None or key.budget_cents is not None,
     )
 
 
@@ -198,7 +203,7 @@ async def submit(
         submitted = await runtime.upstream.submit(model_id, request.upstream_body())
     except (UpstreamRefused, UpstreamUnavailable) as exc:
         async with transaction(runtime.sessions) as session:
-            await _abandon(session, prediction, reason=f"upstream did not accept the prediction: {exc}")
+            await _abandon(session, prediction, reason=f"upstream did not accept the prediction: {exc}", key=key)
             if idempotency_key is not None:
                 await _forget_idempotency_key(session, tenant.id, idempotency_key)
         raise _upstream_problem(exc) from exc
@@ -208,7 +213,7 @@ async def submit(
     for attempt in range(CONFIRM_ATTEMPTS):
         try:
             async with transaction(runtime.sessions) as session:
-                prediction = await _confirm(session, runtime, tenant, prediction, estimate, submitted)
+                prediction = await _confirm(session, runtime, tenant, key, prediction, estimate, submitted)
                 body = present_submit(prediction, f"{status_url_base}/{prediction.id}", extended=False)
                 if idempotency_key is not None:
                     await session.execute(
@@ -310,8 +315,8 @@ async def _hold_and_record(
             poll_count=0,
             poll_failures=0,
         )
-        session.add(prediction)
-        await session.flush()
+        # An ORM bulk INSERT (no unit of work): the object stays in memory for the rest of the request.
+        await session.execute(insert(Prediction), [_row(prediction)])
         # The contended rows (the tenant's slot count, its budget counter) are locked last, so they
         # stay locked only for these statements and the COMMIT.
         if prediction.holds_slot:
@@ -328,25 +333,32 @@ async def _confirm(
     session: AsyncSession,
     runtime: Runtime,
     tenant: Tenant,
+    key: ApiKey,
     held: Prediction,
     estimate: budgets_service.Estimate,
     submitted: UpstreamSubmitted,
 ) -> Prediction:
     now = clock.now()
     delay = first_poll_delay_s(submitted.estimated_time, runtime.settings.poll_interval_s)
-    prediction = await session.scalar(
+    confirmed = dict(
+        upstream_id=submitted.id,
+        status="processing",
+        estimated_time=submitted.estimated_time,
+        charged_cents=submitted.cost_cents,
+        next_poll_at=now + timedelta(seconds=delay),
+    )
+    stored = await session.scalar(
         update(Prediction)
         .where(Prediction.id == held.id, Prediction.status == "submitting")
-        .values(
-            upstream_id=submitted.id,
-            status="processing",
-            estimated_time=submitted.estimated_time,
-            charged_cents=submitted.cost_cents,
-            next_poll_at=now + timedelta(seconds=delay),
-        )
-        .returning(Prediction)
-        .execution_options(populate_existing=True)
+        .values(**confirmed)
+        .returning(Prediction.id)
+        .execution_options(synchronize_session=False)
     )
+    prediction: Prediction | None = None
+    if stored is not None:
+        prediction = held
+        for name, value in confirmed.items():
+            setattr(prediction, name, value)
     if prediction is None:
         prediction = await session.get(Prediction, held.id, populate_existing=True)
         assert prediction is not None
@@ -365,7 +377,7 @@ async def _confirm(
         await session.flush()
         return prediction
     cost = submitted.cost_cents
-    spent_after = await budgets_service.settle(session, _hold(prediction), prediction.estimate_cents, cost)
+    spent_after = await budgets_service.settle(session, _hold(prediction, key), prediction.estimate_cents, cost)
     if estimate.seen_cents is None or cost > estimate.seen_cents:
         params = prediction.params
         await budgets_service.learn_price(
@@ -389,7 +401,7 @@ async def _notify_thresholds(
             await webhooks_service.enqueue_budget_threshold(session, tenant, percent, usage)
 
 
-async def _abandon(session: AsyncSession, held: Prediction, *, reason: str) -> bool:
+async def _abandon(session: AsyncSession, held: Prediction, *, reason: str, key: ApiKey | None = None) -> bool:
     """The upstream never confirmed: release the hold and the slot. The row stays for the record."""
     result = await session.execute(
         update(Prediction)
@@ -399,7 +411,7 @@ async def _abandon(session: AsyncSession, held: Prediction, *, reason: str) -> b
     )
     if result.first() is None:
         return False
-    await budgets_service.release(session, _hold(held), held.estimate_cents, note=reason[:200])
+    await budgets_service.release(session, _hold(held, key), held.estimate_cents, note=reason[:200])
     if held.holds_slot:
         await budget_limits.release_slot(session, held.tenant_id)
     return True
