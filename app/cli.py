@@ -262,8 +262,7 @@ def tenants_update(
     from pydantic import ValidationError
 
     _check_webhook_url(webhook_url)
-    from app.predictions import service as predictions_service
-    from app.tenants import service
+    from app.admin import service as admin_service
     from app.tenants.schemas import TenantUpdate
 
     given: dict[str, Any] = {
@@ -287,12 +286,7 @@ def tenants_update(
         raise typer.Exit(2) from None
 
     async def work(session: Any) -> dict[str, Any]:
-        tenant = await service.get_tenant(session, tenant_id)
-        was_counting = tenant.max_concurrent is not None
-        tenant = await service.update_tenant(session, tenant, data)
-        if tenant.max_concurrent is not None and not was_counting:
-            await predictions_service.start_counting_slots(session, tenant)
-        return _tenant_dict(tenant)
+        return _tenant_dict(await admin_service.update_tenant(session, tenant_id, data))
 
     _emit(_with_session(work), as_json, _tenant_text)
 

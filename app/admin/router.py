@@ -9,13 +9,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
+from app.admin import service as admin_service
 from app.admin.deps import require_admin
 from app.budgets import service as budgets_service
 from app.budgets.router import present_usage
 from app.core.deps import RuntimeDep, SessionDep
 from app.core.errors import InvalidRequest
 from app.core.responses import json_response
-from app.predictions import service as predictions_service
 from app.tenants import service as tenants_service
 from app.tenants.models import ApiKey, Tenant
 from app.tenants.schemas import (
@@ -83,12 +83,7 @@ async def update_tenant(
     session: SessionDep, runtime: RuntimeDep, tenant_id: TenantId, body: TenantUpdate
 ) -> dict[str, Any]:
     _check_webhook_url(runtime, body.webhook_url)
-    tenant = await tenants_service.get_tenant(session, tenant_id)
-    was_counting = tenant.max_concurrent is not None
-    tenant = await tenants_service.update_tenant(session, tenant, body)
-    if tenant.max_concurrent is not None and not was_counting:
-        await predictions_service.start_counting_slots(session, tenant)
-    return _tenant_out(tenant)
+    return _tenant_out(await admin_service.update_tenant(session, tenant_id, body))
 
 
 @router.delete("/tenants/{tenantId}", status_code=204)

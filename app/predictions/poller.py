@@ -20,6 +20,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core import clock, metrics
+from app.core.batching import batches
 from app.core.database import transaction
 from app.predictions import service as predictions_service
 from app.predictions.models import Prediction
@@ -123,14 +124,11 @@ class Poller:
 
     async def write_loop(self, stopping: asyncio.Event) -> None:
         """Store results as they arrive, many per transaction. Runs until stopped and drained."""
-        while not (stopping.is_set() and not self.tasks and self.outcomes.empty()):
-            try:
-                first = await asyncio.wait_for(self.outcomes.get(), 0.2)
-            except TimeoutError:
-                continue
-            batch = [first]
-            while len(batch) < WRITE_BATCH and not self.outcomes.empty():
-                batch.append(self.outcomes.get_nowait())
+
+        def done() -> bool:
+            return stopping.is_set() and not self.tasks
+
+        async for batch in batches(self.outcomes, done=done, max_size=WRITE_BATCH):
             try:
                 await self.write(batch)
             except Exception as exc:

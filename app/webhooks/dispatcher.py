@@ -16,6 +16,7 @@ import aiohttp
 from sqlalchemy import select, update
 
 from app.core import clock, metrics
+from app.core.batching import batches
 from app.core.database import transaction
 from app.runtime import Runtime
 from app.tenants import service as tenants_service
@@ -129,14 +130,11 @@ class Dispatcher:
 
     async def write_loop(self, stopping: asyncio.Event) -> None:
         """Record attempts as they finish, many per transaction. Runs until stopped and drained."""
-        while not (stopping.is_set() and not self.tasks and self.attempts.empty()):
-            try:
-                first = await asyncio.wait_for(self.attempts.get(), 0.2)
-            except TimeoutError:
-                continue
-            batch = [first]
-            while len(batch) < WRITE_BATCH and not self.attempts.empty():
-                batch.append(self.attempts.get_nowait())
+
+        def done() -> bool:
+            return stopping.is_set() and not self.tasks
+
+        async for batch in batches(self.attempts, done=done, max_size=WRITE_BATCH):
             try:
                 await self.record(batch)
             except Exception as exc:
