@@ -1,0 +1,1 @@
+"""vidgate's benchmark: `python -m bench` (see bench/README.md)."""
