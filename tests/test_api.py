@@ -44,6 +44,7 @@ async def test_create_tenant_defaults_and_flat_shape(api: Api) -> None:
         ({"name": ""}, "name"),
         ({"name": "a", "budgetCents": -1}, "budgetCents"),
         ({"name": "a", "budgetCents": "100"}, "budgetCents"),
+        ({"name": "a", "budgetCents": 2**31}, "budgetCents"),
         ({"name": "a", "budgetPeriod": "year"}, "budgetPeriod"),
         ({"name": "a", "maxConcurrent": 0}, "maxConcurrent"),
         ({"name": "a", "ratePerMinute": 0}, "ratePerMinute"),

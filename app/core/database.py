@@ -50,13 +50,14 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime()}
 
 
-def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
+def create_engine(url: str, *, pool_size: int = 40) -> AsyncEngine:
     if url.startswith("sqlite"):
         return _sqlite_engine(url)
     return create_async_engine(
         url,
+        # A fixed pool: overflow connections churn (reconnects) exactly when load is highest.
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=0,
         connect_args={"server_settings": {"timezone": "UTC"}},
     )
 

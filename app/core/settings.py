@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     allowed_models: Annotated[list[str], NoDecode] = ["ltx-2-19b"]
 
     run_worker: bool = True
-    worker_concurrency: int = 64
+    worker_concurrency: int = 256  # bench/FINDINGS.md: 64 capped polling at ~320/s
     poll_interval_s: float = 1.5
     poll_batch_size: int = 200
     lease_s: float = 15.0
@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = 15.0
     webhook_retry_schedule_s: Annotated[list[float], NoDecode] = [0, 5, 300, 1800, 7200, 18000, 36000, 36000]
     webhook_concurrency: int = 64
-    webhook_per_endpoint_concurrency: int = 4
+    webhook_per_endpoint_concurrency: int = 16  # bench/FINDINGS.md: 4 capped a receiver at ~100/s
     webhook_secret_grace_s: float = 24 * 3600.0
 
     sandbox_completion_s: float = 6.0

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 BudgetPeriod = Literal["day", "week", "month", "total"]
+MAX_CENTS = 2**31 - 1  # the counters are 32-bit integers on PostgreSQL
 
 
 class CamelModel(BaseModel):
@@ -15,7 +16,7 @@ class CamelModel(BaseModel):
 
 class TenantCreate(CamelModel):
     name: str = Field(min_length=1, max_length=200)
-    budget_cents: int | None = Field(default=None, ge=0, strict=True)
+    budget_cents: int | None = Field(default=None, ge=0, le=MAX_CENTS, strict=True)
     budget_period: BudgetPeriod = "month"
     max_concurrent: int | None = Field(default=None, ge=1, strict=True)
     rate_per_minute: int | None = Field(default=None, ge=1, strict=True)
@@ -26,7 +27,7 @@ class TenantUpdate(CamelModel):
     """Only the fields present are changed; null clears a limit or the webhook URL."""
 
     name: str | None = Field(default=None, min_length=1, max_length=200)
-    budget_cents: int | None = Field(default=None, ge=0, strict=True)
+    budget_cents: int | None = Field(default=None, ge=0, le=MAX_CENTS, strict=True)
     budget_period: BudgetPeriod | None = None
     max_concurrent: int | None = Field(default=None, ge=1, strict=True)
     rate_per_minute: int | None = Field(default=None, ge=1, strict=True)
@@ -57,7 +58,7 @@ class TenantList(CamelModel):
 
 class KeyCreate(CamelModel):
     name: str | None = Field(default=None, max_length=200)
-    budget_cents: int | None = Field(default=None, ge=0, strict=True)
+    budget_cents: int | None = Field(default=None, ge=0, le=MAX_CENTS, strict=True)
 
 
 class KeyOut(CamelModel):
