@@ -168,6 +168,10 @@ class Bench:
         self.results: dict[str, Any] = {"plan": asdict(plan), "timings": {}}
         self.quiet_budget_s = plan.quiet_budget_s
         self.extra_vidgate_env: dict[str, str] = {}
+        # Databases of their own per run: two runs at once (a smoke run in CI, an experiment by hand)
+        # must not drop each other's databases. They are dropped again when the run ends.
+        self.db_tag = f"{os.getpid()}_{secrets.token_hex(2)}"
+        self.databases: list[str] = []
 
     # ------------------------------------------------------------------ plumbing
 
@@ -256,6 +260,7 @@ class Bench:
     async def fresh_postgres(self, name: str) -> str:
         import asyncpg
 
+        self.databases.append(name)
         conn = await asyncpg.connect(self.pg_base + "/postgres")
         try:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -263,6 +268,18 @@ class Bench:
         finally:
             await conn.close()
         return f"{self.pg_base}/{name}"
+
+    async def drop_databases(self) -> None:
+        import asyncpg
+
+        if not self.databases:
+            return
+        conn = await asyncpg.connect(self.pg_base + "/postgres")
+        try:
+            for name in self.databases:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
 
     async def admin(self, base: str, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self.admin_token}"}
@@ -325,7 +342,7 @@ class Bench:
         processes on the machine took meanwhile."""
         common = dict(method=method, paths=paths, auths=auths, body=body, concurrency=concurrency, workdir=self.workdir)
         await run_load(base, duration_s=self.plan.warmup_s, **common)  # type: ignore[arg-type]
-        meter = CpuMeter()
+        meter = CpuMeter(self.db_tag)
         offset = server.log_size() if server is not None else 0
         runs = []
         for _ in range(self.plan.reps):
@@ -358,7 +375,7 @@ class Bench:
         CPU alone, so a neighbour's test suite does not land in one setup's numbers and not another's."""
         announced = False
         while self.quiet_budget_s > 0:
-            meter = CpuMeter()
+            meter = CpuMeter(self.db_tag)
             await asyncio.sleep(1.0)
             busy = meter.foreign_cores()
             if busy < QUIET_CORES:
@@ -429,7 +446,7 @@ class Bench:
             for concurrency in plan.client_levels:
                 sim, sim_url = await self.start_simulator()
                 await self.wait_quiet()
-                meter = CpuMeter()
+                meter = CpuMeter(self.db_tag)
                 try:
                     proc = await asyncio.create_subprocess_exec(
                         sys.executable,
@@ -489,7 +506,7 @@ class Bench:
         sqlite_path = self.workdir / "vidgate-bench.db"
         dbs = {
             "vidgate-sqlite": VidgateDb("sqlite", f"sqlite:///{sqlite_path}"),
-            "vidgate-postgresql": VidgateDb("postgresql", await self.fresh_postgres("vidgate_bench")),
+            "vidgate-postgresql": VidgateDb("postgresql", await self.fresh_postgres(f"vidgate_bench_{self.db_tag}")),
         }
         for db in dbs.values():
             await self.migrate(db.url)
@@ -616,7 +633,7 @@ class Bench:
                     workdir=self.workdir,
                 )
             await self.wait_quiet()
-            meter = CpuMeter()
+            meter = CpuMeter(self.db_tag)
             for _ in range(plan.reps):  # interleaved, so drift hits both alike
                 for name, auths in variants.items():
                     runs[name].append(
@@ -648,7 +665,7 @@ class Bench:
     async def phase_polling(self) -> None:
         plan = self.plan
         n = plan.poll_predictions
-        db = VidgateDb("postgresql-poll", await self.fresh_postgres("vidgate_bench_poll"))
+        db = VidgateDb("postgresql-poll", await self.fresh_postgres(f"vidgate_bench_poll_{self.db_tag}"))
         await self.migrate(db.url)
         ports = [free_port() for _ in range(1 + plan.webhook_receivers)]
         hole = free_port()
@@ -683,7 +700,7 @@ class Bench:
                     + (await self.make_tenant(base, f"bench-poll-{i}", budget_cents=None, webhook_url=hook))[1]
                 )
             await self.wait_quiet()
-            meter = CpuMeter()
+            meter = CpuMeter(self.db_tag)
             # Submissions must all be accepted before the first completion: size the lead from the
             # submit rate measured earlier in this run (or a cautious guess).
             pg = self.results.get("submit", {}).get("vidgate-postgresql", {}).get("32") or {}
@@ -898,7 +915,7 @@ class Bench:
                 async with self.http.post(rec_url + "/_reset") as r:
                     await r.read()
                 await self.wait_quiet()
-                meter = CpuMeter(db_marker="vidgate_bench_poll")
+                meter = CpuMeter(self.db_tag)
                 worker = self.procs.start(
                     "vidgate-worker",
                     [self.vidgate_bin, "worker"],
@@ -1129,6 +1146,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         bench.procs.stop_all()
+        try:
+            asyncio.run(bench.drop_databases())
+        except Exception as exc:
+            print(f"bench: could not drop the run's databases {bench.databases}: {exc}", file=sys.stderr)
     (out_dir / "results.json").write_text(json.dumps(bench.results, indent=1, default=str))
     report.write(bench.results, out_dir, smoke=args.smoke)
     print(f"bench: wrote {out_dir / 'results.md'}", flush=True)
