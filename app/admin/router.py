@@ -39,18 +39,13 @@ router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(req
 TenantId = Annotated[str, Path(alias="tenantId")]
 
 
-class WebhookUrlForbidden(InvalidRequest):
-    code = "webhook_url_forbidden"
-    title = "Webhook URL not allowed"
-
-
 def _check_webhook_url(runtime: RuntimeDep, url: str | None) -> None:
     if url is None:
         return
     try:
         check_url(url, allow_private=runtime.settings.webhook_allow_private)
     except ForbiddenTarget as exc:
-        raise WebhookUrlForbidden(f"webhookUrl: {exc.reason}", field="webhookUrl") from exc
+        raise webhooks_service.WebhookUrlForbidden(f"webhookUrl: {exc.reason}", field="webhookUrl") from exc
 
 
 def _tenant_out(tenant: Tenant) -> dict[str, Any]:

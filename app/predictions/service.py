@@ -48,11 +48,6 @@ class PredictionNotFound(NotFound):
     title = "No such prediction"
 
 
-class WebhookUrlForbidden(InvalidRequest):
-    code = "webhook_url_forbidden"
-    title = "Webhook URL not allowed"
-
-
 class IdempotencyKeyReused(InvalidRequest):
     code = "idempotency_key_reused"
     title = "Idempotency-Key used with another request"
@@ -173,7 +168,7 @@ def check_submittable(runtime: Runtime, model_id: str, request: GenerateRequest)
         try:
             check_url(request.webhook, allow_private=runtime.settings.webhook_allow_private)
         except ForbiddenTarget as exc:
-            raise WebhookUrlForbidden(f"webhook: {exc.reason}", field="webhook") from exc
+            raise webhooks_service.WebhookUrlForbidden(f"webhook: {exc.reason}", field="webhook") from exc
 
 
 async def submit(

@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core import clock
-from app.core.errors import NotFound
+from app.core.errors import InvalidRequest, NotFound
 from app.core.ids import new_id
 from app.core.settings import Settings
 from app.tenants.models import Tenant
@@ -19,6 +19,11 @@ from app.webhooks.models import WebhookAttempt, WebhookDelivery
 if TYPE_CHECKING:
     from app.budgets.service import Usage
     from app.predictions.models import Prediction
+
+
+class WebhookUrlForbidden(InvalidRequest):
+    code = "webhook_url_forbidden"
+    title = "Webhook URL not allowed"
 
 
 class DeliveryNotFound(NotFound):
