@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Integer, bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, ThresholdNotice
 from app.core import clock
-from app.core.database import insert_ignore
+from app.core.database import insert_ignore, table_of
 from app.core.errors import AppError
 from app.tenants.models import ApiKey, Tenant
 
@@ -89,6 +89,16 @@ def table_estimate(price_table: dict[str, dict[str, float]], model_id: str, reso
     return math.ceil(per_second * duration_s - 1e-9)
 
 
+# Statements on the submit path are built once, at import: building one per call cost more CPU than the
+# database spends executing it (bench/FINDINGS.md). Bind names differ from column names on purpose.
+_prices = table_of(PricePoint).c
+_PRICE_SEEN = select(_prices.max_seen_cents).where(
+    _prices.model_id == bindparam("b_model"),
+    _prices.resolution == bindparam("b_resolution"),
+    _prices.duration_s == bindparam("b_duration"),
+)
+
+
 @dataclass(frozen=True)
 class Estimate:
     cents: int
@@ -103,11 +113,7 @@ async def price_estimate(
     duration_s: int,
 ) -> Estimate:
     seen = await session.scalar(
-        select(PricePoint.max_seen_cents).where(
-            PricePoint.model_id == model_id,
-            PricePoint.resolution == resolution,
-            PricePoint.duration_s == duration_s,
-        )
+        _PRICE_SEEN, {"b_model": model_id, "b_resolution": resolution, "b_duration": duration_s}
     )
     return Estimate(max(table_estimate(price_table, model_id, resolution, duration_s), seen or 0), seen)
 
@@ -162,40 +168,64 @@ async def _ensure_counters(session: AsyncSession, scopes: list[str], period_star
     )
 
 
-def _scopes(tenant: Tenant, key: ApiKey) -> dict[str, ColumnElement[Any]]:
-    """The counters a hold must fit in, each with its limit as a subquery on the owning row.
-
-    A key has a counter only if it carries a budget of its own (set when the key is created), so the
-    common request touches one counter row: the tenant's.
-    """
-    scopes: dict[str, ColumnElement[Any]] = {
-        _tenant_scope(tenant.id): select(Tenant.budget_cents).where(Tenant.id == tenant.id).scalar_subquery()
-    }
-    if key.budget_cents is not None:
-        scopes[_key_scope(key.id)] = select(ApiKey.budget_cents).where(ApiKey.id == key.id).scalar_subquery()
-    return scopes
+_counters = table_of(BudgetCounter).c
 
 
-async def _hold_within(
-    session: AsyncSession, scope: str, limit: ColumnElement[Any], period_start: datetime, amount: int
-) -> bool:
-    """Add `amount` to the scope's reservations only if spent + reserved stays within its limit.
+def _hold_statement(limit: ColumnElement[Any]) -> Any:
+    """Add `b_amount` to the scope's reservations only if spent + reserved stays within its limit.
 
     One conditional UPDATE: the database checks and increments the counter row atomically, so
     concurrent requests on any number of replicas cannot both pass the last free cents.
     """
-    stored = await session.scalar(
-        update(BudgetCounter)
+    amount = bindparam("b_amount", type_=Integer)
+    return (
+        update(table_of(BudgetCounter))
         .where(
-            BudgetCounter.scope == scope,
-            BudgetCounter.period_start == period_start,
-            or_(limit.is_(None), BudgetCounter.spent_cents + BudgetCounter.reserved_cents + amount <= limit),
+            _counters.scope == bindparam("b_scope"),
+            _counters.period_start == bindparam("b_period"),
+            or_(limit.is_(None), _counters.spent_cents + _counters.reserved_cents + amount <= limit),
         )
-        .values(reserved_cents=BudgetCounter.reserved_cents + amount)
-        .returning(BudgetCounter.scope)
-        .execution_options(synchronize_session=False)
+        .values(reserved_cents=_counters.reserved_cents + amount)
+        .returning(_counters.scope)
     )
-    return stored is not None
+
+
+# The limit is read by the same statement, from the owning row, so a budget lowered a moment ago counts.
+_HOLD_WITHIN_TENANT = _hold_statement(
+    select(table_of(Tenant).c.budget_cents).where(table_of(Tenant).c.id == bindparam("b_owner")).scalar_subquery()
+)
+_HOLD_WITHIN_KEY = _hold_statement(
+    select(table_of(ApiKey).c.budget_cents).where(table_of(ApiKey).c.id == bindparam("b_owner")).scalar_subquery()
+)
+_SHIFT = (
+    update(table_of(BudgetCounter))
+    .where(_counters.scope == bindparam("b_scope"), _counters.period_start == bindparam("b_period"))
+    .values(
+        reserved_cents=_counters.reserved_cents + bindparam("b_reserved"),
+        spent_cents=_counters.spent_cents + bindparam("b_spent"),
+    )
+    .returning(_counters.spent_cents)
+)
+_LEDGER_INSERT = insert(table_of(LedgerEntry))
+
+
+def _scopes(tenant: Tenant, key: ApiKey) -> list[tuple[str, Any, str]]:
+    """The counters a hold must fit in: (scope, its conditional UPDATE, the owner whose limit applies).
+
+    A key has a counter only if it carries a budget of its own (set when the key is created), so the
+    common request touches one counter row: the tenant's.
+    """
+    scopes = [(_tenant_scope(tenant.id), _HOLD_WITHIN_TENANT, tenant.id)]
+    if key.budget_cents is not None:
+        scopes.append((_key_scope(key.id), _HOLD_WITHIN_KEY, key.id))
+    return scopes
+
+
+async def _hold_within(
+    session: AsyncSession, scope: str, statement: Any, owner_id: str, period_start: datetime, amount: int
+) -> bool:
+    params = {"b_scope": scope, "b_period": period_start, "b_amount": amount, "b_owner": owner_id}
+    return (await session.execute(statement, params)).first() is not None
 
 
 async def _shift(
@@ -218,16 +248,8 @@ async def _shift(
     # Always the tenant's row before the key's, as in reserve(): one lock order, no deadlocks.
     scopes = [_tenant_scope(hold.tenant_id)] + ([_key_scope(hold.api_key_id)] if hold.key_budgeted else [])
     for scope in scopes:
-        spent = await session.scalar(
-            update(BudgetCounter)
-            .where(BudgetCounter.scope == scope, BudgetCounter.period_start == hold.period_start)
-            .values(
-                reserved_cents=BudgetCounter.reserved_cents + reserved_delta,
-                spent_cents=BudgetCounter.spent_cents + spent_delta,
-            )
-            .returning(BudgetCounter.spent_cents)
-            .execution_options(synchronize_session=False)
-        )
+        params = {"b_scope": scope, "b_period": hold.period_start, "b_reserved": reserved_delta, "b_spent": spent_delta}
+        spent = (await session.execute(_SHIFT, params)).scalar()
         if scope.startswith("tenant:"):
             spent_after = spent or 0
     return spent_after
@@ -238,7 +260,8 @@ async def _record(
 ) -> None:
     # A Core INSERT: the ledger is append-only, so the ORM's unit of work would only add overhead.
     await session.execute(
-        insert(LedgerEntry).values(
+        _LEDGER_INSERT,
+        dict(
             tenant_id=hold.tenant_id,
             api_key_id=hold.api_key_id,
             prediction_id=hold.prediction_id,
@@ -249,7 +272,7 @@ async def _record(
             spent_delta=spent_delta,
             note=note,
             created_at=clock.now(),
-        )
+        ),
     )
 
 
@@ -261,12 +284,12 @@ async def reserve(session: AsyncSession, tenant: Tenant, key: ApiKey, hold: Hold
     """
     await _record(session, hold, kind="reserve", reserved_delta=amount, spent_delta=0, note=None)
     # The tenant's counter first, then the key's: the same order as every other movement.
-    for scope, limit in _scopes(tenant, key).items():
-        if await _hold_within(session, scope, limit, hold.period_start, amount):
+    for scope, statement, owner_id in _scopes(tenant, key):
+        if await _hold_within(session, scope, statement, owner_id, hold.period_start, amount):
             continue
         # Most likely the period's counter does not exist yet: create it and try again.
         await _ensure_counters(session, [scope], hold.period_start)
-        if not await _hold_within(session, scope, limit, hold.period_start, amount):
+        if not await _hold_within(session, scope, statement, owner_id, hold.period_start, amount):
             raise await _budget_exceeded(session, tenant, key, scope, hold.period_start, amount)
 
 

@@ -12,7 +12,8 @@ from app.core.database import transaction
 from app.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # async: FastAPI runs a plain `def` dependency in a thread pool, a thread hop per request.
     runtime: Runtime = request.app.state.runtime
     return runtime
 

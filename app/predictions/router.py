@@ -5,12 +5,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 
+from app.core.database import transaction
 from app.core.deps import ReadSessionDep, RuntimeDep
 from app.core.errors import InvalidRequest
 from app.core.responses import json_response
 from app.predictions import service as predictions_service
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, SubmitOut
-from app.tenants.deps import CallerDep, ReaderDep
+from app.tenants.deps import CallerDep, Credentials, ReaderDep, authenticate
 
 router = APIRouter(prefix="/api/v1", tags=["predictions"])
 
@@ -68,10 +69,13 @@ async def generate(
 
 @router.get("/predictions/{predictionId}", response_model=PredictionOut, summary="Get a prediction")
 async def get_prediction(
-    session: ReadSessionDep, caller: ReaderDep, prediction_id: Annotated[str, Path(alias="predictionId")]
+    runtime: RuntimeDep, credentials: Credentials, prediction_id: Annotated[str, Path(alias="predictionId")]
 ) -> Response:
-    prediction = await predictions_service.get_for_tenant(session, caller.tenant.id, prediction_id)
-    return json_response(predictions_service.present(prediction))
+    # The route callers poll: one read-only unit of work opened here, not by two generator dependencies.
+    async with transaction(runtime.sessions, readonly=True) as session:
+        caller = await authenticate(session, credentials)
+        body = await predictions_service.read_for_tenant(session, caller.tenant.id, prediction_id)
+    return json_response(body)
 
 
 @router.get("/predictions", response_model=PredictionList, summary="List your predictions, newest first")

@@ -8,17 +8,19 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any
 
 import orjson
-from sqlalchemy import delete, func, insert, inspect, select, update
+from sqlalchemy import bindparam, delete, func, insert, inspect, or_, select, update
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets import limits as budget_limits
 from app.budgets import service as budgets_service
 from app.core import clock, metrics
-from app.core.database import insert_ignore, transaction
+from app.core.database import insert_ignore, table_of, transaction
 from app.core.errors import AppError, Conflict, InvalidRequest, NotFound
 from app.core.ids import new_id
 from app.predictions.models import IdempotencyKey, Prediction
@@ -83,7 +85,7 @@ def iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat().replace("+00:00", "Z")
 
 
-def present(prediction: Prediction) -> dict[str, Any]:
+def present(prediction: Prediction | Row[*tuple[Any, ...]]) -> dict[str, Any]:
     """The GET representation; webhooks carry exactly this as `data`."""
     return {
         "id": prediction.id,
@@ -127,8 +129,31 @@ def first_poll_delay_s(estimated_time: str | None, default_s: float) -> float:
     return min(seconds, 600.0)
 
 
+_predictions = table_of(Prediction)
+_INSERT = insert(_predictions)
+_CONFIRM = (
+    update(_predictions)
+    .where(_predictions.c.id == bindparam("b_id"), _predictions.c.status == "submitting")
+    .values(
+        upstream_id=bindparam("b_upstream_id"),
+        status="processing",
+        estimated_time=bindparam("b_estimated_time"),
+        charged_cents=bindparam("b_charged_cents"),
+        next_poll_at=bindparam("b_next_poll_at"),
+    )
+    .returning(_predictions.c.id)
+)
+
+
+@cache
+def _columns() -> list[tuple[str, str]]:
+    """(attribute, column) pairs: `meta` is stored as "metadata"."""
+    mapper = inspect(Prediction)
+    return [(mapper.get_property_by_column(c).key, c.key) for c in _predictions.c]
+
+
 def _row(prediction: Prediction) -> dict[str, Any]:
-    return {attr.key: getattr(prediction, attr.key) for attr in inspect(Prediction).column_attrs}
+    return {column: getattr(prediction, attribute) for attribute, column in _columns()}
 
 
 def _hold(prediction: Prediction, key: ApiKey | None = None) -> budgets_service.Hold:
@@ -310,8 +335,8 @@ async def _hold_and_record(
             poll_count=0,
             poll_failures=0,
         )
-        # An ORM bulk INSERT (no unit of work): the object stays in memory for the rest of the request.
-        await session.execute(insert(Prediction), [_row(prediction)])
+        # A Core INSERT (no unit of work): the object stays in memory for the rest of the request.
+        await session.execute(_INSERT, _row(prediction))
         # The contended rows (the tenant's slot count, its budget counter) are locked last, so they
         # stay locked only for these statements and the COMMIT.
         if prediction.holds_slot:
@@ -343,11 +368,7 @@ async def _confirm(
         next_poll_at=now + timedelta(seconds=delay),
     )
     stored = await session.scalar(
-        update(Prediction)
-        .where(Prediction.id == held.id, Prediction.status == "submitting")
-        .values(**confirmed)
-        .returning(Prediction.id)
-        .execution_options(synchronize_session=False)
+        _CONFIRM, {"b_id": held.id, **{f"b_{k}": v for k, v in confirmed.items() if k != "status"}}
     )
     prediction: Prediction | None = None
     if stored is not None:
@@ -449,6 +470,34 @@ async def get_for_tenant(session: AsyncSession, tenant_id: str, prediction_id: s
     if prediction is None or prediction.tenant_id != tenant_id or prediction.status not in PUBLIC_STATUSES:
         raise PredictionNotFound(f"There is no prediction {prediction_id!r} for this API key's tenant.")
     return prediction
+
+
+_PUBLIC_COLUMNS = (
+    _predictions.c.id,
+    _predictions.c.model_id,
+    _predictions.c.model_name,
+    _predictions.c.status,
+    _predictions.c.outputs,
+    _predictions.c.error,
+    _predictions.c.created_at,
+    _predictions.c.completed_at,
+    _predictions.c.charged_cents,
+    _predictions.c.metadata.label("meta"),
+)
+_READ = select(*_PUBLIC_COLUMNS).where(
+    _predictions.c.id == bindparam("b_id"),
+    _predictions.c.tenant_id == bindparam("b_tenant_id"),
+    # Not IN (...): an expanding IN is rendered again at every execution.
+    or_(*(_predictions.c.status == status for status in PUBLIC_STATUSES)),
+)
+
+
+async def read_for_tenant(session: AsyncSession, tenant_id: str, prediction_id: str) -> dict[str, Any]:
+    """The GET representation, read as plain columns: the hot path loads no ORM object."""
+    row = (await session.execute(_READ, {"b_id": prediction_id, "b_tenant_id": tenant_id})).first()
+    if row is None:
+        raise PredictionNotFound(f"There is no prediction {prediction_id!r} for this API key's tenant.")
+    return present(row)
 
 
 async def list_for_tenant(

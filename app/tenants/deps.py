@@ -28,7 +28,7 @@ class Caller:
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
-async def _authenticate(session: AsyncSession, credentials: HTTPAuthorizationCredentials | None) -> Caller:
+async def authenticate(session: AsyncSession, credentials: HTTPAuthorizationCredentials | None) -> Caller:
     if credentials is None:
         raise Unauthorized("Send your API key as 'Authorization: Bearer vg_...'.")
     tenant, key = await tenants_service.authenticate(session, credentials.credentials)
@@ -39,12 +39,12 @@ async def _authenticate(session: AsyncSession, credentials: HTTPAuthorizationCre
 async def current_caller(runtime: RuntimeDep, credentials: Credentials) -> Caller:
     """For routes that do slow work (submit): the key check is its own short transaction."""
     async with transaction(runtime.sessions, readonly=True) as session:
-        return await _authenticate(session, credentials)
+        return await authenticate(session, credentials)
 
 
 async def current_reader(session: ReadSessionDep, credentials: Credentials) -> Caller:
     """For read routes: the key check shares the request's read transaction (one round trip less)."""
-    return await _authenticate(session, credentials)
+    return await authenticate(session, credentials)
 
 
 CallerDep = Annotated[Caller, Depends(current_caller)]
