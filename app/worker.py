@@ -44,8 +44,8 @@ class Worker:
         writer = asyncio.create_task(self.poller.write_loop(self.stopping))
         recorder = asyncio.create_task(self.dispatcher.write_loop(self.stopping))
         await asyncio.gather(
-            self._loop(self.poller.run_once, IDLE_POLL_S),
-            self._loop(self.dispatcher.run_once, IDLE_DISPATCH_S),
+            self._loop(self.poller.run_once, IDLE_POLL_S, self.poller.room),
+            self._loop(self.dispatcher.run_once, IDLE_DISPATCH_S, self.dispatcher.room),
             self._loop(self.housekeeping, HOUSEKEEPING_S, always_sleep=True),
         )
         await self._drain(writer, recorder)
@@ -53,8 +53,18 @@ class Worker:
     def stop(self) -> None:
         self.stopping.set()
 
-    async def _loop(self, step: Callable[[], Awaitable[int]], idle_s: float, always_sleep: bool = False) -> None:
+    async def _loop(
+        self,
+        step: Callable[[], Awaitable[int]],
+        idle_s: float,
+        room: asyncio.Event | None = None,
+        always_sleep: bool = False,
+    ) -> None:
+        """Run `step` until stopped. When it found nothing to start, wait `idle_s` for new due rows,
+        or less: `room` is set the moment work in flight ends, so a full pipeline refills at once."""
         while not self.stopping.is_set():
+            if room is not None:
+                room.clear()
             try:
                 done = await step()
             except Exception as exc:
@@ -63,13 +73,20 @@ class Worker:
                     "worker step failed",
                     extra={"step": getattr(step, "__name__", "step"), "error_type": type(exc).__name__},
                 )
-                done = 0
-                idle_s_now = max(idle_s, 1.0)
-            else:
-                idle_s_now = idle_s
+                await self._pause(max(idle_s, 1.0), None)
+                continue
             if done == 0 or always_sleep:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), idle_s_now)
+                await self._pause(idle_s, room)
+
+    async def _pause(self, seconds: float, room: asyncio.Event | None) -> None:
+        waits = [asyncio.ensure_future(self.stopping.wait())]
+        if room is not None:
+            waits.append(asyncio.ensure_future(room.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
 
     async def _drain(self, writer: asyncio.Task[None], recorder: asyncio.Task[None]) -> None:
         """Graceful stop: let in-flight polls and deliveries finish and be stored, then hand back every

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -133,3 +134,28 @@ async def test_prediction_past_max_age_fails_with_gateway_message(
     await eventually(lambda: _is(tenant, pred["id"], "failed"), what="max-age failure")
     final = (await tenant.get(f"/api/v1/predictions/{pred['id']}")).json()
     assert final["error"].startswith("vidgate gave up")
+
+
+@pytest.mark.parametrize("settings_overrides", [{"worker_concurrency": 2}])
+async def test_a_full_poller_refills_when_results_are_stored_not_on_its_idle_timer(
+    live_api: Api, sim: SimState, monkeypatch: pytest.MonkeyPatch, settings_overrides: dict[str, Any]
+) -> None:
+    import app.worker
+
+    # Were the refill left to the idle timer, 2 rows in flight for 8 predictions would take minutes.
+    monkeypatch.setattr(app.worker, "IDLE_POLL_S", 60.0)
+    monkeypatch.setattr(app.worker, "IDLE_DISPATCH_S", 60.0)
+    sim.config.completion_s = 0  # every first poll sees the end
+    tenant = await live_api.tenant()
+    ids = [(await tenant.submit(valid_body())).json()["id"] for _ in range(8)]
+    process = app.worker.Worker(live_api.runtime)
+    task = asyncio.create_task(process.run())
+    try:
+
+        async def all_completed() -> bool:
+            return all([await _status(tenant, i) == "completed" for i in ids])
+
+        await eventually(all_completed, timeout=10, what="every prediction to be polled to its end")
+    finally:
+        process.stop()
+        await asyncio.wait_for(task, 30)

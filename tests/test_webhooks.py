@@ -686,10 +686,12 @@ async def test_slow_receiver_neither_blocks_others_nor_exceeds_its_cap(
         verify(fast_tenant.data["webhookSecret"], item)
 
     async def first_batch_timed_out() -> bool:
-        return sorted(await slow_attempts()) == [0] * (8 - cap) + [1] * cap and slow.open_now == cap
+        return sorted(await slow_attempts()) == [0] * (8 - cap) + [1] * cap and slow.open_now == 1
 
-    await eventually(first_batch_timed_out, timeout=20, what="the first slow batch to time out, the next to start")
-    assert len(slow.requests) == 2 * cap
+    # An endpoint that answered nothing gets one delivery at a time until it answers again: a dead
+    # receiver must not sit on `cap` slots for a whole timeout, again and again.
+    await eventually(first_batch_timed_out, timeout=20, what="the first slow batch to time out, one more to start")
+    assert len(slow.requests) == cap + 1
     timed_out = [i for i in slow_ids if (await db_row(rt, i)).attempts == 1]
     for delivery_id in timed_out:
         row = await db_row(rt, delivery_id)
@@ -697,7 +699,7 @@ async def test_slow_receiver_neither_blocks_others_nor_exceeds_its_cap(
         assert row.last_status_code is None
         assert (row.last_error or "").startswith("timed out"), row.last_error
 
-    slow.release.set()  # the receiver recovers: the held requests are answered 204
+    slow.release.set()  # the receiver recovers: the held request is answered 204, the rest follow
 
     async def rest_succeeded() -> bool:
         rows = [await db_row(rt, i) for i in slow_ids if i not in timed_out]
@@ -706,6 +708,30 @@ async def test_slow_receiver_neither_blocks_others_nor_exceeds_its_cap(
     await eventually(rest_succeeded, what="the held slow deliveries to succeed")
     assert slow.max_open == cap, f"{slow.max_open} requests open at once on one endpoint, cap {cap}"
     assert len(slow.requests) == 8
+
+
+@pytest.mark.parametrize("settings_overrides", [fast(webhook_concurrency=2, webhook_per_endpoint_concurrency=2)])
+async def test_a_full_dispatcher_refills_when_a_delivery_ends_not_on_its_idle_timer(
+    live_api: Api, receiver_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.worker
+
+    # Were the refill left to the idle timer, 2 slots for 10 deliveries would take 4 more minutes.
+    monkeypatch.setattr(app.worker, "IDLE_DISPATCH_S", 60.0)
+    monkeypatch.setattr(app.worker, "IDLE_POLL_S", 60.0)
+    receiver: Receiver = await receiver_factory()
+    tenant = await live_api.tenant(name="refill", webhookUrl=receiver.url)
+    inserted = await insert_deliveries(
+        live_api.runtime, [{"tenant_id": tenant.id, "url": receiver.url} for _ in range(10)]
+    )
+    process = Worker(live_api.runtime)
+    task = asyncio.create_task(process.run())
+    try:
+        seen = {header(await receiver.next(timeout=10), "webhook-id") for _ in range(10)}
+    finally:
+        process.stop()
+        await asyncio.wait_for(task, 30)
+    assert seen == set(inserted)
 
 
 # ---------------------------------------------------------------- crash safety

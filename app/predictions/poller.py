@@ -87,11 +87,15 @@ class Poller:
         self.tasks: set[asyncio.Task[None]] = set()
         self.outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
         self.unwritten = 0  # claimed rows whose result is not stored yet: bounds the work in flight
+        # Set when stored results make room again after run_once found none.
+        self.room = asyncio.Event()
+        self.full = False
 
     async def run_once(self) -> int:
         settings = self.runtime.settings
         free = settings.worker_concurrency - self.unwritten
-        if free <= 0:
+        self.full = free <= 0
+        if self.full:
             return 0
         claimed = await claim_due(self.runtime, min(free, settings.poll_batch_size))
         self.unwritten += len(claimed)
@@ -136,6 +140,9 @@ class Poller:
                 log.error("storing poll results failed", extra={"error_type": type(exc).__name__, "rows": len(batch)})
             finally:
                 self.unwritten -= len(batch)
+                if self.full:
+                    self.full = False
+                    self.room.set()
 
     async def write(self, batch: list[Outcome]) -> None:
         runtime = self.runtime

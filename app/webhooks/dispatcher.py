@@ -49,21 +49,29 @@ class Dispatcher:
         self.tasks: set[asyncio.Task[None]] = set()
         self.attempts: asyncio.Queue[Attempt] = asyncio.Queue()
         self.busy_hosts: Counter[str] = Counter()
+        # Endpoints whose last attempt got no answer (timeout, refused): one delivery at a time until
+        # one is answered, so a dead receiver does not sit on slots that healthy ones could use.
+        self.unanswered_hosts: set[str] = set()
+        # Set when a delivery ends after run_once found every slot, or every due endpoint's, taken.
+        self.room = asyncio.Event()
+        self.waiting_for_room = False
+
+    def _cap(self, host: str) -> int:
+        return 1 if host in self.unanswered_hosts else self.runtime.settings.webhook_per_endpoint_concurrency
 
     def _saturated(self) -> list[str]:
-        cap = self.runtime.settings.webhook_per_endpoint_concurrency
-        return [host for host, n in self.busy_hosts.items() if n >= cap]
+        return [host for host, n in self.busy_hosts.items() if n >= self._cap(host)]
 
     async def run_once(self) -> int:
         settings = self.runtime.settings
         free = settings.webhook_concurrency - len(self.tasks)
         if free <= 0:
+            self.waiting_for_room = True
             return 0
         claimed = await self._claim(free)
-        cap = settings.webhook_per_endpoint_concurrency
         started, excess = [], []
         for delivery in claimed:
-            if self.busy_hosts[delivery.target_host] >= cap:
+            if self.busy_hosts[delivery.target_host] >= self._cap(delivery.target_host):
                 excess.append(delivery.id)
                 continue
             self.busy_hosts[delivery.target_host] += 1
@@ -76,6 +84,7 @@ class Dispatcher:
                 task = asyncio.create_task(self._deliver(delivery, secrets.get(delivery.tenant_id, [])))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
+        self.waiting_for_room = not started and bool(self.busy_hosts)
         return len(started)
 
     async def _claim(self, limit: int) -> list[WebhookDelivery]:
@@ -122,11 +131,18 @@ class Dispatcher:
     async def _deliver(self, delivery: WebhookDelivery, secrets: list[str]) -> None:
         try:
             status, error, retry_after, latency_ms = await self._post(delivery, secrets)
+            if status is None:
+                self.unanswered_hosts.add(delivery.target_host)
+            else:
+                self.unanswered_hosts.discard(delivery.target_host)
             self.attempts.put_nowait(Attempt(delivery, clock.now(), status, error, retry_after, latency_ms))
         finally:
             self.busy_hosts[delivery.target_host] -= 1
             if self.busy_hosts[delivery.target_host] <= 0:
                 del self.busy_hosts[delivery.target_host]
+            if self.waiting_for_room:
+                self.waiting_for_room = False
+                self.room.set()
 
     async def write_loop(self, stopping: asyncio.Event) -> None:
         """Record attempts as they finish, many per transaction. Runs until stopped and drained."""
