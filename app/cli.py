@@ -122,7 +122,7 @@ def worker() -> None:
         raise typer.Exit(2)
 
     async def run() -> None:
-        engine = create_engine(settings.database_url)
+        engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
         runtime = build_runtime(settings, engine, create_sessionmaker(engine))
         process = Worker(runtime)
         loop = asyncio.get_running_loop()

@@ -35,7 +35,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         return
     settings: Settings = app.state.settings
     settings.require_safe_for_production()
-    engine = create_engine(settings.database_url)
+    engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
     sessions = create_sessionmaker(engine)
     public_base_url = settings.public_base_url or "http://127.0.0.1:8000"
     simulator = None

@@ -83,7 +83,7 @@ async def database_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
 
 @pytest.fixture(scope="session")
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database_url)
+    engine = create_engine(database_url, pool_size=20)
     await upgrade_to_head(engine)
     yield engine
     await engine.dispose()

@@ -268,7 +268,10 @@ class Gateway:
 
     async def submit_ok(self, key: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         answer = await self.submit(key, body)
-        assert answer.status_code == 200, answer.text
+        if answer.status_code != 200:
+            # The gateway's own account of a failure is in its log, not in the problem it answered.
+            errors = [line for line in self.proc.stderr if '"level":"error"' in line or "Traceback" in line]
+            raise AssertionError(f"{answer.status_code} {answer.text}\ngateway errors:\n" + "\n".join(errors[-5:]))
         return dict(answer.json())
 
     async def prediction(self, key: str, prediction_id: str) -> dict[str, Any]:
@@ -426,6 +429,9 @@ def gateway_env(db: str, sim: Simulator, **extra: str | None) -> dict[str, str]:
         VIDGATE_WEBHOOK_ALLOW_PRIVATE="true",
         VIDGATE_POLL_INTERVAL_S="0.3",
         VIDGATE_LEASE_S="3",
+        # Two test workers start up to three gateways each beside their own pools: PostgreSQL here
+        # admits 100 connections in all.
+        VIDGATE_DATABASE_POOL_SIZE="10",
     )
     values.update(extra)
     return base_env(**values)

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VIDGATE_", env_file=".env", extra="ignore", populate_by_name=True)
 
     database_url: str = f"sqlite:///{DEFAULT_SQLITE_PATH}"
+    # PostgreSQL connections per process, all opened on demand and kept (no overflow: overflow
+    # connections churn exactly when load is highest). Processes x this must stay under max_connections.
+    database_pool_size: int = Field(default=40, ge=1, le=1000)
     upstream_base_url: str = "https://api.vibedream.ai"
     upstream_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("VIDGATE_UPSTREAM_API_KEY", "VIBEDREAM_API_KEY")
