@@ -26,7 +26,7 @@ from app.webhooks.dispatcher import Dispatcher
 
 log = logging.getLogger("vidgate.worker")
 
-IDLE_POLL_S = 0.2
+IDLE_POLL_S = 0.1  # with nothing due: how long a row that comes due may wait for its claim
 IDLE_DISPATCH_S = 0.1
 HOUSEKEEPING_S = 10.0
 SHUTDOWN_GRACE_S = 10.0

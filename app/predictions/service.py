@@ -207,8 +207,8 @@ async def submit(
     status_url_base: str,
 ) -> SubmitResult:
     check_submittable(runtime, model_id, request)
-    fingerprint = request_fingerprint(model_id, request)
     prediction_id = new_id("pred")
+    fingerprint = request_fingerprint(model_id, request) if idempotency_key is not None else ""
 
     # Transaction 1: claim the idempotency key, pass the limits and hold the estimate. Committed
     # before the upstream call, so concurrent requests and other replicas see the hold.
