@@ -155,7 +155,95 @@ def _met(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**met**" if ok else "**missed**")
 
 
-def write(r: dict[str, Any], out: Path, *, smoke: bool) -> None:
+def _black_hole_ratio(r: dict[str, Any]) -> float | None:
+    return _ratio(_get(r, "webhooks", "with a black hole", "rate"), _get(r, "webhooks", "healthy only", "rate"))
+
+
+# (what, how to read it from a results.json, unit, digits, whether higher is better)
+BEFORE_AFTER: list[tuple[str, Any, str, int, bool]] = [
+    (
+        "submit req/s, vidgate-postgresql, c=32",
+        lambda r: _get(r, "submit", "vidgate-postgresql", "32", "rps"),
+        "",
+        0,
+        True,
+    ),
+    (
+        "submit share of floor, vidgate-postgresql, c=32",
+        lambda r: _ratio(_get(r, "submit", "vidgate-postgresql", "32", "rps"), _get(r, "submit", "floor", "32", "rps")),
+        "",
+        3,
+        True,
+    ),
+    (
+        "submit p50 ms, vidgate-postgresql, c=1",
+        lambda r: _get(r, "submit", "vidgate-postgresql", "1", "p50"),
+        "",
+        2,
+        False,
+    ),
+    (
+        "submit p50 ms, vidgate-postgresql, c=8",
+        lambda r: _get(r, "submit", "vidgate-postgresql", "8", "p50"),
+        "",
+        1,
+        False,
+    ),
+    (
+        "submit p99 ms, vidgate-postgresql, c=32",
+        lambda r: _get(r, "submit", "vidgate-postgresql", "32", "p99"),
+        "",
+        0,
+        False,
+    ),
+    ("submit req/s, vidgate-sqlite, c=32", lambda r: _get(r, "submit", "vidgate-sqlite", "32", "rps"), "", 0, True),
+    ("submit p99 ms, vidgate-sqlite, c=32", lambda r: _get(r, "submit", "vidgate-sqlite", "32", "p99"), "", 0, False),
+    ("submit p99 ms, vidgate-sqlite, c=128", lambda r: _get(r, "submit", "vidgate-sqlite", "128", "p99"), "", 0, False),
+    ("GET req/s, vidgate-postgresql, c=32", lambda r: _get(r, "reads", "vidgate-postgresql", "32", "rps"), "", 0, True),
+    (
+        "GET share of the simulator's GET, vidgate-postgresql, c=32",
+        lambda r: _ratio(_get(r, "reads", "vidgate-postgresql", "32", "rps"), _get(r, "reads", "direct", "32", "rps")),
+        "",
+        3,
+        True,
+    ),
+    ("GET req/s, vidgate-sqlite, c=32", lambda r: _get(r, "reads", "vidgate-sqlite", "32", "rps"), "", 0, True),
+    ("contention: one tenant req/s, c=32", lambda r: _get(r, "contention", "one tenant", "rps"), "", 0, True),
+    ("polling: submits/s while filling 10k in flight", lambda r: _get(r, "polling", "submit_rps"), "", 0, True),
+    ("polling: poll lag p99 s", lambda r: _get(r, "polling", "poll_lag_p99"), "", 2, False),
+    ("polling: notification lag p99 s", lambda r: _get(r, "polling", "notify_e2e_p99"), "", 2, False),
+    ("polling: peak RSS MB", lambda r: _get(r, "polling", "peak_rss_mb"), "", 0, False),
+    ("webhooks/s, healthy receivers", lambda r: _get(r, "webhooks", "healthy only", "rate"), "", 0, True),
+    ("webhooks: healthy rate with a black hole / without", _black_hole_ratio, "", 2, True),
+]
+
+
+def _before_after_section(r: dict[str, Any], before: dict[str, Any] | None, w: Any) -> None:
+    if not before:
+        return
+    bmeta = before.get("meta", {})
+    w("## Before and after the fixes")
+    w("")
+    w(
+        f"*Before* is the run of git {bmeta.get('git')} ({bmeta.get('date')}, `{bmeta.get('command')}`, kept in "
+        "`bench/before/results.json`), the code the profiles in `FINDINGS.md` were taken from; *after* is this run. "
+        "Both ran on this machine with the same plan; the shares against the floor and the simulator are measured within "
+        "each run, so they are the fairest comparison on a shared machine. `FINDINGS.md` says which change moved which number."
+    )
+    w("")
+    w("| metric | before | after | after / before |")
+    w("|---|---|---|---|")
+    for label, read, unit, digits, higher in BEFORE_AFTER:
+        old, new = read(before), read(r)
+        change = _ratio(new, old)
+        mark = ""
+        if change is not None and abs(change - 1.0) > 0.05:
+            mark = " (better)" if (change > 1.0) == higher else " (worse)"
+        w(f"| {label} | {_f(old, digits, unit)} | {_f(new, digits, unit)} | {_f(change, 2, 'x')}{mark} |")
+    w("")
+
+
+def write(r: dict[str, Any], out: Path, *, smoke: bool, before: dict[str, Any] | None = None) -> None:
     charts = _charts(r, out)
     meta = r.get("meta", {})
     plan = r.get("plan", {})
@@ -216,6 +304,7 @@ def write(r: dict[str, Any], out: Path, *, smoke: bool) -> None:
     for g in goals(r):
         w(f"| {g['goal']} | {g['measured']} | {g['target']} | {_met(g['met'])} |")
     w("")
+    _before_after_section(r, None if smoke else before, w)
     w("## How it was measured")
     w("")
     w(

@@ -1121,10 +1121,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="RESULTS_JSON",
         help="measure nothing: rewrite results.md and the charts next to an existing results.json",
     )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=BENCH_DIR / "before" / "results.json",
+        help="an earlier run's results.json to compare with in the report's before/after table",
+    )
     args = parser.parse_args(argv)
+    before = json.loads(args.before.read_text()) if args.before and args.before.exists() else None
     if args.report_only:
         results = json.loads(args.report_only.read_text())
-        report.write(results, args.report_only.parent, smoke=results.get("plan", {}).get("name") == "smoke")
+        report.write(
+            results, args.report_only.parent, smoke=results.get("plan", {}).get("name") == "smoke", before=before
+        )
         print(f"bench: wrote {args.report_only.parent / 'results.md'}", flush=True)
         return 0
     plan = SMOKE if args.smoke else FULL
@@ -1151,7 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             print(f"bench: could not drop the run's databases {bench.databases}: {exc}", file=sys.stderr)
     (out_dir / "results.json").write_text(json.dumps(bench.results, indent=1, default=str))
-    report.write(bench.results, out_dir, smoke=args.smoke)
+    report.write(bench.results, out_dir, smoke=args.smoke, before=before)
     print(f"bench: wrote {out_dir / 'results.md'}", flush=True)
     if args.keep or bench.results.get("had_errors"):
         print(f"bench: process logs kept in {bench.workdir}", flush=True)
