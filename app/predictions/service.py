@@ -220,7 +220,7 @@ async def submit(
         prediction, estimate = await _hold_and_record(session, runtime, tenant, key, model_id, request, prediction_id)
 
     try:
-        submitted = await runtime.upstream.submit(model_id, request.upstream_body())
+        submitted = await runtime.upstream.submit(model_id, prediction.params)  # exactly what was recorded
     except (UpstreamRefused, UpstreamUnavailable) as exc:
         async with transaction(runtime.sessions) as session:
             await _abandon(session, prediction, reason=f"upstream did not accept the prediction: {exc}", key=key)
