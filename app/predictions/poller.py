@@ -87,15 +87,12 @@ class Poller:
         self.tasks: set[asyncio.Task[None]] = set()
         self.outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
         self.unwritten = 0  # claimed rows whose result is not stored yet: bounds the work in flight
-        # Set when stored results make room again after run_once found none.
-        self.room = asyncio.Event()
-        self.full = False
+        self.room = asyncio.Event()  # set when stored results free room in a full pipeline
 
     async def run_once(self) -> int:
         settings = self.runtime.settings
         free = settings.worker_concurrency - self.unwritten
-        self.full = free <= 0
-        if self.full:
+        if free <= 0:
             return 0
         claimed = await claim_due(self.runtime, min(free, settings.poll_batch_size))
         self.unwritten += len(claimed)
@@ -139,9 +136,9 @@ class Poller:
                 # Nothing is lost: the leases expire and the rows are polled again.
                 log.error("storing poll results failed", extra={"error_type": type(exc).__name__, "rows": len(batch)})
             finally:
+                was_full = self.unwritten >= self.runtime.settings.worker_concurrency
                 self.unwritten -= len(batch)
-                if self.full:
-                    self.full = False
+                if was_full:
                     self.room.set()
 
     async def write(self, batch: list[Outcome]) -> None:
