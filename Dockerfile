@@ -13,10 +13,7 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 RUN useradd --system --uid 10001 --home-dir /srv vidgate
 WORKDIR /srv
 COPY --from=build /opt/venv /opt/venv
-# The migrations and alembic.ini are found next to the app package (PROJECT_ROOT), so run from source.
 COPY --chown=vidgate:vidgate app ./app
-COPY --chown=vidgate:vidgate migrations ./migrations
-COPY --chown=vidgate:vidgate alembic.ini ./
 ENV PYTHONPATH=/srv VIDGATE_DATABASE_URL=sqlite:////srv/data/vidgate.db
 RUN mkdir -p /srv/data && chown vidgate:vidgate /srv/data
 USER vidgate

@@ -21,8 +21,8 @@ serve: $(STAMP)
 	$(BIN)/vidgate serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check app tests migrations bench
-	$(BIN)/ruff format --check app tests migrations bench
+	$(BIN)/ruff check app tests bench
+	$(BIN)/ruff format --check app tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

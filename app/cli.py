@@ -89,7 +89,8 @@ def serve(
         typer.echo("error: several server processes need PostgreSQL (VIDGATE_DATABASE_URL).", err=True)
         raise typer.Exit(2)
     uvicorn.run(
-        "app.main:app",
+        "app.main:app_from_environment",
+        factory=True,
         host=host,
         port=port,
         workers=workers,
@@ -183,7 +184,7 @@ def simulator(
 
 
 def _check_webhook_url(url: str | None) -> None:
-    from app.webhooks.ssrf import ForbiddenTarget, check_url
+    from app.core.ssrf import ForbiddenTarget, check_url
 
     if url is None:
         return

@@ -18,8 +18,8 @@ from app.core.errors import install_error_handlers
 from app.core.logging import configure_logging
 from app.core.middleware import RequestContextMiddleware
 from app.core.migrate import upgrade_to_head
-from app.core.ops_router import router as ops_router
 from app.core.settings import Settings, get_settings
+from app.ops import router as ops_router
 from app.predictions.router import router as predictions_router
 from app.runtime import Runtime, build_runtime
 from app.upstream import sandbox
@@ -87,10 +87,22 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     return app
 
 
-def _default_app() -> FastAPI:
+def app_from_environment() -> FastAPI:
+    """The factory `vidgate serve` hands to uvicorn (`factory=True`): settings are read when the server
+    starts, never when this module is imported."""
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
     return create_app(settings)
 
 
-app = _default_app()
+_from_environment: FastAPI | None = None
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `app.main:app` (SPEC §6) for ASGI servers run by hand: built on first access, not at import.
+    global _from_environment
+    if name != "app":
+        raise AttributeError(name)
+    if _from_environment is None:
+        _from_environment = app_from_environment()
+    return _from_environment

@@ -435,7 +435,7 @@ class Bench:
         self.results["timings"]["total"] = time.monotonic() - started
         self.results["meta"]["app_digest_end"] = app_digest()
         if self.results["meta"]["app_digest_end"] != self.results["meta"]["app_digest"]:
-            self.log("WARNING: app/ or migrations/ changed on disk during the run; later phases ran newer code")
+            self.log("WARNING: app/ changed on disk during the run; later phases ran newer code")
         self.results["profiles"] = self.profiles
         self.log(f"done in {self.results['timings']['total']:.0f} s")
 
@@ -995,12 +995,12 @@ class Bench:
 
 
 def app_digest() -> str:
-    """A digest of the gateway's code as it is on disk (app/ and migrations/): the servers a run starts
+    """A digest of the gateway's code as it is on disk (app/, migrations included): the servers a run starts
     import whatever is there at that moment, so a change mid-run is worth knowing about."""
     import hashlib
 
     h = hashlib.sha256()
-    for folder in ("app", "migrations"):
+    for folder in ("app",):
         for path in sorted((ROOT / folder).rglob("*.py")):
             h.update(str(path.relative_to(ROOT)).encode())
             h.update(path.read_bytes())
@@ -1042,7 +1042,7 @@ def machine_info(command: str) -> dict[str, Any]:
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "app", "migrations", "pyproject.toml"],
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "app", "pyproject.toml"],
             capture_output=True,
             text=True,
             check=False,

@@ -1,4 +1,4 @@
-"""Unit vectors for the webhook SSRF guard (app.webhooks.ssrf)."""
+"""Unit vectors for the webhook SSRF guard (app.core.ssrf)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.webhooks.ssrf import (
+from app.core.ssrf import (
     ForbiddenTarget,
     GuardedResolver,
     check_url,

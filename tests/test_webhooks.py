@@ -27,13 +27,13 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from app.core import clock
 from app.core.database import create_sessionmaker, transaction
 from app.core.ids import new_id
+from app.core.ssrf import forbidden_reason, parse_ip_literal
 from app.predictions import service as predictions_service
 from app.runtime import Runtime, build_runtime
 from app.tenants.service import new_webhook_secret
 from app.upstream.simulator import SimState
 from app.webhooks.models import WebhookAttempt, WebhookDelivery
 from app.webhooks.service import target_host
-from app.webhooks.ssrf import forbidden_reason, parse_ip_literal
 from app.worker import Worker
 from tests.conftest import Api, Received, Receiver, Tenant, eventually, make_settings, valid_body
 

@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.core.deps import RuntimeDep
 from app.core.errors import AppError
 from app.core.settings import SANDBOX_ADMIN_TOKEN
+from app.deps import RuntimeDep
 
 bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken", description="VIDGATE_ADMIN_TOKEN")
 

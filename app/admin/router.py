@@ -13,9 +13,10 @@ from app.admin import service as admin_service
 from app.admin.deps import require_admin
 from app.budgets import service as budgets_service
 from app.budgets.router import present_usage
-from app.core.deps import RuntimeDep, SessionDep
 from app.core.errors import InvalidRequest
 from app.core.responses import json_response
+from app.core.ssrf import ForbiddenTarget, check_url
+from app.deps import RuntimeDep, SessionDep
 from app.tenants import service as tenants_service
 from app.tenants.models import ApiKey, Tenant
 from app.tenants.schemas import (
@@ -32,7 +33,6 @@ from app.tenants.schemas import (
 from app.webhooks import router as webhooks_router
 from app.webhooks import service as webhooks_service
 from app.webhooks.schemas import DeliveryDetail, DeliveryList
-from app.webhooks.ssrf import ForbiddenTarget, check_url
 
 router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(require_admin)])
 

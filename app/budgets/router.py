@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from app.budgets import service as budgets_service
 from app.budgets.schemas import UsageOut
-from app.core.deps import ReadSessionDep
+from app.deps import ReadSessionDep
 from app.tenants.deps import ReaderDep
 
 router = APIRouter(prefix="/api/v1", tags=["usage"])

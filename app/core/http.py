@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from app.webhooks.ssrf import GuardedResolver
+from app.core.ssrf import GuardedResolver
 
 
 def upstream_session(*, concurrency: int, timeout_s: float) -> aiohttp.ClientSession:

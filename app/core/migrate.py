@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -9,12 +11,12 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.core.settings import PROJECT_ROOT
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the `app` package: the migrations ship inside it
 
 
 def alembic_config(url: str | None = None) -> Config:
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
+    config = Config(str(PACKAGE_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(PACKAGE_ROOT / "migrations"))
     if url:
         config.set_main_option("sqlalchemy.url", url)
     return config

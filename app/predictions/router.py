@@ -6,9 +6,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 
 from app.core.database import transaction
-from app.core.deps import ReadSessionDep, RuntimeDep
 from app.core.errors import InvalidRequest
 from app.core.responses import json_response
+from app.deps import ReadSessionDep, RuntimeDep
 from app.predictions import service as predictions_service
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, SubmitOut
 from app.tenants.deps import CallerDep, Credentials, ReaderDep, authenticate

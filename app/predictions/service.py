@@ -23,6 +23,7 @@ from app.core import clock, metrics
 from app.core.database import insert_ignore, table_of, transaction
 from app.core.errors import AppError, Conflict, InvalidRequest, NotFound
 from app.core.ids import new_id
+from app.core.ssrf import ForbiddenTarget, check_url
 from app.predictions.models import IdempotencyKey, Prediction
 from app.predictions.schemas import GenerateRequest
 from app.runtime import Runtime
@@ -30,7 +31,6 @@ from app.tenants.models import ApiKey, Tenant
 from app.upstream.client import UpstreamRefused, UpstreamUnavailable
 from app.upstream.schemas import UpstreamPrediction, UpstreamSubmitted
 from app.webhooks import service as webhooks_service
-from app.webhooks.ssrf import ForbiddenTarget, check_url
 
 log = logging.getLogger("vidgate.predictions")
 

@@ -10,9 +10,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.database import transaction
-from app.core.deps import ReadSessionDep, RuntimeDep
 from app.core.errors import Unauthorized
 from app.core.logging import tenant_id_var
+from app.deps import ReadSessionDep, RuntimeDep
 from app.tenants import service as tenants_service
 from app.tenants.models import ApiKey, Tenant
 

@@ -18,12 +18,12 @@ from sqlalchemy import select, update
 from app.core import clock, metrics
 from app.core.batching import batches
 from app.core.database import transaction
+from app.core.ssrf import ForbiddenTarget, check_url
 from app.runtime import Runtime
 from app.tenants import service as tenants_service
 from app.tenants.models import Tenant
 from app.webhooks.models import WebhookAttempt, WebhookDelivery
 from app.webhooks.signing import signature_header
-from app.webhooks.ssrf import ForbiddenTarget, check_url
 
 log = logging.getLogger("vidgate.webhooks")
 

@@ -4,7 +4,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 
-from app.core.deps import ReadSessionDep
+from app.deps import ReadSessionDep
 from app.tenants.deps import ReaderDep
 from app.webhooks import service as webhooks_service
 from app.webhooks.schemas import DeliveryDetail, DeliveryList

@@ -8,10 +8,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from app.core.database import transaction
-from app.core.deps import RuntimeDep
 from app.core.errors import NotFound
 from app.core.migrate import current_revision, head_revision
 from app.core.responses import json_response
+from app.deps import RuntimeDep
 from app.upstream.simulator import SANDBOX_MP4
 
 router = APIRouter(tags=["operations"])
