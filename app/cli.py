@@ -8,12 +8,12 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 import orjson
 import typer
 
+from app.core.responses import dumps
 from app.core.settings import Settings, get_settings
 
 T = TypeVar("T")
@@ -33,15 +33,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tex
 
 def _emit(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
     if as_json:
-        typer.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2, default=_default).decode())
+        typer.echo(dumps(data, option=orjson.OPT_INDENT_2).decode())
     else:
         typer.echo(text(data))
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat().replace("+00:00", "Z")
-    raise TypeError
 
 
 def _with_session(work: Callable[[Any], Awaitable[T]]) -> T:
