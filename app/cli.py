@@ -461,10 +461,16 @@ def deliveries_redeliver(delivery_id: str, as_json: JsonOpt = False) -> None:
 
 
 def main() -> None:
+    from pydantic import ValidationError
+
     try:
         Settings()
-    except Exception as exc:
-        typer.echo(f"error: invalid settings: {exc}", err=True)
+    except ValidationError as exc:
+        # One line per bad setting, named as it is set: VIDGATE_<FIELD>.
+        for error in exc.errors():
+            name = "".join(f"VIDGATE_{str(part).upper()}" for part in error["loc"][:1])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            typer.echo(f"error: invalid settings: {name + ': ' if name else ''}{message}", err=True)
         sys.exit(2)
     cli()
 

@@ -318,7 +318,7 @@ async def test_a_bogus_host_is_refused_not_echoed(api: Api, host: str) -> None:
 
 @pytest.mark.parametrize("value", ["ftp://x.example", "vidgate.example.com", "https://x.example/?q=1", "https://"])
 def test_public_base_url_must_be_an_http_url(value: str) -> None:
-    with pytest.raises(ValueError, match="VIDGATE_PUBLIC_BASE_URL"):
+    with pytest.raises(ValueError, match="public_base_url"):
         Settings(_env_file=None, public_base_url=value)
 
 

@@ -101,7 +101,7 @@ class Settings(BaseSettings):
             return None
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-            raise ValueError("VIDGATE_PUBLIC_BASE_URL must be an http(s) URL such as https://vidgate.example.com")
+            raise ValueError("must be an http(s) URL without query or fragment, such as https://vidgate.example.com")
         return value.rstrip("/")
 
     @field_validator("trusted_proxies", mode="before")
