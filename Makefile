@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/vidgate serve
+	$(BIN)/vidgate serve --sandbox
 
 lint: $(STAMP)
 	$(BIN)/ruff check app tests bench

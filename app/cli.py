@@ -4,16 +4,16 @@ running server, from any working directory, with the same VIDGATE_* settings."""
 from __future__ import annotations
 
 import asyncio
-import os
+import functools
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 import typer
 
+from app.core.responses import dumps
 from app.core.settings import Settings, get_settings
 
 T = TypeVar("T")
@@ -33,15 +33,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tex
 
 def _emit(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
     if as_json:
-        typer.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2, default=_default).decode())
+        typer.echo(dumps(data, option=orjson.OPT_INDENT_2).decode())
     else:
         typer.echo(text(data))
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat().replace("+00:00", "Z")
-    raise TypeError
 
 
 def _with_session(work: Callable[[Any], Awaitable[T]]) -> T:
@@ -71,25 +65,36 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(help="Server processes (PostgreSQL only).")] = 1,
+    sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--sandbox",
+            help="Answer from a built-in simulator of the vendor API, with a demo tenant: no vendor account "
+            "needed, nothing billed (also VIDGATE_SANDBOX=true).",
+        ),
+    ] = False,
 ) -> None:
     """Run the API (and, unless VIDGATE_RUN_WORKER=false, the poller and webhook dispatcher)."""
     import uvicorn
 
+    from app.main import app_from_environment
+
     settings = get_settings()
-    try:
-        settings.require_safe_for_production()
-    except SystemExit as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    if not settings.public_base_url:
-        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
-        os.environ["VIDGATE_PUBLIC_BASE_URL"] = f"http://{shown}:{port}"
-        get_settings.cache_clear()
+    if sandbox:
+        settings = settings.model_copy(update={"sandbox": True})
+    _refuse_to_start(settings, "serve")
     if workers > 1 and settings.is_sqlite:
         typer.echo("error: several server processes need PostgreSQL (VIDGATE_DATABASE_URL).", err=True)
         raise typer.Exit(2)
+    if workers > 1 and settings.sandbox:
+        typer.echo("error: sandbox mode runs one server process (the simulator lives in it); drop --workers.", err=True)
+        raise typer.Exit(2)
+    # One process gets these settings as they are (with --sandbox); several re-read the environment.
+    app: Any = "app.main:app_from_environment"
+    if workers == 1:
+        app = functools.partial(app_from_environment, settings, _listen_url(host, port))
     uvicorn.run(
-        "app.main:app_from_environment",
+        app,
         factory=True,
         host=host,
         port=port,
@@ -104,6 +109,19 @@ def serve(
     )
 
 
+def _refuse_to_start(settings: Settings, role: Literal["serve", "worker"]) -> None:
+    refusal = settings.startup_refusal(role)
+    if refusal is not None:
+        typer.echo(f"error: {refusal}", err=True)
+        raise typer.Exit(2)
+
+
+def _listen_url(host: str, port: int) -> str:
+    """Where a local client reaches `serve` (a wildcard address is reachable on loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 @cli.command()
 def worker() -> None:
     """Run only the poller and the webhook dispatcher (no HTTP API)."""
@@ -113,14 +131,15 @@ def worker() -> None:
     from app.worker import Worker
 
     settings = get_settings()
-    configure_logging(settings.log_level, settings.log_json)
-    if settings.sandbox and not os.environ.get("VIDGATE_UPSTREAM_BASE_URL"):
+    _refuse_to_start(settings, "worker")
+    if settings.sandbox and "upstream_base_url" not in settings.model_fields_set:
         typer.echo(
-            "error: a worker without VIDGATE_UPSTREAM_API_KEY needs VIDGATE_UPSTREAM_BASE_URL "
-            "(the simulator's address); in sandbox mode `vidgate serve` runs the worker itself.",
+            "error: in sandbox mode `vidgate serve` runs the worker itself; a separate worker needs "
+            "VIDGATE_UPSTREAM_BASE_URL (a simulator's address).",
             err=True,
         )
         raise typer.Exit(2)
+    configure_logging(settings.log_level, settings.log_json)
 
     async def run() -> None:
         engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
@@ -442,10 +461,16 @@ def deliveries_redeliver(delivery_id: str, as_json: JsonOpt = False) -> None:
 
 
 def main() -> None:
+    from pydantic import ValidationError
+
     try:
         Settings()
-    except Exception as exc:
-        typer.echo(f"error: invalid settings: {exc}", err=True)
+    except ValidationError as exc:
+        # One line per bad setting, named as it is set: VIDGATE_<FIELD>.
+        for error in exc.errors():
+            name = "".join(f"VIDGATE_{str(part).upper()}" for part in error["loc"][:1])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            typer.echo(f"error: invalid settings: {name + ': ' if name else ''}{message}", err=True)
         sys.exit(2)
     cli()
 

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.database import transaction
+from app.core.public_url import public_base_url
 from app.runtime import Runtime
 
 
@@ -30,6 +31,12 @@ async def _read_session(runtime: Annotated[Runtime, Depends(get_runtime)]) -> As
         yield session
 
 
+async def _public_base_url(request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]) -> str:
+    return public_base_url(request, runtime.settings)
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+# The base of every link the gateway hands out (statusUrl, output links).
+PublicBaseUrlDep = Annotated[str, Depends(_public_base_url)]
 SessionDep = Annotated[AsyncSession, Depends(_session, scope="function")]
 ReadSessionDep = Annotated[AsyncSession, Depends(_read_session, scope="function")]

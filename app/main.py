@@ -35,15 +35,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield  # tests hand in a ready runtime
         return
     settings: Settings = app.state.settings
-    settings.require_safe_for_production()
+    refusal = settings.startup_refusal("serve")
+    if refusal is not None:
+        raise SystemExit(refusal)
     engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
     sessions = create_sessionmaker(engine)
-    public_base_url = settings.public_base_url or "http://127.0.0.1:8000"
+    # The sandbox's simulator writes output links before any request says where callers reach us:
+    # the address `serve` listens on stands in for it.
+    sandbox_base_url = settings.public_base_url or app.state.listen_url or "http://127.0.0.1:8000"
     simulator = None
     upstream_url = None
     if settings.sandbox:
         await upgrade_to_head(engine)
-        simulator, upstream_url = await sandbox.start(settings, public_base_url)
+        simulator, upstream_url = await sandbox.start(settings, sandbox_base_url)
     runtime = build_runtime(settings, engine, sessions, upstream_url)
     app.state.runtime = runtime
     worker_task = None
@@ -51,7 +55,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if settings.run_worker:
         worker_task = asyncio.create_task(worker.run())
     if settings.sandbox:
-        await sandbox.create_demo_key(sessions, settings, public_base_url)
+        await sandbox.create_demo_key(sessions, settings, sandbox_base_url)
     # Everything loaded so far lives as long as the process: move it out of the collector's sight,
     # so full collections under load only walk what requests allocate.
     gc.collect()
@@ -70,7 +74,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.runtime = None
 
 
-def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, runtime: Runtime | None = None, *, listen_url: str | None = None
+) -> FastAPI:
     settings = settings or (runtime.settings if runtime else get_settings())
     app = FastAPI(
         title="vidgate",
@@ -80,6 +86,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     )
     app.state.settings = settings
     app.state.runtime = runtime
+    app.state.listen_url = listen_url
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, sandbox=settings.sandbox)
     for router in (predictions_router, usage_router, webhooks_router, admin_router, ops_router):
@@ -87,12 +94,13 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     return app
 
 
-def app_from_environment() -> FastAPI:
+def app_from_environment(settings: Settings | None = None, listen_url: str | None = None) -> FastAPI:
     """The factory `vidgate serve` hands to uvicorn (`factory=True`): settings are read when the server
-    starts, never when this module is imported."""
-    settings = get_settings()
+    starts, never when this module is imported. `serve` passes its own (with --sandbox applied) and the
+    address it listens on."""
+    settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json)
-    return create_app(settings)
+    return create_app(settings, listen_url=listen_url)
 
 
 _from_environment: FastAPI | None = None

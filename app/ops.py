@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from app.admin.deps import is_admin_token
 from app.core.database import transaction
-from app.core.errors import NotFound
+from app.core.errors import AppError, NotFound
 from app.core.migrate import current_revision, head_revision
 from app.core.responses import json_response
 from app.deps import RuntimeDep
@@ -42,7 +47,40 @@ async def readyz(runtime: RuntimeDep) -> Response:
     return json_response({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics of this process", include_in_schema=False)
+class InvalidMetricsToken(AppError):
+    status = 401
+    code = "invalid_metrics_token"
+    title = "Missing or wrong metrics token"
+
+
+metrics_bearer = HTTPBearer(auto_error=False, scheme_name="MetricsToken", description="VIDGATE_METRICS_TOKEN")
+
+
+async def require_metrics_reader(
+    runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(metrics_bearer)]
+) -> None:
+    # The families carry every tenant id with its spend: open only in sandbox mode.
+    settings = runtime.settings
+    if settings.sandbox:
+        return
+    given = credentials.credentials if credentials else ""
+    metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else ""
+    if metrics_token and hmac.compare_digest(given.encode(), metrics_token.encode()):
+        return
+    if given and is_admin_token(settings, given):
+        return
+    raise InvalidMetricsToken(
+        "Send 'Authorization: Bearer <VIDGATE_METRICS_TOKEN>' (or the operator token).",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics of this process",
+    include_in_schema=False,
+    dependencies=[Depends(require_metrics_reader)],
+)
 async def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

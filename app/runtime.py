@@ -48,6 +48,11 @@ def build_runtime(
         timeout_s=settings.webhook_timeout_s,
         allow_private=settings.webhook_allow_private,
     )
-    key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else "sandbox"
+    # In sandbox mode a simulator answers: the vendor key, if one is set, is never sent to it.
+    key = (
+        settings.upstream_api_key.get_secret_value()
+        if settings.upstream_api_key and not settings.sandbox
+        else "sandbox"
+    )
     upstream = UpstreamClient(upstream_http, upstream_base_url or settings.upstream_base_url, key)
     return Runtime(settings, engine, sessions, upstream, upstream_http, webhook_http)

@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,21 +21,6 @@ from pathlib import Path
 import aiohttp
 
 _STATUS = re.compile(rb'"status":\s*(\d{3})')
-
-
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A free port never handed out before in this run: the run's HTTP client keeps idle keep-alive
-    connections, and one to a stopped server must never be reused for a new server on its port."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
 
 
 @dataclass

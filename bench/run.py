@@ -30,7 +30,8 @@ import aiohttp
 
 from bench import httpclients, profiling, report
 from bench.loadgen import Load, have_wrk, run_load
-from bench.procs import CpuMeter, Proc, Processes, cpu_seconds, free_port, proc_status_kb, wait_http
+from bench.ports import free_port
+from bench.procs import CpuMeter, Proc, Processes, cpu_seconds, proc_status_kb, wait_http
 from bench.stats import histogram, histogram_quantile, median, parse_prometheus, percentile, share_above
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -741,7 +742,7 @@ class Bench:
             finished = time.time()
             await self.finish_profile(prof, "polling-postgresql")
             sampling.cancel()
-            metrics_text = await self._text(base + "/metrics")
+            metrics_text = await self._text(base + "/metrics", {"Authorization": f"Bearer {self.admin_token}"})
             sim_stats = await self._json(sim_url + "/_sim/stats")
             rec_stats = await self._json(rec_url + "/_stats")
             hwm_kb = proc_status_kb(server.pid, "VmHWM")
@@ -985,8 +986,9 @@ class Bench:
         async with self.http.get(url) as response:
             return await response.json(content_type=None)
 
-    async def _text(self, url: str) -> str:
-        async with self.http.get(url) as response:
+    async def _text(self, url: str, headers: dict[str, str] | None = None) -> str:
+        async with self.http.get(url, headers=headers) as response:
+            response.raise_for_status()
             return await response.text()
 
     async def _received(self, rec_url: str, ports: list[int]) -> int:

@@ -22,7 +22,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,6 +34,7 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
+from bench.ports import free_port
 from tests.conftest import PG_SERVER, TEST_DB, Received, Receiver, _fresh_postgres, _worker_id, valid_body
 
 VIDGATE = Path(sys.executable).parent / "vidgate"
@@ -43,12 +43,6 @@ ADMIN_TOKEN = "adm-" + secrets.token_hex(16)
 TENANT_KEYS: set[str] = set()  # every tenant key handed out in this module
 COST = 9  # what the simulator charges for 480p, 5 s
 STARTUP_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def until(check: Callable[[], Awaitable[bool] | bool], timeout: float, what: str, every: float = 0.05) -> None:

@@ -184,7 +184,7 @@ async def test_usage_shape(api: Api) -> None:
     usage = (await tenant.get("/api/v1/usage")).json()
     assert usage["budgetCents"] == 100 and usage["period"] == "day"
     assert usage["spentCents"] == 9 and usage["reservedCents"] == 0 and usage["remainingCents"] == 91
-    assert usage["periodStart"].endswith("T00:00:00Z") and usage["periodEnd"].endswith("T00:00:00Z")
+    assert usage["periodStart"].endswith("T00:00:00.000Z") and usage["periodEnd"].endswith("T00:00:00.000Z")
 
 
 async def test_unknown_route_and_method_are_problems(api: Api) -> None:

@@ -43,7 +43,8 @@ PRICE = 9  # 480p, 5 s
 
 
 def iso_z(moment: datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")
+    """The vendor's form, written here without the gateway's helper."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def parse_time(value: str) -> datetime:

@@ -325,7 +325,9 @@ async def test_sandbox_quick_start(procs: Procs, tmp_path: Path) -> None:
         VIDGATE_SANDBOX_COMPLETION_S="1",
         VIDGATE_SANDBOX_ESTIMATED_TIME="0-1s",
     )
-    proc = await procs.start("sandbox serve", "serve", "--port", str(port), env=env, cwd=home, json_logs=True)
+    proc = await procs.start(
+        "sandbox serve", "serve", "--sandbox", "--port", str(port), env=env, cwd=home, json_logs=True
+    )
     url = f"http://127.0.0.1:{port}"
     await wait_healthy(proc, url)
     await until(lambda: any("vg_" in line for line in proc.stdout), 10, "the demo key on stdout")
@@ -381,6 +383,7 @@ async def test_operator_cli(procs: Procs, proc_db: str, sim: Simulator, tmp_path
     )
     tenant_id = created["id"]
     assert created["name"] == "acme"
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z", created["createdAt"]), created
     assert created["budgetCents"] == 500 and created["budgetPeriod"] == "month"
     assert created["webhookSecret"].startswith("whsec_")
 

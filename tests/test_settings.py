@@ -30,23 +30,19 @@ def test_every_setting_is_documented_in_env_example() -> None:
     assert documented == {f"VIDGATE_{name.upper()}" for name in Settings.model_fields}
 
 
-def test_vendor_key_alias_and_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vendor_key_alias(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VIDGATE_UPSTREAM_API_KEY", raising=False)
     monkeypatch.setenv("VIBEDREAM_API_KEY", "vendor-secret")
     settings = Settings(_env_file=None)
     assert settings.upstream_api_key is not None
     assert settings.upstream_api_key.get_secret_value() == "vendor-secret"
-    assert not settings.sandbox
     assert "vendor-secret" not in repr(settings)
-    monkeypatch.delenv("VIBEDREAM_API_KEY")
-    assert Settings(_env_file=None).sandbox
 
 
 def test_production_needs_an_admin_token() -> None:
-    with pytest.raises(SystemExit, match="VIDGATE_ADMIN_TOKEN"):
-        Settings(_env_file=None, upstream_api_key="k", admin_token=None).require_safe_for_production()
-    Settings(_env_file=None, upstream_api_key="k", admin_token="t").require_safe_for_production()
-    Settings(_env_file=None, upstream_api_key=None).require_safe_for_production()
+    refusal = Settings(_env_file=None, upstream_api_key="k", admin_token=None).startup_refusal("serve")
+    assert refusal is not None and "VIDGATE_ADMIN_TOKEN" in refusal
+    assert Settings(_env_file=None, upstream_api_key="k", admin_token="t").startup_refusal("serve") is None
 
 
 def test_list_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:

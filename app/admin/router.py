@@ -13,6 +13,7 @@ from app.admin import service as admin_service
 from app.admin.deps import require_admin
 from app.budgets import service as budgets_service
 from app.budgets.router import present_usage
+from app.budgets.schemas import UsageOut
 from app.core.errors import InvalidRequest
 from app.core.responses import json_response
 from app.core.ssrf import ForbiddenTarget, check_url
@@ -22,6 +23,7 @@ from app.tenants.models import ApiKey, Tenant
 from app.tenants.schemas import (
     KeyCreate,
     KeyCreated,
+    KeyList,
     KeyOut,
     TenantCreate,
     TenantCreated,
@@ -32,7 +34,7 @@ from app.tenants.schemas import (
 )
 from app.webhooks import router as webhooks_router
 from app.webhooks import service as webhooks_service
-from app.webhooks.schemas import DeliveryDetail, DeliveryList
+from app.webhooks.schemas import DeliveryDetail, DeliveryList, DeliveryOut
 
 router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -87,7 +89,9 @@ async def delete_tenant(session: SessionDep, tenant_id: TenantId) -> Response:
     return Response(status_code=204)
 
 
-@router.get("/tenants/{tenantId}/usage", summary="A tenant's current period, as the tenant sees it")
+@router.get(
+    "/tenants/{tenantId}/usage", response_model=UsageOut, summary="A tenant's current period, as the tenant sees it"
+)
 async def tenant_usage(session: SessionDep, tenant_id: TenantId) -> dict[str, Any]:
     tenant = await tenants_service.get_tenant(session, tenant_id)
     return present_usage(await budgets_service.tenant_usage(session, tenant))
@@ -107,7 +111,7 @@ async def create_key(session: SessionDep, tenant_id: TenantId, body: KeyCreate |
     }
 
 
-@router.get("/tenants/{tenantId}/keys")
+@router.get("/tenants/{tenantId}/keys", response_model=KeyList)
 async def list_keys(session: SessionDep, tenant_id: TenantId) -> dict[str, Any]:
     tenant = await tenants_service.get_tenant(session, tenant_id)
     return {"data": [_key_out(k) for k in await tenants_service.list_keys(session, tenant)]}
@@ -168,9 +172,9 @@ async def usage_report(
 
 
 @router.get("/ledger/verify", summary="Recompute every balance from the ledger")
-async def verify_ledger(session: SessionDep) -> dict[str, Any]:
+async def verify_ledger(session: SessionDep) -> Response:
     mismatches = await budgets_service.verify_ledger(session)
-    return {"ok": not mismatches, "mismatches": [m.__dict__ for m in mismatches]}
+    return json_response({"ok": not mismatches, "mismatches": [m.__dict__ for m in mismatches]})
 
 
 @router.get("/webhook-deliveries", response_model=DeliveryList)
@@ -192,7 +196,7 @@ async def get_delivery(session: SessionDep, delivery_id: Annotated[str, Path(ali
     return await webhooks_router.detail(session, delivery_id, None)
 
 
-@router.post("/webhook-deliveries/{deliveryId}/redeliver", status_code=202)
+@router.post("/webhook-deliveries/{deliveryId}/redeliver", status_code=202, response_model=DeliveryOut)
 async def redeliver(session: SessionDep, delivery_id: Annotated[str, Path(alias="deliveryId")]) -> dict[str, Any]:
     delivery = await webhooks_service.get_delivery(session, delivery_id)
     return webhooks_service.present(await webhooks_service.redeliver(session, delivery))

@@ -12,6 +12,7 @@ from app.budgets.models import RateWindow
 from app.core import clock
 from app.core.database import insert_ignore
 from app.core.errors import AppError
+from app.core.retry_after import retry_after_value
 from app.tenants.models import Tenant
 
 
@@ -21,7 +22,9 @@ class TooManyRequests(AppError):
     title = "Too many requests"
 
     def __init__(self, detail: str, retry_after_s: int, **fields: object) -> None:
-        super().__init__(detail, headers={"Retry-After": str(retry_after_s)}, retryAfter=retry_after_s, **fields)
+        super().__init__(
+            detail, headers={"Retry-After": retry_after_value(retry_after_s)}, retryAfter=retry_after_s, **fields
+        )
 
 
 class ConcurrencyLimited(TooManyRequests):

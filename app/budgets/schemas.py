@@ -1,15 +1,15 @@
 from __future__ import annotations
 
-from datetime import datetime
-
 from pydantic import BaseModel
+
+from app.core.clock import Timestamp
 
 
 class UsageOut(BaseModel):
     budgetCents: int | None
     period: str
-    periodStart: datetime | None
-    periodEnd: datetime | None
+    periodStart: Timestamp | None
+    periodEnd: Timestamp | None
     spentCents: int
     reservedCents: int
     remainingCents: int | None

@@ -327,7 +327,7 @@ async def _budget_exceeded(
         reservedCents=reserved,
         remainingCents=max(limit - spent - reserved, 0),
         estimateCents=amount,
-        resetsAt=period.end.isoformat().replace("+00:00", "Z") if period.end else None,
+        resetsAt=clock.iso(period.end),
     )
 
 

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SQLITE_PATH = PROJECT_ROOT / "data" / "vidgate.db"
+
+
+SANDBOX_ADMIN_TOKEN = "sandbox-admin-token"  # noqa: S105 - only ever accepted in sandbox mode
+
+
+def secret_given(value: SecretStr | None) -> bool:
+    return value is not None and bool(value.get_secret_value())
 
 
 def normalize_database_url(url: str) -> str:
@@ -38,7 +47,12 @@ class Settings(BaseSettings):
     )
     upstream_timeout_s: float = 30.0
     admin_token: SecretStr | None = None
+    metrics_token: SecretStr | None = None
+    # Asked for, never implied (`vidgate serve --sandbox`): a built-in simulator answers instead of the vendor.
+    sandbox: bool = False
     public_base_url: str | None = None
+    # Direct peers whose X-Forwarded-Proto and X-Forwarded-Host are believed (IPs or CIDRs, comma-separated).
+    trusted_proxies: Annotated[list[IPv4Network | IPv6Network], NoDecode] = []
     allowed_models: Annotated[list[str], NoDecode] = ["ltx-2-19b"]
 
     run_worker: bool = True
@@ -80,6 +94,23 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("public_base_url")
+    @classmethod
+    def _public_base_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError("must be an http(s) URL without query or fragment, such as https://vidgate.example.com")
+        return value.rstrip("/")
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxies(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [ip_network(part.strip(), strict=False) for part in value.split(",") if part.strip()]
+        return value
+
     @field_validator("webhook_retry_schedule_s", mode="before")
     @classmethod
     def _schedule(cls, value: object) -> object:
@@ -102,22 +133,25 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def sandbox(self) -> bool:
-        return self.upstream_api_key is None or not self.upstream_api_key.get_secret_value()
-
-    @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 
-    def require_safe_for_production(self) -> None:
-        if not self.sandbox and (self.admin_token is None or not self.admin_token.get_secret_value()):
-            raise SystemExit(
-                "VIDGATE_ADMIN_TOKEN is required when an upstream key is set: "
-                "the operator API would otherwise be open. Set it to a long random string."
+    def startup_refusal(self, role: Literal["serve", "worker"]) -> str | None:
+        """Why a `serve` or `worker` process must not start with these settings (one line), or None.
+        Fail closed: a forgotten variable stops the process instead of opening it up."""
+        if self.sandbox:
+            return None
+        if not secret_given(self.upstream_api_key):
+            return (
+                "VIDGATE_UPSTREAM_API_KEY (or VIBEDREAM_API_KEY) is not set: set the vendor key, "
+                "or run `vidgate serve --sandbox` to try the gateway against its built-in simulator."
             )
-
-
-SANDBOX_ADMIN_TOKEN = "sandbox-admin-token"  # noqa: S105 - only ever accepted in sandbox mode
+        if role == "serve" and not secret_given(self.admin_token):
+            return "VIDGATE_ADMIN_TOKEN is not set: the operator API would be open. Set it to a long random string."
+        for name, token in (("ADMIN", self.admin_token), ("METRICS", self.metrics_token)):
+            if token is not None and token.get_secret_value() == SANDBOX_ADMIN_TOKEN:
+                return f"VIDGATE_{name}_TOKEN is the publicly documented sandbox token: set a long random string."
+        return None
 
 
 @lru_cache

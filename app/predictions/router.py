@@ -3,12 +3,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 
 from app.core.database import transaction
 from app.core.errors import InvalidRequest
 from app.core.responses import json_response
-from app.deps import ReadSessionDep, RuntimeDep
+from app.deps import PublicBaseUrlDep, ReadSessionDep, RuntimeDep
 from app.predictions import service as predictions_service
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, SubmitOut
 from app.tenants.deps import CallerDep, Credentials, ReaderDep, authenticate
@@ -25,20 +25,15 @@ def _prefer_wait(prefer: str | None, cap_s: float) -> float | None:
     return min(float(match.group(1)), cap_s) if match else None
 
 
-def _status_url_base(request: Request, public_base_url: str | None) -> str:
-    base = public_base_url.rstrip("/") if public_base_url else str(request.base_url).rstrip("/")
-    return f"{base}/api/v1/predictions"
-
-
 @router.post(
     "/models/{modelId}/generate",
     response_model=SubmitOut,
     summary="Submit a prediction (mirrors the vendor's generate endpoint)",
 )
 async def generate(
-    request: Request,
     runtime: RuntimeDep,
     caller: CallerDep,
+    base_url: PublicBaseUrlDep,
     body: GenerateRequest,
     model_id: Annotated[str, Path(alias="modelId", max_length=100)],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
@@ -53,7 +48,7 @@ async def generate(
         model_id,
         body,
         idempotency_key=idempotency_key,
-        status_url_base=_status_url_base(request, runtime.settings.public_base_url),
+        status_url_base=f"{base_url}/api/v1/predictions",
     )
     headers = {"Idempotent-Replayed": "true"} if result.replayed else {}
     content: dict[str, Any] = result.body

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.core.clock import Timestamp
 from app.upstream.schemas import GenerateParams, check_http_url
 
 METADATA_MAX_BYTES = 4096
@@ -55,8 +55,8 @@ class PredictionOut(BaseModel):
     status: PublicStatus
     outputs: list[str] | None
     error: str | None
-    createdAt: datetime
-    completedAt: datetime | None
+    createdAt: Timestamp
+    completedAt: Timestamp | None
     costCents: int | None
     metadata: dict[str, Any] | None
 
@@ -69,11 +69,11 @@ class SubmitOut(BaseModel):
     statusUrl: str
     estimatedTime: str | None
     costCents: int | None
-    createdAt: datetime
+    createdAt: Timestamp
     metadata: dict[str, Any] | None
     outputs: list[str] | None = None
     error: str | None = None
-    completedAt: datetime | None = None
+    completedAt: Timestamp | None = None
 
 
 class PredictionList(BaseModel):

@@ -23,6 +23,7 @@ from app.core import clock, metrics
 from app.core.database import insert_ignore, table_of, transaction
 from app.core.errors import AppError, Conflict, InvalidRequest, NotFound
 from app.core.ids import new_id
+from app.core.retry_after import retry_after_value
 from app.core.ssrf import ForbiddenTarget, check_url
 from app.predictions.models import IdempotencyKey, Prediction
 from app.predictions.schemas import GenerateRequest
@@ -81,10 +82,6 @@ class UpstreamDown(AppError):
 # ---------------------------------------------------------------- representation
 
 
-def iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
-
-
 def present(prediction: Prediction | Row[*tuple[Any, ...]]) -> dict[str, Any]:
     """The GET representation; webhooks carry exactly this as `data`."""
     return {
@@ -94,8 +91,8 @@ def present(prediction: Prediction | Row[*tuple[Any, ...]]) -> dict[str, Any]:
         "status": prediction.status,
         "outputs": prediction.outputs,
         "error": prediction.error,
-        "createdAt": iso(prediction.created_at),
-        "completedAt": iso(prediction.completed_at),
+        "createdAt": clock.iso(prediction.created_at),
+        "completedAt": clock.iso(prediction.completed_at),
         "costCents": prediction.charged_cents,
         "metadata": prediction.meta,
     }
@@ -108,11 +105,11 @@ def present_submit(prediction: Prediction, status_url: str, *, extended: bool) -
         "statusUrl": status_url,
         "estimatedTime": prediction.estimated_time,
         "costCents": prediction.charged_cents,
-        "createdAt": iso(prediction.created_at),
+        "createdAt": clock.iso(prediction.created_at),
         "metadata": prediction.meta,
     }
     if extended:
-        body.update(outputs=prediction.outputs, error=prediction.error, completedAt=iso(prediction.completed_at))
+        body.update(outputs=prediction.outputs, error=prediction.error, completedAt=clock.iso(prediction.completed_at))
     return body
 
 
@@ -288,7 +285,7 @@ async def _claim_idempotency_key(
     if existing.response is None:
         raise IdempotencyKeyInFlight(
             "A request with this Idempotency-Key is still in flight. Retry in a moment to get its answer.",
-            headers={"Retry-After": "1"},
+            headers={"Retry-After": retry_after_value(1)},
         )
     return SubmitResult(body=existing.response, replayed=True, prediction_id=existing.prediction_id or "")
 
@@ -444,10 +441,9 @@ def _upstream_problem(exc: UpstreamRefused | UpstreamUnavailable) -> AppError:
             upstreamStatus=exc.status,
             upstreamError=exc.message,
         )
-    retry = int(exc.retry_after_s) if exc.retry_after_s else 5
     return UpstreamDown(
         f"The video provider could not be reached ({exc.reason}). Nothing was charged; retry later.",
-        headers={"Retry-After": str(retry)},
+        headers={"Retry-After": retry_after_value(exc.retry_after_s or 5)},
     )
 
 

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+
+from app.core.clock import Timestamp
 
 BudgetPeriod = Literal["day", "week", "month", "total"]
 MAX_CENTS = 2**31 - 1  # the counters are 32-bit integers on PostgreSQL
@@ -44,8 +45,8 @@ class TenantOut(CamelModel):
     max_concurrent: int | None
     rate_per_minute: int | None
     webhook_url: str | None
-    webhook_disabled_at: datetime | None
-    created_at: datetime
+    webhook_disabled_at: Timestamp | None
+    created_at: Timestamp
 
 
 class TenantCreated(TenantOut):
@@ -68,8 +69,12 @@ class KeyOut(CamelModel):
     name: str | None
     prefix: str
     budget_cents: int | None
-    created_at: datetime
-    revoked_at: datetime | None
+    created_at: Timestamp
+    revoked_at: Timestamp | None
+
+
+class KeyList(CamelModel):
+    data: list[KeyOut]
 
 
 class KeyCreated(CamelModel):
@@ -78,9 +83,9 @@ class KeyCreated(CamelModel):
     prefix: str
     name: str | None
     budget_cents: int | None
-    created_at: datetime
+    created_at: Timestamp
 
 
 class WebhookSecretRotated(CamelModel):
     webhook_secret: str
-    previous_secret_expires_at: datetime
+    previous_secret_expires_at: Timestamp

@@ -73,6 +73,11 @@ async def find_tenant_by_name(session: AsyncSession, name: str) -> Tenant | None
     )
 
 
+async def has_tenants_besides(session: AsyncSession, name: str) -> bool:
+    """Whether any tenant (deleted ones too) is named other than `name`."""
+    return await session.scalar(select(Tenant.id).where(Tenant.name != name).limit(1)) is not None
+
+
 async def list_tenants(session: AsyncSession) -> list[Tenant]:
     rows = await session.scalars(select(Tenant).where(Tenant.deleted_at.is_(None)).order_by(Tenant.id))
     return list(rows)

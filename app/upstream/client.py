@@ -7,7 +7,8 @@ import time
 import aiohttp
 from pydantic import ValidationError
 
-from app.core import metrics
+from app.core import clock, metrics
+from app.core.retry_after import parse_retry_after
 from app.upstream.schemas import UpstreamPrediction, UpstreamSubmitted
 
 
@@ -66,7 +67,7 @@ class UpstreamClient:
                 if response.status == 429 or response.status >= 500:
                     raise UpstreamUnavailable(
                         f"upstream answered {response.status}",
-                        _retry_after(response.headers.get("Retry-After")),
+                        parse_retry_after(response.headers.get("Retry-After"), clock.now()),
                     )
                 try:
                     payload = await response.json(content_type=None)
@@ -89,10 +90,3 @@ def _message(payload: object, status: int) -> str:
             if isinstance(value, str) and value:
                 return value
     return f"upstream answered {status}"
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None

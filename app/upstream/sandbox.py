@@ -1,4 +1,5 @@
-"""Sandbox mode: no vendor key, so a built-in simulator answers and a demo tenant is ready to use."""
+"""Sandbox mode (`vidgate serve --sandbox`): a built-in simulator answers instead of the vendor, and on a
+database of its own a demo tenant is ready to use."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.core.database import transaction
-from app.core.settings import SANDBOX_ADMIN_TOKEN, Settings
+from app.core.settings import SANDBOX_ADMIN_TOKEN, Settings, secret_given
 from app.tenants import service as tenants_service
 from app.tenants.schemas import KeyCreate, TenantCreate
 from app.upstream.simulator import SimConfig, start_simulator
@@ -28,23 +29,36 @@ async def start(settings: Settings, public_base_url: str) -> tuple[web.AppRunner
     )
     runner, url = await start_simulator(config=config)
     log.warning(
-        "SANDBOX MODE: no VIDGATE_UPSTREAM_API_KEY is set, so a built-in simulator of the VibeDream API "
+        "SANDBOX MODE (--sandbox / VIDGATE_SANDBOX=true): a built-in simulator of the VibeDream API "
         "answers instead of the vendor. Nothing is billed and the videos are a sample clip.",
         extra={"simulator_url": url},
     )
     return runner, url
 
 
-async def create_demo_key(sessions: async_sessionmaker[AsyncSession], settings: Settings, public_base_url: str) -> str:
+async def create_demo_key(
+    sessions: async_sessionmaker[AsyncSession], settings: Settings, public_base_url: str
+) -> str | None:
+    """A new key for the sandbox's demo tenant (created on first start), printed with a ready curl
+    command. A database with tenants of its own gets nothing: the sandbox never adds to real data."""
+    admin = "(your VIDGATE_ADMIN_TOKEN)" if secret_given(settings.admin_token) else SANDBOX_ADMIN_TOKEN
+    base = public_base_url.rstrip("/")
     async with transaction(sessions) as session:
+        if await tenants_service.has_tenants_besides(session, DEMO_TENANT):
+            log.warning("sandbox: the database has tenants of its own, so no demo tenant or key was made")
+            print(
+                f"\n{BANNER}\n vidgate is running in SANDBOX mode at {base}\n"
+                " this database has tenants of its own: no demo tenant was made. Create a key with\n"
+                f" `vidgate keys create TENANT_ID`.\n operator token: {admin}   API docs: {base}/docs\n{BANNER}\n",
+                flush=True,
+            )
+            return None
         tenant = await tenants_service.find_tenant_by_name(session, DEMO_TENANT)
         if tenant is None:
             tenant = await tenants_service.create_tenant(
                 session, TenantCreate(name=DEMO_TENANT, budget_cents=1000, budget_period="day")
             )
         _, raw = await tenants_service.create_key(session, tenant, KeyCreate(name="sandbox start"))
-    admin = "(your VIDGATE_ADMIN_TOKEN)" if settings.admin_token else SANDBOX_ADMIN_TOKEN
-    base = public_base_url.rstrip("/")
     print(
         f"\n{BANNER}\n vidgate is running in SANDBOX mode at {base}\n"
         f" demo tenant {tenant.id} (budget 1000 cents a day), a new API key:\n\n"

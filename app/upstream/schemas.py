@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.core.clock import Timestamp
 
 Resolution = Literal["480p", "720p", "1080p"]
 
@@ -46,7 +47,7 @@ class UpstreamSubmitted(BaseModel):
     status_url: str | None = Field(default=None, alias="statusUrl")
     estimated_time: str | None = Field(default=None, alias="estimatedTime")
     cost_cents: int = Field(alias="costCents", ge=0)
-    created_at: datetime | None = Field(default=None, alias="createdAt")
+    created_at: Timestamp | None = Field(default=None, alias="createdAt")
 
 
 class UpstreamPrediction(BaseModel):
@@ -58,5 +59,5 @@ class UpstreamPrediction(BaseModel):
     status: Literal["processing", "completed", "failed"]
     outputs: list[str] | None = None
     error: str | None = None
-    created_at: datetime | None = Field(default=None, alias="createdAt")
-    completed_at: datetime | None = Field(default=None, alias="completedAt")
+    created_at: Timestamp | None = Field(default=None, alias="createdAt")
+    completed_at: Timestamp | None = Field(default=None, alias="completedAt")

@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from app.core import clock
 from app.upstream.schemas import GenerateParams
 
 SANDBOX_MP4 = Path(__file__).parent / "assets" / "sandbox.mp4"
@@ -26,7 +27,7 @@ MODEL_NAMES = {"ltx-2-19b": "LTX-2 19B"}
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+    return clock.iso(datetime.fromtimestamp(ts, UTC))
 
 
 @dataclass

@@ -9,8 +9,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
+from datetime import datetime, timedelta
 
 import aiohttp
 from sqlalchemy import select, update
@@ -18,6 +17,7 @@ from sqlalchemy import select, update
 from app.core import clock, metrics
 from app.core.batching import batches
 from app.core.database import transaction
+from app.core.retry_after import parse_retry_after
 from app.core.ssrf import ForbiddenTarget, check_url
 from app.runtime import Runtime
 from app.tenants import service as tenants_service
@@ -190,7 +190,7 @@ class Dispatcher:
                 delivery.url, data=delivery.payload.encode(), headers=headers, allow_redirects=False
             ) as response:
                 status = response.status
-                retry_after = _seconds(response.headers.get("Retry-After"))
+                retry_after = parse_retry_after(response.headers.get("Retry-After"), clock.now())
                 await response.content.read(1024)  # drain a little so keep-alive can reuse the connection
         except ForbiddenTarget as exc:
             error = f"refused: {exc.reason}"
@@ -291,20 +291,3 @@ class Dispatcher:
                 .where(WebhookDelivery.lease_owner == self.runtime.worker_id, WebhookDelivery.status == "pending")
                 .values(lease_owner=None, lease_expires_at=None)
             )
-
-
-def _seconds(value: str | None) -> float | None:
-    """Retry-After is either delta-seconds or an HTTP-date (RFC 9110 section 10.2.3)."""
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return max((moment - clock.now()).total_seconds(), 0.0)

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-from datetime import datetime
-
 from pydantic import BaseModel
+
+from app.core.clock import Timestamp
 
 
 class AttemptOut(BaseModel):
-    attemptedAt: datetime
+    attemptedAt: Timestamp
     statusCode: int | None
     latencyMs: int
     error: str | None
@@ -20,11 +20,11 @@ class DeliveryOut(BaseModel):
     url: str
     status: str
     attempts: int
-    nextAttemptAt: datetime | None
+    nextAttemptAt: Timestamp | None
     lastStatusCode: int | None
     lastError: str | None
-    createdAt: datetime
-    deliveredAt: datetime | None
+    createdAt: Timestamp
+    deliveredAt: Timestamp | None
 
 
 class DeliveryDetail(DeliveryOut):

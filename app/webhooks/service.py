@@ -31,10 +31,6 @@ class DeliveryNotFound(NotFound):
     title = "No such webhook delivery"
 
 
-def _iso(value: Any) -> str | None:
-    return None if value is None else value.isoformat().replace("+00:00", "Z")
-
-
 def target_host(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
@@ -53,7 +49,7 @@ def _add(
     prediction_id: str | None,
 ) -> None:
     now = clock.now()
-    body = orjson.dumps({"type": event_type, "timestamp": _iso(now), "data": data}).decode()
+    body = orjson.dumps({"type": event_type, "timestamp": clock.iso(now), "data": data}).decode()
     session.add(
         WebhookDelivery(
             id=new_id("msg"),
@@ -93,8 +89,8 @@ async def enqueue_budget_threshold(session: AsyncSession, tenant: Tenant, percen
         "percent": percent,
         "budgetCents": usage.budget_cents,
         "period": usage.period,
-        "periodStart": _iso(usage.period_start),
-        "periodEnd": _iso(usage.period_end),
+        "periodStart": clock.iso(usage.period_start),
+        "periodEnd": clock.iso(usage.period_end),
         "spentCents": usage.spent_cents,
         "reservedCents": usage.reserved_cents,
     }
