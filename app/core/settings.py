@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     )
     upstream_timeout_s: float = 30.0
     admin_token: SecretStr | None = None
+    # Signs the dashboard's session cookies; without it, a key derived from the admin token does.
+    session_secret: SecretStr | None = None
+    session_ttl_s: float = Field(default=8 * 3600.0, gt=0)
     public_base_url: str | None = None
     allowed_models: Annotated[list[str], NoDecode] = ["ltx-2-19b"]
 
