@@ -157,7 +157,7 @@ async def _in_flight_by_tenant(session: AsyncSession, tenant_ids: list[str]) -> 
         .where(Prediction.status.in_(IN_FLIGHT), Prediction.tenant_id.in_(tenant_ids))
         .group_by(Prediction.tenant_id)
     )
-    return {tenant_id: int(n) for tenant_id, n in rows.tuples()}
+    return {tenant_id: int(n) for tenant_id, n in rows}
 
 
 async def _in_flight_total(session: AsyncSession) -> int:
@@ -174,7 +174,7 @@ async def _webhook_health_by_tenant(session: AsyncSession, tenant_ids: list[str]
             return {}
         stmt = stmt.where(WebhookDelivery.tenant_id.in_(tenant_ids))
     rows = await session.execute(stmt.group_by(WebhookDelivery.tenant_id, WebhookDelivery.status))
-    return {(tenant_id, status): int(n) for tenant_id, status, n in rows.tuples()}
+    return {(tenant_id, status): int(n) for tenant_id, status, n in rows}
 
 
 # ---------------------------------------------------------------- one tenant
@@ -279,4 +279,4 @@ async def tenant_names(session: AsyncSession, tenant_ids: set[str]) -> dict[str,
     if not tenant_ids:
         return {}
     rows = await session.execute(select(Tenant.id, Tenant.name).where(Tenant.id.in_(tenant_ids)))
-    return dict(rows.tuples().all())
+    return {tenant_id: name for tenant_id, name in rows}

@@ -80,7 +80,7 @@ def set_cookie(response: Response, key: bytes, session: Session, *, secure: bool
     response.set_cookie(
         COOKIE,
         encode(key, session),
-        max_age=max(1, int(session.expires_at - time.time())),
+        max_age=max(1, round(session.expires_at - time.time())),
         path=PATH,
         httponly=True,
         samesite="strict",
