@@ -5,21 +5,26 @@ The browser tests (tests/test_dashboard_browser.py) drive the same pages in Chro
 
 from __future__ import annotations
 
+import os
 import re
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from alembic import command
+from sqlalchemy import func, insert, select, update
 
 from app.budgets.models import DailyUsage, LedgerEntry
 from app.core import clock
-from app.core.database import transaction
+from app.core.database import create_engine, table_of, transaction
+from app.core.migrate import alembic_config
 from app.dashboard import session as sessions
 from app.dashboard.router import _key
-from tests.conftest import ADMIN_TOKEN, Api
+from app.tenants.models import Tenant as TenantModel
+from tests.conftest import ADMIN_TOKEN, TEST_DB, Api, _drop_postgres, _fresh_postgres
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
@@ -273,3 +278,64 @@ async def test_static_files_are_served_from_the_package(api: Api, path: str) -> 
     answer = await api.http.get(path)
     assert answer.status_code == 200 and len(answer.content) > 1000
     assert (await api.http.get("/dashboard/static/..%2Fsession.py")).status_code == 404
+
+
+async def test_ledger_verify_checks_the_rollup(api: Api) -> None:
+    tenant = await api.tenant(name="verify-co")
+    assert (await tenant.submit()).status_code == 200
+    assert (await api.admin("GET", "/admin/v1/ledger/verify")).json() == {"ok": True, "mismatches": []}
+    async with transaction(api.runtime.sessions) as session:
+        await session.execute(
+            update(DailyUsage).where(DailyUsage.tenant_id == tenant.id).values(spent_cents=DailyUsage.spent_cents + 1)
+        )
+    report = (await api.admin("GET", "/admin/v1/ledger/verify")).json()
+    assert not report["ok"]
+    assert [(m["scope"], m["counter_spent"], m["ledger_spent"]) for m in report["mismatches"]] == [
+        (f"day:{tenant.id}", 10, 9)
+    ]
+
+
+async def test_migration_sums_the_existing_ledger_into_the_rollup(tmp_path: Path) -> None:
+    """Upgrading a database that already has a ledger fills daily_usage from it."""
+    if TEST_DB == "postgresql":
+        name = f"vidgate_test_backfill_{os.getpid()}"
+        url = await _fresh_postgres(name)
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'backfill.db'}"
+    engine = create_engine(url, pool_size=2)
+    try:
+
+        def upgrade(connection: Any, revision: str) -> None:
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+
+        async with engine.begin() as connection:
+            await connection.run_sync(upgrade, "0001")
+        day1 = datetime(2026, 11, 1, 23, 59, tzinfo=UTC)
+        day2 = datetime(2026, 11, 2, 0, 1, tzinfo=UTC)
+        async with engine.begin() as connection:
+            await connection.execute(
+                insert(table_of(TenantModel)),
+                [dict(id="ten_a", name="a", budget_period="month", in_flight=0, webhook_secret="s", created_at=day1)],
+            )
+            entry = dict(tenant_id="ten_a", period_start=day1, reserved_delta=0, note=None, model_id="m")
+            await connection.execute(
+                insert(table_of(LedgerEntry)),
+                [
+                    {**entry, "kind": "reserve", "spent_delta": 0, "reserved_delta": 9, "created_at": day1},
+                    {**entry, "kind": "settle", "spent_delta": 9, "created_at": day1},
+                    {**entry, "kind": "settle", "spent_delta": 7, "created_at": day2},
+                    {**entry, "kind": "refund", "spent_delta": -7, "created_at": day2},
+                ],
+            )
+            await connection.run_sync(upgrade, "head")
+        async with engine.connect() as connection:
+            rows = (
+                await connection.execute(select(DailyUsage.day, DailyUsage.spent_cents, DailyUsage.predictions))
+            ).all()
+        assert sorted(tuple(r) for r in rows) == [(day1.date(), 9, 1), (day2.date(), 0, 1)]
+    finally:
+        await engine.dispose()
+        if TEST_DB == "postgresql":
+            await _drop_postgres(name)

@@ -560,4 +560,29 @@ async def verify_ledger(session: AsyncSession) -> list[Mismatch]:
         counter = counters.get((scope, period_start), (0, 0))
         if ledger != counter or counter[1] < 0:
             mismatches.append(Mismatch(scope, period_start, counter[0], counter[1], ledger[0], ledger[1]))
-    return mismatches
+    return mismatches + await _verify_daily_usage(session)
+
+
+async def _verify_daily_usage(session: AsyncSession) -> list[Mismatch]:
+    """The dashboard's rollup against the ledger, day by day (scope "day:<tenant id>")."""
+    day = func.date(LedgerEntry.created_at)
+    rows = await session.execute(
+        select(LedgerEntry.tenant_id, day, func.sum(LedgerEntry.spent_delta))
+        .where(LedgerEntry.spent_delta != 0)
+        .group_by(LedgerEntry.tenant_id, day)
+    )
+    # SQLite's date() is text, PostgreSQL's a date: compare them as dates.
+    ledger = {(tenant_id, date.fromisoformat(str(d)[:10])): int(spent) for tenant_id, d, spent in rows}
+    rollup = {(r.tenant_id, r.day): r.spent_cents for r in await session.scalars(select(DailyUsage))}
+    return [
+        Mismatch(
+            f"day:{tenant_id}",
+            datetime.combine(d, datetime.min.time(), UTC),
+            rollup.get((tenant_id, d), 0),
+            0,
+            ledger.get((tenant_id, d), 0),
+            0,
+        )
+        for tenant_id, d in sorted(set(ledger) | set(rollup))
+        if ledger.get((tenant_id, d), 0) != rollup.get((tenant_id, d), 0)
+    ]

@@ -27,6 +27,13 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["tenant_id"], ["tenants.id"], name=op.f("fk_daily_usage_tenant_id_tenants")),
         sa.PrimaryKeyConstraint("tenant_id", "day", name=op.f("pk_daily_usage")),
     )
+    # The ledger so far, summed once; from here on the rollup is kept as money moves.
+    op.execute(
+        "INSERT INTO daily_usage (tenant_id, day, spent_cents, predictions, refusals) "
+        "SELECT tenant_id, date(created_at), sum(spent_delta), "
+        "sum(CASE WHEN kind = 'settle' THEN 1 ELSE 0 END), 0 "
+        "FROM ledger_entries WHERE spent_delta != 0 GROUP BY tenant_id, date(created_at)"
+    )
     with op.batch_alter_table("webhook_deliveries", schema=None) as batch_op:
         batch_op.create_index("ix_webhook_deliveries_status_id", ["status", "id"], unique=False)
 
