@@ -11,6 +11,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -21,6 +22,7 @@ from app.budgets.models import DailyUsage, LedgerEntry
 from app.core import clock
 from app.core.database import create_engine, table_of, transaction
 from app.core.migrate import alembic_config
+from app.dashboard import service as dashboard_service
 from app.dashboard import session as sessions
 from app.dashboard.router import _key
 from app.tenants.models import Tenant as TenantModel
@@ -277,6 +279,8 @@ async def test_lists_filter_and_page(api: Api, sim: Any) -> None:
 async def test_static_files_are_served_from_the_package(api: Api, path: str) -> None:
     answer = await api.http.get(path)
     assert answer.status_code == 200 and len(answer.content) > 1000
+    assert "immutable" in answer.headers["cache-control"]
+    assert answer.headers["content-security-policy"].startswith("default-src 'self'")
     assert (await api.http.get("/dashboard/static/..%2Fsession.py")).status_code == 404
 
 
@@ -339,3 +343,36 @@ async def test_migration_sums_the_existing_ledger_into_the_rollup(tmp_path: Path
         await engine.dispose()
         if TEST_DB == "postgresql":
             await _drop_postgres(name)
+
+
+PREDICTION_ID = re.compile(r"<code>(pred_[0-9a-f]+)</code>")
+
+
+async def _all_pages(api: Api, params: dict[str, str]) -> list[list[str]]:
+    pages: list[list[str]] = []
+    path: str | None = "/dashboard/predictions?" + urlencode(params)
+    while path is not None:
+        page = await api.http.get(path.replace("&amp;", "&"))
+        assert page.status_code == 200
+        pages.append(PREDICTION_ID.findall(page.text))
+        older = re.search(r'href="(/dashboard/predictions\?[^"]*cursor=[^"]+)"', page.text)
+        path = older.group(1) if older else None
+        assert len(pages) < 10
+    return pages
+
+
+async def test_prediction_pages_follow_each_index(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    await login(api)
+    tenant = await api.tenant(name="pages-co")
+    other = await api.tenant(name="pages-other")
+    mine = [(await tenant.submit()).json()["id"] for _ in range(5)]
+    theirs = (await other.submit()).json()["id"]
+    monkeypatch.setattr(dashboard_service, "PAGE_SIZE", 2)
+    newest_first = mine[::-1]
+    # (tenant_id, id), (status, created_at) and the primary key: each pages through all, newest first.
+    assert await _all_pages(api, {"tenant": tenant.id}) == [newest_first[:2], newest_first[2:4], newest_first[4:]]
+    by_status = await _all_pages(api, {"status": "processing"})
+    assert [p for page in by_status for p in page] == [theirs, *newest_first]
+    assert [len(page) for page in by_status] == [2, 2, 2]
+    everything = await _all_pages(api, {})
+    assert [p for page in everything for p in page] == [theirs, *newest_first]

@@ -117,7 +117,9 @@ class DashboardRoute(APIRoute):
                 response = _error_page(request, validation_problem(exc.errors()))
             except AppError as exc:
                 response = _error_page(request, exc)
-            response.headers.update(SECURITY_HEADERS)
+            for name, value in SECURITY_HEADERS.items():
+                if name not in response.headers:  # static files keep their long cache lifetime
+                    response.headers[name] = value
             return response
 
         return route
