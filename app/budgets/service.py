@@ -270,7 +270,8 @@ async def _shift(
     The ledger row is flushed first so that the counter rows, which concurrent requests of the tenant
     wait for, stay locked only for the UPDATE and the COMMIT.
     """
-    await _record(session, hold, kind=kind, reserved_delta=reserved_delta, spent_delta=spent_delta, note=note)
+    at = clock.now()  # one moment for the ledger row and the rollup day it counts in
+    await _record(session, hold, kind=kind, reserved_delta=reserved_delta, spent_delta=spent_delta, note=note, at=at)
     spent_after = 0
     # Always the tenant's row before the key's, as in reserve(): one lock order, no deadlocks.
     scopes = [_tenant_scope(hold.tenant_id)] + ([_key_scope(hold.api_key_id)] if hold.key_budgeted else [])
@@ -281,16 +282,16 @@ async def _shift(
             spent_after = spent or 0
     if spent_delta:
         # After the counters, as every movement does: one lock order. Counted as usage_report counts.
-        await _add_to_day(session, hold.tenant_id, spent=spent_delta, predictions=int(kind == "settle"))
+        await _add_to_day(session, hold.tenant_id, at, spent=spent_delta, predictions=int(kind == "settle"))
     return spent_after
 
 
 async def _add_to_day(
-    session: AsyncSession, tenant_id: str, *, spent: int = 0, predictions: int = 0, refusals: int = 0
+    session: AsyncSession, tenant_id: str, at: datetime, *, spent: int = 0, predictions: int = 0, refusals: int = 0
 ) -> None:
     params = {
         "b_tenant": tenant_id,
-        "b_day": clock.now().date(),
+        "b_day": at.date(),
         "b_spent": spent,
         "b_predictions": predictions,
         "b_refusals": refusals,
@@ -304,7 +305,7 @@ async def record_refusal(session: AsyncSession, tenant_id: str) -> None:
     The refused submit's own transaction rolls back (nothing of it may stay), so the caller counts it
     in a transaction of its own, after the rollback.
     """
-    await _add_to_day(session, tenant_id, refusals=1)
+    await _add_to_day(session, tenant_id, clock.now(), refusals=1)
 
 
 async def daily_usage(session: AsyncSession, tenant_id: str, first: date, last: date) -> list[DailyUsage]:
@@ -318,7 +319,14 @@ async def daily_usage(session: AsyncSession, tenant_id: str, first: date, last: 
 
 
 async def _record(
-    session: AsyncSession, hold: Hold, *, kind: str, reserved_delta: int, spent_delta: int, note: str | None
+    session: AsyncSession,
+    hold: Hold,
+    *,
+    kind: str,
+    reserved_delta: int,
+    spent_delta: int,
+    note: str | None,
+    at: datetime | None = None,
 ) -> None:
     # A Core INSERT: the ledger is append-only, so the ORM's unit of work would only add overhead.
     await session.execute(
@@ -333,7 +341,7 @@ async def _record(
             reserved_delta=reserved_delta,
             spent_delta=spent_delta,
             note=note,
-            created_at=clock.now(),
+            created_at=at or clock.now(),
         ),
     )
 

@@ -27,6 +27,8 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["tenant_id"], ["tenants.id"], name=op.f("fk_daily_usage_tenant_id_tenants")),
         sa.PrimaryKeyConstraint("tenant_id", "day", name=op.f("pk_daily_usage")),
     )
+    with op.batch_alter_table("daily_usage", schema=None) as batch_op:
+        batch_op.create_index("ix_daily_usage_day_tenant_id", ["day", "tenant_id"], unique=False)
     # The ledger so far, summed once; from here on the rollup is kept as money moves.
     op.execute(
         "INSERT INTO daily_usage (tenant_id, day, spent_cents, predictions, refusals) "
@@ -41,4 +43,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("webhook_deliveries", schema=None) as batch_op:
         batch_op.drop_index("ix_webhook_deliveries_status_id")
+    with op.batch_alter_table("daily_usage", schema=None) as batch_op:
+        batch_op.drop_index("ix_daily_usage_day_tenant_id")
     op.drop_table("daily_usage")
