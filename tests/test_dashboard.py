@@ -267,6 +267,9 @@ async def test_lists_filter_and_page(api: Api, sim: Any) -> None:
     assert "No predictions match." in future.text
     bad = await api.http.get("/dashboard/predictions", params={"from": "yesterday"})
     assert bad.status_code == 422 and "from must be a date" in bad.text
+    bad = await api.http.get("/dashboard/deliveries", params={"status": "lost"})
+    assert bad.status_code == 422 and bad.headers["content-type"].startswith("text/html")
+    assert "status: String should match pattern" in bad.text
     deliveries = await api.http.get("/dashboard/deliveries", params={"status": "dead"})
     assert deliveries.status_code == 200 and "No deliveries match." in deliveries.text
     csv = await api.http.get("/dashboard/usage.csv", params={"groupBy": "tenant"})

@@ -330,7 +330,9 @@ async def create_tenant(request: Request, runtime: RuntimeDep, form: Form) -> Re
             tenant = await admin_service.create_tenant(session, runtime.settings, data)
     except AppError as exc:
         return await _overview(request, runtime, error=exc, form=form)
-    return await _tenant(request, runtime, tenant.id, notice="Tenant created.", secret=tenant.webhook_secret)
+    page = await _tenant(request, runtime, tenant.id, notice="Tenant created.", secret=tenant.webhook_secret)
+    page.headers["HX-Push-Url"] = f"/dashboard/tenants/{tenant.id}"  # the secret is shown here, once: no redirect
+    return page
 
 
 # ---------------------------------------------------------------- one tenant
