@@ -27,11 +27,8 @@ async def create_tenant(session: AsyncSession, settings: Settings, data: TenantC
     return await tenants_service.create_tenant(session, data)
 
 
-async def update_tenant(
-    session: AsyncSession, tenant_id: str, data: TenantUpdate, settings: Settings | None = None
-) -> Tenant:
-    if settings is not None:
-        check_webhook_url(settings, data.webhook_url)
+async def update_tenant(session: AsyncSession, tenant_id: str, data: TenantUpdate, settings: Settings) -> Tenant:
+    check_webhook_url(settings, data.webhook_url)
     tenant = await tenants_service.get_tenant(session, tenant_id)
     was_counting = tenant.max_concurrent is not None
     tenant = await tenants_service.update_tenant(session, tenant, data)
