@@ -1,4 +1,4 @@
-"""Operator actions that span domains, shared by the operator API and the CLI."""
+"""Operator actions that span domains, shared by the operator API, the CLI and the dashboard."""
 
 from __future__ import annotations
 
