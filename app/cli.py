@@ -202,18 +202,6 @@ def simulator(
 # ---------------------------------------------------------------- tenants and keys
 
 
-def _check_webhook_url(url: str | None) -> None:
-    from app.core.ssrf import ForbiddenTarget, check_url
-
-    if url is None:
-        return
-    try:
-        check_url(url, allow_private=get_settings().webhook_allow_private)
-    except ForbiddenTarget as exc:
-        typer.echo(f"error: webhook URL: {exc.reason}", err=True)
-        raise typer.Exit(2) from None
-
-
 def _tenant_dict(tenant: Any) -> dict[str, Any]:
     from app.tenants.schemas import TenantOut
 
@@ -241,8 +229,7 @@ def tenants_create(
     """Create a tenant; prints its webhook secret once."""
     from pydantic import ValidationError
 
-    _check_webhook_url(webhook_url)
-    from app.tenants import service
+    from app.admin import service as admin_service
     from app.tenants.schemas import TenantCreate
 
     try:
@@ -259,7 +246,7 @@ def tenants_create(
         raise typer.Exit(2) from None
 
     async def work(session: Any) -> dict[str, Any]:
-        tenant = await service.create_tenant(session, data)
+        tenant = await admin_service.create_tenant(session, get_settings(), data)
         return {**_tenant_dict(tenant), "webhookSecret": tenant.webhook_secret}
 
     created = _with_session(work)
@@ -281,7 +268,6 @@ def tenants_update(
     """Change a tenant's name, budget, limits or webhook URL (only the options given)."""
     from pydantic import ValidationError
 
-    _check_webhook_url(webhook_url)
     from app.admin import service as admin_service
     from app.tenants.schemas import TenantUpdate
 
@@ -306,7 +292,7 @@ def tenants_update(
         raise typer.Exit(2) from None
 
     async def work(session: Any) -> dict[str, Any]:
-        return _tenant_dict(await admin_service.update_tenant(session, tenant_id, data))
+        return _tenant_dict(await admin_service.update_tenant(session, tenant_id, data, get_settings()))
 
     _emit(_with_session(work), as_json, _tenant_text)
 

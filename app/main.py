@@ -19,6 +19,7 @@ from app.core.logging import configure_logging
 from app.core.middleware import RequestContextMiddleware
 from app.core.migrate import upgrade_to_head
 from app.core.settings import Settings, get_settings
+from app.dashboard.router import router as dashboard_router
 from app.ops import router as ops_router
 from app.predictions.router import router as predictions_router
 from app.runtime import Runtime, build_runtime
@@ -89,7 +90,7 @@ def create_app(
     app.state.listen_url = listen_url
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, sandbox=settings.sandbox)
-    for router in (predictions_router, usage_router, webhooks_router, admin_router, ops_router):
+    for router in (predictions_router, usage_router, webhooks_router, admin_router, ops_router, dashboard_router):
         app.include_router(router)
     return app
 

@@ -38,7 +38,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.budgets import service as budgets_service
-from app.budgets.models import BudgetCounter, LedgerEntry
+from app.budgets.models import BudgetCounter, DailyUsage, LedgerEntry
 from app.core import clock
 from app.core.database import create_engine, create_sessionmaker, transaction
 from app.core.ids import new_id
@@ -361,6 +361,7 @@ class LedgerMachine(RuleBasedStateMachine):
     async def _delete(self) -> None:
         async with transaction(self.env.runtime.sessions) as session:
             await session.execute(delete(LedgerEntry).where(LedgerEntry.tenant_id == self.tenant_id))
+            await session.execute(delete(DailyUsage).where(DailyUsage.tenant_id == self.tenant_id))
             await session.execute(delete(BudgetCounter).where(BudgetCounter.scope.in_(list(self.limits))))
             await session.execute(delete(Prediction).where(Prediction.tenant_id == self.tenant_id))
             await session.execute(delete(ApiKey).where(ApiKey.tenant_id == self.tenant_id))

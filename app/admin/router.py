@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
 
@@ -16,7 +14,6 @@ from app.budgets.router import present_usage
 from app.budgets.schemas import UsageOut
 from app.core.errors import InvalidRequest
 from app.core.responses import json_response
-from app.core.ssrf import ForbiddenTarget, check_url
 from app.deps import RuntimeDep, SessionDep
 from app.tenants import service as tenants_service
 from app.tenants.models import ApiKey, Tenant
@@ -41,15 +38,6 @@ router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(req
 TenantId = Annotated[str, Path(alias="tenantId")]
 
 
-def _check_webhook_url(runtime: RuntimeDep, url: str | None) -> None:
-    if url is None:
-        return
-    try:
-        check_url(url, allow_private=runtime.settings.webhook_allow_private)
-    except ForbiddenTarget as exc:
-        raise webhooks_service.WebhookUrlForbidden(f"webhookUrl: {exc.reason}", field="webhookUrl") from exc
-
-
 def _tenant_out(tenant: Tenant) -> dict[str, Any]:
     return TenantOut.model_validate(tenant).model_dump(by_alias=True)
 
@@ -60,8 +48,7 @@ def _key_out(key: ApiKey) -> dict[str, Any]:
 
 @router.post("/tenants", status_code=201, response_model=TenantCreated)
 async def create_tenant(session: SessionDep, runtime: RuntimeDep, body: TenantCreate) -> dict[str, Any]:
-    _check_webhook_url(runtime, body.webhook_url)
-    tenant = await tenants_service.create_tenant(session, body)
+    tenant = await admin_service.create_tenant(session, runtime.settings, body)
     return {**_tenant_out(tenant), "webhookSecret": tenant.webhook_secret}
 
 
@@ -79,8 +66,7 @@ async def get_tenant(session: SessionDep, tenant_id: TenantId) -> dict[str, Any]
 async def update_tenant(
     session: SessionDep, runtime: RuntimeDep, tenant_id: TenantId, body: TenantUpdate
 ) -> dict[str, Any]:
-    _check_webhook_url(runtime, body.webhook_url)
-    return _tenant_out(await admin_service.update_tenant(session, tenant_id, body))
+    return _tenant_out(await admin_service.update_tenant(session, tenant_id, body, runtime.settings))
 
 
 @router.delete("/tenants/{tenantId}", status_code=204)
@@ -163,11 +149,7 @@ async def usage_report(
     rows = await budgets_service.usage_report(session, start, end, group_by)
     wants_csv = format == "csv" or (format is None and "text/csv" in request.headers.get("accept", ""))
     if wants_csv:
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=[group_by, "spentCents", "predictions"])
-        writer.writeheader()
-        writer.writerows(rows)
-        return Response(out.getvalue(), media_type="text/csv")
+        return Response(budgets_service.usage_csv(rows, group_by), media_type="text/csv")
     return json_response({"groupBy": group_by, "from": from_, "to": to, "data": rows})
 
 

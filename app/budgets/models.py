@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 
 from sqlalchemy import ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
@@ -43,6 +43,25 @@ class LedgerEntry(Base):
     spent_delta: Mapped[int] = mapped_column(default=0)
     note: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=clock.now)
+
+
+class DailyUsage(Base):
+    """Per tenant and UTC day: cents spent, predictions charged and submits refused by a limit.
+
+    Kept as money moves (in the transaction that writes the ledger row), so the dashboard reads a
+    month of a tenant's spending as 30 rows instead of summing the ledger.
+    """
+
+    __tablename__ = "daily_usage"
+    # The overview reads today's row of every tenant; rows are inserted once a day and then only
+    # updated in non-indexed columns, so the index costs one insert per tenant per day.
+    __table_args__ = (Index("ix_daily_usage_day_tenant_id", "day", "tenant_id"),)
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    day: Mapped[date] = mapped_column(primary_key=True)
+    spent_cents: Mapped[int] = mapped_column(default=0)
+    predictions: Mapped[int] = mapped_column(default=0)
+    refusals: Mapped[int] = mapped_column(default=0)
 
 
 class PricePoint(Base):

@@ -8,15 +8,19 @@ released in the period it was taken in.
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Integer, bindparam, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, ThresholdNotice
+from app.budgets.models import BudgetCounter, DailyUsage, LedgerEntry, PricePoint, ThresholdNotice
 from app.core import clock
 from app.core.database import insert_ignore, table_of
 from app.core.errors import AppError
@@ -207,6 +211,29 @@ _SHIFT = (
     .returning(_counters.spent_cents)
 )
 _LEDGER_INSERT = insert(table_of(LedgerEntry))
+_daily = table_of(DailyUsage)
+
+
+def _daily_upsert(insert_into: Any) -> Any:
+    """Add to a tenant's row for a day, creating it: one statement, so the rollup costs one round trip."""
+    stmt = insert_into(_daily).values(
+        tenant_id=bindparam("b_tenant"),
+        day=bindparam("b_day"),
+        spent_cents=bindparam("b_spent"),
+        predictions=bindparam("b_predictions"),
+        refusals=bindparam("b_refusals"),
+    )
+    return stmt.on_conflict_do_update(
+        index_elements=[_daily.c.tenant_id, _daily.c.day],
+        set_={
+            "spent_cents": _daily.c.spent_cents + stmt.excluded.spent_cents,
+            "predictions": _daily.c.predictions + stmt.excluded.predictions,
+            "refusals": _daily.c.refusals + stmt.excluded.refusals,
+        },
+    )
+
+
+_DAILY_UPSERT = {"postgresql": _daily_upsert(pg_insert), "sqlite": _daily_upsert(sqlite_insert)}
 
 
 def _scopes(tenant: Tenant, key: ApiKey) -> list[tuple[str, Any, str]]:
@@ -243,7 +270,8 @@ async def _shift(
     The ledger row is flushed first so that the counter rows, which concurrent requests of the tenant
     wait for, stay locked only for the UPDATE and the COMMIT.
     """
-    await _record(session, hold, kind=kind, reserved_delta=reserved_delta, spent_delta=spent_delta, note=note)
+    at = clock.now()  # one moment for the ledger row and the rollup day it counts in
+    await _record(session, hold, kind=kind, reserved_delta=reserved_delta, spent_delta=spent_delta, note=note, at=at)
     spent_after = 0
     # Always the tenant's row before the key's, as in reserve(): one lock order, no deadlocks.
     scopes = [_tenant_scope(hold.tenant_id)] + ([_key_scope(hold.api_key_id)] if hold.key_budgeted else [])
@@ -252,11 +280,53 @@ async def _shift(
         spent = (await session.execute(_SHIFT, params)).scalar()
         if scope.startswith("tenant:"):
             spent_after = spent or 0
+    if spent_delta:
+        # After the counters, as every movement does: one lock order. Counted as usage_report counts.
+        await _add_to_day(session, hold.tenant_id, at, spent=spent_delta, predictions=int(kind == "settle"))
     return spent_after
 
 
+async def _add_to_day(
+    session: AsyncSession, tenant_id: str, at: datetime, *, spent: int = 0, predictions: int = 0, refusals: int = 0
+) -> None:
+    params = {
+        "b_tenant": tenant_id,
+        "b_day": at.date(),
+        "b_spent": spent,
+        "b_predictions": predictions,
+        "b_refusals": refusals,
+    }
+    await session.execute(_DAILY_UPSERT[session.get_bind().dialect.name], params)
+
+
+async def record_refusal(session: AsyncSession, tenant_id: str) -> None:
+    """Count a submit refused by the budget, rate or concurrency limit, for the dashboard.
+
+    The refused submit's own transaction rolls back (nothing of it may stay), so the caller counts it
+    in a transaction of its own, after the rollback.
+    """
+    await _add_to_day(session, tenant_id, clock.now(), refusals=1)
+
+
+async def daily_usage(session: AsyncSession, tenant_id: str, first: date, last: date) -> list[DailyUsage]:
+    """The rollup rows of one tenant between two UTC days (inclusive): a range of its primary key."""
+    rows = await session.scalars(
+        select(DailyUsage)
+        .where(DailyUsage.tenant_id == tenant_id, DailyUsage.day >= first, DailyUsage.day <= last)
+        .order_by(DailyUsage.day)
+    )
+    return list(rows)
+
+
 async def _record(
-    session: AsyncSession, hold: Hold, *, kind: str, reserved_delta: int, spent_delta: int, note: str | None
+    session: AsyncSession,
+    hold: Hold,
+    *,
+    kind: str,
+    reserved_delta: int,
+    spent_delta: int,
+    note: str | None,
+    at: datetime | None = None,
 ) -> None:
     # A Core INSERT: the ledger is append-only, so the ORM's unit of work would only add overhead.
     await session.execute(
@@ -271,7 +341,7 @@ async def _record(
             reserved_delta=reserved_delta,
             spent_delta=spent_delta,
             note=note,
-            created_at=clock.now(),
+            created_at=at or clock.now(),
         ),
     )
 
@@ -417,6 +487,28 @@ async def usage_report(
     return [{group_by: str(row.key), "spentCents": int(row.spent), "predictions": int(row.predictions)} for row in rows]
 
 
+def usage_csv(rows: list[dict[str, Any]], group_by: str) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=[group_by, "spentCents", "predictions"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+async def current_usage(session: AsyncSession, tenant: Tenant) -> Usage:
+    """The current period's usage from the tenant's counter row (one primary-key read), for pages."""
+    period = period_of(tenant.budget_period, clock.now())
+    counter = await session.get(BudgetCounter, (_tenant_scope(tenant.id), period.start), populate_existing=True)
+    return Usage(
+        budget_cents=tenant.budget_cents,
+        period=tenant.budget_period,
+        period_start=period.start if tenant.budget_period != "total" else None,
+        period_end=period.end,
+        spent_cents=counter.spent_cents if counter else 0,
+        reserved_cents=counter.reserved_cents if counter else 0,
+    )
+
+
 async def current_balances(session: AsyncSession) -> dict[str, tuple[int, int]]:
     """(spent, reserved) of every live tenant's current period, for the metrics gauges."""
     now = clock.now()
@@ -476,4 +568,29 @@ async def verify_ledger(session: AsyncSession) -> list[Mismatch]:
         counter = counters.get((scope, period_start), (0, 0))
         if ledger != counter or counter[1] < 0:
             mismatches.append(Mismatch(scope, period_start, counter[0], counter[1], ledger[0], ledger[1]))
-    return mismatches
+    return mismatches + await _verify_daily_usage(session)
+
+
+async def _verify_daily_usage(session: AsyncSession) -> list[Mismatch]:
+    """The dashboard's rollup against the ledger, day by day (scope "day:<tenant id>")."""
+    day = func.date(LedgerEntry.created_at)
+    rows = await session.execute(
+        select(LedgerEntry.tenant_id, day, func.sum(LedgerEntry.spent_delta))
+        .where(LedgerEntry.spent_delta != 0)
+        .group_by(LedgerEntry.tenant_id, day)
+    )
+    # SQLite's date() is text, PostgreSQL's a date: compare them as dates.
+    ledger = {(tenant_id, date.fromisoformat(str(d)[:10])): int(spent) for tenant_id, d, spent in rows}
+    rollup = {(r.tenant_id, r.day): r.spent_cents for r in await session.scalars(select(DailyUsage))}
+    return [
+        Mismatch(
+            f"day:{tenant_id}",
+            datetime.combine(d, datetime.min.time(), UTC),
+            rollup.get((tenant_id, d), 0),
+            0,
+            ledger.get((tenant_id, d), 0),
+            0,
+        )
+        for tenant_id, d in sorted(set(ledger) | set(rollup))
+        if ledger.get((tenant_id, d), 0) != rollup.get((tenant_id, d), 0)
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -80,6 +81,19 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+def validation_problem(raw_errors: Sequence[Any]) -> InvalidRequest:
+    """Pydantic's errors as one problem: the first names the field; all are listed."""
+    errors = [
+        {
+            "field": _field_path(tuple(err.get("loc", ()))),
+            "message": str(err.get("msg", "invalid")).removeprefix("Value error, "),
+        }
+        for err in raw_errors
+    ]
+    first = errors[0] if errors else {"field": "body", "message": "invalid"}
+    return InvalidRequest(f"{first['field']}: {first['message']}", field=first["field"], errors=errors)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_request: Request, exc: AppError) -> Response:
@@ -87,15 +101,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> Response:
-        errors = [
-            {
-                "field": _field_path(tuple(err.get("loc", ()))),
-                "message": str(err.get("msg", "invalid")).removeprefix("Value error, "),
-            }
-            for err in exc.errors()
-        ]
-        first = errors[0] if errors else {"field": "body", "message": "invalid"}
-        error = InvalidRequest(f"{first['field']}: {first['message']}", field=first["field"], errors=errors)
+        error = validation_problem(exc.errors())
         return problem_response(error.status, error.body())
 
     @app.exception_handler(StarletteHTTPException)

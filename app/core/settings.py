@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = None
     # Asked for, never implied (`vidgate serve --sandbox`): a built-in simulator answers instead of the vendor.
     sandbox: bool = False
+    # Signs the dashboard's session cookies; without it, a key derived from the admin token does.
+    session_secret: SecretStr | None = None
+    session_ttl_s: float = Field(default=8 * 3600.0, gt=0)
     public_base_url: str | None = None
     # Direct peers whose X-Forwarded-Proto and X-Forwarded-Host are believed (IPs or CIDRs, comma-separated).
     trusted_proxies: Annotated[list[IPv4Network | IPv6Network], NoDecode] = []

@@ -209,12 +209,20 @@ async def submit(
 
     # Transaction 1: claim the idempotency key, pass the limits and hold the estimate. Committed
     # before the upstream call, so concurrent requests and other replicas see the hold.
-    async with transaction(runtime.sessions) as session:
-        if idempotency_key is not None:
-            replay = await _claim_idempotency_key(session, runtime, tenant, idempotency_key, fingerprint, prediction_id)
-            if replay is not None:
-                return replay
-        prediction, estimate = await _hold_and_record(session, runtime, tenant, key, model_id, request, prediction_id)
+    try:
+        async with transaction(runtime.sessions) as session:
+            if idempotency_key is not None:
+                replay = await _claim_idempotency_key(
+                    session, runtime, tenant, idempotency_key, fingerprint, prediction_id
+                )
+                if replay is not None:
+                    return replay
+            prediction, estimate = await _hold_and_record(
+                session, runtime, tenant, key, model_id, request, prediction_id
+            )
+    except (budgets_service.BudgetExceeded, budget_limits.TooManyRequests):
+        await _count_refusal(runtime, tenant.id)
+        raise
 
     try:
         submitted = await runtime.upstream.submit(model_id, prediction.params)  # exactly what was recorded
@@ -246,6 +254,16 @@ async def submit(
             await asyncio.sleep(0.05 * 2**attempt)
     log.info("prediction submitted", extra={"prediction_id": prediction.id, "cost_cents": submitted.cost_cents})
     return SubmitResult(body=body, replayed=False, prediction_id=prediction.id)
+
+
+async def _count_refusal(runtime: Runtime, tenant_id: str) -> None:
+    # Best effort, after the refused transaction rolled back: the caller's answer is the refusal
+    # whether or not the count lands.
+    try:
+        async with transaction(runtime.sessions) as session:
+            await budgets_service.record_refusal(session, tenant_id)
+    except DBAPIError as exc:
+        log.warning("refusal not counted", extra={"tenant_id": tenant_id, "error_type": type(exc).__name__})
 
 
 async def _claim_idempotency_key(

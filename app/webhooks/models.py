@@ -16,6 +16,7 @@ class WebhookDelivery(Base):
     __table_args__ = (
         Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
         Index("ix_webhook_deliveries_tenant_id_id", "tenant_id", "id"),
+        Index("ix_webhook_deliveries_status_id", "status", "id"),  # the dashboard's list by status
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)  # the webhook-id header

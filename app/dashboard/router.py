@@ -1,0 +1,586 @@
+"""The operator dashboard at /dashboard: server-rendered pages (Jinja2), HTMX for partial updates.
+
+Every page works without JavaScript: forms post and the answer is the whole page. With HTMX, the same
+answer is fetched and only the changed section is swapped in (`hx-select`), so there is one template
+per page and no fragment endpoints. Every action calls the service function the operator API and the
+CLI call, and shows the problem `detail` the API would answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as day_time
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+from urllib.parse import parse_qsl, urlencode
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from pydantic import ValidationError
+from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+
+from app.admin import service as admin_service
+from app.admin.deps import InvalidAdminToken, admin_token, is_admin_token
+from app.budgets import service as budgets_service
+from app.core.database import transaction
+from app.core.errors import AppError, InvalidRequest, NotFound, ServiceUnavailable, validation_problem
+from app.dashboard import service as dashboard_service
+from app.dashboard import session as sessions
+from app.deps import RuntimeDep
+from app.runtime import Runtime
+from app.tenants import service as tenants_service
+from app.tenants.schemas import KeyCreate, TenantCreate, TenantUpdate
+from app.webhooks import service as webhooks_service
+
+HERE = Path(__file__).parent
+STATIC = HERE / "static"
+HTMX = "htmx-2.0.11.min.js"  # vendored from the npm registry (htmx.org 2.0.11), pinned by its name
+MAX_FORM_BYTES = 64 * 1024
+
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def _when(value: datetime | None) -> str:
+    return "" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _cents(value: int | None) -> str:
+    return "—" if value is None else f"${value / 100:,.2f}"
+
+
+templates = Environment(
+    loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]), trim_blocks=True
+)
+templates.filters["when"] = _when
+templates.filters["cents"] = _cents
+
+
+class LoginRequired(Exception):
+    pass
+
+
+class CsrfRejected(AppError):
+    status = 403
+    code = "csrf_token_invalid"
+    title = "Missing or wrong CSRF token"
+
+
+def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    page_session: sessions.Session | None = getattr(request.state, "dashboard_session", None)
+    html = templates.get_template(name).render(
+        request=request, csrf=page_session.csrf if page_session else "", htmx=HTMX, **context
+    )
+    return HTMLResponse(html, status_code=status)
+
+
+def _error_page(request: Request, error: AppError) -> Response:
+    response = render(request, "error.html", status=error.status, error=error)
+    response.headers.update(error.headers)
+    return response
+
+
+class DashboardRoute(APIRoute):
+    """Every dashboard answer carries the security headers; errors become pages, a missing session a
+    redirect to the login page."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except LoginRequired:
+                target = "/dashboard/login"
+                if request.method == "GET" and request.url.path != "/dashboard/login":
+                    target += "?" + urlencode({"next": request.url.path})
+                if request.headers.get("HX-Request"):
+                    # An XHR follows a 303 by itself; HTMX needs to be told to load the page.
+                    response = Response(status_code=200, headers={"HX-Redirect": target})
+                else:
+                    response = RedirectResponse(target, status_code=303)
+            except RequestValidationError as exc:
+                response = _error_page(request, validation_problem(exc.errors()))
+            except AppError as exc:
+                response = _error_page(request, exc)
+            for name, value in SECURITY_HEADERS.items():
+                if name not in response.headers:  # static files keep their long cache lifetime
+                    response.headers[name] = value
+            return response
+
+        return route
+
+
+router = APIRouter(prefix="/dashboard", route_class=DashboardRoute, include_in_schema=False)
+
+
+# ---------------------------------------------------------------- session and CSRF
+
+
+def _key(runtime: Runtime) -> bytes | None:
+    return sessions.signing_key(runtime.settings, admin_token(runtime.settings))
+
+
+def _secure(request: Request) -> bool:
+    return request.url.scheme == "https"
+
+
+def _current(request: Request, runtime: Runtime) -> sessions.Session | None:
+    key = _key(runtime)
+    return None if key is None else sessions.decode(key, request.cookies.get(sessions.COOKIE))
+
+
+async def operator(request: Request, runtime: RuntimeDep) -> sessions.Session:
+    current = _current(request, runtime)
+    if current is None or not current.authenticated:
+        raise LoginRequired
+    request.state.dashboard_session = current
+    return current
+
+
+Operator = Annotated[sessions.Session, Depends(operator)]
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """The url-encoded form (the only kind the pages post), size-capped like every request body."""
+    if int(request.headers.get("content-length") or 0) > MAX_FORM_BYTES:
+        raise InvalidRequest("The form is larger than 64 KiB.", field="body")
+    body = await request.body()
+    if len(body) > MAX_FORM_BYTES:
+        raise InvalidRequest("The form is larger than 64 KiB.", field="body")
+    return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+
+
+async def checked_form(request: Request, runtime: RuntimeDep) -> dict[str, str]:
+    """The form of a state-changing request, only if it carries this session's CSRF token."""
+    form = await read_form(request)
+    current = _current(request, runtime)
+    if current is None or not current.authenticated:
+        raise LoginRequired
+    request.state.dashboard_session = current
+    if not sessions.csrf_matches(current, form.get("csrf")):
+        raise CsrfRejected("This form has no valid CSRF token. Reload the page and submit it again.")
+    return form
+
+
+Form = Annotated[dict[str, str], Depends(checked_form)]
+
+
+@router.get("/static/{name}")
+async def static(name: str) -> Response:
+    path = STATIC / name
+    if "/" in name or name.startswith(".") or not path.is_file():
+        raise NotFound(f"There is no dashboard file {name!r}.")
+    return FileResponse(path, headers={"Cache-Control": "public, max-age=31536000, immutable"})
+
+
+@router.get("/login")
+async def login_page(request: Request, runtime: RuntimeDep, next: str = "/dashboard") -> Response:
+    key = _key(runtime)
+    current = _current(request, runtime)
+    if current is not None and current.authenticated:
+        return RedirectResponse("/dashboard", status_code=303)
+    pre = sessions.new_session(authenticated=False, ttl_s=sessions.PRE_LOGIN_TTL_S)
+    request.state.dashboard_session = pre
+    response = render(request, "login.html", next=_safe_next(next), disabled=key is None)
+    if key is not None:
+        sessions.set_cookie(response, key, pre, secure=_secure(request))
+    return response
+
+
+def _safe_next(target: str) -> str:
+    # Only a path of this dashboard: never an open redirect.
+    return target if target.startswith("/dashboard") and "//" not in target and "\\" not in target else "/dashboard"
+
+
+@router.post("/login")
+async def login(request: Request, runtime: RuntimeDep) -> Response:
+    form = await read_form(request)
+    key = _key(runtime)
+    expected = admin_token(runtime.settings)
+    pre = _current(request, runtime)
+    if key is None or expected is None:
+        raise ServiceUnavailable("The dashboard is disabled: set VIDGATE_ADMIN_TOKEN.")
+    if not sessions.csrf_matches(pre, form.get("csrf")):
+        raise CsrfRejected("The login form has no valid CSRF token. Reload the page and sign in again.")
+    request.state.dashboard_session = pre
+    if not is_admin_token(runtime.settings, form.get("token", "")):
+        error = InvalidAdminToken("That is not the operator token (VIDGATE_ADMIN_TOKEN).")
+        return render(request, "login.html", status=401, next=_safe_next(form.get("next", "")), error=error)
+    response = RedirectResponse(_safe_next(form.get("next", "/dashboard")), status_code=303)
+    session = sessions.new_session(authenticated=True, ttl_s=runtime.settings.session_ttl_s)
+    sessions.set_cookie(response, key, session, secure=_secure(request))
+    return response
+
+
+@router.post("/logout")
+async def logout(request: Request, _form: Form) -> Response:
+    response = RedirectResponse("/dashboard/login", status_code=303)
+    sessions.clear_cookie(response, secure=_secure(request))
+    return response
+
+
+# ---------------------------------------------------------------- overview
+
+
+@router.get("")
+async def overview_page(
+    request: Request,
+    runtime: RuntimeDep,
+    _op: Operator,
+    q: Annotated[str | None, Query(max_length=200)] = None,
+    sort: Annotated[str, Query(pattern="^(name|spent|used|refusals)$")] = "used",
+    order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
+    page: Annotated[int, Query(ge=0, le=10_000)] = 0,
+) -> Response:
+    return await _overview(request, runtime, q=q, sort=sort, order=order, page=page)
+
+
+async def _overview(
+    request: Request,
+    runtime: Runtime,
+    *,
+    q: str | None = None,
+    sort: str = "used",
+    order: str = "desc",
+    page: int = 0,
+    error: AppError | None = None,
+    form: Mapping[str, str] | None = None,
+) -> Response:
+    async with transaction(runtime.sessions, readonly=True) as session:
+        data = await dashboard_service.overview(
+            session, search=(q or "").strip() or None, sort=sort, descending=order == "desc", page=page
+        )
+
+    def sort_link(column: str) -> str:
+        flip = "asc" if sort == column and order == "desc" else "desc"
+        return "/dashboard?" + urlencode({k: v for k, v in {"q": q, "sort": column, "order": flip}.items() if v})
+
+    def page_link(number: int) -> str:
+        params = {"q": q, "sort": sort, "order": order, "page": number}
+        return "/dashboard?" + urlencode({k: v for k, v in params.items() if v not in (None, "")})
+
+    return render(
+        request,
+        "overview.html",
+        status=error.status if error else 200,
+        data=data,
+        q=q or "",
+        sort=sort,
+        order=order,
+        sort_link=sort_link,
+        page_link=page_link,
+        error=error,
+        form=form or {},
+    )
+
+
+def _optional_int(form: Mapping[str, str], name: str) -> Any:
+    """An empty field means "no limit"; digits are a number; anything else goes to pydantic as it is,
+    so the problem detail is the API's own."""
+    value = form.get(name, "").strip()
+    if value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def _settings_fields(form: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "name": form.get("name", "").strip(),
+        "budgetCents": _optional_int(form, "budgetCents"),
+        "budgetPeriod": form.get("budgetPeriod") or "month",
+        "maxConcurrent": _optional_int(form, "maxConcurrent"),
+        "ratePerMinute": _optional_int(form, "ratePerMinute"),
+        "webhookUrl": form.get("webhookUrl", "").strip() or None,
+    }
+
+
+M = TypeVar("M", TenantCreate, TenantUpdate)
+
+
+def _validated(model: type[M], fields: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise validation_problem(exc.errors()) from exc
+
+
+@router.post("/tenants")
+async def create_tenant(request: Request, runtime: RuntimeDep, form: Form) -> Response:
+    try:
+        data = _validated(TenantCreate, _settings_fields(form))
+        async with transaction(runtime.sessions) as session:
+            tenant = await admin_service.create_tenant(session, runtime.settings, data)
+    except AppError as exc:
+        return await _overview(request, runtime, error=exc, form=form)
+    page = await _tenant(request, runtime, tenant.id, notice="Tenant created.", secret=tenant.webhook_secret)
+    page.headers["HX-Push-Url"] = f"/dashboard/tenants/{tenant.id}"  # the secret is shown here, once: no redirect
+    return page
+
+
+# ---------------------------------------------------------------- one tenant
+
+
+@router.get("/tenants/{tenant_id}")
+async def tenant_page(request: Request, runtime: RuntimeDep, _op: Operator, tenant_id: str) -> Response:
+    return await _tenant(request, runtime, tenant_id)
+
+
+async def _tenant(
+    request: Request,
+    runtime: Runtime,
+    tenant_id: str,
+    *,
+    notice: str | None = None,
+    error: AppError | None = None,
+    new_key: str | None = None,
+    secret: str | None = None,
+    form: Mapping[str, str] | None = None,
+) -> Response:
+    async with transaction(runtime.sessions, readonly=True) as session:
+        tenant = await tenants_service.get_tenant(session, tenant_id)
+        usage = await budgets_service.current_usage(session, tenant)
+        days = await dashboard_service.daily_spend(session, tenant.id)
+        keys = await tenants_service.list_keys(session, tenant)
+        in_flight = await dashboard_service.in_flight_of(session, tenant.id)
+    return render(
+        request,
+        "tenant.html",
+        status=error.status if error else 200,
+        tenant=tenant,
+        usage=usage,
+        chart=_chart(days),
+        days=days,
+        keys=keys,
+        in_flight=in_flight,
+        notice=notice,
+        error=error,
+        new_key=new_key,
+        secret=secret,
+        form=form,
+    )
+
+
+def _chart(days: list[dashboard_service.Day]) -> dict[str, Any]:
+    """Bar geometry for the 30-day SVG, computed here so the template only draws."""
+    width, height, gap = 600, 160, 2
+    bar = width / len(days)
+    top = max((d.spent_cents for d in days), default=0) or 1
+    bars = []
+    for index, day in enumerate(days):
+        h = round(height * max(day.spent_cents, 0) / top, 1)
+        bars.append(
+            {"x": round(index * bar, 1), "y": round(height - h, 1), "w": round(bar - gap, 1), "h": h, "day": day}
+        )
+    return {"width": width, "height": height, "bars": bars, "top": top, "total": sum(d.spent_cents for d in days)}
+
+
+async def _tenant_action(
+    request: Request,
+    runtime: Runtime,
+    tenant_id: str,
+    action: Callable[[Any], Awaitable[dict[str, Any]]],
+    form: Mapping[str, str] | None = None,
+) -> Response:
+    """Run one action in its own transaction, then show the tenant page as it now stands."""
+    try:
+        async with transaction(runtime.sessions) as session:
+            shown = await action(session)
+    except AppError as exc:
+        return await _tenant(request, runtime, tenant_id, error=exc, form=form)
+    return await _tenant(request, runtime, tenant_id, **shown)
+
+
+@router.post("/tenants/{tenant_id}/settings")
+async def update_settings(request: Request, runtime: RuntimeDep, form: Form, tenant_id: str) -> Response:
+    async def action(session: Any) -> dict[str, Any]:
+        data = _validated(TenantUpdate, _settings_fields(form))
+        await admin_service.update_tenant(session, tenant_id, data, runtime.settings)
+        return {"notice": "Settings saved."}
+
+    return await _tenant_action(request, runtime, tenant_id, action, form)
+
+
+@router.post("/tenants/{tenant_id}/keys")
+async def create_key(request: Request, runtime: RuntimeDep, form: Form, tenant_id: str) -> Response:
+    async def action(session: Any) -> dict[str, Any]:
+        tenant = await tenants_service.get_tenant(session, tenant_id)
+        name = form.get("name", "").strip() or None
+        _key, raw = await tenants_service.create_key(session, tenant, KeyCreate(name=name))
+        return {"notice": "Key created. Copy it now: it is not shown again.", "new_key": raw}
+
+    return await _tenant_action(request, runtime, tenant_id, action)
+
+
+@router.post("/tenants/{tenant_id}/keys/{key_id}/revoke")
+async def revoke_key(request: Request, runtime: RuntimeDep, _form: Form, tenant_id: str, key_id: str) -> Response:
+    async def action(session: Any) -> dict[str, Any]:
+        tenant = await tenants_service.get_tenant(session, tenant_id)
+        key = await tenants_service.revoke_key(session, tenant, key_id)
+        return {"notice": f"Key {key.prefix}… revoked."}
+
+    return await _tenant_action(request, runtime, tenant_id, action)
+
+
+@router.post("/tenants/{tenant_id}/webhook-secret/rotate")
+async def rotate_secret(request: Request, runtime: RuntimeDep, _form: Form, tenant_id: str) -> Response:
+    async def action(session: Any) -> dict[str, Any]:
+        tenant = await tenants_service.get_tenant(session, tenant_id)
+        tenant = await tenants_service.rotate_webhook_secret(session, tenant, runtime.settings.webhook_secret_grace_s)
+        until = _when(tenant.webhook_secret_previous_expires_at)
+        return {
+            "notice": f"Webhook secret rotated; the previous one is also signed until {until} UTC.",
+            "secret": tenant.webhook_secret,
+        }
+
+    return await _tenant_action(request, runtime, tenant_id, action)
+
+
+# ---------------------------------------------------------------- lists
+
+
+def _moment(value: str | None, field: str, *, end: bool) -> datetime | None:
+    """A `datetime-local` or date input, read as UTC; a bare end date includes that day."""
+    if not value:
+        return None
+    try:
+        if len(value) == 10:
+            return datetime.combine(date.fromisoformat(value) + timedelta(days=1 if end else 0), day_time(), UTC)
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except ValueError as exc:
+        raise InvalidRequest(f"{field} must be a date (2026-11-01) or a date and time.", field=field) from exc
+
+
+Text = Annotated[str | None, Query(max_length=64)]
+
+
+def _filters(tenant: str | None, status: str | None, from_: str | None, to: str | None, cursor: str | None) -> Any:
+    return dashboard_service.ListFilters(
+        tenant=tenant or None,
+        status=status or None,
+        start=_moment(from_, "from", end=False),
+        end=_moment(to, "to", end=True),
+        cursor=cursor or None,
+    )
+
+
+def _next_link(path: str, request: Request, cursor: str | None) -> str | None:
+    if cursor is None:
+        return None
+    params = {k: v for k, v in request.query_params.items() if k != "cursor" and v}
+    return f"{path}?{urlencode({**params, 'cursor': cursor})}"
+
+
+@router.get("/predictions")
+async def predictions_page(
+    request: Request,
+    runtime: RuntimeDep,
+    _op: Operator,
+    tenant: Text = None,
+    status: Annotated[str | None, Query(pattern="^(|submitting|processing|completed|failed|rejected)$")] = None,
+    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
+    to: Annotated[str | None, Query(max_length=40)] = None,
+    cursor: Text = None,
+) -> Response:
+    filters = _filters(tenant, status, from_, to, cursor)
+    async with transaction(runtime.sessions, readonly=True) as session:
+        rows, next_cursor = await dashboard_service.list_predictions(session, filters)
+        names = await dashboard_service.tenant_names(session, {p.tenant_id for p in rows})
+    return render(
+        request,
+        "predictions.html",
+        rows=rows,
+        names=names,
+        filters={"tenant": tenant or "", "status": status or "", "from": from_ or "", "to": to or ""},
+        statuses=dashboard_service.PREDICTION_STATUSES,
+        next_link=_next_link("/dashboard/predictions", request, next_cursor),
+    )
+
+
+@router.get("/deliveries")
+async def deliveries_page(
+    request: Request,
+    runtime: RuntimeDep,
+    _op: Operator,
+    tenant: Text = None,
+    status: Annotated[str | None, Query(pattern="^(|pending|succeeded|dead)$")] = None,
+    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
+    to: Annotated[str | None, Query(max_length=40)] = None,
+    cursor: Text = None,
+) -> Response:
+    return await _deliveries(request, runtime, _filters(tenant, status, from_, to, cursor), from_, to)
+
+
+async def _deliveries(
+    request: Request,
+    runtime: Runtime,
+    filters: dashboard_service.ListFilters,
+    from_: str | None = None,
+    to: str | None = None,
+    notice: str | None = None,
+    error: AppError | None = None,
+) -> Response:
+    async with transaction(runtime.sessions, readonly=True) as session:
+        rows, next_cursor = await dashboard_service.list_deliveries(session, filters)
+        names = await dashboard_service.tenant_names(session, {d.tenant_id for d in rows})
+    return render(
+        request,
+        "deliveries.html",
+        status=error.status if error else 200,
+        rows=[webhooks_service.present(d) for d in rows],
+        names=names,
+        filters={"tenant": filters.tenant or "", "status": filters.status or "", "from": from_ or "", "to": to or ""},
+        statuses=dashboard_service.DELIVERY_STATUSES,
+        next_link=_next_link("/dashboard/deliveries", request, next_cursor),
+        notice=notice,
+        error=error,
+    )
+
+
+@router.post("/deliveries/{delivery_id}/redeliver")
+async def redeliver(request: Request, runtime: RuntimeDep, form: Form, delivery_id: str) -> Response:
+    filters = dashboard_service.ListFilters(tenant=form.get("tenant") or None, status=form.get("status") or None)
+    try:
+        async with transaction(runtime.sessions) as session:
+            delivery = await webhooks_service.get_delivery(session, delivery_id)
+            await webhooks_service.redeliver(session, delivery)
+    except AppError as exc:
+        return await _deliveries(request, runtime, filters, error=exc)
+    return await _deliveries(request, runtime, filters, notice=f"Delivery {delivery_id} queued again.")
+
+
+@router.get("/usage.csv")
+async def usage_csv(
+    runtime: RuntimeDep,
+    _op: Operator,
+    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
+    to: Annotated[str | None, Query(max_length=40)] = None,
+    group_by: Annotated[str, Query(alias="groupBy", pattern="^(tenant|model|day)$")] = "tenant",
+) -> Response:
+    start = _moment(from_, "from", end=False)
+    end = _moment(to, "to", end=True)
+    async with transaction(runtime.sessions, readonly=True) as session:
+        rows = await budgets_service.usage_report(session, start, end, group_by)
+    stamp = time.strftime("%Y%m%d", time.gmtime())
+    return Response(
+        budgets_service.usage_csv(rows, group_by),
+        media_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="vidgate-usage-{group_by}-{stamp}.csv"'},
+    )

@@ -1,0 +1,96 @@
+"""The dashboard's session cookie and CSRF tokens.
+
+One cookie, `vidgate_session`: a JSON payload and its HMAC-SHA256, `HttpOnly`, `SameSite=Strict`, with an
+expiry inside the signed payload (the cookie's own Max-Age is only a hint to the browser). Before login
+it carries only a CSRF token for the login form; login replaces it with a new one (no fixation).
+
+The signing key is derived from the admin token (and VIDGATE_SESSION_SECRET when set), so changing the
+token ends every session. Without an admin token there is no key and no login: fail closed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+import orjson
+from starlette.responses import Response
+
+from app.core.settings import Settings
+
+COOKIE = "vidgate_session"
+PRE_LOGIN_TTL_S = 3600.0
+PATH = "/dashboard"
+
+
+@dataclass(frozen=True)
+class Session:
+    authenticated: bool
+    csrf: str
+    expires_at: float
+
+
+def signing_key(settings: Settings, admin_token: str | None) -> bytes | None:
+    if admin_token is None:
+        return None
+    secret = settings.session_secret.get_secret_value() if settings.session_secret else ""
+    base = secret or admin_token
+    return hmac.new(base.encode(), b"vidgate-dashboard-session\0" + admin_token.encode(), hashlib.sha256).digest()
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def encode(key: bytes, session: Session) -> str:
+    payload = _b64(orjson.dumps({"a": session.authenticated, "c": session.csrf, "e": session.expires_at}))
+    signature = _b64(hmac.new(key, payload.encode(), hashlib.sha256).digest())
+    return f"{payload}.{signature}"
+
+
+def decode(key: bytes, value: str | None) -> Session | None:
+    """The session in a cookie, or None when it is missing, forged, malformed or expired."""
+    if not value or value.count(".") != 1:
+        return None
+    payload, signature = value.split(".")
+    expected = _b64(hmac.new(key, payload.encode(), hashlib.sha256).digest())
+    if not hmac.compare_digest(signature, expected):
+        return None
+    try:
+        data = orjson.loads(_unb64(payload))
+        session = Session(bool(data["a"]), str(data["c"]), float(data["e"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+    return session if session.expires_at > time.time() else None
+
+
+def new_session(*, authenticated: bool, ttl_s: float) -> Session:
+    return Session(authenticated, secrets.token_urlsafe(24), time.time() + ttl_s)
+
+
+def set_cookie(response: Response, key: bytes, session: Session, *, secure: bool) -> None:
+    response.set_cookie(
+        COOKIE,
+        encode(key, session),
+        max_age=max(1, round(session.expires_at - time.time())),
+        path=PATH,
+        httponly=True,
+        samesite="strict",
+        secure=secure,
+    )
+
+
+def clear_cookie(response: Response, *, secure: bool) -> None:
+    response.delete_cookie(COOKIE, path=PATH, httponly=True, samesite="strict", secure=secure)
+
+
+def csrf_matches(session: Session | None, given: str | None) -> bool:
+    return session is not None and bool(given) and hmac.compare_digest(session.csrf.encode(), (given or "").encode())
