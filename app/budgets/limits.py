@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import or_, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets.models import RateWindow
@@ -83,3 +83,21 @@ async def consume_rate(session: AsyncSession, tenant: Tenant) -> None:
         retry_after,
         limit=limit,
     )
+
+
+async def would_admit(session: AsyncSession, tenant: Tenant, now: datetime) -> bool:
+    """Whether acquire_slot and consume_rate would pass now, without taking anything (for quotes)."""
+    if tenant.max_concurrent is not None:
+        in_flight = await session.scalar(select(Tenant.in_flight).where(Tenant.id == tenant.id))
+        if (in_flight or 0) >= tenant.max_concurrent:
+            return False
+    if tenant.rate_per_minute is not None:
+        used = await session.scalar(
+            select(RateWindow.count).where(
+                RateWindow.scope == f"tenant:{tenant.id}",
+                RateWindow.window_start == now.replace(second=0, microsecond=0),
+            )
+        )
+        if (used or 0) >= tenant.rate_per_minute:
+            return False
+    return True
