@@ -28,7 +28,12 @@ import pytest
 VIDGATE = os.environ.get("VIDGATE_BIN") or str(Path(sys.executable).parent / "vidgate")
 ADMIN_TOKEN = "adm-" + secrets.token_hex(16)
 STARTUP_S = 60.0
-BODY: dict[str, Any] = {"image": "https://example.com/cat.png", "prompt": "a cat waves", "resolution": "480p", "duration": 5}
+BODY: dict[str, Any] = {
+    "image": "https://example.com/cat.png",
+    "prompt": "a cat waves",
+    "resolution": "480p",
+    "duration": 5,
+}
 COST = 9  # what the simulator charges for BODY
 
 
