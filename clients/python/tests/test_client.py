@@ -54,16 +54,19 @@ async def test_async_generate_waits_until_completed(sim_defaults: Gateway) -> No
         assert (await client.usage()).spent_cents == COST
 
 
-def test_generate_polls_past_the_held_answer(sim_defaults: Gateway, fault_proxy: FaultProxy) -> None:
-    """A prediction that outlasts the held answer (the gateway holds 2 s at most here) is then polled
-    as Retry-After says, to its end."""
-    sim_defaults.sim("/_sim/config", completion_s=5, estimated_time="1-5s")
+def test_generate_polls_past_the_held_answer_when_retry_after_says(
+    sim_defaults: Gateway, fault_proxy: FaultProxy
+) -> None:
+    """A prediction that outlasts the held answer (the gateway holds 2 s at most here) is then polled when
+    the gateway's Retry-After says a poll is worth making: its first poll is due 8 s after the submit."""
+    sim_defaults.sim("/_sim/config", completion_s=9, estimated_time="8-20s")
     _, key = sim_defaults.tenant()
     with Vidgate(key, fault_proxy.url) as client:
         prediction = client.generate("ltx-2-19b", **BODY, deadline_s=60)
         assert prediction.status == "completed"
     polls = [path for path in fault_proxy.gets if path.endswith(prediction.id)]
-    # About 3 s left after the held answer, polled every Retry-After (>= 1 s), not in a tight loop.
+    # Held 2 s, then told to come back at 8 s, then every second: about 3 GETs. Polling every second
+    # from the held answer on, as without Retry-After, would take 8 or more.
     assert 1 <= len(polls) <= 6 and len(fault_proxy.posts) == 1
 
 
