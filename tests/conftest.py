@@ -349,7 +349,6 @@ def _client_verifies_every_delivery(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every webhook these tests check with `standardwebhooks` is checked by vidgate_client.webhooks
     too (SPEC §9), with the same outcome: accepted by both, or refused by both."""
     from standardwebhooks.webhooks import Webhook, WebhookVerificationError
-
     from vidgate_client import webhooks as client_webhooks
 
     reference = Webhook.verify
