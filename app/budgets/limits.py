@@ -86,11 +86,10 @@ async def consume_rate(session: AsyncSession, tenant: Tenant) -> None:
 
 
 async def would_admit(session: AsyncSession, tenant: Tenant, now: datetime) -> bool:
-    """Whether acquire_slot and consume_rate would pass now, without taking anything (for quotes)."""
-    if tenant.max_concurrent is not None:
-        in_flight = await session.scalar(select(Tenant.in_flight).where(Tenant.id == tenant.id))
-        if (in_flight or 0) >= tenant.max_concurrent:
-            return False
+    """Whether acquire_slot and consume_rate would pass now, without taking anything (for quotes).
+    `tenant` must have been read in this transaction (the key check does): its in_flight is current."""
+    if tenant.max_concurrent is not None and tenant.in_flight >= tenant.max_concurrent:
+        return False
     if tenant.rate_per_minute is not None:
         used = await session.scalar(
             select(RateWindow.count).where(
