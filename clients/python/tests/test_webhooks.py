@@ -11,8 +11,10 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import BODY, Gateway, free_port
 from standardwebhooks.webhooks import Webhook
@@ -185,3 +187,23 @@ def test_gateway_deliveries_verify_before_and_during_rotation(
             Webhook(secret).verify(body, headers)
         with pytest.raises(WebhookVerificationError):
             webhooks.verify(body, headers, new_secret())
+
+
+async def test_the_readme_receiver_accepts_good_and_refuses_forged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FastAPI receiver of the README, run as written."""
+    fastapi = pytest.importorskip("fastapi")
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    block = next(b for b in readme.split("```python")[1:] if '@app.post("/hooks/vidgate"' in b).split("```")[0]
+    old, new = new_secret(), new_secret()
+    monkeypatch.setenv("VIDGATE_WEBHOOK_SECRETS", f"{new},{old}")
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert isinstance(namespace["app"], fastapi.FastAPI)
+    transport = httpx.ASGITransport(app=namespace["app"])
+    async with httpx.AsyncClient(transport=transport, base_url="http://receiver") as http:
+        for secret in (old, new):
+            answer = await http.post("/hooks/vidgate", content=BODY_BYTES, headers=signed(secret, BODY_BYTES))
+            assert answer.status_code == 204
+        forged = signed(new_secret(), BODY_BYTES)
+        assert (await http.post("/hooks/vidgate", content=BODY_BYTES, headers=forged)).status_code == 400
