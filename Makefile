@@ -2,16 +2,16 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml clients/python/pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint typecheck test-sqlite test-postgresql bench bench-smoke clean
+.PHONY: install serve test lint typecheck test-sqlite test-postgresql test-client bench bench-smoke clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "vidgate needs Python 3.11 or newer")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]" -e clients/python
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -33,8 +33,13 @@ test-sqlite: $(STAMP)
 test-postgresql: $(STAMP)
 	VIDGATE_TEST_DB=postgresql $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
-# Lint, types, then the whole suite on SQLite (the default) and on PostgreSQL (production).
-test: lint typecheck test-sqlite test-postgresql
+# The Python client (clients/python): its own lint and strict types, then its tests against a real gateway.
+test-client: $(STAMP)
+	cd clients/python && $(abspath $(BIN))/ruff check . && $(abspath $(BIN))/ruff format --check . && $(abspath $(BIN))/mypy
+	cd clients/python && $(abspath $(BIN))/python -m pytest $(PYTEST_ARGS)
+
+# Lint, types, then the whole suite on SQLite (the default) and on PostgreSQL (production), then the client.
+test: lint typecheck test-sqlite test-postgresql test-client
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.admin.router import router as admin_router
+from app.budgets.headers import BudgetHeadersMiddleware
 from app.budgets.router import router as usage_router
 from app.core.database import create_engine, create_sessionmaker
 from app.core.errors import install_error_handlers
@@ -89,6 +90,7 @@ def create_app(
     app.state.runtime = runtime
     app.state.listen_url = listen_url
     install_error_handlers(app)
+    app.add_middleware(BudgetHeadersMiddleware)
     app.add_middleware(RequestContextMiddleware, sandbox=settings.sandbox)
     for router in (predictions_router, usage_router, webhooks_router, admin_router, ops_router, dashboard_router):
         app.include_router(router)

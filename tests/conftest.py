@@ -342,3 +342,27 @@ async def receiver_factory() -> AsyncIterator[Callable[..., Awaitable[Receiver]]
 async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture(autouse=True)
+def _client_verifies_every_delivery(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every webhook these tests check with `standardwebhooks` is checked by vidgate_client.webhooks
+    too (SPEC §9), with the same outcome: accepted by both, or refused by both."""
+    from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+    from vidgate_client import webhooks as client_webhooks
+
+    reference = Webhook.verify
+
+    def verify_both(self: Webhook, data: bytes | str, headers: dict[str, str], **options: Any) -> Any:
+        secret = self._whsecret
+        try:
+            result = reference(self, data, headers, **options)
+        except WebhookVerificationError:
+            with pytest.raises(client_webhooks.WebhookVerificationError):
+                client_webhooks.verify(data, headers, secret)
+            raise
+        event = client_webhooks.verify(data, headers, secret)
+        assert (event.type, event.data) == (result["type"], result["data"])
+        return result
+
+    monkeypatch.setattr(Webhook, "verify", verify_both)

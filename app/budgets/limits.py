@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import or_, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets.models import RateWindow
@@ -86,3 +86,20 @@ async def consume_rate(session: AsyncSession, tenant: Tenant) -> None:
         retry_after,
         limit=limit,
     )
+
+
+async def would_admit(session: AsyncSession, tenant: Tenant, now: datetime) -> bool:
+    """Whether acquire_slot and consume_rate would pass now, without taking anything (for quotes).
+    `tenant` must have been read in this transaction (the key check does): its in_flight is current."""
+    if tenant.max_concurrent is not None and tenant.in_flight >= tenant.max_concurrent:
+        return False
+    if tenant.rate_per_minute is not None:
+        used = await session.scalar(
+            select(RateWindow.count).where(
+                RateWindow.scope == f"tenant:{tenant.id}",
+                RateWindow.window_start == now.replace(second=0, microsecond=0),
+            )
+        )
+        if (used or 0) >= tenant.rate_per_minute:
+            return False
+    return True

@@ -24,3 +24,13 @@ class UsageRow(BaseModel):
 class UsageReport(BaseModel):
     groupBy: str
     data: list[dict[str, str | int]]
+
+
+class QuoteOut(BaseModel):
+    """POST /api/v1/models/{modelId}/quote: what a submit now would hold, and whether it would pass."""
+
+    estimateCents: int
+    fits: bool
+    remainingCents: int | None
+    budgetCents: int | None
+    resetsAt: Timestamp | None

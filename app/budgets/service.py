@@ -20,6 +20,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.budgets import limits as budget_limits
 from app.budgets.models import BudgetCounter, DailyUsage, LedgerEntry, PricePoint, ThresholdNotice
 from app.core import clock
 from app.core.database import insert_ignore, table_of
@@ -423,6 +424,48 @@ async def newly_crossed_thresholds(
             if await insert_ignore(session, ThresholdNotice, [row]):
                 crossed.append(percent)
     return crossed
+
+
+# ---------------------------------------------------------------- quotes
+
+
+@dataclass(frozen=True)
+class Quote:
+    estimate_cents: int
+    fits: bool
+    remaining_cents: int | None  # the tenant's; None when unlimited
+    budget_cents: int | None
+    resets_at: datetime | None
+
+
+async def quote(
+    session: AsyncSession,
+    price_table: dict[str, dict[str, float]],
+    tenant: Tenant,
+    key: ApiKey,
+    model_id: str,
+    resolution: str | None,
+    duration_s: int | None,
+) -> Quote:
+    """What a submit now would hold, and whether it would pass the budget, concurrency and rate checks.
+    Reads only: nothing is held, nothing counted."""
+    now = clock.now()
+    estimate = await estimate_cents(
+        session, price_table, model_id, resolution or DEFAULT_RESOLUTION, duration_s or DEFAULT_DURATION_S
+    )
+    period = period_of(tenant.budget_period, now)
+    fits = await budget_limits.would_admit(session, tenant, now)
+    remaining: int | None = None
+    for scope, limit in ((_tenant_scope(tenant.id), tenant.budget_cents), (_key_scope(key.id), key.budget_cents)):
+        if limit is None:
+            continue
+        counter = await session.get(BudgetCounter, (scope, period.start))
+        left = max(limit - (counter.spent_cents + counter.reserved_cents if counter else 0), 0)
+        if scope.startswith("tenant:"):
+            remaining = left
+        # The same condition as the hold's UPDATE: spent + reserved + estimate <= limit.
+        fits = fits and estimate <= left
+    return Quote(estimate, fits, remaining, tenant.budget_cents, period.end)
 
 
 # ---------------------------------------------------------------- reports

@@ -1,19 +1,25 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Response
 
+from app.budgets import service as budgets_service
+from app.budgets.headers import RETRY_AFTER_DOC, note_charge, tenant_responses
+from app.budgets.schemas import QuoteOut
+from app.core import clock
 from app.core.database import transaction
 from app.core.errors import InvalidRequest
 from app.core.responses import json_response
+from app.core.retry_after import retry_after_value
 from app.deps import PublicBaseUrlDep, ReadSessionDep, RuntimeDep
 from app.predictions import service as predictions_service
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, SubmitOut
 from app.tenants.deps import CallerDep, Credentials, ReaderDep, authenticate
 
-router = APIRouter(prefix="/api/v1", tags=["predictions"])
+router = APIRouter(prefix="/api/v1", tags=["predictions"], responses=tenant_responses())
 
 IDEMPOTENCY_KEY_MAX = 255
 
@@ -25,10 +31,18 @@ def _prefer_wait(prefer: str | None, cap_s: float) -> float | None:
     return min(float(match.group(1)), cap_s) if match else None
 
 
+def _retry_after(next_poll_at: datetime | None) -> str:
+    """Seconds until the gateway's next poll of a processing prediction: asking earlier learns nothing."""
+    if next_poll_at is None:
+        return "1"
+    return retry_after_value(max(1.0, (next_poll_at - clock.now()).total_seconds()))
+
+
 @router.post(
     "/models/{modelId}/generate",
     response_model=SubmitOut,
     summary="Submit a prediction (mirrors the vendor's generate endpoint)",
+    responses=tenant_responses(**RETRY_AFTER_DOC),
 )
 async def generate(
     runtime: RuntimeDep,
@@ -52,25 +66,71 @@ async def generate(
     )
     headers = {"Idempotent-Replayed": "true"} if result.replayed else {}
     content: dict[str, Any] = result.body
+    if not result.replayed:
+        note_charge(content.get("costCents") or 0)
     wait_s = _prefer_wait(prefer, runtime.settings.prefer_wait_max_s)
+    next_poll_at: datetime | None = _first_poll_due(content, runtime.settings.poll_interval_s)
     if wait_s is not None:
         prediction = await predictions_service.wait_until_terminal(
             runtime, caller.tenant.id, result.prediction_id, wait_s
         )
         content = predictions_service.present_submit(prediction, content["statusUrl"], extended=True)
         headers["Preference-Applied"] = f"wait={int(wait_s)}"
+        next_poll_at = prediction.next_poll_at
+    if content["status"] == "processing":
+        headers["Retry-After"] = _retry_after(next_poll_at)
     return json_response(content, headers=headers)
 
 
-@router.get("/predictions/{predictionId}", response_model=PredictionOut, summary="Get a prediction")
+def _first_poll_due(submitted: dict[str, Any], default_s: float) -> datetime:
+    """When the gateway first polls a just-submitted prediction: createdAt plus the estimate's lower bound."""
+    created = datetime.fromisoformat(submitted["createdAt"])
+    delay = predictions_service.first_poll_delay_s(submitted.get("estimatedTime"), default_s)
+    return created + timedelta(seconds=delay)
+
+
+@router.post(
+    "/models/{modelId}/quote",
+    response_model=QuoteOut,
+    summary="What a submit would hold now, and whether it would pass; nothing is sent upstream or held",
+)
+async def quote(
+    runtime: RuntimeDep,
+    session: ReadSessionDep,
+    caller: ReaderDep,
+    body: GenerateRequest,
+    model_id: Annotated[str, Path(alias="modelId", max_length=100)],
+) -> Response:
+    predictions_service.check_submittable(runtime, model_id, body)
+    answer = await budgets_service.quote(
+        session, runtime.settings.price_table, caller.tenant, caller.key, model_id, body.resolution, body.duration
+    )
+    return json_response(
+        {
+            "estimateCents": answer.estimate_cents,
+            "fits": answer.fits,
+            "remainingCents": answer.remaining_cents,
+            "budgetCents": answer.budget_cents,
+            "resetsAt": answer.resets_at,
+        }
+    )
+
+
+@router.get(
+    "/predictions/{predictionId}",
+    response_model=PredictionOut,
+    summary="Get a prediction",
+    responses=tenant_responses(**RETRY_AFTER_DOC),
+)
 async def get_prediction(
     runtime: RuntimeDep, credentials: Credentials, prediction_id: Annotated[str, Path(alias="predictionId")]
 ) -> Response:
     # The route callers poll: one read-only unit of work opened here, not by two generator dependencies.
     async with transaction(runtime.sessions, readonly=True) as session:
         caller = await authenticate(session, credentials)
-        body = await predictions_service.read_for_tenant(session, caller.tenant.id, prediction_id)
-    return json_response(body)
+        body, next_poll_at = await predictions_service.read_with_next_poll(session, caller.tenant.id, prediction_id)
+    headers = {"Retry-After": _retry_after(next_poll_at)} if body["status"] == "processing" else None
+    return json_response(body, headers=headers)
 
 
 @router.get("/predictions", response_model=PredictionList, summary="List your predictions, newest first")

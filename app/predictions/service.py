@@ -498,7 +498,7 @@ _PUBLIC_COLUMNS = (
     _predictions.c.charged_cents,
     _predictions.c.metadata.label("meta"),
 )
-_READ = select(*_PUBLIC_COLUMNS).where(
+_READ = select(*_PUBLIC_COLUMNS, _predictions.c.next_poll_at).where(
     _predictions.c.id == bindparam("b_id"),
     _predictions.c.tenant_id == bindparam("b_tenant_id"),
     # Not IN (...): an expanding IN is rendered again at every execution.
@@ -508,10 +508,17 @@ _READ = select(*_PUBLIC_COLUMNS).where(
 
 async def read_for_tenant(session: AsyncSession, tenant_id: str, prediction_id: str) -> dict[str, Any]:
     """The GET representation, read as plain columns: the hot path loads no ORM object."""
+    return (await read_with_next_poll(session, tenant_id, prediction_id))[0]
+
+
+async def read_with_next_poll(
+    session: AsyncSession, tenant_id: str, prediction_id: str
+) -> tuple[dict[str, Any], datetime | None]:
+    """The GET representation and when the gateway polls it next (for Retry-After), in one query."""
     row = (await session.execute(_READ, {"b_id": prediction_id, "b_tenant_id": tenant_id})).first()
     if row is None:
         raise PredictionNotFound(f"There is no prediction {prediction_id!r} for this API key's tenant.")
-    return present(row)
+    return present(row), row.next_poll_at
 
 
 async def list_for_tenant(

@@ -9,6 +9,7 @@ from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.budgets.headers import note_balance
 from app.core.database import transaction
 from app.core.errors import Unauthorized
 from app.core.logging import tenant_id_var
@@ -31,8 +32,9 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 async def authenticate(session: AsyncSession, credentials: HTTPAuthorizationCredentials | None) -> Caller:
     if credentials is None:
         raise Unauthorized("Send your API key as 'Authorization: Bearer vg_...'.")
-    tenant, key = await tenants_service.authenticate(session, credentials.credentials)
+    tenant, key, balance = await tenants_service.authenticate_with_balance(session, credentials.credentials)
     tenant_id_var.set(tenant.id)
+    note_balance(balance)
     return Caller(tenant, key)
 
 

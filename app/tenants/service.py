@@ -11,9 +11,12 @@ from datetime import timedelta
 from functools import cache
 from typing import Any
 
-from sqlalchemy import bindparam, inspect, select, update
+from sqlalchemy import and_, bindparam, case, inspect, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.budgets import service as budgets_service
+from app.budgets.headers import Balance
+from app.budgets.models import BudgetCounter
 from app.core import clock
 from app.core.database import Base, table_of
 from app.core.errors import NotFound, Unauthorized
@@ -146,6 +149,22 @@ _AUTHENTICATE = (
     .join_from(table_of(ApiKey), table_of(Tenant), table_of(Tenant).c.id == table_of(ApiKey).c.tenant_id)
     .where(table_of(ApiKey).c.key_hash == bindparam("digest"))
 )
+# The same lookup plus the tenant's counter row of its current period (a primary-key probe in the same
+# round trip), for the budget headers every tenant answer carries.
+_tenants = table_of(Tenant).c
+_counters = table_of(BudgetCounter).c
+_PERIOD_KINDS = ("day", "week", "month", "total")
+_current_period_start = case(
+    *(
+        (_tenants.budget_period == kind, bindparam(f"p_{kind}", type_=_counters.period_start.type))
+        for kind in _PERIOD_KINDS[:3]
+    ),
+    else_=bindparam("p_total", type_=_counters.period_start.type),
+)
+_AUTHENTICATE_WITH_BALANCE = _AUTHENTICATE.add_columns(_counters.spent_cents, _counters.reserved_cents).outerjoin(
+    table_of(BudgetCounter),
+    and_(_counters.scope == literal("tenant:") + _tenants.id, _counters.period_start == _current_period_start),
+)
 
 
 @cache
@@ -160,19 +179,30 @@ def _detached(model: type[Tenant] | type[ApiKey], values: Sequence[Any]) -> Any:
 
 async def authenticate(session: AsyncSession, raw_key: str) -> tuple[Tenant, ApiKey]:
     """The caller's tenant and key, as objects outside the session: read them, never change them."""
+    tenant, key, _ = await authenticate_with_balance(session, raw_key)
+    return tenant, key
+
+
+async def authenticate_with_balance(session: AsyncSession, raw_key: str) -> tuple[Tenant, ApiKey, Balance]:
+    """authenticate(), plus the tenant's balance this period, read by the same query."""
     if not raw_key.startswith(KEY_PREFIX):
         raise Unauthorized("API keys start with 'vg_'. Send 'Authorization: Bearer vg_...'.")
     digest = hash_key(raw_key)
-    row = (await session.execute(_AUTHENTICATE, {"digest": digest})).first()
+    now = clock.now()
+    params: dict[str, Any] = {"digest": digest}
+    params.update({f"p_{kind}": budgets_service.period_of(kind, now).start for kind in _PERIOD_KINDS})
+    row = (await session.execute(_AUTHENTICATE_WITH_BALANCE, params)).first()
     # The lookup is by hash, so timing reveals nothing about the key; compare anyway to be explicit.
     if row is None or not hmac.compare_digest(row.key_hash, digest):
         raise Unauthorized("This API key is unknown. Ask your operator for a key.")
     split = len(_KEY_COLUMNS)
     key: ApiKey = _detached(ApiKey, row[:split])
-    tenant: Tenant = _detached(Tenant, row[split:])
+    tenant: Tenant = _detached(Tenant, row[split : split + len(_TENANT_COLUMNS)])
     if key.revoked_at is not None or tenant.deleted_at is not None:
         raise Unauthorized("This API key was revoked. Ask your operator for a new one.")
-    return tenant, key
+    spent, reserved = row[-2:]
+    period = budgets_service.period_of(tenant.budget_period, now)
+    return tenant, key, Balance(tenant.budget_cents, spent or 0, reserved or 0, period.end)
 
 
 async def rotate_webhook_secret(session: AsyncSession, tenant: Tenant, grace_s: float) -> Tenant:

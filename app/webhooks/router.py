@@ -4,12 +4,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 
+from app.budgets.headers import tenant_responses
 from app.deps import ReadSessionDep
 from app.tenants.deps import ReaderDep
 from app.webhooks import service as webhooks_service
 from app.webhooks.schemas import DeliveryDetail, DeliveryList
 
-router = APIRouter(prefix="/api/v1", tags=["webhooks"])
+router = APIRouter(prefix="/api/v1", tags=["webhooks"], responses=tenant_responses())
 
 StatusQuery = Annotated[str | None, Query(pattern="^(pending|succeeded|dead)$")]
 
