@@ -62,7 +62,8 @@ async def generate(
         prediction = await predictions_service.wait_until_terminal(
             runtime, caller.tenant.id, result.prediction_id, wait_s
         )
-        content = predictions_service.present_submit(prediction, content["statusUrl"], extended=True)
+        if prediction is not None:
+            content = predictions_service.present_submit(prediction, content["statusUrl"], extended=True)
         headers["Preference-Applied"] = f"wait={int(wait_s)}"
     return json_response(content, headers=headers)
 
