@@ -74,6 +74,16 @@ def create_engine(url: str, *, pool_size: int = 40, sqlite_busy_timeout_s: float
         connect_args={"server_settings": {"timezone": "UTC"}},
     )
 
+    # asyncpg raises a refused, reset or timed-out connect as a bare OSError, which SQLAlchemy passes
+    # through unwrapped: make it the driver's OperationalError, so that everything the database layer
+    # raises is a DBAPIError and nothing else (our own errors included) can pass for an outage.
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def _on_connect(dialect: Dialect, _record: Any, cargs: Any, cparams: Any) -> Any:
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except OSError as exc:
+            raise dialect.loaded_dbapi.OperationalError(f"cannot connect ({type(exc).__name__})") from exc
+
     # A pooled connection the server closed (a restart, a failover, a proxy cut) is replaced at checkout
     # instead of being handed out to fail. asyncpg knows it locally, so this costs no round trip;
     # pool_pre_ping would cost three (BEGIN, ping, ROLLBACK) on every unit of work.
@@ -169,19 +179,15 @@ _OUTAGE_SQLITE_CODES = {5, 6, 10, 13, 14}
 def is_outage(exc: BaseException) -> bool:
     """Whether `exc`, raised by a unit of work, means the database could not be reached or used (an
     outage: retry later) rather than that the statement or the code is wrong (a bug: stay loud)."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        error = pending.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
-            return True  # SQLAlchemy's dialect recognised a disconnect and dropped the pool
-        # Pool exhausted or a dead connection that could not be replaced; a refused, reset or timed-out
-        # connect (raised by the driver unwrapped). Inside a unit of work the database is the only
-        # thing dialled.
-        if isinstance(error, (sa_exc.TimeoutError, sa_exc.DisconnectionError, OSError)):
+    if isinstance(exc, (sa_exc.TimeoutError, sa_exc.DisconnectionError)):
+        return True  # no connection to be had from the pool, or a dead one that could not be replaced
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False  # only what the database driver raised is looked at: our own errors are not outages
+    if exc.connection_invalidated:
+        return True  # the dialect recognised a disconnect (and the pool dropped its connections)
+    driver_error = exc.orig
+    for error in (driver_error, driver_error.__cause__ if driver_error is not None else None):
+        if isinstance(error, OSError):
             return True
         sqlstate = getattr(error, "sqlstate", None)
         if isinstance(sqlstate, str) and sqlstate.startswith(_OUTAGE_SQLSTATES):
@@ -189,7 +195,6 @@ def is_outage(exc: BaseException) -> bool:
         sqlite_code = getattr(error, "sqlite_errorcode", None)
         if isinstance(sqlite_code, int) and sqlite_code & 0xFF in _OUTAGE_SQLITE_CODES:
             return True
-        pending += [getattr(error, "orig", None), error.__cause__]
     return False
 
 
