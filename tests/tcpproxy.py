@@ -16,7 +16,8 @@ class TcpProxy:
         self.target = (target_host, target_port)
         self.host = "127.0.0.1"
         self.port = 0
-        self.connections = 0  # accepted since the start, for tests that wait for traffic
+        self.connections = 0  # accepted since the start
+        self.sent = 0  # chunks forwarded from clients to the server: about one per round trip
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -70,8 +71,8 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         pipes = [
-            asyncio.create_task(self._pipe(client_reader, server_writer)),
-            asyncio.create_task(self._pipe(server_reader, client_writer)),
+            asyncio.create_task(self._pipe(client_reader, server_writer, upstream=True)),
+            asyncio.create_task(self._pipe(server_reader, client_writer, upstream=False)),
         ]
         self._pipes.update(pipes)
         try:
@@ -82,10 +83,10 @@ class TcpProxy:
                 self._writers.discard(writer)
                 writer.transport.abort()
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool) -> None:
         try:
             while data := await reader.read(65536):
+                self.sent += upstream
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):

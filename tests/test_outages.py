@@ -35,7 +35,7 @@ from app.upstream.schemas import UpstreamSubmitted
 from app.upstream.simulator import SimState
 from app.webhooks.models import WebhookDelivery
 from app.worker import Worker
-from tests.conftest import TEST_DB, Receiver, _api, empty_tables, eventually, make_settings
+from tests.conftest import TEST_DB, Api, Receiver, Tenant, _api, empty_tables, eventually, make_settings, valid_body
 from tests.tcpproxy import TcpProxy
 
 COST = 9  # what the simulator charges for 480p, 5 s
@@ -131,10 +131,10 @@ class Outage:
 
 
 @contextlib.asynccontextmanager
-async def outage_runtime(
+async def outage_gateway(
     database_url: str, engine: AsyncEngine, sim_url: str, **settings: Any
-) -> AsyncIterator[tuple[Runtime, Outage]]:
-    """A runtime on an engine of its own, whose database `Outage` can take away."""
+) -> AsyncIterator[tuple[Api, Outage]]:
+    """The app in-process, on a runtime and engine of its own whose database `Outage` can take away."""
     outage = Outage(database_url)
     own = await outage.engine()
     runtime = build_runtime(
@@ -143,7 +143,8 @@ async def outage_runtime(
         create_sessionmaker(own),
     )
     try:
-        yield runtime, outage
+        async for api in _api(runtime):
+            yield api, outage
     finally:
         await outage.close()
         await runtime.close()
@@ -165,24 +166,23 @@ async def charges(engine: AsyncEngine, tenant_id: str) -> Counter[str]:
 async def test_sqlite_file_locked_beyond_the_busy_timeout_answers_503_then_recovers(
     database_url: str, engine: AsyncEngine, sim_url: str, sim: SimState
 ) -> None:
-    async with outage_runtime(database_url, engine, sim_url) as (runtime, outage):
-        async for api in _api(runtime):
-            tenant = await api.tenant()
-            before = await tenant.submit()
-            assert before.status_code == 200, before.text
+    async with outage_gateway(database_url, engine, sim_url) as (api, outage):
+        tenant = await api.tenant()
+        before = await tenant.submit()
+        assert before.status_code == 200, before.text
 
-            await outage.begin()
-            assert_unavailable(await tenant.submit(), "submit")
-            assert_unavailable(await api.admin("POST", "/admin/v1/tenants", json={"name": "other"}), "admin create")
-            # Reads go on beside the lock (WAL): only what needs what it cannot have is refused.
-            seen = await tenant.get(f"/api/v1/predictions/{before.json()['id']}")
-            assert seen.status_code == 200, seen.text
-            await outage.end()
+        await outage.begin()
+        assert_unavailable(await tenant.submit(), "submit")
+        assert_unavailable(await api.admin("POST", "/admin/v1/tenants", json={"name": "other"}), "admin create")
+        # Reads go on beside the lock (WAL): only what needs what it cannot have is refused.
+        seen = await tenant.get(f"/api/v1/predictions/{before.json()['id']}")
+        assert seen.status_code == 200, seen.text
+        await outage.end()
 
-            after = await tenant.submit()
-            assert after.status_code == 200, after.text
-            # The two accepted submits are charged once each; the refused one held nothing.
-            assert await charges(engine, tenant.id) == {before.json()["id"]: 1, after.json()["id"]: 1}
+        after = await tenant.submit()
+        assert after.status_code == 200, after.text
+        # The two accepted submits are charged once each; the refused one held nothing.
+        assert await charges(engine, tenant.id) == {before.json()["id"]: 1, after.json()["id"]: 1}
 
 
 # ---------------------------------------------------------------- the vendor accepted, then the database went
@@ -204,26 +204,25 @@ async def test_confirm_waits_out_an_outage_after_the_vendor_accepted(
     database_url: str, engine: AsyncEngine, sim_url: str, sim: SimState, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    async with outage_runtime(database_url, engine, sim_url) as (runtime, outage):
-        async for api in _api(runtime):
-            tenant = await api.tenant()
-            cut_after_upstream_accepts(runtime, outage)
-            submit = asyncio.create_task(tenant.submit(**{"Idempotency-Key": "once"}))
-            # More than a few quick retries: the outage outlasts a database hiccup.
-            await eventually(
-                lambda: _true(submit.done() or sum(r.getMessage() == "confirm retried" for r in caplog.records) >= 6),
-                timeout=60,
-                what="the confirm to meet the outage",
-            )
-            assert not submit.done(), submit.result().text
-            await outage.end()
+    async with outage_gateway(database_url, engine, sim_url) as (api, outage):
+        tenant = await api.tenant()
+        cut_after_upstream_accepts(api.runtime, outage)
+        submit = asyncio.create_task(tenant.submit(valid_body(), **{"Idempotency-Key": "once"}))
 
-            answer = await submit
-            assert answer.status_code == 200, answer.text
-            replay = await tenant.submit(**{"Idempotency-Key": "once"})
-            assert replay.json() == answer.json() and replay.headers["idempotent-replayed"] == "true"
-            assert await charges(engine, tenant.id) == {answer.json()["id"]: 1}
-            assert sim.submits == 1
+        # More than a few quick retries: the outage outlasts a database hiccup.
+        async def retried_enough() -> bool:
+            return submit.done() or sum(r.getMessage() == "confirm retried" for r in caplog.records) >= 6
+
+        await eventually(retried_enough, timeout=60, what="the confirm to meet the outage")
+        assert not submit.done(), submit.result().text
+        await outage.end()
+
+        answer = await submit
+        assert answer.status_code == 200, answer.text
+        replay = await tenant.submit(valid_body(), **{"Idempotency-Key": "once"})
+        assert replay.json() == answer.json() and replay.headers["idempotent-replayed"] == "true"
+        assert await charges(engine, tenant.id) == {answer.json()["id"]: 1}
+        assert sim.submits == 1
 
 
 async def test_confirm_gives_up_well_before_recovery_and_says_what_happened(
@@ -232,23 +231,22 @@ async def test_confirm_gives_up_well_before_recovery_and_says_what_happened(
     caplog.set_level(logging.WARNING)
     # Recovery may release a hold 7 s after it was taken; the confirm stops trying within half of that.
     settings = dict(upstream_timeout_s=1.0, submit_recovery_s=7.0)
-    async with outage_runtime(database_url, engine, sim_url, **settings) as (runtime, outage):
-        async for api in _api(runtime):
-            tenant = await api.tenant()
-            cut_after_upstream_accepts(runtime, outage)
-            answer = await tenant.submit()
-            assert_unavailable(answer, "a submit whose confirm could not be recorded")
-            problem = answer.json()
-            assert "accepted" in problem["detail"] and problem["predictionId"] in problem["detail"]
-            # The operator can reconcile the vendor's bill from the log.
-            (abandoned,) = [r for r in caplog.records if r.getMessage().startswith("confirm abandoned")]
-            assert getattr(abandoned, "prediction_id", None) == problem["predictionId"]
-            assert getattr(abandoned, "upstream_id", None) and getattr(abandoned, "cost_cents", None) == COST
-            await outage.end()
-            # The hold is left to recovery, which no confirm is racing any more.
-            async with transaction(runtime.sessions, readonly=True) as session:
-                row = await session.get(Prediction, problem["predictionId"])
-            assert row is not None and row.status == "submitting"
+    async with outage_gateway(database_url, engine, sim_url, **settings) as (api, outage):
+        tenant = await api.tenant()
+        cut_after_upstream_accepts(api.runtime, outage)
+        answer = await tenant.submit()
+        assert_unavailable(answer, "a submit whose confirm could not be recorded")
+        problem = answer.json()
+        assert "accepted" in problem["detail"] and problem["predictionId"] in problem["detail"]
+        # The operator can reconcile the vendor's bill from the log.
+        (abandoned,) = [r for r in caplog.records if r.getMessage().startswith("confirm abandoned")]
+        assert getattr(abandoned, "prediction_id", None) == problem["predictionId"]
+        assert getattr(abandoned, "upstream_id", None) and getattr(abandoned, "cost_cents", None) == COST
+        await outage.end()
+        # The hold is left to recovery, which no confirm is racing any more.
+        async with transaction(api.runtime.sessions, readonly=True) as session:
+            row = await session.get(Prediction, problem["predictionId"])
+        assert row is not None and row.status == "submitting"
 
 
 # ---------------------------------------------------------------- PostgreSQL: cut away under load
@@ -266,20 +264,19 @@ async def test_postgresql_cut_away_under_load_answers_503_and_recovers_losing_no
     caplog.set_level(logging.WARNING)
     receiver: Receiver = await receiver_factory()
     settings = dict(upstream_timeout_s=5.0, submit_recovery_s=60.0, webhook_timeout_s=5.0)
-    async with outage_runtime(database_url, engine, sim_url, **settings) as (runtime, outage):
+    async with outage_gateway(database_url, engine, sim_url, **settings) as (api, outage):
         assert outage.proxy is not None
-        worker = Worker(runtime)
+        worker = Worker(api.runtime)
         worker_task = asyncio.create_task(worker.run())
         try:
-            async for api in _api(runtime):
-                await _cut_under_load(api, outage.proxy, receiver, engine, worker_task, caplog)
+            await _cut_under_load(api, outage.proxy, receiver, engine, worker_task, caplog)
         finally:
             worker.stop()
             await asyncio.wait_for(worker_task, 60)
 
 
 async def _cut_under_load(
-    api: Any,
+    api: Api,
     proxy: TcpProxy,
     receiver: Receiver,
     engine: AsyncEngine,
@@ -397,3 +394,29 @@ async def _status_is(http: httpx.AsyncClient, path: str, status: int) -> bool:
     with contextlib.suppress(httpx.HTTPError):
         return (await http.get(path)).status_code == status
     return False
+
+
+@pg_only
+async def test_pooled_connections_the_server_closed_are_replaced_at_no_cost_per_request(
+    database_url: str, engine: AsyncEngine, sim_url: str, sim: SimState
+) -> None:
+    async with outage_gateway(database_url, engine, sim_url) as (api, outage):
+        assert outage.proxy is not None
+        tenant = await api.tenant()
+        submitted = await tenant.submit()
+        path = f"/api/v1/predictions/{submitted.json()['id']}"
+        assert await read_concurrently(tenant, path, 5) == [200] * 5  # the pool now holds several connections
+        sent = outage.proxy.sent
+        for _ in range(20):
+            assert (await tenant.get(path)).status_code == 200
+        # The key check and the read, nothing else: no ping (pool_pre_ping would add three).
+        assert (outage.proxy.sent - sent) / 20 == 2
+
+        # The server closes every connection (a restart) and is back before the next request.
+        await outage.begin()
+        await outage.end()
+        assert await read_concurrently(tenant, path, 5) == [200] * 5
+
+
+async def read_concurrently(tenant: Tenant, path: str, n: int) -> list[int]:
+    return [r.status_code for r in await asyncio.gather(*(tenant.get(path) for _ in range(n)))]
