@@ -249,6 +249,26 @@ async def test_confirm_gives_up_well_before_recovery_and_says_what_happened(
         assert row is not None and row.status == "submitting"
 
 
+@pg_only
+async def test_an_outage_while_a_recorded_submit_waits_still_answers_it(
+    database_url: str, engine: AsyncEngine, sim_url: str, sim: SimState, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with outage_gateway(database_url, engine, sim_url) as (api, outage):
+        tenant = await api.tenant()
+        submit = asyncio.create_task(tenant.submit(valid_body(), Prefer="wait=3"))
+
+        async def recorded() -> bool:
+            return any(r.getMessage() == "prediction submitted" for r in caplog.records)
+
+        await eventually(recorded, timeout=60, what="the submit to be recorded")
+        await outage.begin()  # while it waits for the prediction to end
+        answer = await submit
+        # Accepted, charged and recorded: an answer, not an error that would invite a second submit.
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["status"] == "processing"
+
+
 # ---------------------------------------------------------------- PostgreSQL: cut away under load
 
 
