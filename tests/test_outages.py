@@ -16,6 +16,7 @@ import socket
 import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.budgets import service as budgets_service
 from app.budgets.models import LedgerEntry
+from app.core import clock
 from app.core.database import create_engine, create_sessionmaker, transaction
 from app.core.errors import DatabaseUnavailable
 from app.predictions.models import Prediction
@@ -98,6 +100,8 @@ class Outage:
         self.database_url = database_url
         self.proxy: TcpProxy | None = None
         self.holder: sqlite3.Connection | None = None
+        self.started = False
+        self.begun = asyncio.Event()  # set once the database is away
 
     async def engine(self) -> AsyncEngine:
         if TEST_DB != "postgresql":
@@ -112,8 +116,17 @@ class Outage:
         if self.proxy is not None:
             await self.proxy.drop()
         else:
-            self.holder = sqlite3.connect(self.database_url.split(":///", 1)[1], isolation_level=None)
-            self.holder.execute("BEGIN IMMEDIATE")
+            path = self.database_url.split(":///", 1)[1]
+            self.holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            # In a thread: the gateway may hold the write lock right now and must be able to let go of it.
+            await asyncio.to_thread(self.holder.execute, "BEGIN IMMEDIATE")
+        self.begun.set()
+
+    async def begin_once(self) -> None:
+        """For fault injection at a point the code passes more than once: the first time only."""
+        if not self.started:
+            self.started = True
+            await self.begin()
 
     async def end(self) -> None:
         if self.proxy is not None:
@@ -267,6 +280,86 @@ async def test_an_outage_while_a_recorded_submit_waits_still_answers_it(
         # Accepted, charged and recorded: an answer, not an error that would invite a second submit.
         assert answer.status_code == 200, answer.text
         assert answer.json()["status"] == "processing"
+
+
+# ---------------------------------------------------------------- the webhook dispatcher
+
+
+async def test_an_outage_between_claiming_and_sending_a_webhook_leaves_no_endpoint_blocked(
+    database_url: str, engine: AsyncEngine, sim_url: str, sim: SimState, receiver_factory: Any
+) -> None:
+    # One delivery at a time per endpoint: an endpoint counted busy for a delivery never sent stays blocked.
+    async with outage_gateway(database_url, engine, sim_url, webhook_per_endpoint_concurrency=1) as (api, outage):
+        receiver: Receiver = await receiver_factory()
+        tenant = await api.tenant(webhookUrl=receiver.url)
+        worker = Worker(api.runtime)
+        claim = worker.dispatcher._claim
+
+        async def claim_then_cut(limit: int) -> list[WebhookDelivery]:
+            claimed = await claim(limit)
+            if claimed:
+                await outage.begin_once()
+            return claimed
+
+        worker.dispatcher._claim = claim_then_cut  # type: ignore[method-assign]
+        running = asyncio.create_task(worker.run())
+        try:
+            assert (await tenant.submit()).status_code == 200
+            await asyncio.wait_for(outage.begun.wait(), 60)
+            await outage.end()
+            clock.shift_to(clock.now() + timedelta(minutes=1))  # the lease taken before the outage ran out
+            delivered = await receiver.next(timeout=60)
+            assert json.loads(delivered.body)["type"] == "prediction.completed"
+        finally:
+            worker.stop()
+            await asyncio.wait_for(running, 60)
+
+
+async def test_a_webhook_sent_but_not_recorded_during_an_outage_is_not_sent_again(
+    database_url: str,
+    engine: AsyncEngine,
+    sim_url: str,
+    sim: SimState,
+    receiver_factory: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    async with outage_gateway(database_url, engine, sim_url) as (api, outage):
+        receiver: Receiver = await receiver_factory()
+        tenant = await api.tenant(webhookUrl=receiver.url)
+        worker = Worker(api.runtime)
+        post = worker.dispatcher._post
+
+        async def post_then_cut(delivery: WebhookDelivery, secrets: list[str]) -> Any:
+            answer = await post(delivery, secrets)
+            await outage.begin_once()
+            return answer
+
+        worker.dispatcher._post = post_then_cut  # type: ignore[method-assign]
+        running = asyncio.create_task(worker.run())
+        try:
+            assert (await tenant.submit()).status_code == 200
+            await asyncio.wait_for(outage.begun.wait(), 60)
+
+            async def storing_again() -> bool:
+                return any(r.getMessage() == "database unavailable, storing again" for r in caplog.records)
+
+            await eventually(storing_again, timeout=60, what="the attempt's recording to meet the outage")
+            clock.shift_to(clock.now() + timedelta(minutes=1))  # the delivery's lease runs out meanwhile
+            await outage.end()
+
+            async def recorded() -> bool:
+                async with transaction(create_sessionmaker(engine), readonly=True) as session:
+                    status = await session.scalar(
+                        select(WebhookDelivery.status).where(WebhookDelivery.tenant_id == tenant.id)
+                    )
+                return status == "succeeded"
+
+            await eventually(recorded, timeout=60, what="the delivery to be recorded")
+            assert len(receiver.received) == 1
+        finally:
+            worker.stop()
+            await asyncio.wait_for(running, 60)
 
 
 # ---------------------------------------------------------------- PostgreSQL: cut away under load
