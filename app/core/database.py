@@ -89,7 +89,8 @@ def create_engine(url: str, *, pool_size: int = 40, sqlite_busy_timeout_s: float
     # pool_pre_ping would cost three (BEGIN, ping, ROLLBACK) on every unit of work.
     @event.listens_for(engine.sync_engine, "checkout")
     def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-        if dbapi_connection.driver_connection.is_closed():
+        is_closed = getattr(dbapi_connection.driver_connection, "is_closed", None)  # asyncpg's
+        if callable(is_closed) and is_closed():
             raise sa_exc.DisconnectionError("connection closed by the server")
 
     return engine
