@@ -9,11 +9,10 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 
 from app.admin.deps import is_admin_token
 from app.core.database import transaction
-from app.core.errors import AppError, NotFound
+from app.core.errors import AppError, DatabaseUnavailable, NotFound
 from app.core.migrate import current_revision, head_revision
 from app.core.responses import json_response
 from app.deps import RuntimeDep
@@ -31,14 +30,17 @@ async def healthz() -> dict[str, str]:
 async def readyz(runtime: RuntimeDep) -> Response:
     checks: dict[str, str] = {}
     try:
-        async with transaction(runtime.sessions) as session:
-            await session.execute(text("SELECT 1"))
-            checks["database"] = "ok"
+        async with transaction(runtime.sessions, readonly=True) as session:
             revision = await current_revision(await session.connection())
-        checks["migrations"] = "ok" if revision == head_revision() else f"at {revision}, head is {head_revision()}"
-    except Exception as exc:
-        checks["database"] = f"unreachable ({type(exc).__name__})"
-        checks["migrations"] = "unknown"
+    except DatabaseUnavailable as exc:
+        # Not ready, and said the way every route says it (anything else is a bug and stays a 500).
+        raise DatabaseUnavailable(
+            "The database is unreachable.",
+            ready=False,
+            checks={"database": f"unreachable ({type(exc.__cause__).__name__})", "migrations": "unknown"},
+        ) from exc
+    checks["database"] = "ok"
+    checks["migrations"] = "ok" if revision == head_revision() else f"at {revision}, head is {head_revision()}"
     if runtime.settings.sandbox:
         checks["upstream"] = "sandbox"
     else:

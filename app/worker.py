@@ -17,7 +17,8 @@ from sqlalchemy import delete, func, select
 from app.budgets import service as budgets_service
 from app.budgets.models import RateWindow
 from app.core import clock, metrics
-from app.core.database import transaction
+from app.core.database import outage_backoff_s, transaction
+from app.core.errors import DatabaseUnavailable
 from app.predictions import poller
 from app.predictions import service as predictions_service
 from app.predictions.models import IdempotencyKey, Prediction
@@ -62,19 +63,28 @@ class Worker:
     ) -> None:
         """Run `step` until stopped. When it found nothing to start, wait `idle_s` for new due rows,
         or less: `room` is set the moment work in flight ends, so a full pipeline refills at once."""
+        failures = 0
         while not self.stopping.is_set():
             if room is not None:
                 room.clear()
             try:
                 done = await step()
             except Exception as exc:
-                # The database may be restarting: back off and keep going, the rows are safe.
-                log.error(
+                # Back off and keep going: the work is rows in the database, nothing is lost. An outage
+                # is expected weather (a warning); anything else is a bug and said loudly.
+                failures += 1
+                report = log.warning if isinstance(exc, DatabaseUnavailable) else log.error
+                report(
                     "worker step failed",
-                    extra={"step": getattr(step, "__name__", "step"), "error_type": type(exc).__name__},
+                    extra={
+                        "step": getattr(step, "__name__", "step"),
+                        "error_type": type(exc).__name__,
+                        "failures": failures,
+                    },
                 )
-                await self._pause(max(idle_s, 1.0), None)
+                await self._pause(outage_backoff_s(failures), None)
                 continue
+            failures = 0
             if done == 0 or always_sleep:
                 await self._pause(idle_s, room)
 

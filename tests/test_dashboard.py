@@ -225,6 +225,7 @@ async def _rollup(api: Api, tenant_id: str) -> list[Any]:
 
 
 async def test_rollup_follows_the_ledger_and_counts_refusals(api: Api) -> None:
+    clock.shift_to(datetime(2026, 6, 10, 12, tzinfo=UTC))  # mid-month: tomorrow is still this budget period
     await login(api)
     tenant = await api.tenant(name="rollup-co", budgetCents=20)
     assert (await tenant.submit()).status_code == 200

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 from typing import Any, cast
 from weakref import WeakKeyDictionary
 
 from sqlalchemy import BigInteger, DateTime, Integer, MetaData, Table, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
+
+from app.core.errors import DatabaseUnavailable
+
+log = logging.getLogger("vidgate.database")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -57,23 +64,44 @@ def table_of(model: type[Base]) -> Table:
     return cast(Table, model.__table__)
 
 
-def create_engine(url: str, *, pool_size: int = 40) -> AsyncEngine:
+def create_engine(url: str, *, pool_size: int = 40, sqlite_busy_timeout_s: float = 30.0) -> AsyncEngine:
     if url.startswith("sqlite"):
-        return _sqlite_engine(url)
-    return create_async_engine(
+        return _sqlite_engine(url, sqlite_busy_timeout_s)
+    engine = create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=0,
         connect_args={"server_settings": {"timezone": "UTC"}},
     )
 
+    # asyncpg raises a refused, reset or timed-out connect as a bare OSError, which SQLAlchemy passes
+    # through unwrapped: make it the driver's OperationalError, so that everything the database layer
+    # raises is a DBAPIError and nothing else (our own errors included) can pass for an outage.
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def _on_connect(dialect: Dialect, _record: Any, cargs: Any, cparams: Any) -> Any:
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except OSError as exc:
+            raise dialect.loaded_dbapi.OperationalError(f"cannot connect ({type(exc).__name__})") from exc
 
-def _sqlite_engine(url: str) -> AsyncEngine:
+    # A pooled connection the server closed (a restart, a failover, a proxy cut) is replaced at checkout
+    # instead of being handed out to fail. asyncpg knows it locally, so this costs no round trip;
+    # pool_pre_ping would cost three (BEGIN, ping, ROLLBACK) on every unit of work.
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        is_closed = getattr(dbapi_connection.driver_connection, "is_closed", None)  # asyncpg's
+        if callable(is_closed) and is_closed():
+            raise sa_exc.DisconnectionError("connection closed by the server")
+
+    return engine
+
+
+def _sqlite_engine(url: str, busy_timeout_s: float) -> AsyncEngine:
     if ":///" in url and not url.endswith(":memory:"):
         from pathlib import Path
 
         Path(url.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url, connect_args={"timeout": 30})
+    engine = create_async_engine(url, connect_args={"timeout": busy_timeout_s})
 
     # SQLite's default deferred transactions fail with "database is locked" when two writers
     # upgrade their read locks at once; taking the write lock at BEGIN serializes them instead.
@@ -82,7 +110,7 @@ def _sqlite_engine(url: str) -> AsyncEngine:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
@@ -122,17 +150,78 @@ async def transaction(
 ) -> AsyncIterator[AsyncSession]:
     """Open a session and a transaction; commit when the block ends, roll back when it raises.
 
-    Service functions only flush: this is where every unit of work becomes durable.
+    Service functions only flush: this is where every unit of work becomes durable. A database that
+    cannot be reached raises `DatabaseUnavailable` (503); any other error passes through unchanged.
     """
     lock = None if readonly else _writer_lock(sessions)
-    async with lock or nullcontext(), sessions() as session, session.begin():
-        if readonly:
-            options: dict[str, Any] = {READONLY_OPTION: True}
-            if isinstance(session.bind, AsyncEngine) and session.bind.dialect.name == "postgresql":
-                # Reads need no BEGIN/COMMIT round trips: each statement sees committed data.
-                options["isolation_level"] = "AUTOCOMMIT"
-            await session.connection(execution_options=options)
-        yield session
+    try:
+        async with lock or nullcontext(), sessions() as session, session.begin():
+            if readonly:
+                options: dict[str, Any] = {READONLY_OPTION: True}
+                if isinstance(session.bind, AsyncEngine) and session.bind.dialect.name == "postgresql":
+                    # Reads need no BEGIN/COMMIT round trips: each statement sees committed data.
+                    options["isolation_level"] = "AUTOCOMMIT"
+                await session.connection(execution_options=options)
+            yield session
+    except Exception as exc:
+        if not isinstance(exc, DatabaseUnavailable) and is_outage(exc):
+            raise DatabaseUnavailable() from exc
+        raise
+
+
+# SQLSTATEs that say the server is away or refusing connections, not that the statement is wrong:
+# connection exceptions (08...), admin/crash shutdown and "starting up" (57P0x), too many connections.
+_OUTAGE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+# SQLite result codes (primary) for a file that cannot be reached or used right now: busy beyond the
+# busy timeout, locked, I/O error, disk full, cannot open. "no such table" and the like stay loud.
+_OUTAGE_SQLITE_CODES = {5, 6, 10, 13, 14}
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether `exc`, raised by a unit of work, means the database could not be reached or used (an
+    outage: retry later) rather than that the statement or the code is wrong (a bug: stay loud)."""
+    if isinstance(exc, (sa_exc.TimeoutError, sa_exc.DisconnectionError)):
+        return True  # no connection to be had from the pool, or a dead one that could not be replaced
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False  # only what the database driver raised is looked at: our own errors are not outages
+    if exc.connection_invalidated:
+        return True  # the dialect recognised a disconnect (and the pool dropped its connections)
+    driver_error = exc.orig
+    for error in (driver_error, driver_error.__cause__ if driver_error is not None else None):
+        if isinstance(error, OSError):
+            return True
+        sqlstate = getattr(error, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_OUTAGE_SQLSTATES):
+            return True
+        sqlite_code = getattr(error, "sqlite_errorcode", None)
+        if isinstance(sqlite_code, int) and sqlite_code & 0xFF in _OUTAGE_SQLITE_CODES:
+            return True
+    return False
+
+
+def outage_backoff_s(failures: int, cap_s: float = 5.0) -> float:
+    """How long to wait after the `failures`-th failed attempt in a row to reach the database: doubling
+    from 0.1 s up to `cap_s`, jittered so that processes do not all return at the same instant."""
+    return float(min(0.1 * 2 ** min(failures - 1, 16), cap_s) * random.uniform(0.8, 1.2))
+
+
+async def store_until_done(write: Callable[[], Awaitable[None]], what: str) -> bool:
+    """Run `write`, one unit of work storing results that were costly to get (an upstream poll, a
+    delivered webhook), until it lands: a database outage is waited out, not a reason to throw them
+    away. Any other error is logged and the results dropped (their leases expire; the work is redone).
+    """
+    failures = 0
+    while True:
+        try:
+            await write()
+            return True
+        except DatabaseUnavailable:
+            failures += 1
+            log.warning("database unavailable, storing again", extra={"what": what, "attempt": failures})
+            await asyncio.sleep(outage_backoff_s(failures))
+        except Exception as exc:
+            log.error("storing failed", extra={"what": what, "error_type": type(exc).__name__})
+            return False
 
 
 async def insert_ignore(session: AsyncSession, model: type[Base], rows: list[dict[str, Any]]) -> int:

@@ -72,6 +72,24 @@ class ServiceUnavailable(AppError):
     title = "Service unavailable"
 
 
+DATABASE_RETRY_AFTER_S = 2
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    """The database could not be reached: an outage, not a fault of the request (raised by
+    `app.core.database.transaction`, which tells the two apart)."""
+
+    code = "database_unavailable"
+    title = "The gateway's database is unreachable"
+
+    def __init__(self, detail: str | None = None, **fields: Any) -> None:
+        super().__init__(
+            detail or "The gateway's database is unreachable for a moment; retry shortly.",
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+            **fields,
+        )
+
+
 def problem_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/problem+json", headers=headers)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core import clock, metrics
 from app.core.batching import batches
-from app.core.database import transaction
+from app.core.database import store_until_done, transaction
 from app.predictions import service as predictions_service
 from app.predictions.models import Prediction
 from app.runtime import Runtime
@@ -131,10 +132,9 @@ class Poller:
 
         async for batch in batches(self.outcomes, done=done, max_size=WRITE_BATCH):
             try:
-                await self.write(batch)
-            except Exception as exc:
-                # Nothing is lost: the leases expire and the rows are polled again.
-                log.error("storing poll results failed", extra={"error_type": type(exc).__name__, "rows": len(batch)})
+                # Waits out a database outage; if it fails otherwise, the leases expire and the rows
+                # are polled again: nothing is lost.
+                await store_until_done(functools.partial(self.write, batch), "poll results")
             finally:
                 was_full = self.unwritten >= self.runtime.settings.worker_concurrency
                 self.unwritten -= len(batch)

@@ -74,9 +74,10 @@ async def generate(
         prediction = await predictions_service.wait_until_terminal(
             runtime, caller.tenant.id, result.prediction_id, wait_s
         )
-        content = predictions_service.present_submit(prediction, content["statusUrl"], extended=True)
+        if prediction is not None:
+            content = predictions_service.present_submit(prediction, content["statusUrl"], extended=True)
+            next_poll_at = prediction.next_poll_at
         headers["Preference-Applied"] = f"wait={int(wait_s)}"
-        next_poll_at = prediction.next_poll_at
     if content["status"] == "processing":
         headers["Retry-After"] = _retry_after(next_poll_at)
     return json_response(content, headers=headers)

@@ -20,8 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.budgets import limits as budget_limits
 from app.budgets import service as budgets_service
 from app.core import clock, metrics
-from app.core.database import insert_ignore, table_of, transaction
-from app.core.errors import AppError, Conflict, InvalidRequest, NotFound
+from app.core.database import insert_ignore, outage_backoff_s, table_of, transaction
+from app.core.errors import AppError, Conflict, DatabaseUnavailable, InvalidRequest, NotFound
 from app.core.ids import new_id
 from app.core.retry_after import retry_after_value
 from app.core.ssrf import ForbiddenTarget, check_url
@@ -234,26 +234,71 @@ async def submit(
         raise _upstream_problem(exc) from exc
 
     # Transaction 2: the hold becomes the vendor's price, together with the upstream id. The vendor
-    # has billed by now, so a database hiccup is retried rather than turned into a lost charge.
-    for attempt in range(CONFIRM_ATTEMPTS):
+    # has billed by now, so a database that is away is waited for rather than the charge lost.
+    body = await _confirm_until_recorded(
+        runtime, tenant, key, prediction, estimate, submitted, idempotency_key, status_url_base
+    )
+    log.info("prediction submitted", extra={"prediction_id": prediction.id, "cost_cents": submitted.cost_cents})
+    return SubmitResult(body=body, replayed=False, prediction_id=prediction.id)
+
+
+async def _confirm_until_recorded(
+    runtime: Runtime,
+    tenant: Tenant,
+    key: ApiKey,
+    prediction: Prediction,
+    estimate: budgets_service.Estimate,
+    submitted: UpstreamSubmitted,
+    idempotency_key: str | None,
+    status_url_base: str,
+) -> dict[str, Any]:
+    """Record what the vendor accepted, trying again through a database outage for as long as it is
+    safe: until half of `submit_recovery_s` after the hold, so recovery (which releases holds older
+    than that) never races a confirm still trying. Other database errors get a few quick retries."""
+    loop = asyncio.get_running_loop()
+    window_s = runtime.settings.submit_recovery_s / 2 - (clock.now() - prediction.created_at).total_seconds()
+    deadline = loop.time() + window_s
+    failures = 0
+    while True:
         try:
             async with transaction(runtime.sessions) as session:
-                prediction = await _confirm(session, runtime, tenant, key, prediction, estimate, submitted)
-                body = present_submit(prediction, f"{status_url_base}/{prediction.id}", extended=False)
+                confirmed = await _confirm(session, runtime, tenant, key, prediction, estimate, submitted)
+                body = present_submit(confirmed, f"{status_url_base}/{confirmed.id}", extended=False)
                 if idempotency_key is not None:
                     await session.execute(
                         update(IdempotencyKey)
                         .where(IdempotencyKey.tenant_id == tenant.id, IdempotencyKey.key == idempotency_key)
                         .values(response=body)
                     )
-            break
-        except DBAPIError as exc:
-            if attempt == CONFIRM_ATTEMPTS - 1:
+            return body
+        except (DatabaseUnavailable, DBAPIError) as exc:
+            failures += 1
+            outage = isinstance(exc, DatabaseUnavailable)
+            pause = outage_backoff_s(failures, cap_s=1.0)
+            if not outage and failures >= CONFIRM_ATTEMPTS:
                 raise
-            log.warning("confirm retried", extra={"prediction_id": prediction.id, "error_type": type(exc).__name__})
-            await asyncio.sleep(0.05 * 2**attempt)
-    log.info("prediction submitted", extra={"prediction_id": prediction.id, "cost_cents": submitted.cost_cents})
-    return SubmitResult(body=body, replayed=False, prediction_id=prediction.id)
+            if outage and loop.time() + pause > deadline:
+                # The operator reconciles from this line: the vendor billed a run the ledger will not show.
+                log.error(
+                    "confirm abandoned: the upstream accepted a prediction the database could not record",
+                    extra={
+                        "prediction_id": prediction.id,
+                        "upstream_id": submitted.id,
+                        "cost_cents": submitted.cost_cents,
+                    },
+                )
+                raise DatabaseUnavailable(
+                    f"The video provider accepted prediction {prediction.id} and billed it, but the gateway's "
+                    "database stayed unreachable, so recording it could not be confirmed. GET it later: if it "
+                    "is unknown (404), it is not tracked, charged to your budget or notified (your operator "
+                    "finds it in the gateway's log), and submitting again starts, and bills, a new run.",
+                    predictionId=prediction.id,
+                ) from exc
+            log.warning(
+                "confirm retried",
+                extra={"prediction_id": prediction.id, "error_type": type(exc).__name__, "attempt": failures},
+            )
+            await asyncio.sleep(pause)
 
 
 async def _count_refusal(runtime: Runtime, tenant_id: str) -> None:
@@ -533,14 +578,20 @@ async def list_for_tenant(
     return rows[:limit], next_cursor
 
 
-async def wait_until_terminal(runtime: Runtime, tenant_id: str, prediction_id: str, wait_s: float) -> Prediction:
-    """Watch the database, not this process: the poll may happen in another worker."""
+async def wait_until_terminal(runtime: Runtime, tenant_id: str, prediction_id: str, wait_s: float) -> Prediction | None:
+    """Watch the database, not this process: the poll may happen in another worker. The prediction as
+    last read; None if the database could not be read at all (the submit itself was recorded, so an
+    outage while waiting is no reason to answer it with an error)."""
     deadline = asyncio.get_running_loop().time() + wait_s
+    prediction: Prediction | None = None
     while True:
-        async with transaction(runtime.sessions, readonly=True) as session:
-            prediction = await get_for_tenant(session, tenant_id, prediction_id)
+        try:
+            async with transaction(runtime.sessions, readonly=True) as session:
+                prediction = await get_for_tenant(session, tenant_id, prediction_id)
+        except DatabaseUnavailable:
+            pass
         remaining = deadline - asyncio.get_running_loop().time()
-        if prediction.status in TERMINAL or remaining <= 0:
+        if (prediction is not None and prediction.status in TERMINAL) or remaining <= 0:
             return prediction
         await asyncio.sleep(min(0.2, remaining))
 

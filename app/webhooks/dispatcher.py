@@ -4,6 +4,7 @@ can deliver, and caps concurrency per endpoint so one slow receiver cannot starv
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -16,7 +17,7 @@ from sqlalchemy import select, update
 
 from app.core import clock, metrics
 from app.core.batching import batches
-from app.core.database import transaction
+from app.core.database import store_until_done, transaction
 from app.core.retry_after import parse_retry_after
 from app.core.ssrf import ForbiddenTarget, check_url
 from app.runtime import Runtime
@@ -55,6 +56,7 @@ class Dispatcher:
         # Set when a delivery ends after run_once found every slot, or every due endpoint's, taken.
         self.room = asyncio.Event()
         self.waiting_for_room = False
+        self.unrecorded: set[str] = set()  # deliveries attempted whose outcome is not stored yet
 
     def _cap(self, host: str) -> int:
         return 1 if host in self.unanswered_hosts else self.runtime.settings.webhook_per_endpoint_concurrency
@@ -69,6 +71,9 @@ class Dispatcher:
             self.waiting_for_room = True
             return 0
         claimed = await self._claim(free)
+        # Every database call comes before a host is counted busy: one failing (an outage) must not
+        # leave a host counted busy by a delivery that never started.
+        secrets = await self._secrets({d.tenant_id for d in claimed}) if claimed else {}
         started, excess = [], []
         for delivery in claimed:
             if self.busy_hosts[delivery.target_host] >= self._cap(delivery.target_host):
@@ -76,15 +81,12 @@ class Dispatcher:
                 continue
             self.busy_hosts[delivery.target_host] += 1
             started.append(delivery)
+            task = asyncio.create_task(self._deliver(delivery, secrets.get(delivery.tenant_id, [])))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        self.waiting_for_room = not started and bool(self.busy_hosts)
         if excess:
             await self._unlease(excess)
-        if started:
-            secrets = await self._secrets({d.tenant_id for d in started})
-            for delivery in started:
-                task = asyncio.create_task(self._deliver(delivery, secrets.get(delivery.tenant_id, [])))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
-        self.waiting_for_room = not started and bool(self.busy_hosts)
         return len(started)
 
     async def _claim(self, limit: int) -> list[WebhookDelivery]:
@@ -105,6 +107,10 @@ class Dispatcher:
         saturated = self._saturated()
         if saturated:
             due = due.where(WebhookDelivery.target_host.not_in(saturated))
+        if self.unrecorded:
+            # Attempted, but not yet recorded (the database was away): their lease may have run out,
+            # yet sending them again would notify twice.
+            due = due.where(WebhookDelivery.id.not_in(self.unrecorded))
         async with transaction(self.runtime.sessions) as session:
             rows = await session.scalars(
                 update(WebhookDelivery)
@@ -135,6 +141,7 @@ class Dispatcher:
                 self.unanswered_hosts.add(delivery.target_host)
             else:
                 self.unanswered_hosts.discard(delivery.target_host)
+            self.unrecorded.add(delivery.id)
             self.attempts.put_nowait(Attempt(delivery, clock.now(), status, error, retry_after, latency_ms))
         finally:
             self.busy_hosts[delivery.target_host] -= 1
@@ -151,11 +158,10 @@ class Dispatcher:
             return stopping.is_set() and not self.tasks
 
         async for batch in batches(self.attempts, done=done, max_size=WRITE_BATCH):
-            try:
-                await self.record(batch)
-            except Exception as exc:
-                # The leases expire and the deliveries are attempted again: at least once, never lost.
-                log.error("recording webhook attempts failed", extra={"error_type": type(exc).__name__})
+            # Waits out a database outage, so a delivered webhook is not sent again; if it fails
+            # otherwise, the leases expire and the deliveries are attempted again: never lost.
+            if not await store_until_done(functools.partial(self.record, batch), "webhook attempts"):
+                self.unrecorded.difference_update(attempt.delivery.id for attempt in batch)
 
     async def run_round(self) -> int:
         """Claim, deliver and record one round synchronously (tests and one-off tools)."""
@@ -273,6 +279,7 @@ class Dispatcher:
                         .values(webhook_disabled_at=attempt.at)
                         .execution_options(synchronize_session=False)
                     )
+        self.unrecorded.difference_update(attempt.delivery.id for attempt in batch)
 
     async def _record(
         self,
