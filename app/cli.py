@@ -184,14 +184,12 @@ def simulator(
 
 
 def _check_webhook_url(url: str | None) -> None:
-    from app.core.ssrf import ForbiddenTarget, check_url
+    from app.webhooks import service as webhooks_service
 
-    if url is None:
-        return
     try:
-        check_url(url, allow_private=get_settings().webhook_allow_private)
-    except ForbiddenTarget as exc:
-        typer.echo(f"error: webhook URL: {exc.reason}", err=True)
+        webhooks_service.check_webhook_url(get_settings(), url, "webhook URL")
+    except webhooks_service.WebhookUrlForbidden as exc:
+        typer.echo(f"error: {exc.detail}", err=True)
         raise typer.Exit(2) from None
 
 

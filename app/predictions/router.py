@@ -8,6 +8,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from app.core.database import transaction
 from app.core.errors import InvalidRequest
 from app.core.responses import json_response
+from app.core.types import Line
 from app.deps import ReadSessionDep, RuntimeDep
 from app.predictions import service as predictions_service
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, SubmitOut
@@ -40,8 +41,8 @@ async def generate(
     runtime: RuntimeDep,
     caller: CallerDep,
     body: GenerateRequest,
-    model_id: Annotated[str, Path(alias="modelId", max_length=100)],
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    model_id: Annotated[Line, Path(alias="modelId", max_length=100)],
+    idempotency_key: Annotated[Line | None, Header(alias="Idempotency-Key")] = None,
     prefer: Annotated[str | None, Header(alias="Prefer")] = None,
 ) -> Response:
     if idempotency_key is not None and not (0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX):
@@ -69,7 +70,7 @@ async def generate(
 
 @router.get("/predictions/{predictionId}", response_model=PredictionOut, summary="Get a prediction")
 async def get_prediction(
-    runtime: RuntimeDep, credentials: Credentials, prediction_id: Annotated[str, Path(alias="predictionId")]
+    runtime: RuntimeDep, credentials: Credentials, prediction_id: Annotated[Line, Path(alias="predictionId")]
 ) -> Response:
     # The route callers poll: one read-only unit of work opened here, not by two generator dependencies.
     async with transaction(runtime.sessions, readonly=True) as session:
@@ -84,7 +85,7 @@ async def list_predictions(
     caller: ReaderDep,
     status: Annotated[str | None, Query(pattern="^(processing|completed|failed)$")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    cursor: Annotated[Line | None, Query(max_length=64)] = None,
 ) -> Response:
     rows, next_cursor = await predictions_service.list_for_tenant(
         session, caller.tenant.id, status=status, limit=limit, cursor=cursor

@@ -1,0 +1,275 @@
+"""No input answers 5xx (SPEC §2): what the gateway or its database cannot take is refused with a 4xx
+problem naming the field, and nothing is stored. Each case here was a 500 (or a body read to the end)
+before the shared types in app/core/types.py and the request guard in app/core/guard.py."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import orjson
+import pytest
+
+from app.upstream.simulator import SimState
+from tests.conftest import Api, Tenant, valid_body
+
+BAD_TEXT = {
+    "nul": "a\x00b",
+    "control": "a\x07b",
+    "escape": "a\x1bb",
+    "c1": "a\x85b",
+}
+
+
+def _raw_json(body: dict[str, Any], field: str, value_json: str) -> bytes:
+    """A JSON body whose `field` holds `value_json` verbatim (e.g. a lone surrogate escape)."""
+    marker = "__RAW__"
+    text = orjson.dumps({**body, field: marker}).decode()
+    return text.replace(f'"{marker}"', value_json).encode()
+
+
+def assert_problem(response: httpx.Response, field: str, status: int = 422) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem: dict[str, Any] = response.json()
+    assert problem["field"] == field, problem
+    return problem
+
+
+async def tenant_count(api: Api) -> int:
+    listed = await api.admin("GET", "/admin/v1/tenants")
+    assert listed.status_code == 200, listed.text
+    return len(listed.json()["data"])
+
+
+async def prediction_count(tenant: Tenant) -> int:
+    listed = await tenant.get("/api/v1/predictions", params={"limit": 100})
+    assert listed.status_code == 200, listed.text
+    return len(listed.json()["data"])
+
+
+async def post_raw(tenant: Tenant, content: bytes) -> httpx.Response:
+    headers = tenant.headers(**{"Content-Type": "application/json"})
+    return await tenant.api.http.post("/api/v1/models/ltx-2-19b/generate", content=content, headers=headers)
+
+
+# ---------------------------------------------------------------- what the fuzzer found
+
+
+@pytest.mark.parametrize("path", ["/api/v1/predictions", "/api/v1/webhook-deliveries"])
+async def test_cursor_with_nul_is_refused(api: Api, path: str) -> None:
+    tenant = await api.tenant()
+    assert_problem(await tenant.get(path, params={"cursor": "\x00"}), "cursor")
+
+
+async def test_operator_cursor_and_tenant_filter_with_nul_are_refused(api: Api) -> None:
+    for param in ("cursor", "tenant"):
+        response = await api.admin("GET", "/admin/v1/webhook-deliveries", params={param: "a\x00"})
+        assert_problem(response, param)
+
+
+@pytest.mark.parametrize("field", ["ratePerMinute", "maxConcurrent", "budgetCents"])
+@pytest.mark.parametrize("value", [2**31, 2**63, 2**64, -(2**63) - 1, 10**30])
+async def test_integers_beyond_the_column_are_refused(api: Api, field: str, value: int) -> None:
+    before = await tenant_count(api)
+    assert_problem(await api.admin("POST", "/admin/v1/tenants", json={"name": "x", field: value}), field)
+    existing = await api.tenant()
+    patched = await api.admin("PATCH", f"/admin/v1/tenants/{existing.id}", json={field: value})
+    assert_problem(patched, field)
+    assert await tenant_count(api) == before + 1
+    current = await api.admin("GET", f"/admin/v1/tenants/{existing.id}")
+    assert current.json()[field] is None
+
+
+async def test_the_largest_32_bit_values_are_taken(api: Api) -> None:
+    body = {"name": "big", "ratePerMinute": 2**31 - 1, "maxConcurrent": 2**31 - 1, "budgetCents": 2**31 - 1}
+    created = await api.admin("POST", "/admin/v1/tenants", json=body)
+    assert created.status_code == 201, created.text
+    assert {k: created.json()[k] for k in body} == body
+
+
+async def test_key_budget_beyond_the_column_is_refused(api: Api) -> None:
+    tenant = await api.tenant()
+    response = await api.admin("POST", f"/admin/v1/tenants/{tenant.id}/keys", json={"budgetCents": 2**40})
+    assert_problem(response, "budgetCents")
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"n": 2**64},
+        {"n": 2**63},
+        {"n": -(2**63) - 1},
+        {"deep": [[[[{"n": 2**70}]]]]},
+    ],
+)
+async def test_metadata_integers_beyond_64_bits_are_refused(api: Api, sim: SimState, metadata: Any) -> None:
+    tenant = await api.tenant()
+    assert_problem(await tenant.submit(valid_body(metadata=metadata)), "metadata")
+    assert sim.submits == 0
+    assert await prediction_count(tenant) == 0
+
+
+async def test_metadata_64_bit_bounds_are_taken(api: Api) -> None:
+    tenant = await api.tenant()
+    metadata = {"max": 2**63 - 1, "min": -(2**63)}
+    response = await tenant.submit(valid_body(metadata=metadata))
+    assert response.status_code == 200, response.text
+    assert response.json()["metadata"] == metadata
+
+
+@pytest.mark.parametrize("depth", [33, 300])
+async def test_deeply_nested_metadata_is_refused(api: Api, sim: SimState, depth: int) -> None:
+    tenant = await api.tenant()
+    nested = "[" * depth + "]" * depth  # 300 levels fit in well under 2 KB
+    content = _raw_json(valid_body(), "metadata", '{"a":' + nested + "}")
+    response = await post_raw(tenant, content)
+    assert_problem(response, "metadata")
+    assert sim.submits == 0
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+async def test_metadata_numbers_json_cannot_hold_are_refused(api: Api, sim: SimState, literal: str) -> None:
+    tenant = await api.tenant()
+    content = _raw_json(valid_body(), "metadata", '{"x":' + literal + "}")
+    response = await post_raw(tenant, content)
+    assert_problem(response, "metadata")
+    assert sim.submits == 0
+
+
+# ---------------------------------------------------------------- text no column can hold
+
+
+@pytest.mark.parametrize("value", [*BAD_TEXT.values(), "\ud800"], ids=[*BAD_TEXT, "surrogate"])
+@pytest.mark.parametrize("field", ["name", "webhookUrl"])
+async def test_operator_text_fields_refuse_unstorable_text(api: Api, field: str, value: str) -> None:
+    before = await tenant_count(api)
+    body = {"name": "x", field: "https://hooks.example.com/" + value if field == "webhookUrl" else value}
+    for method, path in [("POST", "/admin/v1/tenants"), ("PATCH", f"/admin/v1/tenants/{(await api.tenant()).id}")]:
+        content = _raw_json(body, field, orjson.dumps(body[field]).decode() if value != "\ud800" else '"\\ud800"')
+        response = await api.admin(method, path, content=content, headers={"content-type": "application/json"})
+        assert_problem(response, field)
+    assert await tenant_count(api) == before + 1
+
+
+@pytest.mark.parametrize("value_json", ['"\\u0000"', '"\\ud800"', '"a\\u0001"'])
+async def test_key_name_refuses_unstorable_text(api: Api, value_json: str) -> None:
+    tenant = await api.tenant()
+    content = _raw_json({}, "name", value_json)
+    response = await api.admin(
+        "POST", f"/admin/v1/tenants/{tenant.id}/keys", content=content, headers={"content-type": "application/json"}
+    )
+    assert_problem(response, "name")
+    keys = await api.admin("GET", f"/admin/v1/tenants/{tenant.id}/keys")
+    assert len(keys.json()["data"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value_json"),
+    [
+        ("prompt", '"a cat\\u0000"'),
+        ("prompt", '"a cat\\ud800"'),
+        ("prompt", '"a cat\\udfff waves"'),
+        ("prompt", '"a cat\\u0007"'),
+        ("image", '"https://example.com/\\u0000.png"'),
+        ("image", '"https://example.com/\\ud800.png"'),
+        ("image", '"https://example.com/a\\n.png"'),
+        ("webhook", '"https://hooks.example.com/\\u0000"'),
+        ("webhook", '"https://hooks.example.com/\\udbff"'),
+        ("metadata", '{"k":"\\u0000"}'),
+        ("metadata", '{"\\u0000":"v"}'),
+        ("metadata", '{"k":"\\ud800"}'),
+        ("metadata", '{"k":["\\udc00"]}'),
+    ],
+)
+async def test_submit_text_fields_refuse_unstorable_text(api: Api, sim: SimState, field: str, value_json: str) -> None:
+    tenant = await api.tenant()
+    content = _raw_json(valid_body(), field, value_json)
+    response = await post_raw(tenant, content)
+    assert_problem(response, field)
+    assert sim.submits == 0
+    assert await prediction_count(tenant) == 0
+
+
+async def test_prompt_may_hold_newlines_and_tabs(api: Api) -> None:
+    tenant = await api.tenant()
+    response = await tenant.submit(valid_body(prompt="line one\n\tline two\r\n", metadata={"note": "a\nb"}))
+    assert response.status_code == 200, response.text
+
+
+# ---------------------------------------------------------------- path, query and header parameters
+
+
+@pytest.mark.parametrize("value", ["\x00", "a\x01", "a\x7f"], ids=["nul", "control", "del"])
+async def test_operator_path_parameters_refuse_control_characters(api: Api, value: str) -> None:
+    tenant = await api.tenant()
+    quoted = quote(value)
+    cases = [
+        ("GET", f"/admin/v1/tenants/{quoted}", "tenantId"),
+        ("PATCH", f"/admin/v1/tenants/{quoted}", "tenantId"),
+        ("DELETE", f"/admin/v1/tenants/{quoted}", "tenantId"),
+        ("GET", f"/admin/v1/tenants/{quoted}/usage", "tenantId"),
+        ("POST", f"/admin/v1/tenants/{quoted}/keys", "tenantId"),
+        ("GET", f"/admin/v1/tenants/{quoted}/keys", "tenantId"),
+        ("DELETE", f"/admin/v1/tenants/{tenant.id}/keys/{quoted}", "keyId"),
+        ("POST", f"/admin/v1/tenants/{quoted}/webhook-secret/rotate", "tenantId"),
+        ("GET", f"/admin/v1/webhook-deliveries/{quoted}", "deliveryId"),
+        ("POST", f"/admin/v1/webhook-deliveries/{quoted}/redeliver", "deliveryId"),
+    ]
+    for method, path, field in cases:
+        kwargs: dict[str, Any] = {"json": {}} if method in ("PATCH", "POST") else {}
+        assert_problem(await api.admin(method, path, **kwargs), field)
+
+
+@pytest.mark.parametrize("value", ["\x00", "a\x01"], ids=["nul", "control"])
+async def test_tenant_path_parameters_refuse_control_characters(api: Api, sim: SimState, value: str) -> None:
+    tenant = await api.tenant()
+    quoted = quote(value)
+    assert_problem(await tenant.get(f"/api/v1/predictions/{quoted}"), "predictionId")
+    assert_problem(await tenant.get(f"/api/v1/webhook-deliveries/{quoted}"), "deliveryId")
+    response = await api.http.post(f"/api/v1/models/{quoted}/generate", json=valid_body(), headers=tenant.headers())
+    assert_problem(response, "modelId")
+    assert sim.submits == 0
+
+
+async def test_usage_report_dates_at_the_calendar_edge_are_refused(api: Api) -> None:
+    for params, field in [({"to": "9999-12-31"}, "to"), ({"from": "\x00"}, "from")]:
+        assert_problem(await api.admin("GET", "/admin/v1/usage", params=params), field)
+
+
+@pytest.mark.parametrize("value", ["k\x00", "k\x01", "k\x7f"], ids=["nul", "control", "del"])
+async def test_idempotency_key_with_control_characters_is_refused(api: Api, sim: SimState, value: str) -> None:
+    tenant = await api.tenant()
+    response = await tenant.submit(**{"Idempotency-Key": value})
+    assert_problem(response, "Idempotency-Key")
+    assert sim.submits == 0
+
+
+async def test_absurdly_long_header_is_refused(api: Api, sim: SimState) -> None:
+    tenant = await api.tenant()
+    response = await tenant.submit(**{"X-Padding": "a" * 70_000})
+    assert_problem(response, "x-padding", status=431)
+    assert response.json()["code"] == "headers_too_large"
+    assert sim.submits == 0
+
+
+async def test_absurdly_long_api_key_is_refused_without_a_5xx(api: Api) -> None:
+    response = await api.http.get("/api/v1/usage", headers={"Authorization": "Bearer vg_" + "a" * 70_000})
+    assert_problem(response, "authorization", status=431)
+
+
+# ---------------------------------------------------------------- one webhook-URL check
+
+
+async def test_operator_webhook_url_goes_through_the_same_check_as_a_submit(api: Api, sim: SimState) -> None:
+    api.runtime.settings.webhook_allow_private = False
+    tenant = await api.tenant()
+    private = "http://169.254.169.254/latest"
+    for method, path in [("POST", "/admin/v1/tenants"), ("PATCH", f"/admin/v1/tenants/{tenant.id}")]:
+        response = await api.admin(method, path, json={"name": "x", "webhookUrl": private})
+        problem = assert_problem(response, "webhookUrl")
+        assert problem["code"] == "webhook_url_forbidden"
+    problem = assert_problem(await tenant.submit(valid_body(webhook=private)), "webhook")
+    assert problem["code"] == "webhook_url_forbidden"
+    assert sim.submits == 0
