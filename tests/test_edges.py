@@ -4,13 +4,20 @@ before the shared types in app/core/types.py and the request guard in app/core/g
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import orjson
 import pytest
+import uvicorn
 
+from app.main import create_app
+from app.runtime import Runtime
 from app.upstream.simulator import SimState
 from tests.conftest import Api, Tenant, valid_body
 
@@ -272,4 +279,134 @@ async def test_operator_webhook_url_goes_through_the_same_check_as_a_submit(api:
         assert problem["code"] == "webhook_url_forbidden"
     problem = assert_problem(await tenant.submit(valid_body(webhook=private)), "webhook")
     assert problem["code"] == "webhook_url_forbidden"
+    assert sim.submits == 0
+
+
+# ---------------------------------------------------------------- the 64 KiB body limit
+
+LIMIT = 64 * 1024
+BIG = 8 * 1024 * 1024
+
+
+async def test_body_at_the_limit_is_read(api: Api) -> None:
+    tenant = await api.tenant()
+    body = orjson.dumps(valid_body())
+    response = await post_raw(tenant, body + b" " * (LIMIT - len(body)))
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("with_key", [True, False])
+async def test_body_over_the_limit_is_413_from_content_length(api: Api, sim: SimState, with_key: bool) -> None:
+    tenant = await api.tenant()
+    body = orjson.dumps(valid_body())
+    headers = tenant.headers(**{"Content-Type": "application/json"}) if with_key else {}
+    response = await api.http.post(
+        "/api/v1/models/ltx-2-19b/generate", content=body + b" " * (LIMIT + 1 - len(body)), headers=headers
+    )
+    problem = assert_problem(response, "body", status=413)
+    assert problem["code"] == "payload_too_large" and problem["limit"] == LIMIT
+    assert response.headers["connection"] == "close"
+    assert sim.submits == 0
+
+
+async def test_chunked_body_over_the_limit_is_413(api: Api, sim: SimState) -> None:
+    tenant = await api.tenant()
+    pulled: list[int] = []
+
+    async def chunks() -> Any:
+        pulled.append(0)
+        while pulled[-1] < BIG:
+            pulled[-1] += 16 * 1024
+            yield b" " * (16 * 1024)
+
+    for path, headers in [
+        ("/admin/v1/tenants", {"Content-Type": "application/json"}),
+        ("/api/v1/models/ltx-2-19b/generate", tenant.headers()),
+    ]:
+        assert_problem(await api.http.post(path, content=chunks(), headers=headers), "body", status=413)
+        assert pulled[-1] <= LIMIT + 16 * 1024  # the guard stopped pulling one chunk past the limit
+    assert sim.submits == 0
+
+
+class ByteCounter:
+    """An ASGI wrapper counting the request-body bytes the server handed to the application."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.consumed = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def counted() -> Any:
+            message = await receive()
+            if message["type"] == "http.request":
+                self.consumed += len(message.get("body", b""))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+@pytest.fixture
+async def real_server(runtime: Runtime) -> AsyncIterator[tuple[int, ByteCounter]]:
+    """The gateway behind a real uvicorn (httptools, as `vidgate serve` runs it) on a loopback port whose
+    connections have a small receive buffer, so bytes the gateway does not read stay with the client."""
+    counter = ByteCounter(create_app(runtime.settings, runtime))
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # inherited by accepted sockets
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    server = uvicorn.Server(uvicorn.Config(counter, http="httptools", lifespan="off", log_level="warning"))
+    task = asyncio.create_task(server.serve(sockets=[listener]))
+    try:
+        yield listener.getsockname()[1], counter
+    finally:
+        server.should_exit = True
+        await task
+        listener.close()
+
+
+async def _send_big_body(port: int, head: bytes, framed: Callable[[bytes], bytes], first: int) -> tuple[bytes, int]:
+    """Send `head` and the first `first` bytes of an 8 MB body, read the answer to the end, then try to send
+    the rest; return the answer and how many body bytes the client got into the socket in all."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
+    sock.connect(("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(head + (framed(b" " * first) if first else b""))
+        await writer.drain()
+        # The answer comes while the body is still unsent, and the server closes the connection after it.
+        answer = await asyncio.wait_for(reader.read(), 30)
+        sent = first
+        chunk = b" " * (64 * 1024)
+        with contextlib.suppress(ConnectionError):
+            while sent < BIG:
+                writer.write(framed(chunk))
+                await writer.drain()
+                sent += len(chunk)
+        return answer, sent
+    finally:
+        writer.close()  # also when the answer never came, so the server's request ends with the test
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_real_server_does_not_read_an_8_mb_body(
+    real_server: tuple[int, ByteCounter], sim: SimState, framing: str
+) -> None:
+    port, counter = real_server
+    head = b"POST /api/v1/models/ltx-2-19b/generate HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+    if framing == "chunked":
+        # One byte past the limit, sent before the answer: the guard answers on the chunk that passes it.
+        head += b"Transfer-Encoding: chunked\r\n\r\n"
+        answer, sent = await _send_big_body(port, head, lambda c: b"%x\r\n%s\r\n" % (len(c), c), LIMIT + 1)
+    else:
+        head += b"Content-Length: %d\r\n\r\n" % BIG
+        answer, sent = await _send_big_body(port, head, lambda c: c, 0)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 413 Request Entity Too Large", answer[:300]
+    assert orjson.loads(rest.partition(b"\r\n\r\n")[2])["code"] == "payload_too_large"
+    # No API key was sent; the application read nothing of a body announced too large, and no more than
+    # the chunk that passed the limit of a chunked one; the connection was closed on the rest.
+    assert counter.consumed == (0 if framing == "content-length" else LIMIT + 1)
+    assert sent < BIG
+    print(f"{framing}: the client got {sent} of {BIG} body bytes out; the application read {counter.consumed}")
     assert sim.submits == 0
