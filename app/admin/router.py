@@ -14,6 +14,7 @@ from app.admin.deps import require_admin
 from app.budgets import service as budgets_service
 from app.budgets.router import present_usage
 from app.core.errors import InvalidRequest
+from app.core.openapi import link, links
 from app.core.responses import json_response
 from app.core.types import Line
 from app.deps import RuntimeDep, SessionDep
@@ -37,6 +38,24 @@ from app.webhooks.schemas import DeliveryDetail, DeliveryList
 router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(require_admin)])
 
 TenantId = Annotated[Line, Path(alias="tenantId")]
+_TENANT = "/admin/v1/tenants/{tenantId}"
+_NEW_TENANT = "$response.body#/id"
+_TENANT_LINKS = links(
+    201,
+    "The tenant, with its webhook secret (shown once)",
+    GetTenant=link("GET", _TENANT, tenantId=_NEW_TENANT),
+    UpdateTenant=link("PATCH", _TENANT, tenantId=_NEW_TENANT),
+    DeleteTenant=link("DELETE", _TENANT, tenantId=_NEW_TENANT),
+    TenantUsage=link("GET", _TENANT + "/usage", tenantId=_NEW_TENANT),
+    CreateKey=link("POST", _TENANT + "/keys", tenantId=_NEW_TENANT),
+    ListKeys=link("GET", _TENANT + "/keys", tenantId=_NEW_TENANT),
+    RotateWebhookSecret=link("POST", _TENANT + "/webhook-secret/rotate", tenantId=_NEW_TENANT),
+)
+_KEY_LINKS = links(
+    201,
+    "The key (shown once)",
+    RevokeKey=link("DELETE", _TENANT + "/keys/{keyId}", tenantId="$request.path.tenantId", keyId="$response.body#/id"),
+)
 DeliveryId = Annotated[Line, Path(alias="deliveryId")]
 
 
@@ -48,7 +67,7 @@ def _key_out(key: ApiKey) -> dict[str, Any]:
     return KeyOut.model_validate(key).model_dump(by_alias=True)
 
 
-@router.post("/tenants", status_code=201, response_model=TenantCreated)
+@router.post("/tenants", status_code=201, response_model=TenantCreated, responses=_TENANT_LINKS)
 async def create_tenant(session: SessionDep, runtime: RuntimeDep, body: TenantCreate) -> dict[str, Any]:
     webhooks_service.check_webhook_url(runtime.settings, body.webhook_url, "webhookUrl")
     tenant = await tenants_service.create_tenant(session, body)
@@ -85,7 +104,7 @@ async def tenant_usage(session: SessionDep, tenant_id: TenantId) -> dict[str, An
     return present_usage(await budgets_service.tenant_usage(session, tenant))
 
 
-@router.post("/tenants/{tenantId}/keys", status_code=201, response_model=KeyCreated)
+@router.post("/tenants/{tenantId}/keys", status_code=201, response_model=KeyCreated, responses=_KEY_LINKS)
 async def create_key(session: SessionDep, tenant_id: TenantId, body: KeyCreate | None = None) -> dict[str, Any]:
     tenant = await tenants_service.get_tenant(session, tenant_id)
     key, raw = await tenants_service.create_key(session, tenant, body or KeyCreate())

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 
 from app.core.database import transaction
 from app.core.errors import InvalidRequest
+from app.core.openapi import link, links
 from app.core.responses import json_response
 from app.core.types import Line
 from app.deps import ReadSessionDep, RuntimeDep
@@ -35,6 +36,11 @@ def _status_url_base(request: Request, public_base_url: str | None) -> str:
     "/models/{modelId}/generate",
     response_model=SubmitOut,
     summary="Submit a prediction (mirrors the vendor's generate endpoint)",
+    responses=links(
+        200,
+        "The prediction as submitted",
+        GetPrediction=link("GET", "/api/v1/predictions/{predictionId}", predictionId="$response.body#/id"),
+    ),
 )
 async def generate(
     request: Request,
