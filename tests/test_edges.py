@@ -410,3 +410,13 @@ async def test_real_server_does_not_read_an_8_mb_body(
     assert sent < BIG
     print(f"{framing}: the client got {sent} of {BIG} body bytes out; the application read {counter.consumed}")
     assert sim.submits == 0
+
+
+async def test_json_nested_past_the_parser_limit_is_a_4xx(api: Api, sim: SimState) -> None:
+    tenant = await api.tenant()
+    depth = 30_000  # fits in 64 KiB, and is deeper than Python's JSON parser can recurse
+    content = _raw_json(valid_body(), "metadata", '{"a":' + "[" * depth + "]" * depth + "}")
+    response = await post_raw(tenant, content)
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert sim.submits == 0
