@@ -5,7 +5,8 @@ field instead of a 500 from deep inside a query (SPEC §2: no input answers 5xx)
 - `Line`: one line of text (names, ids, URLs, cursors, header values): no control character at all.
 - `Text`: free text (the prompt, strings inside metadata): tab, newline and carriage return allowed.
   Neither may hold NUL (PostgreSQL text cannot) or a lone surrogate (UTF-8 cannot encode one).
-- `Int32` / `Int64`: integers that fit the INTEGER / BIGINT columns; JSON booleans are not integers.
+- `Int32`: an integer that fits the INTEGER columns (every integer input has one); JSON booleans are not
+  integers.
 - `JsonObject`: a JSON object nested at most `JSON_MAX_DEPTH` levels, whose integers fit 64 bits and
   whose numbers are finite (Python's JSON parser reads `NaN` and `1e999`; no database stores them).
 """
@@ -85,5 +86,4 @@ def check_json_object(value: dict[str, Any]) -> dict[str, Any]:
 Line = Annotated[str, AfterValidator(check_line), Field(json_schema_extra={"pattern": f"^[^{_LINE_REFUSED}]*$"})]
 Text = Annotated[str, AfterValidator(check_text), Field(json_schema_extra={"pattern": f"^[^{_TEXT_REFUSED}]*$"})]
 Int32 = Annotated[int, Strict(), Ge(INT32_MIN), Le(INT32_MAX)]
-Int64 = Annotated[int, Strict(), Ge(INT64_MIN), Le(INT64_MAX)]
 JsonObject = Annotated[dict[str, Any], AfterValidator(check_json_object)]
