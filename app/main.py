@@ -16,6 +16,7 @@ from app.budgets.headers import BudgetHeadersMiddleware
 from app.budgets.router import router as usage_router
 from app.core.database import create_engine, create_sessionmaker
 from app.core.errors import install_error_handlers
+from app.core.guard import RequestGuardMiddleware
 from app.core.logging import configure_logging
 from app.core.middleware import RequestContextMiddleware
 from app.core.migrate import upgrade_to_head
@@ -91,6 +92,7 @@ def create_app(
     app.state.listen_url = listen_url
     install_error_handlers(app)
     app.add_middleware(BudgetHeadersMiddleware)
+    app.add_middleware(RequestGuardMiddleware)  # inside the context: refusals get a request id and a metric
     app.add_middleware(RequestContextMiddleware, sandbox=settings.sandbox)
     for router in (predictions_router, usage_router, webhooks_router, admin_router, ops_router, dashboard_router):
         app.include_router(router)

@@ -13,7 +13,9 @@ from app.budgets import service as budgets_service
 from app.budgets.router import present_usage
 from app.budgets.schemas import UsageOut
 from app.core.errors import InvalidRequest
+from app.core.openapi import link, links
 from app.core.responses import json_response
+from app.core.types import Line
 from app.deps import RuntimeDep, SessionDep
 from app.tenants import service as tenants_service
 from app.tenants.models import ApiKey, Tenant
@@ -35,7 +37,26 @@ from app.webhooks.schemas import DeliveryDetail, DeliveryList, DeliveryOut
 
 router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(require_admin)])
 
-TenantId = Annotated[str, Path(alias="tenantId")]
+TenantId = Annotated[Line, Path(alias="tenantId")]
+_TENANT = "/admin/v1/tenants/{tenantId}"
+_NEW_TENANT = "$response.body#/id"
+_TENANT_LINKS = links(
+    201,
+    "The tenant, with its webhook secret (shown once)",
+    GetTenant=link("GET", _TENANT, tenantId=_NEW_TENANT),
+    UpdateTenant=link("PATCH", _TENANT, tenantId=_NEW_TENANT),
+    DeleteTenant=link("DELETE", _TENANT, tenantId=_NEW_TENANT),
+    TenantUsage=link("GET", _TENANT + "/usage", tenantId=_NEW_TENANT),
+    CreateKey=link("POST", _TENANT + "/keys", tenantId=_NEW_TENANT),
+    ListKeys=link("GET", _TENANT + "/keys", tenantId=_NEW_TENANT),
+    RotateWebhookSecret=link("POST", _TENANT + "/webhook-secret/rotate", tenantId=_NEW_TENANT),
+)
+_KEY_LINKS = links(
+    201,
+    "The key (shown once)",
+    RevokeKey=link("DELETE", _TENANT + "/keys/{keyId}", tenantId="$request.path.tenantId", keyId="$response.body#/id"),
+)
+DeliveryId = Annotated[Line, Path(alias="deliveryId")]
 
 
 def _tenant_out(tenant: Tenant) -> dict[str, Any]:
@@ -46,7 +67,7 @@ def _key_out(key: ApiKey) -> dict[str, Any]:
     return KeyOut.model_validate(key).model_dump(by_alias=True)
 
 
-@router.post("/tenants", status_code=201, response_model=TenantCreated)
+@router.post("/tenants", status_code=201, response_model=TenantCreated, responses=_TENANT_LINKS)
 async def create_tenant(session: SessionDep, runtime: RuntimeDep, body: TenantCreate) -> dict[str, Any]:
     tenant = await admin_service.create_tenant(session, runtime.settings, body)
     return {**_tenant_out(tenant), "webhookSecret": tenant.webhook_secret}
@@ -83,7 +104,7 @@ async def tenant_usage(session: SessionDep, tenant_id: TenantId) -> dict[str, An
     return present_usage(await budgets_service.tenant_usage(session, tenant))
 
 
-@router.post("/tenants/{tenantId}/keys", status_code=201, response_model=KeyCreated)
+@router.post("/tenants/{tenantId}/keys", status_code=201, response_model=KeyCreated, responses=_KEY_LINKS)
 async def create_key(session: SessionDep, tenant_id: TenantId, body: KeyCreate | None = None) -> dict[str, Any]:
     tenant = await tenants_service.get_tenant(session, tenant_id)
     key, raw = await tenants_service.create_key(session, tenant, body or KeyCreate())
@@ -105,7 +126,7 @@ async def list_keys(session: SessionDep, tenant_id: TenantId) -> dict[str, Any]:
 
 @router.delete("/tenants/{tenantId}/keys/{keyId}", response_model=KeyOut)
 async def revoke_key(
-    session: SessionDep, tenant_id: TenantId, key_id: Annotated[str, Path(alias="keyId")]
+    session: SessionDep, tenant_id: TenantId, key_id: Annotated[Line, Path(alias="keyId")]
 ) -> dict[str, Any]:
     tenant = await tenants_service.get_tenant(session, tenant_id)
     return _key_out(await tenants_service.revoke_key(session, tenant, key_id))
@@ -130,8 +151,9 @@ def _parse_moment(value: str | None, field: str, *, end: bool) -> datetime | Non
             # A bare `to` date includes that whole day.
             return datetime.combine(day + timedelta(days=1 if end else 0), time(), UTC)
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-    except ValueError as exc:
+        # In UTC here, where a year-1 moment with an offset overflows as a 422, not in the query.
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:  # OverflowError: the day after 9999-12-31
         raise InvalidRequest(f"{field} must be a date (2026-11-01) or an ISO 8601 timestamp.", field=field) from exc
 
 
@@ -139,8 +161,8 @@ def _parse_moment(value: str | None, field: str, *, end: bool) -> datetime | Non
 async def usage_report(
     session: SessionDep,
     request: Request,
-    from_: Annotated[str | None, Query(alias="from")] = None,
-    to: Annotated[str | None, Query()] = None,
+    from_: Annotated[Line | None, Query(alias="from", max_length=40)] = None,
+    to: Annotated[Line | None, Query(max_length=40)] = None,
     group_by: Annotated[str, Query(alias="groupBy", pattern="^(tenant|model|day)$")] = "tenant",
     format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
 ) -> Response:
@@ -163,9 +185,9 @@ async def verify_ledger(session: SessionDep) -> Response:
 async def list_deliveries(
     session: SessionDep,
     status: webhooks_router.StatusQuery = None,
-    tenant: Annotated[str | None, Query(max_length=40)] = None,
+    tenant: Annotated[Line | None, Query(max_length=40)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    cursor: Annotated[Line | None, Query(max_length=64)] = None,
 ) -> dict[str, Any]:
     rows, next_cursor = await webhooks_service.list_deliveries(
         session, tenant_id=tenant, status=status, limit=limit, cursor=cursor
@@ -174,11 +196,11 @@ async def list_deliveries(
 
 
 @router.get("/webhook-deliveries/{deliveryId}", response_model=DeliveryDetail)
-async def get_delivery(session: SessionDep, delivery_id: Annotated[str, Path(alias="deliveryId")]) -> dict[str, Any]:
+async def get_delivery(session: SessionDep, delivery_id: DeliveryId) -> dict[str, Any]:
     return await webhooks_router.detail(session, delivery_id, None)
 
 
 @router.post("/webhook-deliveries/{deliveryId}/redeliver", status_code=202, response_model=DeliveryOut)
-async def redeliver(session: SessionDep, delivery_id: Annotated[str, Path(alias="deliveryId")]) -> dict[str, Any]:
+async def redeliver(session: SessionDep, delivery_id: DeliveryId) -> dict[str, Any]:
     delivery = await webhooks_service.get_delivery(session, delivery_id)
     return webhooks_service.present(await webhooks_service.redeliver(session, delivery))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.settings import Settings
-from app.core.ssrf import ForbiddenTarget, check_url
 from app.predictions import service as predictions_service
 from app.tenants import service as tenants_service
 from app.tenants.models import Tenant
@@ -13,22 +12,13 @@ from app.tenants.schemas import TenantCreate, TenantUpdate
 from app.webhooks import service as webhooks_service
 
 
-def check_webhook_url(settings: Settings, url: str | None) -> None:
-    if url is None:
-        return
-    try:
-        check_url(url, allow_private=settings.webhook_allow_private)
-    except ForbiddenTarget as exc:
-        raise webhooks_service.WebhookUrlForbidden(f"webhookUrl: {exc.reason}", field="webhookUrl") from exc
-
-
 async def create_tenant(session: AsyncSession, settings: Settings, data: TenantCreate) -> Tenant:
-    check_webhook_url(settings, data.webhook_url)
+    webhooks_service.check_webhook_url(settings, data.webhook_url, "webhookUrl")
     return await tenants_service.create_tenant(session, data)
 
 
 async def update_tenant(session: AsyncSession, tenant_id: str, data: TenantUpdate, settings: Settings) -> Tenant:
-    check_webhook_url(settings, data.webhook_url)
+    webhooks_service.check_webhook_url(settings, data.webhook_url, "webhookUrl")
     tenant = await tenants_service.get_tenant(session, tenant_id)
     was_counting = tenant.max_concurrent is not None
     tenant = await tenants_service.update_tenant(session, tenant, data)

@@ -12,8 +12,10 @@ from app.budgets.schemas import QuoteOut
 from app.core import clock
 from app.core.database import transaction
 from app.core.errors import InvalidRequest
+from app.core.openapi import link, links
 from app.core.responses import json_response
 from app.core.retry_after import retry_after_value
+from app.core.types import Line
 from app.deps import PublicBaseUrlDep, ReadSessionDep, RuntimeDep
 from app.predictions import service as predictions_service
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, SubmitOut
@@ -42,15 +44,24 @@ def _retry_after(next_poll_at: datetime | None) -> str:
     "/models/{modelId}/generate",
     response_model=SubmitOut,
     summary="Submit a prediction (mirrors the vendor's generate endpoint)",
-    responses=tenant_responses(**RETRY_AFTER_DOC),
+    responses={
+        200: {
+            **tenant_responses(**RETRY_AFTER_DOC)[200],
+            **links(
+                200,
+                "The prediction as submitted",
+                GetPrediction=link("GET", "/api/v1/predictions/{predictionId}", predictionId="$response.body#/id"),
+            )[200],
+        }
+    },
 )
 async def generate(
     runtime: RuntimeDep,
     caller: CallerDep,
     base_url: PublicBaseUrlDep,
     body: GenerateRequest,
-    model_id: Annotated[str, Path(alias="modelId", max_length=100)],
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    model_id: Annotated[Line, Path(alias="modelId", max_length=100)],
+    idempotency_key: Annotated[Line | None, Header(alias="Idempotency-Key")] = None,
     prefer: Annotated[str | None, Header(alias="Prefer")] = None,
 ) -> Response:
     if idempotency_key is not None and not (0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX):
@@ -100,7 +111,7 @@ async def quote(
     session: ReadSessionDep,
     caller: ReaderDep,
     body: GenerateRequest,
-    model_id: Annotated[str, Path(alias="modelId", max_length=100)],
+    model_id: Annotated[Line, Path(alias="modelId", max_length=100)],
 ) -> Response:
     predictions_service.check_submittable(runtime, model_id, body)
     answer = await budgets_service.quote(
@@ -124,7 +135,7 @@ async def quote(
     responses=tenant_responses(**RETRY_AFTER_DOC),
 )
 async def get_prediction(
-    runtime: RuntimeDep, credentials: Credentials, prediction_id: Annotated[str, Path(alias="predictionId")]
+    runtime: RuntimeDep, credentials: Credentials, prediction_id: Annotated[Line, Path(alias="predictionId")]
 ) -> Response:
     # The route callers poll: one read-only unit of work opened here, not by two generator dependencies.
     async with transaction(runtime.sessions, readonly=True) as session:
@@ -140,7 +151,7 @@ async def list_predictions(
     caller: ReaderDep,
     status: Annotated[str | None, Query(pattern="^(processing|completed|failed)$")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    cursor: Annotated[Line | None, Query(max_length=64)] = None,
 ) -> Response:
     rows, next_cursor = await predictions_service.list_for_tenant(
         session, caller.tenant.id, status=status, limit=limit, cursor=cursor

@@ -6,6 +6,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.core.clock import Timestamp
+from app.core.types import JsonObject, Line
 from app.upstream.schemas import GenerateParams, check_http_url
 
 METADATA_MAX_BYTES = 4096
@@ -17,11 +18,11 @@ class GenerateRequest(GenerateParams):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    webhook: str | None = Field(default=None, max_length=2048)
+    webhook: Line | None = Field(default=None, max_length=2048)
     webhook_events_filter: list[Literal["completed", "failed"]] | None = Field(
         default=None, alias="webhookEventsFilter"
     )
-    metadata: dict[str, Any] | None = None
+    metadata: JsonObject | None = None
 
     @field_validator("webhook")
     @classmethod

@@ -24,7 +24,6 @@ from app.core.database import insert_ignore, outage_backoff_s, table_of, transac
 from app.core.errors import AppError, Conflict, DatabaseUnavailable, InvalidRequest, NotFound
 from app.core.ids import new_id
 from app.core.retry_after import retry_after_value
-from app.core.ssrf import ForbiddenTarget, check_url
 from app.predictions.models import IdempotencyKey, Prediction
 from app.predictions.schemas import GenerateRequest
 from app.runtime import Runtime
@@ -186,11 +185,7 @@ def check_submittable(runtime: Runtime, model_id: str, request: GenerateRequest)
             f"Model {model_id!r} is not available here. Allowed: {', '.join(runtime.settings.allowed_models)}.",
             modelId=model_id,
         )
-    if request.webhook is not None:
-        try:
-            check_url(request.webhook, allow_private=runtime.settings.webhook_allow_private)
-        except ForbiddenTarget as exc:
-            raise webhooks_service.WebhookUrlForbidden(f"webhook: {exc.reason}", field="webhook") from exc
+    webhooks_service.check_webhook_url(runtime.settings, request.webhook, "webhook")
 
 
 async def submit(

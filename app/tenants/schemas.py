@@ -6,9 +6,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from app.core.clock import Timestamp
+from app.core.types import Int32, Line
 
 BudgetPeriod = Literal["day", "week", "month", "total"]
-MAX_CENTS = 2**31 - 1  # the counters are 32-bit integers on PostgreSQL
 
 
 class CamelModel(BaseModel):
@@ -16,23 +16,23 @@ class CamelModel(BaseModel):
 
 
 class TenantCreate(CamelModel):
-    name: str = Field(min_length=1, max_length=200)
-    budget_cents: int | None = Field(default=None, ge=0, le=MAX_CENTS, strict=True)
+    name: Line = Field(min_length=1, max_length=200)
+    budget_cents: Int32 | None = Field(default=None, ge=0)
     budget_period: BudgetPeriod = "month"
-    max_concurrent: int | None = Field(default=None, ge=1, strict=True)
-    rate_per_minute: int | None = Field(default=None, ge=1, strict=True)
-    webhook_url: str | None = Field(default=None, max_length=2048)
+    max_concurrent: Int32 | None = Field(default=None, ge=1)
+    rate_per_minute: Int32 | None = Field(default=None, ge=1)
+    webhook_url: Line | None = Field(default=None, max_length=2048)
 
 
 class TenantUpdate(CamelModel):
     """Only the fields present are changed; null clears a limit or the webhook URL."""
 
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    budget_cents: int | None = Field(default=None, ge=0, le=MAX_CENTS, strict=True)
+    name: Line | None = Field(default=None, min_length=1, max_length=200)
+    budget_cents: Int32 | None = Field(default=None, ge=0)
     budget_period: BudgetPeriod | None = None
-    max_concurrent: int | None = Field(default=None, ge=1, strict=True)
-    rate_per_minute: int | None = Field(default=None, ge=1, strict=True)
-    webhook_url: str | None = Field(default=None, max_length=2048)
+    max_concurrent: Int32 | None = Field(default=None, ge=1)
+    rate_per_minute: Int32 | None = Field(default=None, ge=1)
+    webhook_url: Line | None = Field(default=None, max_length=2048)
 
 
 class TenantOut(CamelModel):
@@ -58,8 +58,8 @@ class TenantList(CamelModel):
 
 
 class KeyCreate(CamelModel):
-    name: str | None = Field(default=None, max_length=200)
-    budget_cents: int | None = Field(default=None, ge=0, le=MAX_CENTS, strict=True)
+    name: Line | None = Field(default=None, max_length=200)
+    budget_cents: Int32 | None = Field(default=None, ge=0)
 
 
 class KeyOut(CamelModel):

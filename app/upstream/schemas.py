@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.core.clock import Timestamp
+from app.core.types import Line, Text
 
 Resolution = Literal["480p", "720p", "1080p"]
 
@@ -24,8 +25,8 @@ class GenerateParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(max_length=4096, description="http(s) URL of a JPEG, PNG, GIF or WebP image")
-    prompt: str = Field(min_length=1, max_length=5000, strict=True)
+    image: Line = Field(max_length=4096, description="http(s) URL of a JPEG, PNG, GIF or WebP image")
+    prompt: Text = Field(min_length=1, max_length=5000, strict=True)
     resolution: Resolution | None = None
     duration: int | None = Field(default=None, ge=5, le=20, strict=True)
     seed: int | None = Field(default=None, ge=-1, le=999999, strict=True)

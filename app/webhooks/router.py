@@ -5,6 +5,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 
 from app.budgets.headers import tenant_responses
+from app.core.types import Line
 from app.deps import ReadSessionDep
 from app.tenants.deps import ReaderDep
 from app.webhooks import service as webhooks_service
@@ -38,7 +39,7 @@ async def list_own(
     caller: ReaderDep,
     status: StatusQuery = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    cursor: Annotated[Line | None, Query(max_length=64)] = None,
 ) -> dict[str, Any]:
     rows, next_cursor = await webhooks_service.list_deliveries(
         session, tenant_id=caller.tenant.id, status=status, limit=limit, cursor=cursor
@@ -48,6 +49,6 @@ async def list_own(
 
 @router.get("/webhook-deliveries/{deliveryId}", response_model=DeliveryDetail, summary="One delivery and its attempts")
 async def get_own(
-    session: ReadSessionDep, caller: ReaderDep, delivery_id: Annotated[str, Path(alias="deliveryId")]
+    session: ReadSessionDep, caller: ReaderDep, delivery_id: Annotated[Line, Path(alias="deliveryId")]
 ) -> dict[str, Any]:
     return await detail(session, delivery_id, caller.tenant.id)

@@ -13,6 +13,7 @@ from app.core import clock
 from app.core.errors import InvalidRequest, NotFound
 from app.core.ids import new_id
 from app.core.settings import Settings
+from app.core.ssrf import ForbiddenTarget, check_url
 from app.tenants.models import Tenant
 from app.webhooks.models import WebhookAttempt, WebhookDelivery
 
@@ -24,6 +25,17 @@ if TYPE_CHECKING:
 class WebhookUrlForbidden(InvalidRequest):
     code = "webhook_url_forbidden"
     title = "Webhook URL not allowed"
+
+
+def check_webhook_url(settings: Settings, url: str | None, field: str) -> None:
+    """The one check of a webhook URL a caller hands in (API, operator API, CLI): a public http(s) target,
+    unless VIDGATE_WEBHOOK_ALLOW_PRIVATE. The dispatcher checks again at each delivery (DNS may change)."""
+    if url is None:
+        return
+    try:
+        check_url(url, allow_private=settings.webhook_allow_private)
+    except ForbiddenTarget as exc:
+        raise WebhookUrlForbidden(f"{field}: {exc.reason}", field=field) from exc
 
 
 class DeliveryNotFound(NotFound):

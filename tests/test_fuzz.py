@@ -1,0 +1,221 @@
+"""Schemathesis against the gateway's own /openapi.json, on the database under test (SPEC §2: no input
+answers 5xx). Tenant routes go with a tenant key, operator routes with the admin token; the checks are
+`not_a_server_error`, `ignored_auth` and `negative_data_rejection`; every operation is fuzzed with valid
+and invalid data, then the stateful phase follows the links schemathesis infers from the schema
+and the links the routes declare (tenant create -> key create -> revoke, get, patch, delete; submit -> get).
+
+Seeded and derandomized, with a bounded number of examples, so a failure reproduces and the run stays
+within a minute or so per database. Each failure it found is a plain regression test in test_edges.py.
+
+The gateway runs behind a real uvicorn on loopback in a thread with its own event loop, database and
+upstream simulator: schemathesis' client is synchronous, and the test's own loop must not be blocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import hypothesis
+import hypothesis.errors
+import pytest
+import schemathesis
+import uvicorn
+from hypothesis import HealthCheck, Phase
+from schemathesis import GenerationMode
+
+from app.core.database import create_engine, create_sessionmaker
+from app.core.migrate import upgrade_to_head
+from app.main import create_app
+from app.runtime import build_runtime
+from app.upstream.simulator import SimConfig, start_simulator
+from tests.conftest import ADMIN_TOKEN, TEST_DB, _drop_postgres, _fresh_postgres, _worker_id, make_settings
+
+SEED = 20261129
+MAX_EXAMPLES = 30  # per operation and generation mode
+STATEFUL_EXAMPLES = 40
+STATEFUL_STEPS = 10
+CHECKS = ("not_a_server_error", "ignored_auth", "negative_data_rejection")
+
+CONFIG = {
+    "seed": SEED,
+    "generation": {
+        "mode": "all",
+        "max-examples": MAX_EXAMPLES,
+        "deterministic": True,
+        "allow-x00": True,  # NUL in every string parameter: what PostgreSQL refused with a 500
+        "database": "none",
+    },
+    "checks": {"enabled": False, **{name: {"enabled": True} for name in CHECKS}},
+}
+
+
+@dataclass
+class Gateway:
+    base_url: str
+    tenant_key: str = ""
+
+    def new_tenant(self) -> None:
+        """A tenant and key of its own for the tenant routes (the fuzzer may delete or revoke any other)."""
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        with httpx.Client(base_url=self.base_url, timeout=60) as http:
+            tenant = http.post("/admin/v1/tenants", json={"name": "fuzz"}, headers=admin)
+            assert tenant.status_code == 201, tenant.text
+            key = http.post(f"/admin/v1/tenants/{tenant.json()['id']}/keys", json={}, headers=admin)
+            assert key.status_code == 201, key.text
+        self.tenant_key = key.json()["key"]
+
+
+async def _serve(listener: socket.socket, database: str | Path, server_box: list[uvicorn.Server]) -> None:
+    sim_runner, sim_url = await start_simulator(config=SimConfig(completion_s=0.3, estimated_time="0-1s"))
+    if isinstance(database, Path):
+        url = f"sqlite+aiosqlite:///{database}"
+    else:
+        url = await _fresh_postgres(database)
+    engine = create_engine(url, pool_size=10)
+    try:
+        await upgrade_to_head(engine)
+        runtime = build_runtime(make_settings(url, sim_url), engine, create_sessionmaker(engine))
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(runtime.settings, runtime), http="httptools", lifespan="on", log_level="warning")
+        )
+        server_box.append(server)
+        try:
+            await server.serve(sockets=[listener])
+        finally:
+            await runtime.close()
+    finally:
+        await engine.dispose()
+        await sim_runner.cleanup()
+        if not isinstance(database, Path):
+            await _drop_postgres(database)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()  # connections queue until uvicorn accepts them: no wait for start-up
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))[:12]
+    database: str | Path = (
+        f"vidgate_fuzz_{run}_{_worker_id()}"
+        if TEST_DB == "postgresql"
+        else tmp_path_factory.mktemp("fuzz") / "vidgate.db"
+    )
+    servers: list[uvicorn.Server] = []
+    failure: list[BaseException] = []
+
+    def main() -> None:
+        try:
+            asyncio.run(_serve(listener, database, servers))
+        except BaseException as exc:  # reported by the fixture, not lost in the thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=main, name="fuzz-gateway", daemon=True)
+    thread.start()
+    gateway = Gateway(f"http://127.0.0.1:{listener.getsockname()[1]}")
+    try:
+        gateway.new_tenant()
+        yield gateway
+    finally:
+        if servers:
+            servers[0].should_exit = True
+        thread.join(60)
+        listener.close()
+    assert not failure, failure
+
+
+def load_schema(gateway: Gateway, mode: str) -> Any:
+    config = {**CONFIG, "generation": {**CONFIG["generation"], "mode": mode}}
+    schema = schemathesis.openapi.from_url(
+        gateway.base_url + "/openapi.json", config=schemathesis.Config.from_dict(config)
+    )
+
+    # One provider for both kinds of caller: refresh_interval=None, so no token is cached across them.
+    @schema.auth(refresh_interval=None)
+    class _Bearer:
+        def get(self, case: Any, _ctx: Any) -> str:
+            return ADMIN_TOKEN if case.path.startswith("/admin/") else gateway.tenant_key
+
+        def set(self, case: Any, data: str, _ctx: Any) -> None:
+            case.headers = {**(case.headers or {}), "Authorization": f"Bearer {data}"}
+
+    return schema
+
+
+@pytest.fixture(scope="module")
+def api_schema(gateway: Gateway) -> Any:
+    return load_schema(gateway, "all")
+
+
+SETTINGS = hypothesis.settings(
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    phases=[Phase.explicit, Phase.generate, Phase.shrink],
+)
+
+
+def test_every_operation(api_schema: Any) -> None:
+    # One test over all operations rather than schemathesis' pytest parametrization, whose lazy fixture
+    # mode does not run on pytest 9; every operation runs, and all failures are reported together.
+    failures: list[str] = []
+    for result in api_schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            strategy = operation.as_strategy(mode, auth_storage=api_schema.auth)
+
+            @hypothesis.settings(SETTINGS, max_examples=MAX_EXAMPLES)
+            @hypothesis.given(case=strategy)
+            def fuzz(case: Any) -> None:
+                case.call_and_validate()
+
+            try:
+                fuzz()
+            except hypothesis.errors.Unsatisfiable:
+                assert mode is GenerationMode.NEGATIVE  # an operation without parameters has no invalid input
+            except (Exception, schemathesis.errors.FailureGroup) as exc:  # FailureGroup: a BaseExceptionGroup
+                failures.append(f"{operation.label} ({mode.value}): {exc}")
+    assert not failures, "\n\n".join(failures)
+
+
+def test_stateful_links(gateway: Gateway) -> None:
+    # Valid data only here: the point is to reach deep along the links (invalid data gets the
+    # stateless pass above), so that every step answers from real resources.
+    api_schema = load_schema(gateway, "positive")
+    answered: Counter[tuple[str, str, int]] = Counter()
+
+    class Machine(api_schema.as_state_machine()):  # type: ignore[misc]
+        def setup(self) -> None:
+            gateway.new_tenant()
+
+        def before_call(self, case: Any) -> None:
+            # The Python state machine does not apply the schema's auth provider by itself.
+            api_schema.auth.set(case, schemathesis.AuthContext(operation=case.operation, app=None))
+            super().before_call(case)
+
+        def after_call(self, response: Any, case: Any) -> None:
+            answered[(case.method, case.path, response.status_code)] += 1
+
+    Machine.run(
+        settings=hypothesis.settings(SETTINGS, max_examples=STATEFUL_EXAMPLES, stateful_step_count=STATEFUL_STEPS)
+    )
+    # The links were followed with real ids: tenant create -> key create -> revoke, and so on.
+    for method, path, status in [
+        ("POST", "/admin/v1/tenants", 201),
+        ("POST", "/admin/v1/tenants/{tenantId}/keys", 201),
+        ("DELETE", "/admin/v1/tenants/{tenantId}/keys/{keyId}", 200),
+        ("GET", "/admin/v1/tenants/{tenantId}", 200),
+        ("GET", "/admin/v1/tenants/{tenantId}/keys", 200),
+    ]:
+        if not answered[(method, path, status)]:
+            pytest.fail(f"never {method} {path} -> {status}; answers: {sorted(answered.items())}", pytrace=False)
