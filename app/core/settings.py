@@ -11,6 +11,7 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+
 def default_data_dir() -> Path:
     """`data/` of the checkout when run from one; for an installed package (where this file sits in
     site-packages) the user's data directory, as the XDG base-directory convention places it."""
