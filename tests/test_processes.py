@@ -28,6 +28,7 @@ from aiohttp import web
 from sqlalchemy import select
 
 from app.core.database import create_engine
+from app.core.settings import normalize_database_url
 from app.predictions.models import Prediction
 from tests.conftest import Receiver, valid_body
 from tests.procs import (
@@ -264,7 +265,7 @@ async def test_sigkill_during_a_delivery_redelivers_with_the_same_id(
 
 async def leases(database_url: str, ids: set[str]) -> set[str | None]:
     """The lease owners of these predictions, read from the database."""
-    engine = create_engine(database_url, pool_size=1)
+    engine = create_engine(normalize_database_url(database_url), pool_size=1)
     try:
         async with engine.connect() as connection:
             rows = await connection.execute(select(Prediction.lease_owner).where(Prediction.id.in_(ids)))
