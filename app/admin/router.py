@@ -12,7 +12,6 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from app.admin import service as admin_service
 from app.admin.deps import require_admin
 from app.budgets import service as budgets_service
-from app.budgets.router import present_usage
 from app.core.errors import InvalidRequest
 from app.core.responses import json_response
 from app.core.ssrf import ForbiddenTarget, check_url
@@ -90,7 +89,7 @@ async def delete_tenant(session: SessionDep, tenant_id: TenantId) -> Response:
 @router.get("/tenants/{tenantId}/usage", summary="A tenant's current period, as the tenant sees it")
 async def tenant_usage(session: SessionDep, tenant_id: TenantId) -> dict[str, Any]:
     tenant = await tenants_service.get_tenant(session, tenant_id)
-    return present_usage(await budgets_service.tenant_usage(session, tenant))
+    return (await budgets_service.tenant_usage(session, tenant)).present()
 
 
 @router.post("/tenants/{tenantId}/keys", status_code=201, response_model=KeyCreated)

@@ -6,10 +6,12 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.predictions.models import PredictionStatus
 from app.upstream.schemas import GenerateParams, check_http_url
 
 METADATA_MAX_BYTES = 4096
-PublicStatus = Literal["processing", "completed", "failed"]
+TerminalStatus = Literal[PredictionStatus.COMPLETED, PredictionStatus.FAILED]
+PublicStatus = Literal[PredictionStatus.PROCESSING, TerminalStatus]
 
 
 class GenerateRequest(GenerateParams):
@@ -18,9 +20,7 @@ class GenerateRequest(GenerateParams):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     webhook: str | None = Field(default=None, max_length=2048)
-    webhook_events_filter: list[Literal["completed", "failed"]] | None = Field(
-        default=None, alias="webhookEventsFilter"
-    )
+    webhook_events_filter: list[TerminalStatus] | None = Field(default=None, alias="webhookEventsFilter")
     metadata: dict[str, Any] | None = None
 
     @field_validator("webhook")

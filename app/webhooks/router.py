@@ -7,11 +7,12 @@ from fastapi import APIRouter, Path, Query
 from app.deps import ReadSessionDep
 from app.tenants.deps import ReaderDep
 from app.webhooks import service as webhooks_service
+from app.webhooks.models import DeliveryStatus
 from app.webhooks.schemas import DeliveryDetail, DeliveryList
 
 router = APIRouter(prefix="/api/v1", tags=["webhooks"])
 
-StatusQuery = Annotated[str | None, Query(pattern="^(pending|succeeded|dead)$")]
+StatusQuery = Annotated[DeliveryStatus | None, Query()]
 
 
 async def detail(session: ReadSessionDep, delivery_id: str, tenant_id: str | None) -> dict[str, Any]:

@@ -4,6 +4,8 @@ from datetime import datetime
 
 from pydantic import BaseModel
 
+from app.webhooks.models import DeliveryStatus
+
 
 class AttemptOut(BaseModel):
     attemptedAt: datetime
@@ -18,7 +20,7 @@ class DeliveryOut(BaseModel):
     predictionId: str | None
     eventType: str
     url: str
-    status: str
+    status: DeliveryStatus
     attempts: int
     nextAttemptAt: datetime | None
     lastStatusCode: int | None

@@ -14,7 +14,7 @@ from app.core.errors import InvalidRequest, NotFound
 from app.core.ids import new_id
 from app.core.settings import Settings
 from app.tenants.models import Tenant
-from app.webhooks.models import WebhookAttempt, WebhookDelivery
+from app.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery
 
 if TYPE_CHECKING:
     from app.budgets.service import Usage
@@ -63,7 +63,7 @@ def _add(
             url=url,
             target_host=target_host(url),
             payload=body,
-            status="pending",
+            status=DeliveryStatus.PENDING,
             attempts=0,
             next_attempt_at=now,
             created_at=now,
@@ -88,16 +88,8 @@ async def enqueue_budget_threshold(session: AsyncSession, tenant: Tenant, percen
     url = tenant_endpoint(tenant)
     if url is None:
         return
-    data = {
-        "tenantId": tenant.id,
-        "percent": percent,
-        "budgetCents": usage.budget_cents,
-        "period": usage.period,
-        "periodStart": _iso(usage.period_start),
-        "periodEnd": _iso(usage.period_end),
-        "spentCents": usage.spent_cents,
-        "reservedCents": usage.reserved_cents,
-    }
+    data = {"tenantId": tenant.id, "percent": percent, **usage.present()}
+    data.update(periodStart=_iso(usage.period_start), periodEnd=_iso(usage.period_end))
     _add(session, tenant, url, "budget.threshold", data, None)
     await session.flush()
 
@@ -114,7 +106,7 @@ def present(delivery: WebhookDelivery) -> dict[str, Any]:
         "url": shown_url,
         "status": delivery.status,
         "attempts": delivery.attempts,
-        "nextAttemptAt": delivery.next_attempt_at if delivery.status == "pending" else None,
+        "nextAttemptAt": delivery.next_attempt_at if delivery.status == DeliveryStatus.PENDING else None,
         "lastStatusCode": delivery.last_status_code,
         "lastError": delivery.last_error,
         "createdAt": delivery.created_at,
@@ -123,7 +115,7 @@ def present(delivery: WebhookDelivery) -> dict[str, Any]:
 
 
 async def list_deliveries(
-    session: AsyncSession, *, tenant_id: str | None, status: str | None, limit: int, cursor: str | None
+    session: AsyncSession, *, tenant_id: str | None, status: DeliveryStatus | None, limit: int, cursor: str | None
 ) -> tuple[list[WebhookDelivery], str | None]:
     stmt = select(WebhookDelivery)
     if tenant_id:
@@ -155,6 +147,12 @@ async def redeliver(session: AsyncSession, delivery: WebhookDelivery) -> Webhook
     await session.execute(
         update(WebhookDelivery)
         .where(WebhookDelivery.id == delivery.id)
-        .values(status="pending", attempts=0, next_attempt_at=clock.now(), lease_owner=None, lease_expires_at=None)
+        .values(
+            status=DeliveryStatus.PENDING,
+            attempts=0,
+            next_attempt_at=clock.now(),
+            lease_owner=None,
+            lease_expires_at=None,
+        )
     )
     return await get_delivery(session, delivery.id)
