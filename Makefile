@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml clients/python/pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint typecheck test-sqlite test-postgresql test-client bench bench-smoke clean
+.PHONY: install serve test lint typecheck test-sqlite test-postgresql test-client bench bench-smoke clean wheel-check test-lowest lock
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "vidgate needs Python 3.11 or newer")'
@@ -47,5 +47,23 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	$(BIN)/python -m bench --smoke
 
+# The wheel deploys with no checkout: built, installed from the lock outside the checkout, migrated
+# (SQLite and PostgreSQL), served until /readyz answers.
+wheel-check: $(STAMP)
+	UV=$(BIN)/uv scripts/check-wheel.sh
+
+# The suite (SQLite) on the lowest versions pyproject.toml allows, so the declared floors are tested.
+test-lowest: $(STAMP)
+	rm -rf .venv-lowest
+	$(BIN)/uv venv --quiet --python $(BIN)/python .venv-lowest
+	VIRTUAL_ENV=.venv-lowest $(BIN)/uv pip install --quiet --resolution lowest-direct -e ".[dev]"
+	VIDGATE_TEST_DB=sqlite .venv-lowest/bin/python -m pytest -n 2 $(PYTEST_ARGS)
+
+# What the Docker image installs, with hashes, for every platform and Python >= 3.11; run after
+# changing the dependencies in pyproject.toml.
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml --quiet --universal --python-version 3.11 --generate-hashes \
+		--custom-compile-command "make lock" --output-file requirements.lock
+
 clean:
-	rm -rf $(VENV) data .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-lowest data .mypy_cache .ruff_cache .hypothesis

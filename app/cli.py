@@ -15,6 +15,7 @@ import typer
 
 from app.core.responses import dumps
 from app.core.settings import Settings, get_settings
+from app.webhooks.models import DeliveryStatus
 
 T = TypeVar("T")
 
@@ -317,7 +318,7 @@ def tenants_show(tenant_id: str, as_json: JsonOpt = False) -> None:
         usage = await budgets_service.tenant_usage(session, tenant)
         return {
             **_tenant_dict(tenant),
-            "usage": {"spentCents": usage.spent_cents, "reservedCents": usage.reserved_cents},
+            "usage": usage.present(),
         }
 
     _emit(
@@ -410,7 +411,7 @@ def ledger_verify(as_json: JsonOpt = False) -> None:
 
 @deliveries_cli.command("list")
 def deliveries_list(
-    status: Annotated[str | None, typer.Option(help="pending, succeeded or dead.")] = None,
+    status: Annotated[DeliveryStatus | None, typer.Option()] = None,
     tenant: Annotated[str | None, typer.Option()] = None,
     limit: Annotated[int, typer.Option()] = 50,
     as_json: JsonOpt = False,

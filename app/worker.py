@@ -21,7 +21,7 @@ from app.core.database import outage_backoff_s, transaction
 from app.core.errors import DatabaseUnavailable
 from app.predictions import poller
 from app.predictions import service as predictions_service
-from app.predictions.models import IdempotencyKey, Prediction
+from app.predictions.models import IdempotencyKey, Prediction, PredictionStatus
 from app.runtime import Runtime
 from app.webhooks.dispatcher import Dispatcher
 
@@ -130,7 +130,7 @@ class Worker:
             await session.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at < now))
             await session.execute(delete(RateWindow).where(RateWindow.window_start < now - timedelta(minutes=5)))
             in_flight = await session.scalar(
-                select(func.count()).select_from(Prediction).where(Prediction.status == "processing")
+                select(func.count()).select_from(Prediction).where(Prediction.status == PredictionStatus.PROCESSING)
             )
             balances = await budgets_service.current_balances(session)
         metrics.IN_FLIGHT.set(in_flight or 0)

@@ -251,3 +251,21 @@ async def test_logs_are_json_lines_with_ids_and_no_secrets(api: Api) -> None:
     text = stream.getvalue()
     for secret in (tenant.key, ADMIN_TOKEN, "vendor-test-key", "hush", tenant.data["webhookSecret"]):
         assert secret not in text
+
+
+async def test_status_filters_take_only_the_statuses_a_caller_can_see(api: Api) -> None:
+    tenant = await api.tenant()
+    # A prediction still submitting is not shown to its tenant, so it is no filter either.
+    for path, status in [
+        ("/api/v1/predictions", "submitting"),
+        ("/api/v1/predictions", "bogus"),
+        ("/api/v1/webhook-deliveries", "failed"),
+    ]:
+        answer = await tenant.get(path, params={"status": status})
+        assert answer.status_code == 422, (path, status, answer.text)
+        assert answer.headers["content-type"].startswith("application/problem+json")
+    for path, status in [("/api/v1/predictions", "processing"), ("/api/v1/webhook-deliveries", "dead")]:
+        answer = await tenant.get(path, params={"status": status})
+        assert answer.status_code == 200 and answer.json()["data"] == [], answer.text
+    answer = await api.admin("GET", "/admin/v1/webhook-deliveries", params={"status": "succeeded"})
+    assert answer.status_code == 200, answer.text

@@ -66,9 +66,6 @@ async def test_metrics_families_after_a_run(live_api: Api, worker: Any, sim: Sim
     assert total(after, "vidgate_spent_cents", tenant=tenant.id) == 18
     assert total(after, "vidgate_reserved_cents", tenant=tenant.id) == 0
     assert "vidgate_predictions_in_flight" in after
-    lag_p_inf = total(after, "vidgate_poll_lag_seconds_bucket", le="+Inf")
-    lag_le_2 = total(after, "vidgate_poll_lag_seconds_bucket", le="2.0")
-    assert lag_le_2 == lag_p_inf  # every poll happened within 2 s of its due time in this small run
 
 
 async def test_metrics_are_plain_text_and_carry_no_key_or_raw_path(live_api: Api, worker: Any, sim: SimState) -> None:

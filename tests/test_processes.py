@@ -19,14 +19,17 @@ import json
 import re
 import signal
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from aiohttp import web
+from sqlalchemy import select
 
+from app.core.database import create_engine
+from app.core.settings import normalize_database_url
+from app.predictions.models import Prediction
 from tests.conftest import Receiver, valid_body
 from tests.procs import (
     COST,
@@ -239,18 +242,16 @@ async def test_sigkill_during_a_delivery_redelivers_with_the_same_id(
         pid = (await gw.submit_ok(key))["id"]
         await until(lambda: len(receiver.received) == 1, 20, "the delivery to reach the receiver")
         first.send(signal.SIGKILL)
-        killed_at = time.monotonic()
         assert await first.wait(10) == -signal.SIGKILL
         receiver.delay_s = 0
 
         await procs.worker(env, "worker-2")
-        await until(lambda: len(receiver.received) >= 2, 32, "the delivery to be retried by worker-2", every=0.1)
-        taken_over_s = time.monotonic() - killed_at
+        # The bound only keeps a broken build from hanging; the claim is that the same delivery is retried.
+        await until(lambda: len(receiver.received) >= 2, 120, "the delivery to be retried by worker-2", every=0.1)
         lost, retried = receiver.received[0], receiver.received[1]
         assert retried.headers["webhook-id"] == lost.headers["webhook-id"]
         event = verify(tenant["webhookSecret"], retried)
         assert event["type"] == "prediction.completed" and event["data"]["id"] == pid
-        assert taken_over_s < 30, f"taken over after {taken_over_s:.1f} s"
 
         async def succeeded() -> bool:
             rows = await gw.deliveries(tenant["id"])
@@ -260,6 +261,17 @@ async def test_sigkill_during_a_delivery_redelivers_with_the_same_id(
 
 
 # ---------------------------------------------------------------- 4. SIGTERM hands leases back
+
+
+async def leases(database_url: str, ids: set[str]) -> set[str | None]:
+    """The lease owners of these predictions, read from the database."""
+    engine = create_engine(normalize_database_url(database_url), pool_size=1)
+    try:
+        async with engine.connect() as connection:
+            rows = await connection.execute(select(Prediction.lease_owner).where(Prediction.id.in_(ids)))
+            return {owner for (owner,) in rows}
+    finally:
+        await engine.dispose()
 
 
 async def test_sigterm_drains_and_hands_leases_back(procs: Procs, proc_db: str, sim: Simulator) -> None:
@@ -277,7 +289,6 @@ async def test_sigterm_drains_and_hands_leases_back(procs: Procs, proc_db: str, 
         # is leased by a poll of worker-1 that can only be cancelled.
         polls_at = (await sim.stats())["polls"]
         await sim.faults(poll_delay_s=25)
-        hanging_since = time.monotonic()
 
         async def every_prediction_in_a_hanging_poll() -> bool:
             return bool((await sim.stats())["polls"] - polls_at >= count)
@@ -286,29 +297,19 @@ async def test_sigterm_drains_and_hands_leases_back(procs: Procs, proc_db: str, 
         assert set((await gw.statuses(key)).values()) == {"processing"}
 
         first.send(signal.SIGTERM)
-        stopping = time.monotonic()
         try:
             rc = await first.wait(20)
         except TimeoutError:
             raise AssertionError(f"worker-1 still running 20 s after SIGTERM\n{first.tail()}") from None
-        stop_s = time.monotonic() - stopping
         assert rc == 0, first.tail()
-        assert stop_s < 15, f"worker-1 took {stop_s:.1f} s to stop"
         assert first.logged("worker stopped"), first.tail()
+        # Handed back, not left to expire: no row is leased any more, yet none is finished (no other worker runs).
+        assert await leases(proc_db, ids) == {None}
+        assert set((await gw.statuses(key)).values()) == {"processing"}
 
         await sim.faults(poll_delay_s=0)
         second = await procs.worker(env, "worker-2")
-        up = time.monotonic()
-        await until(lambda: gw.all_done(key, ids), lease_s + 10, "worker-2 to finish the predictions", every=0.1)
-        finish_s = time.monotonic() - up
-        # Had the leases not been handed back, worker-2 would wait for them to expire, i.e. until
-        # `lease_s` after the hanging polls were claimed.
-        lease_left_s = lease_s - (up - hanging_since)
-        print(
-            f"SIGTERM: stopped in {stop_s:.1f} s; worker-2 finished in {finish_s:.2f} s, lease left {lease_left_s:.1f} s"
-        )
-        assert finish_s < 3, f"worker-2 needed {finish_s:.1f} s; the old leases had {lease_left_s:.1f} s left"
-        assert lease_left_s > finish_s + 3, "the test no longer separates handed-back leases from expired ones"
+        await until(lambda: gw.all_done(key, ids), 60, "worker-2 to finish the predictions", every=0.1)
         assert second.returncode is None
 
 

@@ -30,6 +30,14 @@ def test_every_setting_is_documented_in_env_example() -> None:
     assert documented == {f"VIDGATE_{name.upper()}" for name in Settings.model_fields}
 
 
+def test_default_database_is_a_file_in_the_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("VIDGATE_DATABASE_URL", raising=False)
+    monkeypatch.setenv("VIDGATE_DATA_DIR", str(tmp_path))
+    assert Settings().database_url == f"sqlite+aiosqlite:///{tmp_path}/vidgate.db"
+    monkeypatch.setenv("VIDGATE_DATABASE_URL", "")  # as `VIDGATE_DATABASE_URL=` in a .env file
+    assert Settings().database_url == f"sqlite+aiosqlite:///{tmp_path}/vidgate.db"
+
+
 def test_vendor_key_alias(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VIDGATE_UPSTREAM_API_KEY", raising=False)
     monkeypatch.setenv("VIBEDREAM_API_KEY", "vendor-secret")

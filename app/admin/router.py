@@ -10,7 +10,6 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from app.admin import service as admin_service
 from app.admin.deps import require_admin
 from app.budgets import service as budgets_service
-from app.budgets.router import present_usage
 from app.budgets.schemas import UsageOut
 from app.core.errors import InvalidRequest
 from app.core.openapi import link, links
@@ -101,7 +100,7 @@ async def delete_tenant(session: SessionDep, tenant_id: TenantId) -> Response:
 )
 async def tenant_usage(session: SessionDep, tenant_id: TenantId) -> dict[str, Any]:
     tenant = await tenants_service.get_tenant(session, tenant_id)
-    return present_usage(await budgets_service.tenant_usage(session, tenant))
+    return (await budgets_service.tenant_usage(session, tenant)).present()
 
 
 @router.post("/tenants/{tenantId}/keys", status_code=201, response_model=KeyCreated, responses=_KEY_LINKS)

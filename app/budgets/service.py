@@ -486,6 +486,18 @@ class Usage:
             return None
         return max(self.budget_cents - self.spent_cents - self.reserved_cents, 0)
 
+    def present(self) -> dict[str, Any]:
+        """The usage payload: the tenant's and the operator's usage answers and budget.threshold events."""
+        return {
+            "budgetCents": self.budget_cents,
+            "period": self.period,
+            "periodStart": clock.iso(self.period_start),
+            "periodEnd": clock.iso(self.period_end),
+            "spentCents": self.spent_cents,
+            "reservedCents": self.reserved_cents,
+            "remainingCents": self.remaining_cents,
+        }
+
 
 async def tenant_usage(session: AsyncSession, tenant: Tenant) -> Usage:
     """The current period's usage, summed from the ledger."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
@@ -12,8 +13,14 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SQLITE_PATH = PROJECT_ROOT / "data" / "vidgate.db"
+
+def default_data_dir() -> Path:
+    """`data/` of the checkout when run from one; for an installed package (where this file sits in
+    site-packages) the user's data directory, as the XDG base-directory convention places it."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / "data"
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "vidgate"
 
 
 SANDBOX_ADMIN_TOKEN = "sandbox-admin-token"  # noqa: S105 - only ever accepted in sandbox mode
@@ -37,7 +44,9 @@ def normalize_database_url(url: str) -> str:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VIDGATE_", env_file=".env", extra="ignore", populate_by_name=True)
 
-    database_url: str = f"sqlite:///{DEFAULT_SQLITE_PATH}"
+    # Where the default SQLite file (and other local state) lives; see default_data_dir().
+    data_dir: Path = Field(default_factory=default_data_dir)
+    database_url: str = ""  # empty: the SQLite file vidgate.db in data_dir
     # PostgreSQL connections per process, all opened on demand and kept (no overflow: overflow
     # connections churn exactly when load is highest). Processes x this must stay under max_connections.
     database_pool_size: int = Field(default=40, ge=1, le=1000)
@@ -127,6 +136,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return json.loads(value) if value.strip() else {}
         return value
+
+    @model_validator(mode="after")
+    def _default_database(self) -> Settings:
+        if not self.database_url:
+            self.database_url = normalize_database_url(f"sqlite:///{self.data_dir.resolve() / 'vidgate.db'}")
+        return self
 
     @model_validator(mode="after")
     def _recovery_outlives_upstream_calls(self) -> Settings:

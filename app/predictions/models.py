@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, ForeignKey, Index, String, Text
@@ -8,6 +9,20 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core import clock
 from app.core.database import Base
+
+
+class PredictionStatus(StrEnum):
+    """submitting (held, upstream not yet confirmed) -> processing -> completed | failed."""
+
+    SUBMITTING = "submitting"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+TERMINAL_STATUSES = (PredictionStatus.COMPLETED, PredictionStatus.FAILED)
+# What a tenant sees: a prediction still submitting is not shown until the vendor has confirmed it.
+PUBLIC_STATUSES = (PredictionStatus.PROCESSING, *TERMINAL_STATUSES)
 
 
 class Prediction(Base):
@@ -24,8 +39,7 @@ class Prediction(Base):
     model_id: Mapped[str] = mapped_column(String(100))
     model_name: Mapped[str | None] = mapped_column(String(200))
     upstream_id: Mapped[str | None] = mapped_column(String(200), unique=True)
-    # submitting (held, upstream not yet confirmed) -> processing -> completed | failed
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))  # a PredictionStatus
     params: Mapped[dict[str, Any]] = mapped_column(JSON(none_as_null=True))
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
     webhook_events: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))

@@ -24,7 +24,7 @@ from app.core import clock, metrics
 from app.core.batching import batches
 from app.core.database import store_until_done, transaction
 from app.predictions import service as predictions_service
-from app.predictions.models import Prediction
+from app.predictions.models import TERMINAL_STATUSES, Prediction, PredictionStatus
 from app.runtime import Runtime
 from app.upstream.client import UpstreamRefused, UpstreamUnavailable
 from app.upstream.schemas import UpstreamPrediction
@@ -51,7 +51,7 @@ async def claim_due(runtime: Runtime, limit: int) -> list[Prediction]:
         select(Prediction.id)
         .where(
             Prediction.next_poll_at <= now,
-            Prediction.status == "processing",
+            Prediction.status == PredictionStatus.PROCESSING,
             (Prediction.lease_expires_at.is_(None)) | (Prediction.lease_expires_at < now),
         )
         .order_by(Prediction.next_poll_at)
@@ -146,15 +146,19 @@ class Poller:
         owner = runtime.worker_id
         now = clock.now()
         interval = runtime.settings.poll_interval_s
-        still = [o.prediction.id for o in batch if o.seen is not None and o.seen.status == "processing"]
+        still = [o.prediction.id for o in batch if o.seen is not None and o.seen.status not in TERMINAL_STATUSES]
         failed = [o for o in batch if o.seen is None and not o.expired]
-        ended = [o for o in batch if o.expired or (o.seen is not None and o.seen.status != "processing")]
+        ended = [o for o in batch if o.expired or (o.seen is not None and o.seen.status in TERMINAL_STATUSES)]
         async with transaction(runtime.sessions) as session:
             if still:
                 # Fenced on the lease: a worker that lost its lease writes nothing.
                 await session.execute(
                     update(Prediction)
-                    .where(Prediction.id.in_(still), Prediction.lease_owner == owner, Prediction.status == "processing")
+                    .where(
+                        Prediction.id.in_(still),
+                        Prediction.lease_owner == owner,
+                        Prediction.status == PredictionStatus.PROCESSING,
+                    )
                     .values(
                         next_poll_at=now + timedelta(seconds=interval),
                         poll_count=Prediction.poll_count + 1,
@@ -171,7 +175,7 @@ class Poller:
                     .where(
                         table.c.id == bindparam("pid"),
                         table.c.lease_owner == owner,
-                        table.c.status == "processing",
+                        table.c.status == PredictionStatus.PROCESSING,
                     )
                     .values(
                         next_poll_at=bindparam("due"),
@@ -199,7 +203,7 @@ class Poller:
                 self.runtime,
                 prediction.id,
                 lease_owner=self.runtime.worker_id,
-                status="failed",
+                status=PredictionStatus.FAILED,
                 outputs=None,
                 error=f"vidgate gave up: the upstream reported no final status within {max_age} s",
                 completed_at=None,
@@ -210,20 +214,6 @@ class Poller:
         await predictions_service.apply_poll_result(
             session, self.runtime, prediction, outcome.seen, self.runtime.worker_id
         )
-
-    async def run_round(self) -> int:
-        """Claim, poll and store one round synchronously (tests and one-off tools; the worker pipelines)."""
-        claimed = await self.run_once()
-        await asyncio.gather(*self.tasks)
-        batch = []
-        while not self.outcomes.empty():
-            batch.append(self.outcomes.get_nowait())
-        try:
-            if batch:
-                await self.write(batch)
-        finally:
-            self.unwritten -= len(batch)
-        return claimed
 
     async def drain(self, timeout_s: float) -> None:
         """Graceful stop: let in-flight calls finish (their results are still written), then give up."""

@@ -18,7 +18,7 @@ from app.core.retry_after import retry_after_value
 from app.core.types import Line
 from app.deps import PublicBaseUrlDep, ReadSessionDep, RuntimeDep
 from app.predictions import service as predictions_service
-from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, SubmitOut
+from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, PublicStatus, SubmitOut
 from app.tenants.deps import CallerDep, Credentials, ReaderDep, authenticate
 
 router = APIRouter(prefix="/api/v1", tags=["predictions"], responses=tenant_responses())
@@ -149,7 +149,7 @@ async def get_prediction(
 async def list_predictions(
     session: ReadSessionDep,
     caller: ReaderDep,
-    status: Annotated[str | None, Query(pattern="^(processing|completed|failed)$")] = None,
+    status: Annotated[PublicStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[Line | None, Query(max_length=64)] = None,
 ) -> Response:

@@ -7,10 +7,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.core.clock import Timestamp
 from app.core.types import JsonObject, Line
+from app.predictions.models import PredictionStatus
 from app.upstream.schemas import GenerateParams, check_http_url
 
 METADATA_MAX_BYTES = 4096
-PublicStatus = Literal["processing", "completed", "failed"]
+TerminalStatus = Literal[PredictionStatus.COMPLETED, PredictionStatus.FAILED]
+PublicStatus = Literal[PredictionStatus.PROCESSING, TerminalStatus]
 
 
 class GenerateRequest(GenerateParams):
@@ -19,9 +21,7 @@ class GenerateRequest(GenerateParams):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     webhook: Line | None = Field(default=None, max_length=2048)
-    webhook_events_filter: list[Literal["completed", "failed"]] | None = Field(
-        default=None, alias="webhookEventsFilter"
-    )
+    webhook_events_filter: list[TerminalStatus] | None = Field(default=None, alias="webhookEventsFilter")
     metadata: JsonObject | None = None
 
     @field_validator("webhook")

@@ -24,7 +24,7 @@ from app.core.database import insert_ignore, outage_backoff_s, table_of, transac
 from app.core.errors import AppError, Conflict, DatabaseUnavailable, InvalidRequest, NotFound
 from app.core.ids import new_id
 from app.core.retry_after import retry_after_value
-from app.predictions.models import IdempotencyKey, Prediction
+from app.predictions.models import PUBLIC_STATUSES, TERMINAL_STATUSES, IdempotencyKey, Prediction, PredictionStatus
 from app.predictions.schemas import GenerateRequest
 from app.runtime import Runtime
 from app.tenants.models import ApiKey, Tenant
@@ -34,9 +34,7 @@ from app.webhooks import service as webhooks_service
 
 log = logging.getLogger("vidgate.predictions")
 
-TERMINAL = ("completed", "failed")
 CONFIRM_ATTEMPTS = 4
-PUBLIC_STATUSES = ("processing", "completed", "failed")
 MODEL_NAMES = {"ltx-2-19b": "LTX-2 19B"}
 
 
@@ -129,10 +127,10 @@ _predictions = table_of(Prediction)
 _INSERT = insert(_predictions)
 _CONFIRM = (
     update(_predictions)
-    .where(_predictions.c.id == bindparam("b_id"), _predictions.c.status == "submitting")
+    .where(_predictions.c.id == bindparam("b_id"), _predictions.c.status == PredictionStatus.SUBMITTING)
     .values(
         upstream_id=bindparam("b_upstream_id"),
-        status="processing",
+        status=PredictionStatus.PROCESSING,
         estimated_time=bindparam("b_estimated_time"),
         charged_cents=bindparam("b_charged_cents"),
         next_poll_at=bindparam("b_next_poll_at"),
@@ -378,7 +376,7 @@ async def _hold_and_record(
             api_key_id=key.id,
             model_id=model_id,
             model_name=MODEL_NAMES.get(model_id, model_id),
-            status="submitting",
+            status=PredictionStatus.SUBMITTING,
             params=request.upstream_body(),
             webhook_url=request.webhook,
             webhook_events=request.webhook_events_filter,
@@ -417,7 +415,7 @@ async def _confirm(
     delay = first_poll_delay_s(submitted.estimated_time, runtime.settings.poll_interval_s)
     confirmed = dict(
         upstream_id=submitted.id,
-        status="processing",
+        status=PredictionStatus.PROCESSING,
         estimated_time=submitted.estimated_time,
         charged_cents=submitted.cost_cents,
         next_poll_at=now + timedelta(seconds=delay),
@@ -441,7 +439,7 @@ async def _confirm(
         await budgets_service.settle(session, _hold(prediction), 0, submitted.cost_cents)
         prediction.upstream_id = submitted.id
         prediction.charged_cents = submitted.cost_cents
-        prediction.status = "processing"
+        prediction.status = PredictionStatus.PROCESSING
         prediction.next_poll_at = now + timedelta(seconds=delay)
         if prediction.holds_slot:
             await session.execute(update(Tenant).where(Tenant.id == tenant.id).values(in_flight=Tenant.in_flight + 1))
@@ -476,7 +474,7 @@ async def _abandon(session: AsyncSession, held: Prediction, *, reason: str, key:
     """The upstream never confirmed: release the hold and the slot. The row stays for the record."""
     result = await session.execute(
         update(Prediction)
-        .where(Prediction.id == held.id, Prediction.status == "submitting")
+        .where(Prediction.id == held.id, Prediction.status == PredictionStatus.SUBMITTING)
         .values(status="rejected", error=reason[:500], completed_at=clock.now())
         .returning(Prediction.id)
     )
@@ -507,7 +505,10 @@ def _upstream_problem(exc: UpstreamRefused | UpstreamUnavailable) -> AppError:
 
 async def start_counting_slots(session: AsyncSession, tenant: Tenant) -> None:
     """A tenant just got a maxConcurrent: its predictions already in flight take their slots now."""
-    in_flight = (Prediction.tenant_id == tenant.id, Prediction.status.in_(("submitting", "processing")))
+    in_flight = (
+        Prediction.tenant_id == tenant.id,
+        Prediction.status.in_((PredictionStatus.SUBMITTING, PredictionStatus.PROCESSING)),
+    )
     await session.execute(
         update(Prediction).where(*in_flight).values(holds_slot=True).execution_options(synchronize_session=False)
     )
@@ -562,7 +563,7 @@ async def read_with_next_poll(
 
 
 async def list_for_tenant(
-    session: AsyncSession, tenant_id: str, *, status: str | None, limit: int, cursor: str | None
+    session: AsyncSession, tenant_id: str, *, status: PredictionStatus | None, limit: int, cursor: str | None
 ) -> tuple[list[Prediction], str | None]:
     stmt = select(Prediction).where(Prediction.tenant_id == tenant_id)
     stmt = stmt.where(Prediction.status == status) if status else stmt.where(Prediction.status.in_(PUBLIC_STATUSES))
@@ -586,7 +587,7 @@ async def wait_until_terminal(runtime: Runtime, tenant_id: str, prediction_id: s
         except DatabaseUnavailable:
             pass
         remaining = deadline - asyncio.get_running_loop().time()
-        if (prediction is not None and prediction.status in TERMINAL) or remaining <= 0:
+        if (prediction is not None and prediction.status in TERMINAL_STATUSES) or remaining <= 0:
             return prediction
         await asyncio.sleep(min(0.2, remaining))
 
@@ -600,7 +601,7 @@ async def finish(
     prediction_id: str,
     *,
     lease_owner: str | None,
-    status: str,
+    status: PredictionStatus,
     outputs: list[str] | None,
     error: str | None,
     completed_at: datetime | None,
@@ -611,7 +612,7 @@ async def finish(
     webhook deliveries, all in the caller's transaction. Fenced on the lease: a worker whose lease
     was taken over changes nothing and gets None."""
     now = clock.now()
-    conditions = [Prediction.id == prediction_id, Prediction.status == "processing"]
+    conditions = [Prediction.id == prediction_id, Prediction.status == PredictionStatus.PROCESSING]
     if lease_owner is not None:
         conditions.append(Prediction.lease_owner == lease_owner)
     values: dict[str, Any] = dict(
@@ -639,7 +640,7 @@ async def finish(
         return None
     if prediction.holds_slot:
         await budget_limits.release_slot(session, prediction.tenant_id)
-    if status == "failed" and not runtime.settings.keep_failed_charge and prediction.charged_cents:
+    if status == PredictionStatus.FAILED and not runtime.settings.keep_failed_charge and prediction.charged_cents:
         await budgets_service.refund(session, _hold(prediction), prediction.charged_cents, note="failed prediction")
         prediction.charged_cents = 0
         await session.flush()
@@ -662,39 +663,23 @@ async def apply_poll_result(
     upstream: UpstreamPrediction,
     lease_owner: str,
 ) -> bool:
-    """Store what one poll saw. Returns False when the lease was lost (the write was refused)."""
-    if upstream.status in TERMINAL:
-        done = await finish(
-            session,
-            runtime,
-            prediction.id,
-            lease_owner=lease_owner,
-            status=upstream.status,
-            outputs=upstream.outputs if upstream.status == "completed" else None,
-            error=upstream.error if upstream.status == "failed" else None,
-            completed_at=upstream.completed_at,
-            model_name=upstream.model_name,
-            poll_count=prediction.poll_count,
-        )
-        return done is not None
-    result = await session.execute(
-        update(Prediction)
-        .where(
-            Prediction.id == prediction.id,
-            Prediction.lease_owner == lease_owner,
-            Prediction.status == "processing",
-        )
-        .values(
-            next_poll_at=clock.now() + timedelta(seconds=runtime.settings.poll_interval_s),
-            lease_owner=None,
-            lease_expires_at=None,
-            poll_failures=0,
-            poll_count=prediction.poll_count,
-            model_name=upstream.model_name or prediction.model_name,
-        )
-        .returning(Prediction.id)
+    """Store the final state one poll saw (a poll that saw "processing" is stored by the poller, in
+    bulk). Returns False when the lease was lost (the write was refused)."""
+    status = PredictionStatus(upstream.status)
+    assert status in TERMINAL_STATUSES, status
+    done = await finish(
+        session,
+        runtime,
+        prediction.id,
+        lease_owner=lease_owner,
+        status=status,
+        outputs=upstream.outputs if status == PredictionStatus.COMPLETED else None,
+        error=upstream.error if status == PredictionStatus.FAILED else None,
+        completed_at=upstream.completed_at,
+        model_name=upstream.model_name,
+        poll_count=prediction.poll_count,
     )
-    return result.first() is not None
+    return done is not None
 
 
 async def recover_interrupted_submits(runtime: Runtime) -> int:
@@ -705,7 +690,7 @@ async def recover_interrupted_submits(runtime: Runtime) -> int:
         stuck = list(
             await session.scalars(
                 select(Prediction)
-                .where(Prediction.status == "submitting", Prediction.created_at < cutoff)
+                .where(Prediction.status == PredictionStatus.SUBMITTING, Prediction.created_at < cutoff)
                 .limit(100)
                 .with_for_update(skip_locked=True)
             )

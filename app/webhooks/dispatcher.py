@@ -23,7 +23,7 @@ from app.core.ssrf import ForbiddenTarget, check_url
 from app.runtime import Runtime
 from app.tenants import service as tenants_service
 from app.tenants.models import Tenant
-from app.webhooks.models import WebhookAttempt, WebhookDelivery
+from app.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery
 from app.webhooks.signing import signature_header
 
 log = logging.getLogger("vidgate.webhooks")
@@ -96,7 +96,7 @@ class Dispatcher:
         due = (
             select(WebhookDelivery.id)
             .where(
-                WebhookDelivery.status == "pending",
+                WebhookDelivery.status == DeliveryStatus.PENDING,
                 WebhookDelivery.next_attempt_at <= now,
                 (WebhookDelivery.lease_expires_at.is_(None)) | (WebhookDelivery.lease_expires_at < now),
             )
@@ -163,17 +163,6 @@ class Dispatcher:
             if not await store_until_done(functools.partial(self.record, batch), "webhook attempts"):
                 self.unrecorded.difference_update(attempt.delivery.id for attempt in batch)
 
-    async def run_round(self) -> int:
-        """Claim, deliver and record one round synchronously (tests and one-off tools)."""
-        started = await self.run_once()
-        await asyncio.gather(*self.tasks)
-        batch = []
-        while not self.attempts.empty():
-            batch.append(self.attempts.get_nowait())
-        if batch:
-            await self.record(batch)
-        return started
-
     async def _post(
         self, delivery: WebhookDelivery, secrets: list[str]
     ) -> tuple[int | None, str | None, float | None, int]:
@@ -220,20 +209,20 @@ class Dispatcher:
             last_error=attempt.error if status is None else None,
             lease_owner=None,
             lease_expires_at=None,
-            status="pending",
+            status=DeliveryStatus.PENDING,
             delivered_at=None,
             next_attempt_at=None,
         )
         if status is not None and 200 <= status < 300:
-            values.update(status="succeeded", delivered_at=now)
+            values.update(status=DeliveryStatus.SUCCEEDED, delivered_at=now)
             return "succeeded", values
         if status is not None:
             values["last_error"] = f"receiver answered {status}"
         if status == 410:
-            values.update(status="dead", last_error="receiver answered 410 Gone; endpoint disabled")
+            values.update(status=DeliveryStatus.DEAD, last_error="receiver answered 410 Gone; endpoint disabled")
             return "gone", values
         if attempts >= len(settings.webhook_retry_schedule_s):
-            values.update(status="dead")
+            values.update(status=DeliveryStatus.DEAD)
             return "dead", values
         delay = settings.webhook_retry_schedule_s[attempts] * random.uniform(0.9, 1.1)
         if status in (429, 503) and attempt.retry_after_s is not None:
@@ -295,6 +284,9 @@ class Dispatcher:
         async with transaction(self.runtime.sessions) as session:
             await session.execute(
                 update(WebhookDelivery)
-                .where(WebhookDelivery.lease_owner == self.runtime.worker_id, WebhookDelivery.status == "pending")
+                .where(
+                    WebhookDelivery.lease_owner == self.runtime.worker_id,
+                    WebhookDelivery.status == DeliveryStatus.PENDING,
+                )
                 .values(lease_owner=None, lease_expires_at=None)
             )

@@ -1,12 +1,21 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 
 from sqlalchemy import ForeignKey, Index, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core import clock
 from app.core.database import Base, BigIntId
+
+
+class DeliveryStatus(StrEnum):
+    """pending (due or being tried) -> succeeded | dead; an operator's redeliver makes it pending again."""
+
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    DEAD = "dead"
 
 
 class WebhookDelivery(Base):
@@ -26,7 +35,7 @@ class WebhookDelivery(Base):
     url: Mapped[str] = mapped_column(String(2048))
     target_host: Mapped[str] = mapped_column(String(300))
     payload: Mapped[str] = mapped_column(Text)  # the exact body, so every retry signs the same bytes
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|succeeded|dead
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[datetime | None]
     lease_owner: Mapped[str | None] = mapped_column(String(80))

@@ -9,11 +9,12 @@ from app.core.types import Line
 from app.deps import ReadSessionDep
 from app.tenants.deps import ReaderDep
 from app.webhooks import service as webhooks_service
+from app.webhooks.models import DeliveryStatus
 from app.webhooks.schemas import DeliveryDetail, DeliveryList
 
 router = APIRouter(prefix="/api/v1", tags=["webhooks"], responses=tenant_responses())
 
-StatusQuery = Annotated[str | None, Query(pattern="^(pending|succeeded|dead)$")]
+StatusQuery = Annotated[DeliveryStatus | None, Query()]
 
 
 async def detail(session: ReadSessionDep, delivery_id: str, tenant_id: str | None) -> dict[str, Any]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from app.core.clock import Timestamp
+from app.webhooks.models import DeliveryStatus
 
 
 class AttemptOut(BaseModel):
@@ -18,7 +19,7 @@ class DeliveryOut(BaseModel):
     predictionId: str | None
     eventType: str
     url: str
-    status: str
+    status: DeliveryStatus
     attempts: int
     nextAttemptAt: Timestamp | None
     lastStatusCode: int | None

@@ -15,7 +15,7 @@ from app.core.ids import new_id
 from app.core.settings import Settings
 from app.core.ssrf import ForbiddenTarget, check_url
 from app.tenants.models import Tenant
-from app.webhooks.models import WebhookAttempt, WebhookDelivery
+from app.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery
 
 if TYPE_CHECKING:
     from app.budgets.service import Usage
@@ -71,7 +71,7 @@ def _add(
             url=url,
             target_host=target_host(url),
             payload=body,
-            status="pending",
+            status=DeliveryStatus.PENDING,
             attempts=0,
             next_attempt_at=now,
             created_at=now,
@@ -96,16 +96,7 @@ async def enqueue_budget_threshold(session: AsyncSession, tenant: Tenant, percen
     url = tenant_endpoint(tenant)
     if url is None:
         return
-    data = {
-        "tenantId": tenant.id,
-        "percent": percent,
-        "budgetCents": usage.budget_cents,
-        "period": usage.period,
-        "periodStart": clock.iso(usage.period_start),
-        "periodEnd": clock.iso(usage.period_end),
-        "spentCents": usage.spent_cents,
-        "reservedCents": usage.reserved_cents,
-    }
+    data = {"tenantId": tenant.id, "percent": percent, **usage.present()}
     _add(session, tenant, url, "budget.threshold", data, None)
     await session.flush()
 
@@ -122,7 +113,7 @@ def present(delivery: WebhookDelivery) -> dict[str, Any]:
         "url": shown_url,
         "status": delivery.status,
         "attempts": delivery.attempts,
-        "nextAttemptAt": delivery.next_attempt_at if delivery.status == "pending" else None,
+        "nextAttemptAt": delivery.next_attempt_at if delivery.status == DeliveryStatus.PENDING else None,
         "lastStatusCode": delivery.last_status_code,
         "lastError": delivery.last_error,
         "createdAt": delivery.created_at,
@@ -131,7 +122,7 @@ def present(delivery: WebhookDelivery) -> dict[str, Any]:
 
 
 async def list_deliveries(
-    session: AsyncSession, *, tenant_id: str | None, status: str | None, limit: int, cursor: str | None
+    session: AsyncSession, *, tenant_id: str | None, status: DeliveryStatus | None, limit: int, cursor: str | None
 ) -> tuple[list[WebhookDelivery], str | None]:
     stmt = select(WebhookDelivery)
     if tenant_id:
@@ -163,6 +154,12 @@ async def redeliver(session: AsyncSession, delivery: WebhookDelivery) -> Webhook
     await session.execute(
         update(WebhookDelivery)
         .where(WebhookDelivery.id == delivery.id)
-        .values(status="pending", attempts=0, next_attempt_at=clock.now(), lease_owner=None, lease_expires_at=None)
+        .values(
+            status=DeliveryStatus.PENDING,
+            attempts=0,
+            next_attempt_at=clock.now(),
+            lease_owner=None,
+            lease_expires_at=None,
+        )
     )
     return await get_delivery(session, delivery.id)
