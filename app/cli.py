@@ -236,6 +236,9 @@ def tenants_create(
     max_concurrent: Annotated[int | None, typer.Option()] = None,
     rate_per_minute: Annotated[int | None, typer.Option()] = None,
     webhook_url: Annotated[str | None, typer.Option()] = None,
+    output_retention_days: Annotated[
+        int | None, typer.Option(help="Days stored outputs are kept (default VIDGATE_OUTPUT_RETENTION_DAYS).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a tenant; prints its webhook secret once."""
@@ -253,6 +256,7 @@ def tenants_create(
             max_concurrent=max_concurrent,
             rate_per_minute=rate_per_minute,
             webhook_url=webhook_url,
+            output_retention_days=output_retention_days,
         )
     except ValidationError as exc:
         typer.echo(f"error: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", err=True)
@@ -276,6 +280,7 @@ def tenants_update(
     max_concurrent: Annotated[int | None, typer.Option()] = None,
     rate_per_minute: Annotated[int | None, typer.Option()] = None,
     webhook_url: Annotated[str | None, typer.Option()] = None,
+    output_retention_days: Annotated[int | None, typer.Option(help="Days stored outputs are kept.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Change a tenant's name, budget, limits or webhook URL (only the options given)."""
@@ -294,6 +299,7 @@ def tenants_update(
             max_concurrent=max_concurrent,
             rate_per_minute=rate_per_minute,
             webhook_url=webhook_url,
+            output_retention_days=output_retention_days,
         ).items()
         if v is not None
     }

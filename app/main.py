@@ -20,6 +20,8 @@ from app.core.middleware import RequestContextMiddleware
 from app.core.migrate import upgrade_to_head
 from app.core.settings import Settings, get_settings
 from app.ops import router as ops_router
+from app.outputs.router import admin_router as outputs_admin_router
+from app.outputs.router import router as outputs_router
 from app.predictions.router import router as predictions_router
 from app.runtime import Runtime, build_runtime
 from app.upstream import sandbox
@@ -89,7 +91,8 @@ def create_app(
     app.state.listen_url = listen_url
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, sandbox=settings.sandbox)
-    for router in (predictions_router, usage_router, webhooks_router, admin_router, ops_router):
+    routers = (predictions_router, usage_router, webhooks_router, admin_router, outputs_admin_router, outputs_router)
+    for router in (*routers, ops_router):
         app.include_router(router)
     return app
 

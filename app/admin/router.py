@@ -18,6 +18,7 @@ from app.core.errors import InvalidRequest
 from app.core.responses import json_response
 from app.core.ssrf import ForbiddenTarget, check_url
 from app.deps import RuntimeDep, SessionDep
+from app.outputs import service as outputs_service
 from app.tenants import service as tenants_service
 from app.tenants.models import ApiKey, Tenant
 from app.tenants.schemas import (
@@ -161,10 +162,18 @@ async def usage_report(
     start = _parse_moment(from_, "from", end=False)
     end = _parse_moment(to, "to", end=True)
     rows = await budgets_service.usage_report(session, start, end, group_by)
+    if group_by == "tenant":
+        # Bytes held in the output store now (not over the period: storage is a level, not a flow).
+        stored = await outputs_service.stored_bytes_by_tenant(session)
+        known = {row["tenant"] for row in rows}
+        rows += [{"tenant": t, "spentCents": 0, "predictions": 0} for t in sorted(stored) if t not in known]
+        for row in rows:
+            row["storedBytes"] = stored.get(row["tenant"], 0)
     wants_csv = format == "csv" or (format is None and "text/csv" in request.headers.get("accept", ""))
     if wants_csv:
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=[group_by, "spentCents", "predictions"])
+        fields = [group_by, "spentCents", "predictions"] + (["storedBytes"] if group_by == "tenant" else [])
+        writer = csv.DictWriter(out, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
         return Response(out.getvalue(), media_type="text/csv")
