@@ -21,12 +21,12 @@ admin_router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depen
 PredictionId = Annotated[str, Path(alias="predictionId", max_length=40)]
 
 
-@router.api_route(
+@router.get(
     "/outputs/{predictionId}/{name}",
-    methods=["GET", "HEAD"],
     summary="A rehosted output, at the signed link the prediction gave (HTTP Range supported)",
     response_class=Response,
 )
+@router.head("/outputs/{predictionId}/{name}", include_in_schema=False)
 async def serve_output(
     request: Request,
     session: ReadSessionDep,
