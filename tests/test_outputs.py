@@ -348,13 +348,24 @@ async def test_a_flaky_then_stalled_vendor_is_retried_until_it_works(setup: Setu
 
 
 @pytest.mark.parametrize(
-    ("content_type", "max_bytes", "reason"),
-    [("text/html", None, "not video, audio or an image"), (None, 100, "over the limit")],
+    ("content_type", "max_bytes", "chunked", "reason"),
+    [
+        ("text/html", None, False, "not video, audio or an image"),
+        (None, 100, False, "over the limit"),  # refused from Content-Length
+        (None, 100, True, "over the limit"),  # no length given: refused while streaming
+    ],
 )
 async def test_wrong_type_or_too_large_fails_at_once(
-    setup: Setup, sim_url: str, sim: SimState, content_type: str | None, max_bytes: int | None, reason: str
+    setup: Setup,
+    sim_url: str,
+    sim: SimState,
+    content_type: str | None,
+    max_bytes: int | None,
+    chunked: bool,
+    reason: str,
 ) -> None:
     sim.faults.output_content_type = content_type
+    sim.faults.output_chunked = chunked
     if max_bytes is not None:
         setup.copier.runtime.settings.output_max_bytes = max_bytes
     prediction_id = await setup.prediction([f"{sim_url}/sandbox/generated/5000/x.mp4"])
@@ -363,6 +374,8 @@ async def test_wrong_type_or_too_large_fails_at_once(
     assert prediction.status == "failed"
     assert prediction.error is not None and reason in prediction.error
     assert prediction.error.startswith("vidgate refused to copy the output")
+    leftovers = [p for p in Path(setup.runtime.settings.outputs_store).rglob("*") if p.is_file()]
+    assert leftovers == []  # nothing half-stored, not even a staging file
 
 
 async def test_hosts_outside_the_list_are_never_fetched(setup: Setup, sim_url: str, sim: SimState) -> None:

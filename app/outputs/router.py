@@ -3,7 +3,7 @@ operator's view of a prediction's outputs."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -13,6 +13,7 @@ from app.core import clock
 from app.core.responses import json_response
 from app.deps import ReadSessionDep, RuntimeDep
 from app.outputs import service
+from app.outputs.schemas import PredictionOutputsOut
 from app.outputs.store import open_store
 
 router = APIRouter(tags=["outputs"])
@@ -66,8 +67,9 @@ async def serve_output(
 
 @admin_router.get(
     "/predictions/{predictionId}/outputs",
+    response_model=PredictionOutputsOut,
     summary="A prediction's rehosted outputs: the vendor's original URLs and what is stored",
 )
 async def prediction_outputs(session: ReadSessionDep, prediction_id: PredictionId) -> Response:
-    view: dict[str, Any] = await service.operator_view(session, prediction_id)
-    return json_response(view)
+    view = await service.operator_view(session, prediction_id)
+    return json_response(view.model_dump(mode="json", by_alias=True))

@@ -9,7 +9,6 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -20,6 +19,7 @@ from app.core.errors import AppError, NotFound
 from app.core.settings import Settings
 from app.outputs import signing
 from app.outputs.models import COPYING, DELETED, STORED, OutputCopy, StoredOutput
+from app.outputs.schemas import PredictionOutputsOut, StoredFileOut
 from app.outputs.store import OutputStore
 from app.tenants.models import Tenant
 
@@ -236,39 +236,27 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 # ---------------------------------------------------------------- operators
 
 
-async def operator_view(session: AsyncSession, prediction_id: str) -> dict[str, Any]:
+async def operator_view(session: AsyncSession, prediction_id: str) -> PredictionOutputsOut:
     """The vendor's original URLs and what was stored, for the operator API."""
     copy = await session.get(OutputCopy, prediction_id)
     if copy is None:
         raise OutputNotFound(f"Prediction {prediction_id!r} has no rehosted outputs.", predictionId=prediction_id)
-    files = list(
-        await session.scalars(
-            select(StoredOutput).where(StoredOutput.prediction_id == prediction_id).order_by(StoredOutput.position)
-        )
+    files = await session.scalars(
+        select(StoredOutput).where(StoredOutput.prediction_id == prediction_id).order_by(StoredOutput.position)
     )
-    return {
-        "predictionId": copy.prediction_id,
-        "tenantId": copy.tenant_id,
-        "status": copy.status,
-        "sourceUrls": copy.sources,
-        "storedBytes": copy.stored_bytes if copy.status != DELETED else 0,
-        "attempts": copy.attempts,
-        "lastError": copy.last_error,
-        "startedAt": clock.iso(copy.started_at),
-        "storedAt": clock.iso(copy.stored_at),
-        "deletedAt": clock.iso(copy.deleted_at),
-        "files": [
-            {
-                "position": f.position,
-                "sourceUrl": f.source_url,
-                "contentType": f.content_type,
-                "sizeBytes": f.size_bytes,
-                "sha256": f.sha256,
-                "storedAt": clock.iso(f.stored_at),
-            }
-            for f in files
-        ],
-    }
+    return PredictionOutputsOut(
+        prediction_id=copy.prediction_id,
+        tenant_id=copy.tenant_id,
+        status=copy.status,
+        source_urls=copy.sources,
+        stored_bytes=copy.stored_bytes if copy.status == STORED else 0,
+        attempts=copy.attempts,
+        last_error=copy.last_error,
+        started_at=copy.started_at,
+        stored_at=copy.stored_at,
+        deleted_at=copy.deleted_at,
+        files=[StoredFileOut.model_validate(f) for f in files],
+    )
 
 
 async def stored_bytes_by_tenant(session: AsyncSession) -> dict[str, int]:

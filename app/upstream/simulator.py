@@ -64,13 +64,14 @@ class Faults:
     # Outputs: answer the next N downloads with this status (0 = drop the connection); `output_gone`
     # answers 404 for good (the vendor deleted its files); `output_stall_s` sends half the file and
     # then nothing for that long; `output_content_type` overrides the type; `output_redirect`
-    # answers 302 to that URL.
+    # answers 302 to that URL; `output_chunked` sends no Content-Length.
     output_status: int = 500
     output_count: int = 0
     output_gone: bool = False
     output_stall_s: float = 0.0
     output_content_type: str | None = None
     output_redirect: str | None = None
+    output_chunked: bool = False
 
 
 @dataclass
@@ -206,9 +207,11 @@ async def _output_fault(request: web.Request) -> web.StreamResponse | None:
 
 async def _send(request: web.Request, chunks: Iterator[bytes], size: int, content_type: str) -> web.StreamResponse:
     faults = request.app[STATE].faults
-    response = web.StreamResponse(
-        headers={"Content-Type": faults.output_content_type or content_type, "Content-Length": str(size)}
-    )
+    response = web.StreamResponse(headers={"Content-Type": faults.output_content_type or content_type})
+    if faults.output_chunked:
+        response.enable_chunked_encoding()
+    else:
+        response.content_length = size
     await response.prepare(request)
     sent = 0
     for chunk in chunks:
