@@ -444,6 +444,22 @@ async def test_the_ssrf_guard_refuses_private_addresses_unless_allowed(
     assert sim.output_fetches == 0
 
 
+async def test_without_rehosting_nothing_is_queued(setup: Setup, sim_url: str) -> None:
+    setup.runtime.settings.rehost_outputs = False
+    async with transaction(setup.runtime.sessions) as session:
+        queued = await outputs_service.enqueue_copy(
+            session,
+            setup.runtime.settings,
+            prediction_id="pred_x",
+            tenant_id=setup.tenant.id,
+            sources=[f"{sim_url}/sandbox/outputs/clip.mp4"],
+            vendor_completed_at=None,
+            model_name=None,
+        )
+    assert not queued  # the caller finishes with the vendor's URLs, as before
+    assert await setup.copier.run_round() == 0
+
+
 def test_allowed_hosts() -> None:
     from yarl import URL
 

@@ -96,11 +96,12 @@ async def enqueue_copy(
     model_name: str | None,
     base_url: str | None = None,
 ) -> bool:
-    """The vendor said `completed`: queue the copy in the caller's transaction (the poller's terminal
-    transition), instead of finishing. The prediction stays `processing`, not due for polling; the
-    copier finishes it. Returns False when there is nothing to copy (finish it directly). Idempotent:
-    a second call for the same prediction changes nothing."""
-    if not sources:
+    """The vendor said `completed`: with VIDGATE_REHOST_OUTPUTS on, queue the copy in the caller's
+    transaction (the poller's terminal transition) instead of finishing; the prediction then stays
+    `processing`, not due for polling, and the copier finishes it through its FinishCopy callback.
+    Returns False when nothing was queued (rehosting off, or no outputs): finish it as before.
+    Idempotent: a second call for the same prediction changes nothing."""
+    if not rehosting(settings) or not sources:
         return False
     now = clock.now()
     await insert_ignore(
