@@ -109,6 +109,7 @@ def sim(simulator: tuple[str, SimState]) -> SimState:
     state.submits = 0
     state.polls = 0
     state.output_fetches = 0
+    state.output_bytes_sent = 0
     return state
 
 

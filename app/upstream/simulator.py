@@ -64,7 +64,8 @@ class Faults:
     # Outputs: answer the next N downloads with this status (0 = drop the connection); `output_gone`
     # answers 404 for good (the vendor deleted its files); `output_stall_s` sends half the file and
     # then nothing for that long; `output_content_type` overrides the type; `output_redirect`
-    # answers 302 to that URL; `output_chunked` sends no Content-Length.
+    # answers 302 to that URL; `output_chunked` sends no Content-Length; `output_chunk_delay_s` paces
+    # each 64 KiB (a slow vendor, so a copy can be interrupted half way).
     output_status: int = 500
     output_count: int = 0
     output_gone: bool = False
@@ -72,6 +73,7 @@ class Faults:
     output_content_type: str | None = None
     output_redirect: str | None = None
     output_chunked: bool = False
+    output_chunk_delay_s: float = 0.0
 
 
 @dataclass
@@ -85,6 +87,7 @@ class SimState:
     poll_times: dict[str, list[float]] = field(default_factory=dict)
     bodies: list[dict[str, Any]] = field(default_factory=list)
     output_fetches: int = 0
+    output_bytes_sent: int = 0
 
 
 STATE = web.AppKey("state", SimState)
@@ -214,13 +217,19 @@ async def _send(request: web.Request, chunks: Iterator[bytes], size: int, conten
         response.content_length = size
     await response.prepare(request)
     sent = 0
-    for chunk in chunks:
-        if faults.output_stall_s and sent >= size // 2:
-            await asyncio.sleep(faults.output_stall_s)
-            return response  # the connection closes short of Content-Length
-        await response.write(chunk)
-        sent += len(chunk)
-    await response.write_eof()
+    try:
+        for chunk in chunks:
+            if faults.output_stall_s and sent >= size // 2:
+                await asyncio.sleep(faults.output_stall_s)
+                return response  # the connection closes short of Content-Length
+            if faults.output_chunk_delay_s:
+                await asyncio.sleep(faults.output_chunk_delay_s)
+            await response.write(chunk)
+            sent += len(chunk)
+            request.app[STATE].output_bytes_sent += len(chunk)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the downloader went away (a killed worker, a stall it gave up on): nothing to tell
     return response
 
 
@@ -256,6 +265,7 @@ async def _get_stats(request: web.Request) -> web.StreamResponse:
         "pollsById": state.polls_by_id,
         "predictions": len(state.predictions),
         "outputFetches": state.output_fetches,
+        "outputBytesSent": state.output_bytes_sent,
     }
     if request.query.get("detail"):
         body["pollTimes"] = state.poll_times
