@@ -15,13 +15,15 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import select, update
 
 from app.core import clock
@@ -31,6 +33,7 @@ from app.outputs import service as outputs_service
 from app.outputs.copier import Copier, allowed_host
 from app.outputs.models import OutputCopy, StoredOutput
 from app.outputs.service import RangeNotSatisfiable, parse_range
+from app.outputs.signing import window_expiry
 from app.outputs.store import open_store
 from app.predictions.models import Prediction
 from app.runtime import Runtime
@@ -287,6 +290,23 @@ async def test_tampered_and_expired_links_answer_403(stored: tuple[Setup, str, s
     fresh = await setup.links(prediction_id)
     assert fresh is not None and fresh != [link]
     assert (await fetch(setup.api, fresh[0])).status_code == 200
+
+
+@given(
+    stored=st.integers(min_value=1_600_000_000, max_value=2_500_000_000),
+    ttl=st.integers(min_value=60, max_value=10 * 365 * 86400),
+    later=st.integers(min_value=0, max_value=50 * 365 * 86400),
+)
+def test_link_windows(stored: int, ttl: int, later: int) -> None:
+    """A link handed out at any moment is valid for at most one TTL and at least a second, and every
+    moment before its expiry hands out the same one."""
+    stored_at = datetime.fromtimestamp(stored, UTC)
+    now = stored_at + timedelta(seconds=later)
+    expires = window_expiry(stored_at, now, ttl)
+    assert now.timestamp() < expires <= now.timestamp() + ttl
+    assert (expires - stored) % ttl == 0
+    assert window_expiry(stored_at, datetime.fromtimestamp(expires - 1, UTC), ttl) == expires
+    assert window_expiry(stored_at, datetime.fromtimestamp(expires, UTC), ttl) == expires + ttl
 
 
 async def test_links_signed_with_another_key_are_refused(stored: tuple[Setup, str, str, int]) -> None:

@@ -31,7 +31,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from yarl import URL
 
-from app.core import clock
+from app.core import clock, metrics
 from app.core.database import transaction
 from app.core.http import outputs_session
 from app.core.ssrf import ForbiddenTarget, check_url
@@ -182,6 +182,7 @@ class Copier:
         try:
             await self._copy_all(job)
         except LeaseLost:
+            metrics.OUTPUT_COPIES.labels(outcome="lease_lost").inc()
             log.warning("output copy lease lost", extra={"prediction_id": job.prediction_id})
         except Refused as exc:
             await self._fail(job, f"vidgate refused to copy the output: {exc}")
@@ -279,6 +280,7 @@ class Copier:
                     stored_at=clock.now(),
                 )
             )
+        metrics.OUTPUT_BYTES.inc(size)
         log.info("output stored", extra={"prediction_id": job.prediction_id, "position": position, "bytes": size})
 
     async def _open(self, source: str) -> aiohttp.ClientResponse:
@@ -359,6 +361,7 @@ class Copier:
                     job.prediction_id, "completed", outputs, None, job.vendor_completed_at, job.model_name
                 ),
             )
+        metrics.OUTPUT_COPIES.labels(outcome="stored").inc()
         log.info("outputs rehosted", extra={"prediction_id": job.prediction_id, "files": len(files)})
 
     async def _retry_or_give_up(self, job: OutputCopy, error: str) -> None:
@@ -385,6 +388,7 @@ class Copier:
                     lease_expires_at=None,
                 )
             )
+        metrics.OUTPUT_COPIES.labels(outcome="retried").inc()
         log.warning("output copy retried", extra={"prediction_id": job.prediction_id, "error": error[:200]})
 
     async def _fail(self, job: OutputCopy, message: str) -> None:
@@ -422,6 +426,7 @@ class Copier:
         for key in keys:
             with contextlib.suppress(Exception):
                 await self.store.delete(key)
+        metrics.OUTPUT_COPIES.labels(outcome="failed").inc()
         log.warning("output copy failed", extra={"prediction_id": job.prediction_id, "error": message[:200]})
 
     async def drain(self, timeout_s: float) -> None:

@@ -55,8 +55,8 @@ def link_path(key: bytes, prediction_id: str, name: str, expires: int) -> str:
 def verify(
     key: bytes, prediction_id: str, name: str, expires: str | None, sig: str | None, now: datetime
 ) -> str | None:
-    """None when the link is good; otherwise why not ("invalid" or "expired"). The signature is checked
-    first, so an expired link can only be told apart from a forged one by whoever holds the key's link."""
+    """None when the link is good; otherwise why not: "invalid" or "expired". The signature is checked
+    first, so only a link we signed is ever called expired (and a forged expiry is just invalid)."""
     if not expires or not sig or not expires.isascii() or not expires.isdigit() or len(expires) > 12:
         return "invalid"
     if not hmac.compare_digest(_mac(key, prediction_id, name, int(expires)), sig):
