@@ -152,6 +152,9 @@ async def run(size_mb: int, runs: int, out: Path) -> None:
                 f"run {run_index + 1}: plain {size_mb / plain[-1]:.0f} MB/s, via vidgate {size_mb / copied[-1]:.0f} MB/s"
             )
         peak_kb = proc_status_kb(worker.pid, "VmHWM") or 0
+        procs.stop(worker)
+        # SIGTERM: a graceful stop exits 0 (a store library aborting at interpreter exit would not).
+        print(f"worker exit status after SIGTERM: {worker.popen.returncode}")
         plain_s, copy_s = statistics.median(plain), statistics.median(copied)
         lines = [
             "# Output copy throughput (bench/outputs.py)",
