@@ -48,6 +48,13 @@ class OutputStore(Protocol):
         ...
 
 
+def _prepare(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A copy killed half way left its staging file: the new holder of the job clears it.
+    for stale in target.parent.glob(f".{target.name}.*{STAGING_SUFFIX}"):
+        stale.unlink(missing_ok=True)
+
+
 def _finish(handle: IO[bytes]) -> None:
     handle.flush()
     os.fsync(handle.fileno())
@@ -66,10 +73,7 @@ class LocalStore:
 
     async def put(self, key: str, chunks: AsyncIterable[bytes]) -> None:
         target = self._path(key)
-        await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
-        # A copy killed half way left its staging file: the new holder of the job clears it.
-        for stale in target.parent.glob(f".{target.name}.*{STAGING_SUFFIX}"):
-            stale.unlink(missing_ok=True)
+        await asyncio.to_thread(_prepare, target)
         staging = target.with_name(f".{target.name}.{secrets.token_hex(6)}{STAGING_SUFFIX}")
         handle = await asyncio.to_thread(staging.open, "wb")
         try:
