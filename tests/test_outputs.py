@@ -271,6 +271,8 @@ async def test_tampered_and_expired_links_answer_403(stored: tuple[Setup, str, s
         f"{base.replace('/0.mp4', '/1.mp4')}?expires={expires}&sig={sig}",
         f"{base}?expires={expires}",
         f"{base}?expires=soon&sig={sig}",
+        f"{base}?expires={expires}&sig=%C3%A9{sig[1:]}",  # non-ASCII
+        f"{base}?expires=%D9%A1%D9%A2&sig={sig}",  # non-ASCII digits
         base,
     ]
     for url in tampered:

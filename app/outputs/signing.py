@@ -59,7 +59,8 @@ def verify(
     first, so only a link we signed is ever called expired (and a forged expiry is just invalid)."""
     if not expires or not sig or not expires.isascii() or not expires.isdigit() or len(expires) > 12:
         return "invalid"
-    if not hmac.compare_digest(_mac(key, prediction_id, name, int(expires)), sig):
+    # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, not a "no").
+    if not hmac.compare_digest(_mac(key, prediction_id, name, int(expires)).encode(), sig.encode()):
         return "invalid"
     if int(expires) <= int(now.timestamp()):
         return "expired"
