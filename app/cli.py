@@ -225,6 +225,9 @@ def tenants_create(
     max_concurrent: Annotated[int | None, typer.Option()] = None,
     rate_per_minute: Annotated[int | None, typer.Option()] = None,
     webhook_url: Annotated[str | None, typer.Option()] = None,
+    output_retention_days: Annotated[
+        int | None, typer.Option(help="Days stored outputs are kept (default VIDGATE_OUTPUT_RETENTION_DAYS).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a tenant; prints its webhook secret once."""
@@ -241,6 +244,7 @@ def tenants_create(
             max_concurrent=max_concurrent,
             rate_per_minute=rate_per_minute,
             webhook_url=webhook_url,
+            output_retention_days=output_retention_days,
         )
     except ValidationError as exc:
         typer.echo(f"error: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", err=True)
@@ -264,6 +268,7 @@ def tenants_update(
     max_concurrent: Annotated[int | None, typer.Option()] = None,
     rate_per_minute: Annotated[int | None, typer.Option()] = None,
     webhook_url: Annotated[str | None, typer.Option()] = None,
+    output_retention_days: Annotated[int | None, typer.Option(help="Days stored outputs are kept.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Change a tenant's name, budget, limits or webhook URL (only the options given)."""
@@ -281,6 +286,7 @@ def tenants_update(
             max_concurrent=max_concurrent,
             rate_per_minute=rate_per_minute,
             webhook_url=webhook_url,
+            output_retention_days=output_retention_days,
         ).items()
         if v is not None
     }
@@ -372,8 +378,8 @@ def usage(
     as_json: JsonOpt = False,
 ) -> None:
     """Spending from the ledger."""
+    from app.admin import service as admin_service
     from app.admin.router import _parse_moment
-    from app.budgets import service as budgets_service
 
     if group_by not in ("tenant", "model", "day"):
         typer.echo("error: --group-by must be tenant, model or day", err=True)
@@ -382,7 +388,7 @@ def usage(
     async def work(session: Any) -> list[dict[str, Any]]:
         start = _parse_moment(from_, "from", end=False)
         end = _parse_moment(to, "to", end=True)
-        return await budgets_service.usage_report(session, start, end, group_by)
+        return await admin_service.usage_rows(session, start, end, group_by)
 
     _emit(
         _with_session(work),

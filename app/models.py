@@ -1,6 +1,7 @@
 """Imports every domain's models so Alembic and tests see the whole schema."""
 
 from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, RateWindow, ThresholdNotice
+from app.outputs.models import OutputCopy, StoredOutput
 from app.predictions.models import IdempotencyKey, Prediction
 from app.tenants.models import ApiKey, Tenant
 from app.webhooks.models import WebhookAttempt, WebhookDelivery
@@ -10,9 +11,11 @@ __all__ = [
     "BudgetCounter",
     "IdempotencyKey",
     "LedgerEntry",
+    "OutputCopy",
     "Prediction",
     "PricePoint",
     "RateWindow",
+    "StoredOutput",
     "Tenant",
     "ThresholdNotice",
     "WebhookAttempt",

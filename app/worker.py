@@ -1,4 +1,4 @@
-"""The background side of a process: the poller, the webhook dispatcher and housekeeping.
+"""The background side of a process: the poller, the webhook dispatcher, the output copier and housekeeping.
 
 Everything it works on is a database row with a due time and a lease, so `vidgate serve` (embedded)
 and any number of `vidgate worker` processes share the work, and a killed one loses nothing.
@@ -13,12 +13,15 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from sqlalchemy import delete, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets import service as budgets_service
 from app.budgets.models import RateWindow
 from app.core import clock, metrics
 from app.core.database import outage_backoff_s, transaction
 from app.core.errors import DatabaseUnavailable
+from app.outputs import service as outputs_service
+from app.outputs.copier import Copier
 from app.predictions import poller
 from app.predictions import service as predictions_service
 from app.predictions.models import IdempotencyKey, Prediction, PredictionStatus
@@ -29,7 +32,9 @@ log = logging.getLogger("vidgate.worker")
 
 IDLE_POLL_S = 0.1  # with nothing due: how long a row that comes due may wait for its claim
 IDLE_DISPATCH_S = 0.1
+IDLE_COPY_S = 0.5
 HOUSEKEEPING_S = 10.0
+RETENTION_SWEEP_S = 300.0
 SHUTDOWN_GRACE_S = 10.0
 
 
@@ -39,6 +44,22 @@ class Worker:
         self.stopping = asyncio.Event()
         self.poller = poller.Poller(runtime)
         self.dispatcher = Dispatcher(runtime)
+        self.copier = Copier(runtime, finish=self._finish_copied)
+
+    async def _finish_copied(self, session: AsyncSession, result: outputs_service.CopyResult) -> bool:
+        """The copier's ending goes through the one terminal transition: slot, charge policy, webhook."""
+        done = await predictions_service.finish(
+            session,
+            self.runtime,
+            result.prediction_id,
+            lease_owner=None,
+            status=PredictionStatus(result.status),
+            outputs=result.outputs,
+            error=result.error,
+            completed_at=result.completed_at,
+            model_name=result.model_name,
+        )
+        return done is not None
 
     async def run(self) -> None:
         log.info("worker started", extra={"worker_id": self.runtime.worker_id})
@@ -47,6 +68,8 @@ class Worker:
         await asyncio.gather(
             self._loop(self.poller.run_once, IDLE_POLL_S, self.poller.room),
             self._loop(self.dispatcher.run_once, IDLE_DISPATCH_S, self.dispatcher.room),
+            self._loop(self.copier.run_once, IDLE_COPY_S, self.copier.room),
+            self._loop(self.sweep_outputs, RETENTION_SWEEP_S, always_sleep=True),
             self._loop(self.housekeeping, HOUSEKEEPING_S, always_sleep=True),
         )
         await self._drain(writer, recorder)
@@ -118,10 +141,20 @@ class Worker:
             await asyncio.gather(*still_running, return_exceptions=True)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(recorder, left())
+        # A copy in progress is not waited for (it may be gigabytes): its lease is handed back and
+        # another process starts that output again.
+        await self.copier.drain(0.1)
         with contextlib.suppress(Exception):
             await poller.release_leases(self.runtime)
             await self.dispatcher.release_leases()
+            await self.copier.release_leases()
+        await self.copier.close()
         log.info("worker stopped", extra={"worker_id": self.runtime.worker_id})
+
+    async def sweep_outputs(self) -> int:
+        """Retention: stored outputs past their tenant's days are deleted."""
+        assert self.copier.store is not None
+        return await outputs_service.sweep(self.runtime.sessions, self.runtime.settings, self.copier.store)
 
     async def housekeeping(self) -> int:
         await predictions_service.recover_interrupted_submits(self.runtime)

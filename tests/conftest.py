@@ -108,6 +108,8 @@ def sim(simulator: tuple[str, SimState]) -> SimState:
     state.bodies.clear()
     state.submits = 0
     state.polls = 0
+    state.output_fetches = 0
+    state.output_bytes_sent = 0
     return state
 
 

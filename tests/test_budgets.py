@@ -752,7 +752,8 @@ async def test_admin_usage_report_matches_ledger(api: Api, sim: SimState) -> Non
         assert as_csv.status_code == 200
         assert as_csv.headers["content-type"].startswith("text/csv")
         reader = csv.DictReader(io.StringIO(as_csv.text))
-        assert reader.fieldnames == [group_by, "spentCents", "predictions"]
+        stored = ["storedBytes"] if group_by == "tenant" else []  # bytes in the output store, per tenant
+        assert reader.fieldnames == [group_by, "spentCents", "predictions", *stored]
         assert _as_dict(list(reader), group_by) == want
 
         accepted = await api.admin(

@@ -72,3 +72,13 @@ def test_bad_input_is_a_readable_error(db: None, args: tuple[str, ...]) -> None:
     assert code == 2
     assert err.startswith("error: ")
     assert "Traceback" not in out + err
+
+
+def test_output_retention_per_tenant(db: None) -> None:
+    code, out, _ = run("tenants", "create", "keeper", "--output-retention-days", "7", "--json")
+    assert code == 0 and json.loads(out)["outputRetentionDays"] == 7
+    tenant_id = json.loads(out)["id"]
+    code, out, _ = run("tenants", "update", tenant_id, "--output-retention-days", "90", "--json")
+    assert code == 0 and json.loads(out)["outputRetentionDays"] == 90
+    code, _, err = run("tenants", "update", tenant_id, "--output-retention-days", "0")
+    assert code == 2 and "output_retention_days" in err

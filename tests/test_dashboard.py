@@ -275,7 +275,7 @@ async def test_lists_filter_and_page(api: Api, sim: Any) -> None:
     assert deliveries.status_code == 200 and "No deliveries match." in deliveries.text
     csv = await api.http.get("/dashboard/usage.csv", params={"groupBy": "tenant"})
     assert csv.status_code == 200 and csv.headers["content-type"].startswith("text/csv")
-    assert csv.text.splitlines()[0] == "tenant,spentCents,predictions"
+    assert csv.text.splitlines()[0] == "tenant,spentCents,predictions,storedBytes"
     assert f"{tenant.id},27,3" in csv.text
 
 

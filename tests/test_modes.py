@@ -57,6 +57,8 @@ def test_sandbox_is_asked_for_never_implied(monkeypatch: pytest.MonkeyPatch) -> 
         ({"upstream_api_key": "k", "admin_token": ""}, "serve", "VIDGATE_ADMIN_TOKEN"),
         ({"upstream_api_key": "k", "admin_token": SANDBOX_ADMIN_TOKEN}, "serve", "VIDGATE_ADMIN_TOKEN"),
         ({"upstream_api_key": "k", "admin_token": "t", "metrics_token": SANDBOX_ADMIN_TOKEN}, "serve", "METRICS"),
+        ({"upstream_api_key": "k"}, "worker", "VIDGATE_OUTPUT_SIGNING_KEY"),
+        ({"upstream_api_key": "k", "output_signing_key": ""}, "worker", "VIDGATE_OUTPUT_SIGNING_KEY"),
     ],
 )
 def test_refusals_outside_sandbox(values: dict[str, Any], role: Any, names: str) -> None:
@@ -66,7 +68,9 @@ def test_refusals_outside_sandbox(values: dict[str, Any], role: Any, names: str)
 
 def test_what_may_start() -> None:
     assert Settings(_env_file=None, upstream_api_key="k", admin_token="t").startup_refusal("serve") is None
-    assert Settings(_env_file=None, upstream_api_key="k").startup_refusal("worker") is None  # no operator API
+    # No operator API in a worker, but output links need a key to be signed with.
+    assert Settings(_env_file=None, upstream_api_key="k", output_signing_key="s").startup_refusal("worker") is None
+    assert Settings(_env_file=None, upstream_api_key="k", admin_token="t").startup_refusal("worker") is None
     assert Settings(_env_file=None, sandbox=True).startup_refusal("serve") is None
 
 

@@ -167,7 +167,7 @@ async def test_sigkill_worker_with_predictions_in_flight(
         usage = await gw.admin("GET", "/admin/v1/usage?groupBy=tenant")
         assert usage.status_code == 200, usage.text
         mine = [row for row in usage.json()["data"] if row["tenant"] == tenant["id"]]
-        assert mine == [{"tenant": tenant["id"], "spentCents": count * COST, "predictions": count}]
+        assert mine == [{"tenant": tenant["id"], "spentCents": count * COST, "predictions": count, "storedBytes": 0}]
         own = await gw.admin("GET", f"/admin/v1/tenants/{tenant['id']}/usage")
         assert own.json()["spentCents"] == count * COST and own.json()["reservedCents"] == 0, own.text
         after = await sim.stats()

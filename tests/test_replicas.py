@@ -347,9 +347,8 @@ async def scenario(procs: Procs, db: str, sim: Simulator, receiver: RecordingRec
         usage = await gw_b.admin("GET", "/admin/v1/usage?groupBy=tenant")
         assert usage.status_code == 200, usage.text
         mine = [row for row in usage.json()["data"] if row["tenant"] == tenant["id"]]
-        assert mine == [{"tenant": tenant["id"], "spentCents": COST * charged, "predictions": charged}], (
-            f"{mine}; {len(accepted)} accepted + {len(unanswered)} confirmed without an answer"
-        )
+        want = {"tenant": tenant["id"], "spentCents": COST * charged, "predictions": charged, "storedBytes": 0}
+        assert mine == [want], f"{mine}; {len(accepted)} accepted + {len(unanswered)} confirmed without an answer"
         verified = await gw_b.admin("GET", "/admin/v1/ledger/verify")
         assert verified.status_code == 200 and verified.json()["ok"] is True, verified.text
         own = (await gw_b.admin("GET", f"/admin/v1/tenants/{tenant['id']}/usage")).json()

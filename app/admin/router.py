@@ -167,7 +167,7 @@ async def usage_report(
 ) -> Response:
     start = _parse_moment(from_, "from", end=False)
     end = _parse_moment(to, "to", end=True)
-    rows = await budgets_service.usage_report(session, start, end, group_by)
+    rows = await admin_service.usage_rows(session, start, end, group_by)
     wants_csv = format == "csv" or (format is None and "text/csv" in request.headers.get("accept", ""))
     if wants_csv:
         return Response(budgets_service.usage_csv(rows, group_by), media_type="text/csv")

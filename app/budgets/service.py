@@ -544,7 +544,8 @@ async def usage_report(
 
 def usage_csv(rows: list[dict[str, Any]], group_by: str) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=[group_by, "spentCents", "predictions"])
+    fields = [group_by, "spentCents", "predictions"] + (["storedBytes"] if group_by == "tenant" else [])
+    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()

@@ -1,4 +1,4 @@
-"""The one HTTP client module: aiohttp sessions for the upstream and for webhook deliveries.
+"""The one HTTP client module: aiohttp sessions for the upstream, webhook deliveries and output copies.
 
 aiohttp was chosen by measurement (see bench/): on this machine httpx's own transport served about a
 tenth of aiohttp's requests per second at 8-32 concurrent requests.
@@ -29,6 +29,20 @@ def webhook_session(*, concurrency: int, timeout_s: float, allow_private: bool) 
     return aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=timeout_s),
+        raise_for_status=False,
+        auto_decompress=False,
+    )
+
+
+def outputs_session(*, concurrency: int, read_timeout_s: float, allow_private: bool) -> aiohttp.ClientSession:
+    # Copies of vendor outputs: no total timeout (a large file takes as long as it takes), but a
+    # connection that stops sending is a stall. The guarded resolver checks every address dialled.
+    connector = aiohttp.TCPConnector(
+        limit=concurrency, resolver=GuardedResolver(allow_private=allow_private), keepalive_timeout=15
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, connect=10.0, sock_connect=10.0, sock_read=read_timeout_s),
         raise_for_status=False,
         auto_decompress=False,
     )

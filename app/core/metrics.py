@@ -31,3 +31,7 @@ BUDGET_REFUSALS = Counter("vidgate_budget_refusals_total", "Submits refused by a
 RESERVED_CENTS = Gauge("vidgate_reserved_cents", "Cents held this period (sampled)", ["tenant"])
 SPENT_CENTS = Gauge("vidgate_spent_cents", "Cents spent this period (sampled)", ["tenant"])
 PREDICTIONS_FINISHED = Counter("vidgate_predictions_finished_total", "Predictions that ended", ["status"])
+OUTPUT_COPIES = Counter(
+    "vidgate_output_copy_attempts_total", "Attempts to copy a prediction's outputs", ["outcome"]
+)  # stored, retried, failed, lease_lost
+OUTPUT_BYTES = Counter("vidgate_output_bytes_stored_total", "Bytes of outputs written to the store")

@@ -87,6 +87,22 @@ class Settings(BaseSettings):
     webhook_per_endpoint_concurrency: int = 16  # bench/FINDINGS.md: 4 capped a receiver at ~100/s
     webhook_secret_grace_s: float = 24 * 3600.0
 
+    # SPEC section 8: outputs are copied into our own store before a prediction becomes completed.
+    rehost_outputs: bool = True
+    # Empty: a directory under the data directory. Else a local path or s3://bucket/prefix.
+    outputs_store: str = ""
+    # S3-compatible endpoint (MinIO, R2, ...); credentials and region come from the usual AWS_* variables.
+    outputs_s3_endpoint_url: str | None = None
+    output_hosts: Annotated[list[str], NoDecode] = ["assets.vibedream.ai"]
+    output_max_bytes: int = Field(default=4 * 1024**3, ge=1)
+    output_copy_max_s: float = Field(default=1800.0, gt=0)
+    # A vendor connection that sends nothing for this long is a stalled copy (retried).
+    output_read_timeout_s: float = Field(default=30.0, gt=0)
+    output_copy_concurrency: int = Field(default=8, ge=1)
+    output_url_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    output_signing_key: SecretStr | None = None
+    output_retention_days: int = Field(default=30, ge=1, le=36500)
+
     sandbox_completion_s: float = 6.0
     sandbox_failure_ratio: float = 0.0
     sandbox_estimated_time: str = "5-20s"
@@ -104,6 +120,23 @@ class Settings(BaseSettings):
     def _models(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("output_hosts", mode="before")
+    @classmethod
+    def _output_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("outputs_store")
+    @classmethod
+    def _outputs_store(cls, value: str) -> str:
+        value = value.strip()
+        if "://" in value and not value.startswith(("s3://", "file://")):
+            raise ValueError("must be a directory, file:///path or s3://bucket/prefix")
+        if value.startswith("s3://") and not value.removeprefix("s3://").strip("/"):
+            raise ValueError("s3:// needs a bucket name, such as s3://vidgate-outputs/prod")
         return value
 
     @field_validator("public_base_url")
@@ -166,6 +199,11 @@ class Settings(BaseSettings):
             )
         if role == "serve" and not secret_given(self.admin_token):
             return "VIDGATE_ADMIN_TOKEN is not set: the operator API would be open. Set it to a long random string."
+        if self.rehost_outputs and not (secret_given(self.output_signing_key) or secret_given(self.admin_token)):
+            return (
+                "VIDGATE_OUTPUT_SIGNING_KEY is not set (nor VIDGATE_ADMIN_TOKEN to derive it from): output links "
+                "could not be signed. Set it to a long random string, the same in every process."
+            )
         for name, token in (("ADMIN", self.admin_token), ("METRICS", self.metrics_token)):
             if token is not None and token.get_secret_value() == SANDBOX_ADMIN_TOKEN:
                 return f"VIDGATE_{name}_TOKEN is the publicly documented sandbox token: set a long random string."

@@ -577,7 +577,7 @@ async def usage_csv(
     start = _moment(from_, "from", end=False)
     end = _moment(to, "to", end=True)
     async with transaction(runtime.sessions, readonly=True) as session:
-        rows = await budgets_service.usage_report(session, start, end, group_by)
+        rows = await admin_service.usage_rows(session, start, end, group_by)
     stamp = time.strftime("%Y%m%d", time.gmtime())
     return Response(
         budgets_service.usage_csv(rows, group_by),

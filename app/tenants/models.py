@@ -21,6 +21,8 @@ class Tenant(Base):
     # Kept by conditional UPDATEs so the concurrency cap holds across processes.
     in_flight: Mapped[int] = mapped_column(default=0)
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    # Days stored outputs are kept; null: VIDGATE_OUTPUT_RETENTION_DAYS.
+    output_retention_days: Mapped[int | None]
     webhook_disabled_at: Mapped[datetime | None]
     webhook_secret: Mapped[str] = mapped_column(String(100))
     webhook_secret_previous: Mapped[str | None] = mapped_column(String(100))

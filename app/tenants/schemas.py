@@ -22,6 +22,8 @@ class TenantCreate(CamelModel):
     max_concurrent: Int32 | None = Field(default=None, ge=1)
     rate_per_minute: Int32 | None = Field(default=None, ge=1)
     webhook_url: Line | None = Field(default=None, max_length=2048)
+    # Days stored outputs are kept (null: VIDGATE_OUTPUT_RETENTION_DAYS).
+    output_retention_days: Int32 | None = Field(default=None, ge=1, le=36500)
 
 
 class TenantUpdate(CamelModel):
@@ -33,6 +35,7 @@ class TenantUpdate(CamelModel):
     max_concurrent: Int32 | None = Field(default=None, ge=1)
     rate_per_minute: Int32 | None = Field(default=None, ge=1)
     webhook_url: Line | None = Field(default=None, max_length=2048)
+    output_retention_days: Int32 | None = Field(default=None, ge=1, le=36500)
 
 
 class TenantOut(CamelModel):
@@ -45,6 +48,7 @@ class TenantOut(CamelModel):
     max_concurrent: int | None
     rate_per_minute: int | None
     webhook_url: str | None
+    output_retention_days: int | None = None
     webhook_disabled_at: Timestamp | None
     created_at: Timestamp
 

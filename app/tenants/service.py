@@ -54,6 +54,7 @@ async def create_tenant(session: AsyncSession, data: TenantCreate) -> Tenant:
         max_concurrent=data.max_concurrent,
         rate_per_minute=data.rate_per_minute,
         webhook_url=data.webhook_url,
+        output_retention_days=data.output_retention_days,
         webhook_secret=new_webhook_secret(),
         in_flight=0,
         created_at=clock.now(),

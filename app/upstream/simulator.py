@@ -7,10 +7,12 @@ injection and counting, which the real vendor does not have.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import random
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +39,8 @@ class SimConfig:
     estimated_time: str = "5-20s"
     price_multiplier: float = 1.0
     output_base_url: str | None = None
+    # When set, completed predictions point at a generated output of this many bytes instead of the clip.
+    output_bytes: int | None = None
 
 
 @dataclass
@@ -57,6 +61,19 @@ class Faults:
     poll_status: int = 500
     poll_count: int = 0
     poll_delay_s: float = 0.0
+    # Outputs: answer the next N downloads with this status (0 = drop the connection); `output_gone`
+    # answers 404 for good (the vendor deleted its files); `output_stall_s` sends half the file and
+    # then nothing for that long; `output_content_type` overrides the type; `output_redirect`
+    # answers 302 to that URL; `output_chunked` sends no Content-Length; `output_chunk_delay_s` paces
+    # each 64 KiB (a slow vendor, so a copy can be interrupted half way).
+    output_status: int = 500
+    output_count: int = 0
+    output_gone: bool = False
+    output_stall_s: float = 0.0
+    output_content_type: str | None = None
+    output_redirect: str | None = None
+    output_chunked: bool = False
+    output_chunk_delay_s: float = 0.0
 
 
 @dataclass
@@ -69,6 +86,8 @@ class SimState:
     polls_by_id: dict[str, int] = field(default_factory=dict)
     poll_times: dict[str, list[float]] = field(default_factory=dict)
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    output_fetches: int = 0
+    output_bytes_sent: int = 0
 
 
 STATE = web.AppKey("state", SimState)
@@ -144,14 +163,17 @@ async def _prediction(request: web.Request) -> web.StreamResponse:
     now = time.time()
     done = now >= pred.done_at
     status = "processing" if not done else ("failed" if pred.fails else "completed")
-    base = state.config.output_base_url or f"{request.scheme}://{request.host}"
+    base = (state.config.output_base_url or f"{request.scheme}://{request.host}").rstrip("/")
+    output = f"{base}/sandbox/outputs/{pred.id}.mp4"
+    if state.config.output_bytes is not None:
+        output = f"{base}/sandbox/generated/{state.config.output_bytes}/{pred.id}.mp4"
     return web.json_response(
         {
             "id": pred.id,
             "modelId": pred.model_id,
             "modelName": MODEL_NAMES[pred.model_id],
             "status": status,
-            "outputs": [f"{base.rstrip('/')}/sandbox/outputs/{pred.id}.mp4"] if status == "completed" else None,
+            "outputs": [output] if status == "completed" else None,
             "error": "Content moderation: the prompt was flagged (simulated)" if status == "failed" else None,
             "createdAt": _iso(pred.created),
             "completedAt": _iso(pred.done_at) if done else None,
@@ -159,8 +181,74 @@ async def _prediction(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def _output(_request: web.Request) -> web.StreamResponse:
-    return web.FileResponse(SANDBOX_MP4, headers={"Content-Type": "video/mp4"})
+GENERATED_CHUNK = 64 * 1024
+
+
+def generated_chunks(seed: str, size: int) -> Iterator[bytes]:
+    """The bytes of a generated output, 64 KiB at a time: never the whole file in memory, and the
+    same bytes for the same seed and size, so a copy can be compared with what was served."""
+    for index, offset in enumerate(range(0, size, GENERATED_CHUNK)):
+        block = hashlib.sha256(f"{seed}:{index}".encode()).digest() * (GENERATED_CHUNK // 32)
+        yield block[: min(GENERATED_CHUNK, size - offset)]
+
+
+async def _output_fault(request: web.Request) -> web.StreamResponse | None:
+    state = request.app[STATE]
+    state.output_fetches += 1
+    faults = state.faults
+    if faults.output_redirect:
+        raise web.HTTPFound(faults.output_redirect)
+    if faults.output_gone:
+        return _error(404, "output not found")
+    if faults.output_count > 0:
+        faults.output_count -= 1
+        if faults.output_status == 0:
+            raise ConnectionResetError("simulated drop")
+        return _error(faults.output_status, "simulated failure")
+    return None
+
+
+async def _send(request: web.Request, chunks: Iterator[bytes], size: int, content_type: str) -> web.StreamResponse:
+    faults = request.app[STATE].faults
+    response = web.StreamResponse(headers={"Content-Type": faults.output_content_type or content_type})
+    if faults.output_chunked:
+        response.enable_chunked_encoding()
+    else:
+        response.content_length = size
+    await response.prepare(request)
+    sent = 0
+    try:
+        for chunk in chunks:
+            if faults.output_stall_s and sent >= size // 2:
+                await asyncio.sleep(faults.output_stall_s)
+                return response  # the connection closes short of Content-Length
+            if faults.output_chunk_delay_s:
+                await asyncio.sleep(faults.output_chunk_delay_s)
+            await response.write(chunk)
+            sent += len(chunk)
+            request.app[STATE].output_bytes_sent += len(chunk)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the downloader went away (a killed worker, a stall it gave up on): nothing to tell
+    return response
+
+
+async def _output(request: web.Request) -> web.StreamResponse:
+    fault = await _output_fault(request)
+    if fault is not None:
+        return fault
+    data = SANDBOX_MP4.read_bytes()
+    pieces = (data[i : i + GENERATED_CHUNK] for i in range(0, len(data), GENERATED_CHUNK))
+    return await _send(request, pieces, len(data), "video/mp4")
+
+
+async def _generated(request: web.Request) -> web.StreamResponse:
+    """/sandbox/generated/{size}/{name}: `size` deterministic bytes, generated as they are sent."""
+    fault = await _output_fault(request)
+    if fault is not None:
+        return fault
+    size = int(request.match_info["size"])
+    return await _send(request, generated_chunks(request.match_info["name"], size), size, "video/mp4")
 
 
 async def _root(_request: web.Request) -> web.StreamResponse:
@@ -176,6 +264,8 @@ async def _get_stats(request: web.Request) -> web.StreamResponse:
         "polls": state.polls,
         "pollsById": state.polls_by_id,
         "predictions": len(state.predictions),
+        "outputFetches": state.output_fetches,
+        "outputBytesSent": state.output_bytes_sent,
     }
     if request.query.get("detail"):
         body["pollTimes"] = state.poll_times
@@ -217,6 +307,7 @@ def create_simulator(config: SimConfig | None = None) -> web.Application:
     app.router.add_post("/api/v1/models/{model_id}/generate", _generate)
     app.router.add_get("/api/v1/predictions/{prediction_id}", _prediction)
     app.router.add_get("/sandbox/outputs/{name}", _output)
+    app.router.add_get(r"/sandbox/generated/{size:\d{1,12}}/{name}", _generated)
     app.router.add_get("/_sim/stats", _get_stats)
     app.router.add_post("/_sim/faults", _set_faults)
     app.router.add_post("/_sim/config", _set_config)
