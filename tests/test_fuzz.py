@@ -5,7 +5,8 @@ and invalid data, then the stateful phase follows the links schemathesis infers 
 and the links the routes declare (tenant create -> key create -> revoke, get, patch, delete; submit -> get).
 
 Seeded and derandomized, with a bounded number of examples, so a failure reproduces and the run stays
-within a minute or so per database. Each failure it found is a plain regression test in test_edges.py.
+within a minute or so per database. Every stateful example starts from an emptied database: which rule
+hypothesis may pick next depends on the answers so far, so they must not depend on earlier examples. Each failure it found is a plain regression test in test_edges.py.
 
 The gateway runs behind a real uvicorn on loopback in a thread with its own event loop, database and
 upstream simulator: schemathesis' client is synchronous, and the test's own loop must not be blocked.
