@@ -236,11 +236,11 @@ def test_stateful_links(gateway: Gateway) -> None:
         settings=hypothesis.settings(SETTINGS, max_examples=STATEFUL_EXAMPLES, stateful_step_count=STATEFUL_STEPS)
     )
     # The random walk reached deep along the links with real ids (deterministic: every example starts
-    # from an empty database); test_declared_links guarantees each declared link on its own.
+    # from an empty database). Which leaves it reaches depends on the set of operations it draws from,
+    # so only the trunk is required here; test_declared_links walks each declared link on its own.
     for method, path, status in [
         ("POST", "/admin/v1/tenants", 201),
         ("POST", "/admin/v1/tenants/{tenantId}/keys", 201),
-        ("DELETE", "/admin/v1/tenants/{tenantId}/keys/{keyId}", 200),
         ("GET", "/admin/v1/tenants/{tenantId}", 200),
         ("GET", "/admin/v1/tenants/{tenantId}/keys", 200),
     ]:
