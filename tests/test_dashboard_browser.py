@@ -1,7 +1,7 @@
 """The dashboard in a real browser: Debian's Chromium driven by Playwright, against a real uvicorn server
 on loopback with the worker running (poller and webhook dispatcher) and the upstream simulator.
 
-Each page is saved to docs/screenshots/ (the README shows them). Without /usr/bin/chromium these tests
+Each page is saved as a screenshot (to docs/screenshots/, which the README shows, with VIDGATE_SCREENSHOTS=docs). Without /usr/bin/chromium these tests
 skip, except in CI (CI=true), where they fail: `.ci/run` installs it.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,13 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+# Every run takes the screenshots; they replace the README's only when asked (VIDGATE_SCREENSHOTS=docs),
+# so a test run leaves the work tree clean.
+SCREENSHOTS = (
+    Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+    if os.environ.get("VIDGATE_SCREENSHOTS") == "docs"
+    else Path(tempfile.gettempdir()) / "vidgate-screenshots"
+)
 
 if not CHROMIUM.exists():
     if os.environ.get("CI") == "true":
