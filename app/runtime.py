@@ -6,10 +6,12 @@ import os
 import secrets
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app.core.batching import Batcher
 from app.core.http import upstream_session, webhook_session
 from app.core.settings import Settings
 from app.upstream.client import UpstreamClient
@@ -28,6 +30,8 @@ class Runtime:
     upstream_http: aiohttp.ClientSession
     webhook_http: aiohttp.ClientSession
     worker_id: str = field(default_factory=new_worker_id)
+    # The process's ledger writers by operation (hold, settle, release), made on first use.
+    writers: dict[str, Batcher[Any, Any]] = field(default_factory=dict)
 
     async def close(self) -> None:
         await self.upstream_http.close()

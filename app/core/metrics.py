@@ -31,3 +31,9 @@ BUDGET_REFUSALS = Counter("vidgate_budget_refusals_total", "Submits refused by a
 RESERVED_CENTS = Gauge("vidgate_reserved_cents", "Cents held this period (sampled)", ["tenant"])
 SPENT_CENTS = Gauge("vidgate_spent_cents", "Cents spent this period (sampled)", ["tenant"])
 PREDICTIONS_FINISHED = Counter("vidgate_predictions_finished_total", "Predictions that ended", ["status"])
+LEDGER_BATCH_SIZE = Histogram(
+    "vidgate_ledger_batch_size",
+    "Items one ledger writer transaction applied",
+    ["op"],  # hold | settle | release | finish
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
