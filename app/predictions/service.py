@@ -13,7 +13,7 @@ from functools import cache
 from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import bindparam, delete, func, insert, inspect, or_, select, update
+from sqlalchemy import Integer, String, bindparam, delete, func, insert, inspect, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -714,6 +714,51 @@ async def wait_until_terminal(runtime: Runtime, tenant_id: str, prediction_id: s
 # ---------------------------------------------------------------- terminal transitions
 
 
+@dataclass(frozen=True)
+class Finish:
+    """What makes one prediction terminal: its final status and what the upstream said about it."""
+
+    prediction_id: str
+    status: PredictionStatus
+    outputs: list[str] | None
+    error: str | None
+    completed_at: datetime | None
+    model_name: str | None = None
+    poll_count: int | None = None
+
+
+_FINISH = (
+    update(_predictions)
+    .where(
+        _predictions.c.id == bindparam("b_id"),
+        _predictions.c.status == PredictionStatus.PROCESSING,
+        # Fenced on the lease: `b_owner` NULL (no lease asked for) matches any row.
+        or_(bindparam("b_owner", type_=String) == None, _predictions.c.lease_owner == bindparam("b_owner")),  # noqa: E711
+    )
+    .values(
+        status=bindparam("b_status"),
+        outputs=bindparam("b_outputs", type_=_predictions.c.outputs.type),
+        error=bindparam("b_error"),
+        completed_at=bindparam("b_completed_at"),
+        terminal_seen_at=bindparam("b_now"),
+        next_poll_at=None,
+        # The batch's own mark, so that one statement afterwards finds exactly the rows this batch changed.
+        lease_owner=bindparam("b_mark"),
+        lease_expires_at=None,
+        model_name=func.coalesce(bindparam("b_model_name", type_=String), _predictions.c.model_name),
+        poll_count=func.coalesce(bindparam("b_poll_count", type_=Integer), _predictions.c.poll_count),
+    )
+)
+_FINISHED = (
+    update(Prediction)
+    # By primary key, then the mark: the lease owner has no index.
+    .where(Prediction.id.in_(bindparam("b_ids", expanding=True)), Prediction.lease_owner == bindparam("b_mark"))
+    .values(lease_owner=None)
+    .returning(Prediction)
+    .execution_options(populate_existing=True, synchronize_session=False)
+)
+
+
 async def finish(
     session: AsyncSession,
     runtime: Runtime,
@@ -727,52 +772,91 @@ async def finish(
     model_name: str | None = None,
     poll_count: int | None = None,
 ) -> Prediction | None:
-    """Make a prediction terminal, release its slot, apply the failed-charge policy and write its
-    webhook deliveries, all in the caller's transaction. Fenced on the lease: a worker whose lease
-    was taken over changes nothing and gets None."""
+    """finish_many for one prediction: the prediction made terminal, or None if its lease was lost."""
+    done = await finish_many(
+        session,
+        runtime,
+        [Finish(prediction_id, status, outputs, error, completed_at, model_name, poll_count)],
+        lease_owner=lease_owner,
+    )
+    return done.get(prediction_id)
+
+
+async def finish_many(
+    session: AsyncSession, runtime: Runtime, finishes: list[Finish], *, lease_owner: str | None
+) -> dict[str, Prediction]:
+    """Make predictions terminal, release their slots, apply the failed-charge policy and write their
+    webhook deliveries, all in the caller's transaction and as few statements as the rows allow (one
+    UPDATE for all, one for the slots of each tenant, one INSERT of deliveries). Fenced on the lease:
+    a prediction whose lease was taken over is left alone and missing from the answer (by id)."""
+    if not finishes:
+        return {}
     now = clock.now()
-    conditions = [Prediction.id == prediction_id, Prediction.status == PredictionStatus.PROCESSING]
-    if lease_owner is not None:
-        conditions.append(Prediction.lease_owner == lease_owner)
-    values: dict[str, Any] = dict(
-        status=status,
-        outputs=outputs,
-        error=error,
-        completed_at=completed_at or now,
-        terminal_seen_at=now,
-        next_poll_at=None,
-        lease_owner=None,
-        lease_expires_at=None,
+    mark = new_id("fin")
+    await session.execute(
+        _FINISH,
+        [
+            {
+                "b_id": f.prediction_id,
+                "b_owner": lease_owner,
+                "b_status": f.status,
+                "b_outputs": f.outputs,
+                "b_error": f.error,
+                "b_completed_at": f.completed_at or now,
+                "b_now": now,
+                "b_mark": mark,
+                "b_model_name": f.model_name or None,
+                "b_poll_count": f.poll_count,
+            }
+            for f in finishes
+        ],
     )
-    if model_name:
-        values["model_name"] = model_name
-    if poll_count is not None:
-        values["poll_count"] = poll_count
-    prediction = await session.scalar(
-        update(Prediction)
-        .where(*conditions)
-        .values(**values)
-        .returning(Prediction)
-        .execution_options(populate_existing=True)
+    finished = list(await session.scalars(_FINISHED, {"b_ids": [f.prediction_id for f in finishes], "b_mark": mark}))
+    if not finished:
+        return {}
+    by_tenant: dict[str, list[Prediction]] = {}
+    for prediction in finished:
+        by_tenant.setdefault(prediction.tenant_id, []).append(prediction)
+    # Tenants in sorted order, each one's slot row before its counters: the order holds lock them in.
+    for tenant_id in sorted(by_tenant):
+        await budget_limits.give_slots(session, tenant_id, sum(p.holds_slot for p in by_tenant[tenant_id]))
+    for tenant_id in sorted(by_tenant):
+        for prediction in by_tenant[tenant_id]:
+            refunded = prediction.status == PredictionStatus.FAILED and not runtime.settings.keep_failed_charge
+            if refunded and prediction.charged_cents:
+                await budgets_service.refund(
+                    session, _hold(prediction), prediction.charged_cents, note="failed prediction"
+                )
+                prediction.charged_cents = 0
+    await session.flush()
+    tenants = {t.id: t for t in await session.scalars(select(Tenant).where(Tenant.id.in_(sorted(by_tenant))))}
+    await webhooks_service.enqueue_prediction_events(
+        session, runtime.settings, [(tenants[p.tenant_id], p, present(p)) for p in finished]
     )
-    if prediction is None:
-        return None
-    if prediction.holds_slot:
-        await budget_limits.release_slot(session, prediction.tenant_id)
-    if status == PredictionStatus.FAILED and not runtime.settings.keep_failed_charge and prediction.charged_cents:
-        await budgets_service.refund(session, _hold(prediction), prediction.charged_cents, note="failed prediction")
-        prediction.charged_cents = 0
-        await session.flush()
-    tenant = await session.get(Tenant, prediction.tenant_id)
-    assert tenant is not None
-    await webhooks_service.enqueue_prediction_event(session, runtime.settings, tenant, prediction, present(prediction))
-    metrics.PREDICTIONS_FINISHED.labels(status=status).inc()
-    log.info(
-        "prediction finished",
-        extra={"prediction_id": prediction.id, "tenant_id": prediction.tenant_id, "status": status},
+    for prediction in finished:
+        metrics.PREDICTIONS_FINISHED.labels(status=prediction.status).inc()
+        metrics.POLLS_PER_PREDICTION.observe(prediction.poll_count)
+        log.info(
+            "prediction finished",
+            extra={"prediction_id": prediction.id, "tenant_id": prediction.tenant_id, "status": prediction.status},
+        )
+    metrics.LEDGER_BATCH_SIZE.labels(op="finish").observe(len(finishes))
+    return {p.id: p for p in finished}
+
+
+def final_state(prediction_id: str, upstream: UpstreamPrediction, *, poll_count: int) -> Finish:
+    """The terminal transition one poll saw (a poll that saw "processing" is stored by the poller)."""
+    status = PredictionStatus(upstream.status)
+    assert status in TERMINAL_STATUSES, status
+    return Finish(
+        prediction_id,
+        status,
+        outputs=upstream.outputs if status == PredictionStatus.COMPLETED else None,
+        error=upstream.error if status == PredictionStatus.FAILED else None,
+        completed_at=upstream.completed_at,
+        model_name=upstream.model_name,
+        poll_count=poll_count,
     )
-    metrics.POLLS_PER_PREDICTION.observe(prediction.poll_count)
-    return prediction
 
 
 async def apply_poll_result(
@@ -782,23 +866,10 @@ async def apply_poll_result(
     upstream: UpstreamPrediction,
     lease_owner: str,
 ) -> bool:
-    """Store the final state one poll saw (a poll that saw "processing" is stored by the poller, in
-    bulk). Returns False when the lease was lost (the write was refused)."""
-    status = PredictionStatus(upstream.status)
-    assert status in TERMINAL_STATUSES, status
-    done = await finish(
-        session,
-        runtime,
-        prediction.id,
-        lease_owner=lease_owner,
-        status=status,
-        outputs=upstream.outputs if status == PredictionStatus.COMPLETED else None,
-        error=upstream.error if status == PredictionStatus.FAILED else None,
-        completed_at=upstream.completed_at,
-        model_name=upstream.model_name,
-        poll_count=prediction.poll_count,
-    )
-    return done is not None
+    """Store the final state one poll saw. Returns False when the lease was lost (the write was refused)."""
+    final = final_state(prediction.id, upstream, poll_count=prediction.poll_count)
+    done = await finish_many(session, runtime, [final], lease_owner=lease_owner)
+    return prediction.id in done
 
 
 async def recover_interrupted_submits(runtime: Runtime) -> int:
