@@ -30,8 +30,9 @@ class Runtime:
     upstream_http: aiohttp.ClientSession
     webhook_http: aiohttp.ClientSession
     worker_id: str = field(default_factory=new_worker_id)
-    # The process's ledger writers by operation (hold, settle, release), made on first use.
-    writers: dict[str, Batcher[Any, Any]] = field(default_factory=dict)
+    # The process's ledger writers by operation (hold, settle, release), made on first use. Not copied
+    # by dataclasses.replace: a writer applies its batches with the runtime that made it.
+    writers: dict[str, Batcher[Any, Any]] = field(default_factory=dict, init=False, repr=False)
 
     async def close(self) -> None:
         await self.upstream_http.close()
