@@ -87,6 +87,12 @@ async def give_slots(session: AsyncSession, tenant_id: str, n: int) -> None:
         await session.execute(_GIVE_SLOTS, {"b_tenant": tenant_id, "b_n": n})
 
 
+async def set_slots(session: AsyncSession, tenant: Tenant, in_flight: int) -> None:
+    """Start counting a tenant's slots from the predictions it has in flight (a maxConcurrent just set)."""
+    tenant.in_flight = in_flight
+    await session.flush()
+
+
 async def add_slot(session: AsyncSession, tenant_id: str) -> None:
     """Count a slot whatever the limit: a prediction the vendor already runs is in flight regardless."""
     await session.execute(

@@ -632,8 +632,7 @@ async def start_counting_slots(session: AsyncSession, tenant: Tenant) -> None:
         update(Prediction).where(*in_flight).values(holds_slot=True).execution_options(synchronize_session=False)
     )
     count = await session.scalar(select(func.count()).select_from(Prediction).where(*in_flight))
-    tenant.in_flight = count or 0
-    await session.flush()
+    await budget_limits.set_slots(session, tenant, count or 0)
 
 
 # ---------------------------------------------------------------- reads
