@@ -11,7 +11,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import insert, update
+from sqlalchemy import delete, insert, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -61,10 +61,14 @@ async def test_money_columns_refuse_negative_values(engine: AsyncEngine) -> None
         ),
         insert(RateWindow.__table__).values(scope=f"tenant:{tenant_id}", window_start=clock.now(), count=-1),
     ]
-    for statement in refused:
-        with pytest.raises(IntegrityError):
-            async with engine.begin() as connection:
-                await connection.execute(statement)
+    try:
+        for statement in refused:
+            with pytest.raises(IntegrityError):
+                async with engine.begin() as connection:
+                    await connection.execute(statement)
+    finally:  # the database is shared with the other tests of this worker
+        async with engine.begin() as connection:
+            await connection.execute(delete(Tenant.__table__).where(Tenant.__table__.c.id == tenant_id))
 
 
 def test_sqlite_upgrade_keeps_rows_that_reference_rebuilt_tables(tmp_path: Path) -> None:

@@ -309,8 +309,10 @@ async def _apply_holds(
 
 
 async def _apply_confirms(runtime: Runtime, session: AsyncSession, jobs: list[_ConfirmJob]) -> list[dict[str, Any]]:
-    bodies = []
-    for job in jobs:
+    bodies: dict[int, dict[str, Any]] = {}
+    # Tenant by tenant in sorted order, as holds lock them: batches on other replicas never deadlock.
+    for index in sorted(range(len(jobs)), key=lambda i: jobs[i].tenant.id):
+        job = jobs[index]
         confirmed = await _confirm(session, runtime, job.tenant, job.key, job.prediction, job.estimate, job.submitted)
         body = present_submit(confirmed, f"{job.status_url_base}/{confirmed.id}", extended=False)
         if job.idempotency_key is not None:
@@ -319,17 +321,18 @@ async def _apply_confirms(runtime: Runtime, session: AsyncSession, jobs: list[_C
                 .where(IdempotencyKey.tenant_id == job.tenant.id, IdempotencyKey.key == job.idempotency_key)
                 .values(response=body)
             )
-        bodies.append(body)
-    return bodies
+        bodies[index] = body
+    return [bodies[i] for i in range(len(jobs))]
 
 
 async def _apply_releases(runtime: Runtime, session: AsyncSession, jobs: list[_ReleaseJob]) -> list[bool]:
-    released = []
-    for job in jobs:
-        released.append(await _abandon(session, job.prediction, reason=job.reason, key=job.key))
+    released: dict[int, bool] = {}
+    for index in sorted(range(len(jobs)), key=lambda i: jobs[i].prediction.tenant_id):
+        job = jobs[index]
+        released[index] = await _abandon(session, job.prediction, reason=job.reason, key=job.key)
         if job.idempotency_key is not None:
             await _forget_idempotency_key(session, job.prediction.tenant_id, job.idempotency_key)
-    return released
+    return [released[i] for i in range(len(jobs))]
 
 
 async def _confirm_until_recorded(runtime: Runtime, job: _ConfirmJob) -> dict[str, Any]:
@@ -599,9 +602,10 @@ async def _abandon(session: AsyncSession, held: Prediction, *, reason: str, key:
     )
     if result.first() is None:
         return False
-    await budgets_service.release(session, _hold(held, key), held.estimate_cents, note=reason[:200])
+    # The slot row before the counters: the order holds take them in.
     if held.holds_slot:
         await budget_limits.release_slot(session, held.tenant_id)
+    await budgets_service.release(session, _hold(held, key), held.estimate_cents, note=reason[:200])
     return True
 
 
