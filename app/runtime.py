@@ -6,10 +6,12 @@ import os
 import secrets
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app.core.batching import Batcher
 from app.core.http import upstream_session, webhook_session
 from app.core.settings import Settings
 from app.upstream.client import UpstreamClient
@@ -28,6 +30,9 @@ class Runtime:
     upstream_http: aiohttp.ClientSession
     webhook_http: aiohttp.ClientSession
     worker_id: str = field(default_factory=new_worker_id)
+    # The process's ledger writers by operation (hold, settle, release), made on first use. Not copied
+    # by dataclasses.replace: a writer applies its batches with the runtime that made it.
+    writers: dict[str, Batcher[Any, Any]] = field(default_factory=dict, init=False, repr=False)
 
     async def close(self) -> None:
         await self.upstream_http.close()

@@ -337,7 +337,10 @@ async def test_migration_sums_the_existing_ledger_into_the_rollup(tmp_path: Path
                     {**entry, "kind": "refund", "spent_delta": -7, "created_at": day2},
                 ],
             )
+        # Outside a transaction, as `vidgate migrate` runs: on SQLite batch mode rebuilds referenced tables.
+        async with engine.connect() as connection:
             await connection.run_sync(upgrade, "head")
+            await connection.commit()
         async with engine.connect() as connection:
             rows = (
                 await connection.execute(select(DailyUsage.day, DailyUsage.spent_cents, DailyUsage.predictions))

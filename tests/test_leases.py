@@ -6,7 +6,7 @@ import dataclasses
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from app.core import clock
 from app.core.database import transaction
@@ -104,3 +104,33 @@ async def test_stale_dispatcher_cannot_record_an_attempt(
         attempts = list(await session.scalars(select(WebhookAttempt)))
     assert row is not None and row.status == "succeeded" and row.attempts == 1
     assert [(a.status_code, a.worker) for a in attempts] == [(204, "worker-b")]
+
+
+async def test_a_batch_of_terminal_transitions_skips_exactly_the_rows_whose_lease_was_lost(
+    live_api: Api, live_runtime: Runtime, sim: SimState, receiver_factory: Any
+) -> None:
+    receiver: Receiver = await receiver_factory()
+    tenant = await live_api.tenant(webhookUrl=receiver.url, maxConcurrent=5)
+    ids = [(await tenant.submit()).json()["id"] for _ in range(3)]
+    claimed = {p.id: p for p in await poller.claim_due(live_runtime, 10)}
+    assert sorted(claimed) == sorted(ids)
+    async with transaction(live_runtime.sessions) as session:  # another worker took the last one over
+        await session.execute(update(Prediction).where(Prediction.id == ids[2]).values(lease_owner="worker-b"))
+
+    async with transaction(live_runtime.sessions) as session:
+        done = await predictions_service.finish_many(
+            session,
+            live_runtime,
+            [predictions_service.final_state(i, upstream_done(claimed[i]), poll_count=1) for i in ids],
+            lease_owner=live_runtime.worker_id,
+        )
+    assert sorted(done) == sorted(ids[:2])
+    async with transaction(live_runtime.sessions) as session:
+        rows = {p.id: p for p in await session.scalars(select(Prediction).where(Prediction.id.in_(ids)))}
+        tenant_row = await session.get(Tenant, tenant.id)
+        deliveries = await session.scalar(select(func.count()).select_from(WebhookDelivery))
+    assert [rows[i].status for i in ids] == ["completed", "completed", "processing"]
+    assert [rows[i].lease_owner for i in ids] == [None, None, "worker-b"]
+    assert [rows[i].poll_count for i in ids[:2]] == [1, 1]
+    assert tenant_row is not None and tenant_row.in_flight == 1
+    assert deliveries == 2

@@ -223,6 +223,51 @@ class LedgerMachine(RuleBasedStateMachine):
         ]
         return self.reserve(max(min(left, default=20) + offset, 0), key_index)
 
+    @rule(target=held, data=st.data())
+    def reserve_batch(self, data: st.DataObject) -> Any:
+        """Several holds in one reserve_many, as the ledger writer applies them: around the edge of what
+        is left, so the batch's sum often crosses a limit and it goes one by one in arrival order."""
+        left = min(
+            (
+                limit - sum(self.counter(scope, self.period_start))
+                for scope in (f"tenant:{self.tenant_id}", f"key:{self.key_ids[0]}")
+                if (limit := self.limits[scope]) is not None
+            ),
+            default=20,
+        )
+        edge = st.builds(lambda share, offset: max(left // share + offset, 0), st.integers(1, 3), st.integers(-1, 1))
+        items = data.draw(
+            st.lists(st.tuples(st.one_of(edge, st.integers(0, 40)), st.integers(0, 1)), min_size=2, max_size=6),
+            label="(amount, key) in arrival order",
+        )
+        holds = [
+            budgets_service.Hold(self.tenant_id, self.key_ids[k], new_id("pred"), MODEL, self.period_start)
+            for _, k in items
+        ]
+
+        async def go() -> list[Any]:
+            async with transaction(self.env.runtime.sessions) as session:
+                loaded = [await self._load(session, k) for k in (0, 1)]
+                requests = [
+                    budgets_service.HoldRequest(*loaded[k], hold, amount, takes_slot=False, slot_retry_after_s=1)
+                    for (amount, k), hold in zip(items, holds, strict=True)
+                ]
+                return await budgets_service.reserve_many(session, requests)
+
+        outcomes = self.env.run(go())
+        admitted = []
+        for (amount, key_index), hold, refused in zip(items, holds, outcomes, strict=True):
+            refusing = self.first_refusing_scope(key_index, amount)
+            if refusing is None:
+                assert refused is None, f"{amount} refused in a batch although it fits: {refused and refused.fields}"
+                self.move(hold, amount, 0)
+                admitted.append(HeldMoney(hold, amount))
+                continue
+            assert isinstance(refused, budgets_service.BudgetExceeded), f"{amount} accepted beyond {refusing}"
+            self.check_refusal(refused, refusing, amount)
+        event(f"batch of {len(items)}: {len(admitted)} admitted")
+        return multiple(*admitted)
+
     @rule(target=charged, item=consumes(held), data=st.data())
     def settle(self, item: HeldMoney, data: st.DataObject) -> HeldMoney:
         above = data.draw(st.booleans(), label="above the hold")

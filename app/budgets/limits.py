@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Integer, bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets.models import RateWindow
 from app.core import clock
-from app.core.database import insert_ignore
+from app.core.database import insert_ignore, table_of
 from app.core.errors import AppError
 from app.core.retry_after import retry_after_value
 from app.tenants.models import Tenant
@@ -32,60 +32,119 @@ class ConcurrencyLimited(TooManyRequests):
     title = "Too many predictions in flight"
 
 
-async def acquire_slot(session: AsyncSession, tenant: Tenant, retry_after_s: int) -> None:
-    result = await session.execute(
-        update(Tenant)
-        .where(
-            Tenant.id == tenant.id,
-            or_(Tenant.max_concurrent.is_(None), Tenant.in_flight < Tenant.max_concurrent),
-        )
-        .values(in_flight=Tenant.in_flight + 1)
-        .returning(Tenant.in_flight)
-        .execution_options(synchronize_session=False)
+# Built once at import (see bench/FINDINGS.md); `b_n` lets one statement take or give back the slots
+# or rate units of a whole batch of a tenant's submits.
+_tenants = table_of(Tenant).c
+_N = bindparam("b_n", type_=Integer)
+_TAKE_SLOTS = (
+    update(table_of(Tenant))
+    .where(
+        _tenants.id == bindparam("b_tenant"),
+        or_(_tenants.max_concurrent.is_(None), _tenants.in_flight + _N <= _tenants.max_concurrent),
     )
-    if result.first() is None:
-        raise ConcurrencyLimited(
-            f"This tenant already has {tenant.max_concurrent} predictions in flight, its limit. "
-            "Retry when one of them has finished.",
-            retry_after_s,
-            limit=tenant.max_concurrent,
-        )
+    .values(in_flight=_tenants.in_flight + _N)
+    .returning(_tenants.in_flight)
+)
+_GIVE_SLOTS = (
+    update(table_of(Tenant))
+    .where(_tenants.id == bindparam("b_tenant"), _tenants.in_flight >= _N)
+    .values(in_flight=_tenants.in_flight - _N)
+)
+_windows = table_of(RateWindow).c
+_TAKE_RATE = (
+    update(table_of(RateWindow))
+    .where(
+        _windows.scope == bindparam("b_scope"),
+        _windows.window_start == bindparam("b_window"),
+        _windows.count + _N <= bindparam("b_limit", type_=Integer),
+    )
+    .values(count=_windows.count + _N)
+    .returning(_windows.count)
+)
+_GIVE_RATE = (
+    update(table_of(RateWindow))
+    .where(_windows.scope == bindparam("b_scope"), _windows.window_start == bindparam("b_window"))
+    .values(count=_windows.count - _N)
+)
+
+
+def concurrency_limited(tenant: Tenant, retry_after_s: int) -> ConcurrencyLimited:
+    return ConcurrencyLimited(
+        f"This tenant already has {tenant.max_concurrent} predictions in flight, its limit. "
+        "Retry when one of them has finished.",
+        retry_after_s,
+        limit=tenant.max_concurrent,
+    )
+
+
+async def take_slots(session: AsyncSession, tenant_id: str, n: int) -> bool:
+    """Take `n` of the tenant's in-flight slots if they all fit under maxConcurrent (one conditional UPDATE)."""
+    return (await session.execute(_TAKE_SLOTS, {"b_tenant": tenant_id, "b_n": n})).first() is not None
+
+
+async def give_slots(session: AsyncSession, tenant_id: str, n: int) -> None:
+    if n:
+        await session.execute(_GIVE_SLOTS, {"b_tenant": tenant_id, "b_n": n})
+
+
+async def set_slots(session: AsyncSession, tenant: Tenant, in_flight: int) -> None:
+    """Start counting a tenant's slots from the predictions it has in flight (a maxConcurrent just set)."""
+    tenant.in_flight = in_flight
+    await session.flush()
+
+
+async def add_slot(session: AsyncSession, tenant_id: str) -> None:
+    """Count a slot whatever the limit: a prediction the vendor already runs is in flight regardless."""
+    await session.execute(
+        update(table_of(Tenant)).where(_tenants.id == tenant_id).values(in_flight=_tenants.in_flight + 1)
+    )
+
+
+async def acquire_slot(session: AsyncSession, tenant: Tenant, retry_after_s: int) -> None:
+    if not await take_slots(session, tenant.id, 1):
+        raise concurrency_limited(tenant, retry_after_s)
 
 
 async def release_slot(session: AsyncSession, tenant_id: str) -> None:
-    await session.execute(
-        update(Tenant)
-        .where(Tenant.id == tenant_id, Tenant.in_flight > 0)
-        .values(in_flight=Tenant.in_flight - 1)
-        .execution_options(synchronize_session=False)
+    await give_slots(session, tenant_id, 1)
+
+
+def _window(now: datetime) -> datetime:
+    return now.replace(second=0, microsecond=0)
+
+
+async def take_rate(session: AsyncSession, tenant: Tenant, n: int, now: datetime) -> bool:
+    """Count `n` submits in the tenant's current minute if they all fit under ratePerMinute."""
+    limit = tenant.rate_per_minute
+    if limit is None or n == 0:
+        return True
+    params = {"b_scope": f"tenant:{tenant.id}", "b_window": _window(now), "b_n": n, "b_limit": limit}
+    if (await session.execute(_TAKE_RATE, params)).first() is not None:
+        return True
+    await insert_ignore(session, RateWindow, [dict(scope=params["b_scope"], window_start=params["b_window"], count=0)])
+    return (await session.execute(_TAKE_RATE, params)).first() is not None
+
+
+async def give_rate(session: AsyncSession, tenant: Tenant, n: int, now: datetime) -> None:
+    """Give back submits counted by take_rate in this transaction (a batch that did not fit)."""
+    if tenant.rate_per_minute is not None and n:
+        await session.execute(_GIVE_RATE, {"b_scope": f"tenant:{tenant.id}", "b_window": _window(now), "b_n": n})
+
+
+def rate_limited(tenant: Tenant, now: datetime) -> TooManyRequests:
+    retry_after = max(1, math.ceil((_window(now) + timedelta(minutes=1) - now).total_seconds()))
+    return TooManyRequests(
+        f"This tenant may submit {tenant.rate_per_minute} predictions a minute. Retry in {retry_after} s.",
+        retry_after,
+        limit=tenant.rate_per_minute,
     )
 
 
 async def consume_rate(session: AsyncSession, tenant: Tenant) -> None:
     """Fixed one-minute windows: simple, exact across processes, and cheap (one UPDATE)."""
-    limit = tenant.rate_per_minute
-    if limit is None:
-        return
     now = clock.now()
-    window = now.replace(second=0, microsecond=0)
-    scope = f"tenant:{tenant.id}"
-    stmt = (
-        update(RateWindow)
-        .where(RateWindow.scope == scope, RateWindow.window_start == window, RateWindow.count < limit)
-        .values(count=RateWindow.count + 1)
-        .returning(RateWindow.count)
-    )
-    if (await session.execute(stmt)).first() is not None:
-        return
-    await insert_ignore(session, RateWindow, [dict(scope=scope, window_start=window, count=0)])
-    if (await session.execute(stmt)).first() is not None:
-        return
-    retry_after = max(1, math.ceil((window + timedelta(minutes=1) - now).total_seconds()))
-    raise TooManyRequests(
-        f"This tenant may submit {limit} predictions a minute. Retry in {retry_after} s.",
-        retry_after,
-        limit=limit,
-    )
+    if not await take_rate(session, tenant, 1, now):
+        raise rate_limited(tenant, now)
 
 
 async def would_admit(session: AsyncSession, tenant: Tenant, now: datetime) -> bool:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 
-from sqlalchemy import ForeignKey, Index, String
+from sqlalchemy import CheckConstraint, ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core import clock
@@ -16,6 +16,11 @@ class BudgetCounter(Base):
     """
 
     __tablename__ = "budget_counters"
+    # Counters never go negative (migration 0004): a bug that would make them is refused by the database.
+    __table_args__ = (
+        CheckConstraint("spent_cents >= 0", name="spent_cents_nonnegative"),
+        CheckConstraint("reserved_cents >= 0", name="reserved_cents_nonnegative"),
+    )
 
     scope: Mapped[str] = mapped_column(String(48), primary_key=True)
     period_start: Mapped[datetime] = mapped_column(primary_key=True)
@@ -78,6 +83,7 @@ class PricePoint(Base):
 
 class RateWindow(Base):
     __tablename__ = "rate_windows"
+    __table_args__ = (CheckConstraint("count >= 0", name="count_nonnegative"),)
 
     scope: Mapped[str] = mapped_column(String(48), primary_key=True)
     window_start: Mapped[datetime] = mapped_column(primary_key=True)

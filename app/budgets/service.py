@@ -300,15 +300,6 @@ async def _add_to_day(
     await session.execute(_DAILY_UPSERT[session.get_bind().dialect.name], params)
 
 
-async def record_refusal(session: AsyncSession, tenant_id: str) -> None:
-    """Count a submit refused by the budget, rate or concurrency limit, for the dashboard.
-
-    The refused submit's own transaction rolls back (nothing of it may stay), so the caller counts it
-    in a transaction of its own, after the rollback.
-    """
-    await _add_to_day(session, tenant_id, clock.now(), refusals=1)
-
-
 async def daily_usage(session: AsyncSession, tenant_id: str, first: date, last: date) -> list[DailyUsage]:
     """The rollup rows of one tenant between two UTC days (inclusive): a range of its primary key."""
     rows = await session.scalars(
@@ -330,20 +321,23 @@ async def _record(
     at: datetime | None = None,
 ) -> None:
     # A Core INSERT: the ledger is append-only, so the ORM's unit of work would only add overhead.
-    await session.execute(
-        _LEDGER_INSERT,
-        dict(
-            tenant_id=hold.tenant_id,
-            api_key_id=hold.api_key_id,
-            prediction_id=hold.prediction_id,
-            model_id=hold.model_id,
-            period_start=hold.period_start,
-            kind=kind,
-            reserved_delta=reserved_delta,
-            spent_delta=spent_delta,
-            note=note,
-            created_at=at or clock.now(),
-        ),
+    await session.execute(_LEDGER_INSERT, _ledger_row(hold, kind, reserved_delta, spent_delta, note, at or clock.now()))
+
+
+def _ledger_row(
+    hold: Hold, kind: str, reserved_delta: int, spent_delta: int, note: str | None, at: datetime
+) -> dict[str, Any]:
+    return dict(
+        tenant_id=hold.tenant_id,
+        api_key_id=hold.api_key_id,
+        prediction_id=hold.prediction_id,
+        model_id=hold.model_id,
+        period_start=hold.period_start,
+        kind=kind,
+        reserved_delta=reserved_delta,
+        spent_delta=spent_delta,
+        note=note,
+        created_at=at,
     )
 
 
@@ -362,6 +356,125 @@ async def reserve(session: AsyncSession, tenant: Tenant, key: ApiKey, hold: Hold
         await _ensure_counters(session, [scope], hold.period_start)
         if not await _hold_within(session, scope, statement, owner_id, hold.period_start, amount):
             raise await _budget_exceeded(session, tenant, key, scope, hold.period_start, amount)
+
+
+@dataclass(frozen=True)
+class HoldRequest:
+    """One submit's claim on its tenant: a rate unit, maybe a slot, and `amount` cents on its counters."""
+
+    tenant: Tenant
+    key: ApiKey
+    hold: Hold
+    amount: int
+    takes_slot: bool
+    slot_retry_after_s: int
+
+
+_UNHOLD = (
+    update(table_of(BudgetCounter))
+    .where(_counters.scope == bindparam("b_scope"), _counters.period_start == bindparam("b_period"))
+    .values(reserved_cents=_counters.reserved_cents - bindparam("b_amount", type_=Integer))
+)
+
+
+async def reserve_many(session: AsyncSession, requests: list[HoldRequest]) -> list[AppError | None]:
+    """Admit a batch of submits in one transaction: for each one None (held) or the refusal.
+
+    Per tenant (in sorted order, so the counter rows of concurrent batches are locked in one order),
+    the whole group is tried first: one conditional UPDATE each for its rate units, its slots and the
+    sum of its holds on the tenant's and every key's counter. If any of them would cross a limit,
+    what was taken is given back and the group goes one by one in arrival order, so exactly the
+    requests that fit are admitted, as if they had come one at a time. Ledger rows are written for
+    the admitted ones in one statement; refusals are counted on the tenant's day.
+    """
+    now = clock.now()
+    outcome: dict[int, AppError | None] = {}
+    groups: dict[str, list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(request.tenant.id, []).append(index)
+    for tenant_id in sorted(groups):
+        members = [requests[i] for i in groups[tenant_id]]
+        if len(members) > 1 and await _take_all(session, members, now):
+            outcome.update(dict.fromkeys(groups[tenant_id]))
+            continue
+        refused = 0
+        for index in groups[tenant_id]:
+            outcome[index] = await _take_one(session, requests[index], now)
+            refused += outcome[index] is not None
+        if refused:
+            await _add_to_day(session, tenant_id, now, refusals=refused)
+    admitted = [r for i, r in enumerate(requests) if outcome[i] is None]
+    if admitted:
+        # After the counters, as in reserve(): the rows others wait for are locked for one more statement.
+        await session.execute(
+            _LEDGER_INSERT, [_ledger_row(r.hold, "reserve", r.amount, 0, None, now) for r in admitted]
+        )
+    return [outcome[i] for i in range(len(requests))]
+
+
+def _hold_scopes(members: list[HoldRequest]) -> list[tuple[str, Any, str, int]]:
+    """(scope, conditional UPDATE, owner, amount) for a tenant's group: its counter, then its keys' in order."""
+    first = members[0]
+    scopes = [(_tenant_scope(first.tenant.id), _HOLD_WITHIN_TENANT, first.tenant.id, sum(m.amount for m in members))]
+    keys: dict[str, int] = {}
+    for m in members:
+        if m.key.budget_cents is not None:
+            keys[m.key.id] = keys.get(m.key.id, 0) + m.amount
+    scopes += [(_key_scope(k), _HOLD_WITHIN_KEY, k, keys[k]) for k in sorted(keys)]
+    return scopes
+
+
+async def _take_all(session: AsyncSession, members: list[HoldRequest], now: datetime) -> bool:
+    """Take the whole group's rate units, slots and holds, or nothing (what was taken is given back)."""
+    tenant = members[0].tenant
+    period = members[0].hold.period_start
+    slots = sum(m.takes_slot for m in members)
+    if not await budget_limits.take_rate(session, tenant, len(members), now):
+        return False
+    if slots and not await budget_limits.take_slots(session, tenant.id, slots):
+        await budget_limits.give_rate(session, tenant, len(members), now)
+        return False
+    taken: list[tuple[str, int]] = []
+    for scope, statement, owner_id, amount in _hold_scopes(members):
+        if not await _hold_or_create(session, scope, statement, owner_id, period, amount):
+            for done_scope, done_amount in taken:
+                await session.execute(_UNHOLD, {"b_scope": done_scope, "b_period": period, "b_amount": done_amount})
+            await budget_limits.give_slots(session, tenant.id, slots)
+            await budget_limits.give_rate(session, tenant, len(members), now)
+            return False
+        taken.append((scope, amount))
+    return True
+
+
+async def _take_one(session: AsyncSession, request: HoldRequest, now: datetime) -> AppError | None:
+    """One request of a group that did not fit as a whole: the same checks, in the same order, as alone."""
+    tenant, key, period, amount = request.tenant, request.key, request.hold.period_start, request.amount
+    if not await budget_limits.take_rate(session, tenant, 1, now):
+        return budget_limits.rate_limited(tenant, now)
+    if request.takes_slot and not await budget_limits.take_slots(session, tenant.id, 1):
+        await budget_limits.give_rate(session, tenant, 1, now)
+        return budget_limits.concurrency_limited(tenant, request.slot_retry_after_s)
+    taken: list[str] = []
+    for scope, statement, owner_id in _scopes(tenant, key):
+        if not await _hold_or_create(session, scope, statement, owner_id, period, amount):
+            refusal = await _budget_exceeded(session, tenant, key, scope, period, amount)
+            for done in taken:
+                await session.execute(_UNHOLD, {"b_scope": done, "b_period": period, "b_amount": amount})
+            await budget_limits.give_slots(session, tenant.id, int(request.takes_slot))
+            await budget_limits.give_rate(session, tenant, 1, now)
+            return refusal
+        taken.append(scope)
+    return None
+
+
+async def _hold_or_create(
+    session: AsyncSession, scope: str, statement: Any, owner_id: str, period_start: datetime, amount: int
+) -> bool:
+    if await _hold_within(session, scope, statement, owner_id, period_start, amount):
+        return True
+    # Most likely the period's counter does not exist yet: create it and try again.
+    await _ensure_counters(session, [scope], period_start)
+    return await _hold_within(session, scope, statement, owner_id, period_start, amount)
 
 
 async def settle(session: AsyncSession, hold: Hold, held: int, cost: int) -> int:

@@ -35,3 +35,9 @@ OUTPUT_COPIES = Counter(
     "vidgate_output_copy_attempts_total", "Attempts to copy a prediction's outputs", ["outcome"]
 )  # stored, retried, failed, lease_lost
 OUTPUT_BYTES = Counter("vidgate_output_bytes_stored_total", "Bytes of outputs written to the store")
+LEDGER_BATCH_SIZE = Histogram(
+    "vidgate_ledger_batch_size",
+    "Items one ledger writer transaction applied",
+    ["op"],  # hold | settle | release | finish
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)

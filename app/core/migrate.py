@@ -28,8 +28,10 @@ async def upgrade_to_head(engine: AsyncEngine) -> None:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
-    async with engine.begin() as connection:
+    # Not in a transaction yet: on SQLite the migrations set a pragma before they begin (env.py).
+    async with engine.connect() as connection:
         await connection.run_sync(_upgrade)
+        await connection.commit()
 
 
 def head_revision() -> str | None:

@@ -16,14 +16,36 @@ target_metadata = Base.metadata
 
 
 def _run(connection: Connection) -> None:
-    context.configure(
-        connection=connection,
-        target_metadata=target_metadata,
-        render_as_batch=connection.dialect.name == "sqlite",
-        compare_type=True,
-    )
-    with context.begin_transaction():
-        context.run_migrations()
+    # Only outside a caller's transaction can foreign keys be turned off (`vidgate migrate` runs there).
+    foreign_keys_off = connection.dialect.name == "sqlite" and not connection.in_transaction()
+    if foreign_keys_off:
+        # Batch mode rebuilds a table by copy, drop and rename; with foreign keys on, dropping a table
+        # others reference fails. The pragma is a no-op inside a transaction, so it is set before one.
+        _sqlite_pragma(connection, "PRAGMA foreign_keys=OFF")
+    try:
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            render_as_batch=connection.dialect.name == "sqlite",
+            compare_type=True,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+    finally:
+        if foreign_keys_off:
+            if connection.in_transaction():
+                connection.commit()
+            _sqlite_pragma(connection, "PRAGMA foreign_keys=ON")
+    if foreign_keys_off and connection.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+        raise RuntimeError("a migration left rows whose foreign keys point nowhere")
+
+
+def _sqlite_pragma(connection: Connection, pragma: str) -> None:
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(pragma)
+    finally:
+        cursor.close()
 
 
 async def _run_async(url: str) -> None:

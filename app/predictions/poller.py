@@ -18,7 +18,6 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core import clock, metrics
 from app.core.batching import batches
@@ -186,34 +185,30 @@ class Poller:
                     ),
                     [{"pid": o.prediction.id, "due": now + timedelta(seconds=self._backoff_s(o))} for o in failed],
                 )
-            for outcome in ended:
-                await self._finish(session, outcome)
+            if ended:
+                # One batch of terminal transitions: fenced on our lease, with their webhook deliveries.
+                await predictions_service.finish_many(
+                    session, runtime, [self._final(o) for o in ended], lease_owner=owner
+                )
 
     def _backoff_s(self, outcome: Outcome) -> float:
         failures = outcome.prediction.poll_failures + 1
         delay = min(self.runtime.settings.poll_interval_s * 2 ** (failures - 1), MAX_BACKOFF_S)
         return float(max(delay, outcome.retry_after_s or 0.0) * random.uniform(0.9, 1.1))
 
-    async def _finish(self, session: AsyncSession, outcome: Outcome) -> None:
+    def _final(self, outcome: Outcome) -> predictions_service.Finish:
         prediction = outcome.prediction
         if outcome.expired:
             max_age = int(self.runtime.settings.prediction_max_age_s)
-            await predictions_service.finish(
-                session,
-                self.runtime,
+            return predictions_service.Finish(
                 prediction.id,
-                lease_owner=self.runtime.worker_id,
-                status=PredictionStatus.FAILED,
+                PredictionStatus.FAILED,
                 outputs=None,
                 error=f"vidgate gave up: the upstream reported no final status within {max_age} s",
                 completed_at=None,
             )
-            return
         assert outcome.seen is not None
-        prediction.poll_count += 1
-        await predictions_service.apply_poll_result(
-            session, self.runtime, prediction, outcome.seen, self.runtime.worker_id
-        )
+        return predictions_service.final_state(prediction.id, outcome.seen, poll_count=prediction.poll_count + 1)
 
     async def drain(self, timeout_s: float) -> None:
         """Graceful stop: let in-flight calls finish (their results are still written), then give up."""

@@ -6,13 +6,14 @@ import asyncio
 import hashlib
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import bindparam, delete, func, insert, inspect, or_, select, update
+from sqlalchemy import Integer, String, bindparam, delete, func, insert, inspect, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.budgets import limits as budget_limits
 from app.budgets import service as budgets_service
 from app.core import clock, metrics
+from app.core.batching import Batcher
 from app.core.database import insert_ignore, outage_backoff_s, table_of, transaction
 from app.core.errors import AppError, Conflict, DatabaseUnavailable, InvalidRequest, NotFound
 from app.core.ids import new_id
@@ -200,69 +202,151 @@ async def submit(
     prediction_id = new_id("pred")
     fingerprint = request_fingerprint(model_id, request) if idempotency_key is not None else ""
 
-    # Transaction 1: claim the idempotency key, pass the limits and hold the estimate. Committed
-    # before the upstream call, so concurrent requests and other replicas see the hold.
-    try:
-        async with transaction(runtime.sessions) as session:
-            if idempotency_key is not None:
-                replay = await _claim_idempotency_key(
-                    session, runtime, tenant, idempotency_key, fingerprint, prediction_id
-                )
-                if replay is not None:
-                    return replay
-            prediction, estimate = await _hold_and_record(
-                session, runtime, tenant, key, model_id, request, prediction_id
-            )
-    except (budgets_service.BudgetExceeded, budget_limits.TooManyRequests):
-        await _count_refusal(runtime, tenant.id)
-        raise
+    # Hold: claim the idempotency key, pass the limits and hold the estimate, in the ledger writer's
+    # next batch. Committed before the upstream call, so concurrent requests and other replicas see it.
+    job = _HoldJob(tenant, key, model_id, request, prediction_id, idempotency_key, fingerprint)
+    held: _Held | SubmitResult = await _writer(runtime, "hold", _apply_holds).submit(job)
+    if isinstance(held, SubmitResult):
+        return held  # a replay of an earlier answer
+    prediction, estimate = held
 
+    # Forward: exactly what was recorded.
     try:
-        submitted = await runtime.upstream.submit(model_id, prediction.params)  # exactly what was recorded
+        submitted = await runtime.upstream.submit(model_id, prediction.params)
     except (UpstreamRefused, UpstreamUnavailable) as exc:
-        async with transaction(runtime.sessions) as session:
-            await _abandon(session, prediction, reason=f"upstream did not accept the prediction: {exc}", key=key)
-            if idempotency_key is not None:
-                await _forget_idempotency_key(session, tenant.id, idempotency_key)
+        reason = f"upstream did not accept the prediction: {exc}"
+        await _writer(runtime, "release", _apply_releases).submit(_ReleaseJob(prediction, key, reason, idempotency_key))
         raise _upstream_problem(exc) from exc
 
-    # Transaction 2: the hold becomes the vendor's price, together with the upstream id. The vendor
-    # has billed by now, so a database that is away is waited for rather than the charge lost.
-    body = await _confirm_until_recorded(
-        runtime, tenant, key, prediction, estimate, submitted, idempotency_key, status_url_base
-    )
+    # Settle: the hold becomes the vendor's price, together with the upstream id, in the writer's next
+    # batch. The vendor has billed by now, so a database that is away is waited for rather than the
+    # charge lost; nothing is answered before this is committed.
+    confirm = _ConfirmJob(tenant, key, prediction, estimate, submitted, idempotency_key, status_url_base)
+    body = await _confirm_until_recorded(runtime, confirm)
     log.info("prediction submitted", extra={"prediction_id": prediction.id, "cost_cents": submitted.cost_cents})
     return SubmitResult(body=body, replayed=False, prediction_id=prediction.id)
 
 
-async def _confirm_until_recorded(
-    runtime: Runtime,
-    tenant: Tenant,
-    key: ApiKey,
-    prediction: Prediction,
-    estimate: budgets_service.Estimate,
-    submitted: UpstreamSubmitted,
-    idempotency_key: str | None,
-    status_url_base: str,
-) -> dict[str, Any]:
+# ---------------------------------------------------------------- the ledger writers
+#
+# One writer per process and operation (hold, settle, release): a submit hands its step to the writer
+# and awaits it; the writer applies everything that queued meanwhile in one transaction (one commit,
+# multi-row statements where the rows are alike). The money rules stay in app/budgets/service.py.
+
+
+@dataclass(frozen=True)
+class _HoldJob:
+    tenant: Tenant
+    key: ApiKey
+    model_id: str
+    request: GenerateRequest
+    prediction_id: str
+    idempotency_key: str | None
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class _ConfirmJob:
+    tenant: Tenant
+    key: ApiKey
+    prediction: Prediction
+    estimate: budgets_service.Estimate
+    submitted: UpstreamSubmitted
+    idempotency_key: str | None
+    status_url_base: str
+
+
+@dataclass(frozen=True)
+class _ReleaseJob:
+    prediction: Prediction
+    key: ApiKey
+    reason: str
+    idempotency_key: str | None
+
+
+_Held = tuple[Prediction, budgets_service.Estimate]
+J = TypeVar("J")
+# A writer's apply: the jobs of one batch, in one transaction, to one result (or refusal) per job.
+_Apply = Callable[[Runtime, AsyncSession, list[J]], Awaitable[list[Any]]]
+
+
+def _writer(runtime: Runtime, op: str, apply: _Apply[J]) -> Batcher[J, Any]:
+    writer = runtime.writers.get(op)
+    if writer is None:
+
+        async def run(jobs: list[J]) -> list[Any]:
+            return await _in_transactions(runtime, apply, jobs)
+
+        writer = runtime.writers[op] = Batcher(run, observe=metrics.LEDGER_BATCH_SIZE.labels(op=op).observe)
+    return writer
+
+
+async def _in_transactions(runtime: Runtime, apply: _Apply[J], jobs: list[J]) -> list[Any]:
+    """The batch in one transaction. If it fails for a reason other than an outage (a deadlock, a bug
+    one job triggers), each job runs alone, so one job's failure is its caller's alone."""
+    try:
+        async with transaction(runtime.sessions) as session:
+            return await apply(runtime, session, jobs)
+    except DatabaseUnavailable:
+        raise
+    except Exception:
+        if len(jobs) == 1:
+            raise
+    results: list[Any] = []
+    for job in jobs:
+        try:
+            async with transaction(runtime.sessions) as session:
+                results += await apply(runtime, session, [job])
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+async def _apply_holds(
+    runtime: Runtime, session: AsyncSession, jobs: list[_HoldJob]
+) -> list[_Held | SubmitResult | BaseException]:
+    return await _hold_batch(session, runtime, jobs)
+
+
+async def _apply_confirms(runtime: Runtime, session: AsyncSession, jobs: list[_ConfirmJob]) -> list[dict[str, Any]]:
+    bodies: dict[int, dict[str, Any]] = {}
+    # Tenant by tenant in sorted order, as holds lock them: batches on other replicas never deadlock.
+    for index in sorted(range(len(jobs)), key=lambda i: jobs[i].tenant.id):
+        job = jobs[index]
+        confirmed = await _confirm(session, runtime, job.tenant, job.key, job.prediction, job.estimate, job.submitted)
+        body = present_submit(confirmed, f"{job.status_url_base}/{confirmed.id}", extended=False)
+        if job.idempotency_key is not None:
+            await session.execute(
+                update(IdempotencyKey)
+                .where(IdempotencyKey.tenant_id == job.tenant.id, IdempotencyKey.key == job.idempotency_key)
+                .values(response=body)
+            )
+        bodies[index] = body
+    return [bodies[i] for i in range(len(jobs))]
+
+
+async def _apply_releases(runtime: Runtime, session: AsyncSession, jobs: list[_ReleaseJob]) -> list[bool]:
+    released: dict[int, bool] = {}
+    for index in sorted(range(len(jobs)), key=lambda i: jobs[i].prediction.tenant_id):
+        job = jobs[index]
+        released[index] = await _abandon(session, job.prediction, reason=job.reason, key=job.key)
+        if job.idempotency_key is not None:
+            await _forget_idempotency_key(session, job.prediction.tenant_id, job.idempotency_key)
+    return [released[i] for i in range(len(jobs))]
+
+
+async def _confirm_until_recorded(runtime: Runtime, job: _ConfirmJob) -> dict[str, Any]:
     """Record what the vendor accepted, trying again through a database outage for as long as it is
     safe: until half of `submit_recovery_s` after the hold, so recovery (which releases holds older
     than that) never races a confirm still trying. Other database errors get a few quick retries."""
+    prediction, submitted = job.prediction, job.submitted
     loop = asyncio.get_running_loop()
     window_s = runtime.settings.submit_recovery_s / 2 - (clock.now() - prediction.created_at).total_seconds()
     deadline = loop.time() + window_s
     failures = 0
     while True:
         try:
-            async with transaction(runtime.sessions) as session:
-                confirmed = await _confirm(session, runtime, tenant, key, prediction, estimate, submitted)
-                body = present_submit(confirmed, f"{status_url_base}/{confirmed.id}", extended=False)
-                if idempotency_key is not None:
-                    await session.execute(
-                        update(IdempotencyKey)
-                        .where(IdempotencyKey.tenant_id == tenant.id, IdempotencyKey.key == idempotency_key)
-                        .values(response=body)
-                    )
+            body: dict[str, Any] = await _writer(runtime, "settle", _apply_confirms).submit(job)
             return body
         except (DatabaseUnavailable, DBAPIError) as exc:
             failures += 1
@@ -292,16 +376,6 @@ async def _confirm_until_recorded(
                 extra={"prediction_id": prediction.id, "error_type": type(exc).__name__, "attempt": failures},
             )
             await asyncio.sleep(pause)
-
-
-async def _count_refusal(runtime: Runtime, tenant_id: str) -> None:
-    # Best effort, after the refused transaction rolled back: the caller's answer is the refusal
-    # whether or not the count lands.
-    try:
-        async with transaction(runtime.sessions) as session:
-            await budgets_service.record_refusal(session, tenant_id)
-    except DBAPIError as exc:
-        log.warning("refusal not counted", extra={"tenant_id": tenant_id, "error_type": type(exc).__name__})
 
 
 async def _claim_idempotency_key(
@@ -361,45 +435,93 @@ async def _hold_and_record(
     model_id: str,
     request: GenerateRequest,
     prediction_id: str,
-) -> tuple[Prediction, budgets_service.Estimate]:
+) -> _Held:
+    """One hold alone, in the caller's transaction (a batch of one); raises its refusal."""
+    (result,) = await _hold_batch(session, runtime, [_HoldJob(tenant, key, model_id, request, prediction_id, None, "")])
+    if isinstance(result, BaseException):
+        raise result
+    assert not isinstance(result, SubmitResult)
+    return result
+
+
+async def _hold_batch(
+    session: AsyncSession, runtime: Runtime, jobs: list[_HoldJob]
+) -> list[_Held | SubmitResult | BaseException]:
+    """Claim the jobs' idempotency keys, then hold their estimates in one reserve_many and insert the
+    admitted predictions in one statement. Each job gets its prediction, a replay or its refusal."""
     settings = runtime.settings
     now = clock.now()
-    resolution = request.resolution or budgets_service.DEFAULT_RESOLUTION
-    duration = request.duration or budgets_service.DEFAULT_DURATION_S
-    period = budgets_service.period_of(tenant.budget_period, now)
-    try:
-        await budget_limits.consume_rate(session, tenant)
-        estimate = await budgets_service.price_estimate(session, settings.price_table, model_id, resolution, duration)
-        prediction = Prediction(
-            id=prediction_id,
-            tenant_id=tenant.id,
-            api_key_id=key.id,
-            model_id=model_id,
-            model_name=MODEL_NAMES.get(model_id, model_id),
-            status=PredictionStatus.SUBMITTING,
-            params=request.upstream_body(),
-            webhook_url=request.webhook,
-            webhook_events=request.webhook_events_filter,
-            meta=request.metadata,
-            estimate_cents=estimate.cents,
-            holds_slot=tenant.max_concurrent is not None,
-            period_start=period.start,
-            created_at=now,
-            poll_count=0,
-            poll_failures=0,
+    results: dict[int, _Held | SubmitResult | BaseException] = {}
+    for index, job in enumerate(jobs):
+        if job.idempotency_key is None:
+            continue
+        try:
+            replay = await _claim_idempotency_key(
+                session, runtime, job.tenant, job.idempotency_key, job.fingerprint, job.prediction_id
+            )
+        except AppError as exc:
+            results[index] = exc
+            continue
+        if replay is not None:
+            results[index] = replay
+    pending = [i for i in range(len(jobs)) if i not in results]
+    estimates: dict[tuple[str, str, int], budgets_service.Estimate] = {}
+    predictions: dict[int, tuple[Prediction, budgets_service.Estimate]] = {}
+    for index in pending:
+        job = jobs[index]
+        resolution = job.request.resolution or budgets_service.DEFAULT_RESOLUTION
+        duration = job.request.duration or budgets_service.DEFAULT_DURATION_S
+        point = (job.model_id, resolution, duration)
+        if point not in estimates:
+            estimates[point] = await budgets_service.price_estimate(session, settings.price_table, *point)
+        predictions[index] = (_new_prediction(job, estimates[point].cents, now), estimates[point])
+    retry_after_s = max(1, round(settings.poll_interval_s))
+    requests = [
+        budgets_service.HoldRequest(
+            tenant=jobs[i].tenant,
+            key=jobs[i].key,
+            hold=_hold(predictions[i][0], jobs[i].key),
+            amount=predictions[i][1].cents,
+            takes_slot=predictions[i][0].holds_slot,
+            slot_retry_after_s=retry_after_s,
         )
-        # A Core INSERT (no unit of work): the object stays in memory for the rest of the request.
-        await session.execute(_INSERT, _row(prediction))
-        # The contended rows (the tenant's slot count, its budget counter) are locked last, so they
-        # stay locked only for these statements and the COMMIT.
-        if prediction.holds_slot:
-            await budget_limits.acquire_slot(session, tenant, retry_after_s=max(1, round(settings.poll_interval_s)))
-        hold = budgets_service.Hold(tenant.id, key.id, prediction_id, model_id, period.start)
-        await budgets_service.reserve(session, tenant, key, hold, estimate.cents)
-    except AppError as exc:
-        metrics.BUDGET_REFUSALS.labels(code=exc.code).inc()
-        raise
-    return prediction, estimate
+        for i in pending
+    ]
+    admitted = []
+    for index, refusal in zip(pending, await budgets_service.reserve_many(session, requests), strict=True):
+        if refusal is None:
+            results[index] = predictions[index]
+            admitted.append(_row(predictions[index][0]))
+            continue
+        metrics.BUDGET_REFUSALS.labels(code=refusal.code).inc()
+        results[index] = refusal
+        if jobs[index].idempotency_key is not None:
+            await _forget_idempotency_key(session, jobs[index].tenant.id, jobs[index].idempotency_key or "")
+    if admitted:
+        # A Core INSERT of many rows (no unit of work): the objects stay in memory for their requests.
+        await session.execute(_INSERT, admitted)
+    return [results[i] for i in range(len(jobs))]
+
+
+def _new_prediction(job: _HoldJob, estimate_cents: int, now: datetime) -> Prediction:
+    return Prediction(
+        id=job.prediction_id,
+        tenant_id=job.tenant.id,
+        api_key_id=job.key.id,
+        model_id=job.model_id,
+        model_name=MODEL_NAMES.get(job.model_id, job.model_id),
+        status=PredictionStatus.SUBMITTING,
+        params=job.request.upstream_body(),
+        webhook_url=job.request.webhook,
+        webhook_events=job.request.webhook_events_filter,
+        meta=job.request.metadata,
+        estimate_cents=estimate_cents,
+        holds_slot=job.tenant.max_concurrent is not None,
+        period_start=budgets_service.period_of(job.tenant.budget_period, now).start,
+        created_at=now,
+        poll_count=0,
+        poll_failures=0,
+    )
 
 
 async def _confirm(
@@ -442,7 +564,7 @@ async def _confirm(
         prediction.status = PredictionStatus.PROCESSING
         prediction.next_poll_at = now + timedelta(seconds=delay)
         if prediction.holds_slot:
-            await session.execute(update(Tenant).where(Tenant.id == tenant.id).values(in_flight=Tenant.in_flight + 1))
+            await budget_limits.add_slot(session, tenant.id)
         await session.flush()
         return prediction
     cost = submitted.cost_cents
@@ -480,9 +602,10 @@ async def _abandon(session: AsyncSession, held: Prediction, *, reason: str, key:
     )
     if result.first() is None:
         return False
-    await budgets_service.release(session, _hold(held, key), held.estimate_cents, note=reason[:200])
+    # The slot row before the counters: the order holds take them in.
     if held.holds_slot:
         await budget_limits.release_slot(session, held.tenant_id)
+    await budgets_service.release(session, _hold(held, key), held.estimate_cents, note=reason[:200])
     return True
 
 
@@ -513,8 +636,7 @@ async def start_counting_slots(session: AsyncSession, tenant: Tenant) -> None:
         update(Prediction).where(*in_flight).values(holds_slot=True).execution_options(synchronize_session=False)
     )
     count = await session.scalar(select(func.count()).select_from(Prediction).where(*in_flight))
-    tenant.in_flight = count or 0
-    await session.flush()
+    await budget_limits.set_slots(session, tenant, count or 0)
 
 
 # ---------------------------------------------------------------- reads
@@ -595,6 +717,51 @@ async def wait_until_terminal(runtime: Runtime, tenant_id: str, prediction_id: s
 # ---------------------------------------------------------------- terminal transitions
 
 
+@dataclass(frozen=True)
+class Finish:
+    """What makes one prediction terminal: its final status and what the upstream said about it."""
+
+    prediction_id: str
+    status: PredictionStatus
+    outputs: list[str] | None
+    error: str | None
+    completed_at: datetime | None
+    model_name: str | None = None
+    poll_count: int | None = None
+
+
+_FINISH = (
+    update(_predictions)
+    .where(
+        _predictions.c.id == bindparam("b_id"),
+        _predictions.c.status == PredictionStatus.PROCESSING,
+        # Fenced on the lease: `b_owner` NULL (no lease asked for) matches any row.
+        or_(bindparam("b_owner", type_=String) == None, _predictions.c.lease_owner == bindparam("b_owner")),  # noqa: E711
+    )
+    .values(
+        status=bindparam("b_status"),
+        outputs=bindparam("b_outputs", type_=_predictions.c.outputs.type),
+        error=bindparam("b_error"),
+        completed_at=bindparam("b_completed_at"),
+        terminal_seen_at=bindparam("b_now"),
+        next_poll_at=None,
+        # The batch's own mark, so that one statement afterwards finds exactly the rows this batch changed.
+        lease_owner=bindparam("b_mark"),
+        lease_expires_at=None,
+        model_name=func.coalesce(bindparam("b_model_name", type_=String), _predictions.c.model_name),
+        poll_count=func.coalesce(bindparam("b_poll_count", type_=Integer), _predictions.c.poll_count),
+    )
+)
+_FINISHED = (
+    update(Prediction)
+    # By primary key, then the mark: the lease owner has no index.
+    .where(Prediction.id.in_(bindparam("b_ids", expanding=True)), Prediction.lease_owner == bindparam("b_mark"))
+    .values(lease_owner=None)
+    .returning(Prediction)
+    .execution_options(populate_existing=True, synchronize_session=False)
+)
+
+
 async def finish(
     session: AsyncSession,
     runtime: Runtime,
@@ -608,52 +775,91 @@ async def finish(
     model_name: str | None = None,
     poll_count: int | None = None,
 ) -> Prediction | None:
-    """Make a prediction terminal, release its slot, apply the failed-charge policy and write its
-    webhook deliveries, all in the caller's transaction. Fenced on the lease: a worker whose lease
-    was taken over changes nothing and gets None."""
+    """finish_many for one prediction: the prediction made terminal, or None if its lease was lost."""
+    done = await finish_many(
+        session,
+        runtime,
+        [Finish(prediction_id, status, outputs, error, completed_at, model_name, poll_count)],
+        lease_owner=lease_owner,
+    )
+    return done.get(prediction_id)
+
+
+async def finish_many(
+    session: AsyncSession, runtime: Runtime, finishes: list[Finish], *, lease_owner: str | None
+) -> dict[str, Prediction]:
+    """Make predictions terminal, release their slots, apply the failed-charge policy and write their
+    webhook deliveries, all in the caller's transaction and as few statements as the rows allow (one
+    UPDATE for all, one for the slots of each tenant, one INSERT of deliveries). Fenced on the lease:
+    a prediction whose lease was taken over is left alone and missing from the answer (by id)."""
+    if not finishes:
+        return {}
     now = clock.now()
-    conditions = [Prediction.id == prediction_id, Prediction.status == PredictionStatus.PROCESSING]
-    if lease_owner is not None:
-        conditions.append(Prediction.lease_owner == lease_owner)
-    values: dict[str, Any] = dict(
-        status=status,
-        outputs=outputs,
-        error=error,
-        completed_at=completed_at or now,
-        terminal_seen_at=now,
-        next_poll_at=None,
-        lease_owner=None,
-        lease_expires_at=None,
+    mark = new_id("fin")
+    await session.execute(
+        _FINISH,
+        [
+            {
+                "b_id": f.prediction_id,
+                "b_owner": lease_owner,
+                "b_status": f.status,
+                "b_outputs": f.outputs,
+                "b_error": f.error,
+                "b_completed_at": f.completed_at or now,
+                "b_now": now,
+                "b_mark": mark,
+                "b_model_name": f.model_name or None,
+                "b_poll_count": f.poll_count,
+            }
+            for f in finishes
+        ],
     )
-    if model_name:
-        values["model_name"] = model_name
-    if poll_count is not None:
-        values["poll_count"] = poll_count
-    prediction = await session.scalar(
-        update(Prediction)
-        .where(*conditions)
-        .values(**values)
-        .returning(Prediction)
-        .execution_options(populate_existing=True)
+    finished = list(await session.scalars(_FINISHED, {"b_ids": [f.prediction_id for f in finishes], "b_mark": mark}))
+    if not finished:
+        return {}
+    by_tenant: dict[str, list[Prediction]] = {}
+    for prediction in finished:
+        by_tenant.setdefault(prediction.tenant_id, []).append(prediction)
+    # Tenants in sorted order, each one's slot row before its counters: the order holds lock them in.
+    for tenant_id in sorted(by_tenant):
+        await budget_limits.give_slots(session, tenant_id, sum(p.holds_slot for p in by_tenant[tenant_id]))
+    for tenant_id in sorted(by_tenant):
+        for prediction in by_tenant[tenant_id]:
+            refunded = prediction.status == PredictionStatus.FAILED and not runtime.settings.keep_failed_charge
+            if refunded and prediction.charged_cents:
+                await budgets_service.refund(
+                    session, _hold(prediction), prediction.charged_cents, note="failed prediction"
+                )
+                prediction.charged_cents = 0
+    await session.flush()
+    tenants = {t.id: t for t in await session.scalars(select(Tenant).where(Tenant.id.in_(sorted(by_tenant))))}
+    await webhooks_service.enqueue_prediction_events(
+        session, runtime.settings, [(tenants[p.tenant_id], p, present(p)) for p in finished]
     )
-    if prediction is None:
-        return None
-    if prediction.holds_slot:
-        await budget_limits.release_slot(session, prediction.tenant_id)
-    if status == PredictionStatus.FAILED and not runtime.settings.keep_failed_charge and prediction.charged_cents:
-        await budgets_service.refund(session, _hold(prediction), prediction.charged_cents, note="failed prediction")
-        prediction.charged_cents = 0
-        await session.flush()
-    tenant = await session.get(Tenant, prediction.tenant_id)
-    assert tenant is not None
-    await webhooks_service.enqueue_prediction_event(session, runtime.settings, tenant, prediction, present(prediction))
-    metrics.PREDICTIONS_FINISHED.labels(status=status).inc()
-    log.info(
-        "prediction finished",
-        extra={"prediction_id": prediction.id, "tenant_id": prediction.tenant_id, "status": status},
+    for prediction in finished:
+        metrics.PREDICTIONS_FINISHED.labels(status=prediction.status).inc()
+        metrics.POLLS_PER_PREDICTION.observe(prediction.poll_count)
+        log.info(
+            "prediction finished",
+            extra={"prediction_id": prediction.id, "tenant_id": prediction.tenant_id, "status": prediction.status},
+        )
+    metrics.LEDGER_BATCH_SIZE.labels(op="finish").observe(len(finishes))
+    return {p.id: p for p in finished}
+
+
+def final_state(prediction_id: str, upstream: UpstreamPrediction, *, poll_count: int) -> Finish:
+    """The terminal transition one poll saw (a poll that saw "processing" is stored by the poller)."""
+    status = PredictionStatus(upstream.status)
+    assert status in TERMINAL_STATUSES, status
+    return Finish(
+        prediction_id,
+        status,
+        outputs=upstream.outputs if status == PredictionStatus.COMPLETED else None,
+        error=upstream.error if status == PredictionStatus.FAILED else None,
+        completed_at=upstream.completed_at,
+        model_name=upstream.model_name,
+        poll_count=poll_count,
     )
-    metrics.POLLS_PER_PREDICTION.observe(prediction.poll_count)
-    return prediction
 
 
 async def apply_poll_result(
@@ -663,23 +869,10 @@ async def apply_poll_result(
     upstream: UpstreamPrediction,
     lease_owner: str,
 ) -> bool:
-    """Store the final state one poll saw (a poll that saw "processing" is stored by the poller, in
-    bulk). Returns False when the lease was lost (the write was refused)."""
-    status = PredictionStatus(upstream.status)
-    assert status in TERMINAL_STATUSES, status
-    done = await finish(
-        session,
-        runtime,
-        prediction.id,
-        lease_owner=lease_owner,
-        status=status,
-        outputs=upstream.outputs if status == PredictionStatus.COMPLETED else None,
-        error=upstream.error if status == PredictionStatus.FAILED else None,
-        completed_at=upstream.completed_at,
-        model_name=upstream.model_name,
-        poll_count=prediction.poll_count,
-    )
-    return done is not None
+    """Store the final state one poll saw. Returns False when the lease was lost (the write was refused)."""
+    final = final_state(prediction.id, upstream, poll_count=prediction.poll_count)
+    done = await finish_many(session, runtime, [final], lease_owner=lease_owner)
+    return prediction.id in done
 
 
 async def recover_interrupted_submits(runtime: Runtime) -> int:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, String
+from sqlalchemy import CheckConstraint, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.core import clock
@@ -11,6 +11,11 @@ from app.core.database import Base
 
 class Tenant(Base):
     __tablename__ = "tenants"
+    # Money and slot columns never go negative (migration 0004); named by the metadata's convention.
+    __table_args__ = (
+        CheckConstraint("in_flight >= 0", name="in_flight_nonnegative"),
+        CheckConstraint("budget_cents >= 0", name="budget_cents_nonnegative"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
@@ -35,6 +40,7 @@ class Tenant(Base):
 
 class ApiKey(Base):
     __tablename__ = "api_keys"
+    __table_args__ = (CheckConstraint("budget_cents >= 0", name="budget_cents_nonnegative"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)

@@ -82,13 +82,20 @@ def _add(
 async def enqueue_prediction_event(
     session: AsyncSession, settings: Settings, tenant: Tenant, prediction: Prediction, data: dict[str, Any]
 ) -> None:
-    status = prediction.status
-    if prediction.webhook_events is not None and status not in prediction.webhook_events:
-        return
-    url = prediction.webhook_url or tenant_endpoint(tenant)
-    if url is None:
-        return
-    _add(session, tenant, url, f"prediction.{status}", data, prediction.id)
+    await enqueue_prediction_events(session, settings, [(tenant, prediction, data)])
+
+
+async def enqueue_prediction_events(
+    session: AsyncSession, settings: Settings, events: list[tuple[Tenant, Prediction, dict[str, Any]]]
+) -> None:
+    """The deliveries of many predictions' events, written by one flush (one multi-row INSERT)."""
+    for tenant, prediction, data in events:
+        status = prediction.status
+        if prediction.webhook_events is not None and status not in prediction.webhook_events:
+            continue
+        url = prediction.webhook_url or tenant_endpoint(tenant)
+        if url is not None:
+            _add(session, tenant, url, f"prediction.{status}", data, prediction.id)
     await session.flush()
 
 
