@@ -231,6 +231,7 @@ class Bench:
     async def start_floor(self, sim_url: str, client: str) -> tuple[Proc, str]:
         port = free_port()
         argv = [sys.executable, "-m", "bench.floor", "--port", str(port), "--upstream", sim_url, "--client", client]
+        argv += ["--server", "uvicorn"]  # vidgate's own server stack: uvicorn, uvloop, httptools
         proc = self.procs.start("floor", argv, self.env(), self.workdir)
         url = f"http://127.0.0.1:{port}"
         await wait_http(url + "/_ping", proc)
