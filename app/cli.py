@@ -4,9 +4,12 @@ running server, from any working directory, with the same VIDGATE_* settings."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import os
 import signal
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -76,8 +79,7 @@ def serve(
     ] = False,
 ) -> None:
     """Run the API (and, unless VIDGATE_RUN_WORKER=false, the poller and webhook dispatcher)."""
-    import uvicorn
-
+    from app.core.metrics import MULTIPROC_DIR_ENV
     from app.main import app_from_environment
 
     settings = get_settings()
@@ -94,6 +96,19 @@ def serve(
     app: Any = "app.main:app_from_environment"
     if workers == 1:
         app = functools.partial(app_from_environment, settings, _listen_url(host, port))
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            # Set before the workers start (they inherit it): each writes its metrics there and any of
+            # them answers a scrape with all of them (app/core/metrics.py). Fresh: a previous run's
+            # files would add its counts to ours.
+            directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="vidgate-metrics-"))
+            os.environ[MULTIPROC_DIR_ENV] = directory
+        _run_uvicorn(app, host, port, workers)
+
+
+def _run_uvicorn(app: Any, host: str, port: int, workers: int) -> None:
+    import uvicorn
+
     uvicorn.run(
         app,
         factory=True,

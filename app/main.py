@@ -27,6 +27,7 @@ from app.outputs.router import admin_router as outputs_admin_router
 from app.outputs.router import router as outputs_router
 from app.predictions.router import router as predictions_router
 from app.runtime import Runtime, build_runtime
+from app.tenants import cache as key_cache
 from app.upstream import sandbox
 from app.webhooks.router import router as webhooks_router
 from app.worker import Worker
@@ -55,6 +56,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         simulator, upstream_url = await sandbox.start(settings, sandbox_base_url)
     runtime = build_runtime(settings, engine, sessions, upstream_url)
     app.state.runtime = runtime
+    # PostgreSQL: every process hears of key revokes and tenant changes at once (app/tenants/cache.py).
+    listener_stop = asyncio.Event()
+    listener = (
+        asyncio.create_task(key_cache.listen(engine.url, listener_stop))
+        if engine.dialect.name == "postgresql"
+        else None
+    )
     worker_task = None
     worker = Worker(runtime)
     if settings.run_worker:
@@ -69,6 +77,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         worker.stop()
+        listener_stop.set()
+        if listener is not None:
+            with contextlib.suppress(Exception):
+                await listener
         if worker_task is not None:
             with contextlib.suppress(Exception):
                 await worker_task

@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.admin.deps import is_admin_token
+from app.core import metrics as app_metrics
 from app.core.database import transaction
 from app.core.errors import AppError, DatabaseUnavailable, NotFound
 from app.core.migrate import current_revision, head_revision
@@ -79,12 +79,13 @@ async def require_metrics_reader(
 
 @router.get(
     "/metrics",
-    summary="Prometheus metrics of this process",
+    summary="Prometheus metrics of this process (of all of them under serve --workers N)",
     include_in_schema=False,
     dependencies=[Depends(require_metrics_reader)],
 )
 async def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    body, media_type = app_metrics.exposition()
+    return Response(body, media_type=media_type)
 
 
 @router.get("/sandbox/outputs/{name}", include_in_schema=False)

@@ -333,6 +333,7 @@ def write(r: dict[str, Any], out: Path, *, smoke: bool, before: dict[str, Any] |
     _clients_section(r, w, charts)
     _submit_section(r, w, charts)
     _reads_section(r, w)
+    _server_timing_section(r, w)
     _contention_section(r, w)
     _polling_section(r, w, charts)
     _webhooks_section(r, w)
@@ -443,6 +444,28 @@ def _reads_section(r: dict[str, Any], w: Any) -> None:
                     f"| {level} | {setup} | {_f(c['rps'], 0)} | {_f(_ratio(c['rps'], d.get('rps')), 2)} | {_f(c['p50'], 2)} | {_f(c['p99'], 2)} | {_errors(c)} | {_f(c.get('foreign_cores'), 2)} |"
                 )
     w("")
+
+
+def _server_timing_section(r: dict[str, Any], w: Any) -> None:
+    timing = r.get("server_timing")
+    if not timing:
+        return
+    w("")
+    w("## Server-Timing, as a gateway user sees it")
+    w("")
+    w(
+        "Each gateway answer's `Server-Timing` header (`db`, `upstream`, `app` ms), sampled over requests sent one at a "
+        "time after the cell at the highest concurrency (so no queueing is in the figures)."
+    )
+    w("")
+    w("| cell | db p50 | db p99 | upstream p50 | upstream p99 | app p50 | app p99 |")
+    w("|---|---|---|---|---|---|---|")
+    for cell, parts in timing.items():
+        row = [cell]
+        for name in ("db", "upstream", "app"):
+            part = parts.get(name, {})
+            row += [_f(part.get("p50"), 2), _f(part.get("p99"), 2)]
+        w("| " + " | ".join(row) + " |")
 
 
 def _contention_section(r: dict[str, Any], w: Any) -> None:

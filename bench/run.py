@@ -43,7 +43,8 @@ SUBMIT_BODY = (
 VENDOR_KEY = "bench-vendor-key"
 SETUPS = ("direct", "floor", "vidgate-sqlite", "vidgate-postgresql")
 QUIET_CORES = 0.25  # other processes may use at most this many cores for the machine to count as quiet
-POLL_INTERVAL_S = 1.5  # vidgate's default VIDGATE_POLL_INTERVAL_S, the vendor asks for 1-2 s
+POLL_INTERVAL_S = 1.5
+SERVER_TIMING_SAMPLE = 200  # requests sampled one at a time per gateway cell for the Server-Timing table  # vidgate's default VIDGATE_POLL_INTERVAL_S, the vendor asks for 1-2 s
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,7 @@ class Bench:
     async def start_floor(self, sim_url: str, client: str) -> tuple[Proc, str]:
         port = free_port()
         argv = [sys.executable, "-m", "bench.floor", "--port", str(port), "--upstream", sim_url, "--client", client]
+        argv += ["--server", "uvicorn"]  # vidgate's own server stack: uvicorn, uvloop, httptools
         proc = self.procs.start("floor", argv, self.env(), self.workdir)
         url = f"http://127.0.0.1:{port}"
         await wait_http(url + "/_ping", proc)
@@ -326,6 +328,22 @@ class Bench:
         if failures:
             raise RuntimeError(f"{len(failures)} of {n} submits failed, first: {failures[0]}")
         return ids
+
+    async def server_timing(
+        self, base: str, method: str, paths: list[str], auth: str, body: str | None, n: int = SERVER_TIMING_SAMPLE
+    ) -> dict[str, Any]:
+        """What a gateway user sees in Server-Timing: n requests one at a time (no queueing in the
+        figures), the median and p99 of each part in ms. Empty when the server sends none."""
+        parts: dict[str, list[float]] = {}
+        headers = {"Authorization": auth, "content-type": "application/json"}
+        for i in range(n):
+            async with self.http.request(method, base + paths[i % len(paths)], data=body, headers=headers) as answer:
+                await answer.read()
+                for item in answer.headers.get("server-timing", "").split(","):
+                    name, _, dur = item.strip().partition(";dur=")
+                    if dur:
+                        parts.setdefault(name, []).append(float(dur))
+        return {name: {"p50": median(v), "p99": percentile(sorted(v), 99)} for name, v in parts.items()}
 
     async def measure(
         self,
@@ -520,6 +538,8 @@ class Bench:
         self.dbs = dbs
         submit: dict[str, dict[str, Any]] = {s: {} for s in SETUPS}
         reads: dict[str, dict[str, Any]] = {s: {} for s in SETUPS}
+        timing: dict[str, Any] = {}
+        self.results["server_timing"] = timing
         for level in plan.levels:
             for setup in SETUPS:
                 sim, sim_url = await self.start_simulator()
@@ -560,6 +580,10 @@ class Bench:
                     await self.finish_profile(prof, "submit-postgresql-c32")
                     if server is not None:
                         submit[setup][str(level)]["rss_kb"] = proc_status_kb(server.pid, "VmHWM")
+                    if setup.startswith("vidgate") and level == max(plan.levels):
+                        timing[f"submit {setup}"] = await self.server_timing(
+                            base, "POST", [f"/api/v1/models/{MODEL}/generate"], auth, SUBMIT_BODY
+                        )
                     if level in plan.read_levels:
                         ids = await self.submit_many(base, auth, 64, 8)
                         prof = None
@@ -578,6 +602,10 @@ class Bench:
                             server=server,
                         )
                         await self.finish_profile(prof, "read-postgresql-c32")
+                        if setup.startswith("vidgate") and level == max(plan.read_levels):
+                            timing[f"GET {setup}"] = await self.server_timing(
+                                base, "GET", [f"/api/v1/predictions/{i}" for i in ids], auth, None
+                            )
                 finally:
                     if server is not None:
                         self.procs.stop(server)

@@ -1,8 +1,18 @@
-"""Prometheus metric families. Each process exposes its own at /metrics."""
+"""Prometheus metric families.
+
+One process exposes its own at /metrics. Under `vidgate serve --workers N`, `serve` points
+PROMETHEUS_MULTIPROC_DIR at a fresh directory before the workers start: each process then writes its
+values to files there, and a scrape (answered by any one worker) merges every process's files.
+Gauges say how to merge: the sampled ones hold the same database figure in every process, so the most
+recently written value is the answer.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 
@@ -19,7 +29,11 @@ POLLS_PER_PREDICTION = Histogram(
     "Upstream polls a prediction needed",
     buckets=(1, 2, 3, 5, 8, 13, 21, 50, 100),
 )
-IN_FLIGHT = Gauge("vidgate_predictions_in_flight", "Predictions not yet terminal (sampled from the database)")
+IN_FLIGHT = Gauge(
+    "vidgate_predictions_in_flight",
+    "Predictions not yet terminal (sampled from the database)",
+    multiprocess_mode="mostrecent",
+)
 POLL_LAG = Histogram("vidgate_poll_lag_seconds", "Due time to actual upstream poll", buckets=LAG_BUCKETS)
 NOTIFICATION_LAG = Histogram(
     "vidgate_notification_lag_seconds",
@@ -28,8 +42,12 @@ NOTIFICATION_LAG = Histogram(
 )
 WEBHOOK_ATTEMPTS = Counter("vidgate_webhook_attempts_total", "Webhook delivery attempts", ["outcome"])
 BUDGET_REFUSALS = Counter("vidgate_budget_refusals_total", "Submits refused by a limit", ["code"])
-RESERVED_CENTS = Gauge("vidgate_reserved_cents", "Cents held this period (sampled)", ["tenant"])
-SPENT_CENTS = Gauge("vidgate_spent_cents", "Cents spent this period (sampled)", ["tenant"])
+RESERVED_CENTS = Gauge(
+    "vidgate_reserved_cents", "Cents held this period (sampled)", ["tenant"], multiprocess_mode="mostrecent"
+)
+SPENT_CENTS = Gauge(
+    "vidgate_spent_cents", "Cents spent this period (sampled)", ["tenant"], multiprocess_mode="mostrecent"
+)
 PREDICTIONS_FINISHED = Counter("vidgate_predictions_finished_total", "Predictions that ended", ["status"])
 OUTPUT_COPIES = Counter(
     "vidgate_output_copy_attempts_total", "Attempts to copy a prediction's outputs", ["outcome"]
@@ -41,3 +59,16 @@ LEDGER_BATCH_SIZE = Histogram(
     ["op"],  # hold | settle | release | finish
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
+
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def exposition() -> tuple[bytes, str]:
+    """The scrape: this process's families, or every process's when running several (see above)."""
+    directory = os.environ.get(MULTIPROC_DIR_ENV)
+    if not directory:
+        return generate_latest(), CONTENT_TYPE_LATEST
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -9,7 +9,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core import metrics
+from app.core import metrics, timing
 from app.core.logging import request_id_var, tenant_id_var
 
 access_log = logging.getLogger("vidgate.access")
@@ -31,6 +31,7 @@ class RequestContextMiddleware:
         token = request_id_var.set(request_id)
         tenant_token = tenant_id_var.set(None)
         started = time.perf_counter()
+        spent, timing_token = timing.start()
         status = 500
         extra = [(b"x-request-id", request_id.encode())]
         if self.sandbox:
@@ -40,7 +41,8 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = list(message.get("headers", [])) + extra
+                server_timing = (b"server-timing", timing.header(spent, time.perf_counter() - started))
+                message["headers"] = [*message.get("headers", []), *extra, server_timing]
             await send(message)
 
         try:
@@ -56,5 +58,6 @@ class RequestContextMiddleware:
                 "request",
                 extra={"method": scope["method"], "route": path, "status": status, "ms": round(elapsed * 1000, 1)},
             )
+            timing.stop(timing_token)
             tenant_id_var.reset(tenant_token)
             request_id_var.reset(token)

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Response
 
 from app.budgets import service as budgets_service
-from app.budgets.headers import RETRY_AFTER_DOC, note_charge, tenant_responses
+from app.budgets.headers import RETRY_AFTER_DOC, note_balance, note_charge, tenant_responses
 from app.budgets.schemas import QuoteOut
 from app.core import clock
 from app.core.database import transaction
@@ -19,7 +19,9 @@ from app.core.types import Line
 from app.deps import PublicBaseUrlDep, ReadSessionDep, RuntimeDep
 from app.predictions import service as predictions_service
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, PublicStatus, SubmitOut
-from app.tenants.deps import CallerDep, Credentials, ReaderDep, authenticate
+from app.tenants import service as tenants_service
+from app.tenants.cache import CACHE
+from app.tenants.deps import CallerDep, Credentials, ReaderDep, authenticate, cached_caller
 
 router = APIRouter(prefix="/api/v1", tags=["predictions"], responses=tenant_responses())
 
@@ -137,12 +139,29 @@ async def quote(
 async def get_prediction(
     runtime: RuntimeDep, credentials: Credentials, prediction_id: Annotated[Line, Path(alias="predictionId")]
 ) -> Response:
-    # The route callers poll: one read-only unit of work opened here, not by two generator dependencies.
+    # The route callers poll: the key check from the cache, then one statement reads the prediction
+    # and the balance for the headers (one read-only unit of work opened here, no generator dependency).
+    caller = cached_caller(credentials)
     async with transaction(runtime.sessions, readonly=True) as session:
-        caller = await authenticate(session, credentials)
-        body, next_poll_at = await predictions_service.read_with_next_poll(session, caller.tenant.id, prediction_id)
-    headers = {"Retry-After": _retry_after(next_poll_at)} if body["status"] == "processing" else None
-    return json_response(body, headers=headers)
+        if caller is None:
+            caller = await authenticate(session, credentials, runtime=runtime)
+        tenant = caller.tenant
+        now = clock.now()
+        period_start = budgets_service.period_of(tenant.budget_period, now).start
+        read = await predictions_service.read_with_balance(
+            session, tenant.id, prediction_id, tenants_service.counter_scope(tenant), period_start
+        )
+        if read is None:
+            balance = await tenants_service.read_balance(session, tenant)
+        else:
+            balance = tenants_service.balance_of(tenant, read.spent_cents, read.reserved_cents, now)
+    CACHE.put_balance(tenant.id, balance, runtime.settings.balance_ttl_s)
+    note_balance(balance)
+    if read is None:
+        raise predictions_service.not_found(prediction_id)
+    processing = read.body["status"] == "processing"
+    headers = {"Retry-After": _retry_after(read.next_poll_at)} if processing else None
+    return json_response(read.body, headers=headers)
 
 
 @router.get("/predictions", response_model=PredictionList, summary="List your predictions, newest first")

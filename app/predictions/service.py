@@ -13,13 +13,14 @@ from functools import cache
 from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import Integer, String, bindparam, delete, func, insert, inspect, or_, select, update
+from sqlalchemy import Integer, String, and_, bindparam, delete, func, insert, inspect, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets import limits as budget_limits
 from app.budgets import service as budgets_service
+from app.budgets.models import BudgetCounter
 from app.core import clock, metrics
 from app.core.batching import Batcher
 from app.core.database import insert_ignore, outage_backoff_s, table_of, transaction
@@ -661,12 +662,51 @@ _PUBLIC_COLUMNS = (
     _predictions.c.charged_cents,
     _predictions.c.metadata.label("meta"),
 )
-_READ = select(*_PUBLIC_COLUMNS, _predictions.c.next_poll_at).where(
+_READ_WHERE = (
     _predictions.c.id == bindparam("b_id"),
     _predictions.c.tenant_id == bindparam("b_tenant_id"),
     # Not IN (...): an expanding IN is rendered again at every execution.
     or_(*(_predictions.c.status == status for status in PUBLIC_STATUSES)),
 )
+_READ = select(*_PUBLIC_COLUMNS, _predictions.c.next_poll_at).where(*_READ_WHERE)
+
+
+# GET's one statement: the prediction and, by a primary-key probe of the tenant's counter row of the
+# current period, the balance for the headers (the key check came from the cache).
+_counters = table_of(BudgetCounter).c
+_READ_WITH_BALANCE = (
+    select(*_PUBLIC_COLUMNS, _predictions.c.next_poll_at, _counters.spent_cents, _counters.reserved_cents)
+    .select_from(_predictions)
+    .outerjoin(
+        table_of(BudgetCounter),
+        and_(_counters.scope == bindparam("b_scope"), _counters.period_start == bindparam("b_period_start")),
+    )
+    .where(*_READ_WHERE)
+)
+
+
+@dataclass(frozen=True)
+class Read:
+    body: dict[str, Any]
+    next_poll_at: datetime | None
+    spent_cents: int | None
+    reserved_cents: int | None
+
+
+async def read_with_balance(
+    session: AsyncSession, tenant_id: str, prediction_id: str, scope: str, period_start: datetime
+) -> Read | None:
+    """The GET representation, when the gateway polls it next, and the tenant's counter (`scope`,
+    `period_start`) in one statement; None: no such prediction for this tenant."""
+    params = {"b_id": prediction_id, "b_tenant_id": tenant_id, "b_scope": scope, "b_period_start": period_start}
+    row = (await session.execute(_READ_WITH_BALANCE, params)).first()
+    if row is None:
+        return None
+    return Read(present(row), row.next_poll_at, row.spent_cents, row.reserved_cents)
+
+
+def not_found(prediction_id: str) -> PredictionNotFound:
+    return PredictionNotFound(f"There is no prediction {prediction_id!r} for this API key's tenant.")
 
 
 async def read_for_tenant(session: AsyncSession, tenant_id: str, prediction_id: str) -> dict[str, Any]:
@@ -680,7 +720,7 @@ async def read_with_next_poll(
     """The GET representation and when the gateway polls it next (for Retry-After), in one query."""
     row = (await session.execute(_READ, {"b_id": prediction_id, "b_tenant_id": tenant_id})).first()
     if row is None:
-        raise PredictionNotFound(f"There is no prediction {prediction_id!r} for this API key's tenant.")
+        raise not_found(prediction_id)
     return present(row), row.next_poll_at
 
 

@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
@@ -21,6 +21,7 @@ from app.core import clock
 from app.core.database import Base, table_of
 from app.core.errors import NotFound, Unauthorized
 from app.core.ids import new_id
+from app.tenants.cache import CACHE, note_tenant_changed
 from app.tenants.models import ApiKey, Tenant
 from app.tenants.schemas import KeyCreate, TenantCreate, TenantUpdate
 
@@ -97,6 +98,7 @@ async def update_tenant(session: AsyncSession, tenant: Tenant, data: TenantUpdat
         # Setting the URL again is how an operator re-enables an endpoint that answered 410 Gone.
         tenant.webhook_disabled_at = None
     await session.flush()
+    await note_tenant_changed(session, tenant.id)
     return tenant
 
 
@@ -108,6 +110,7 @@ async def delete_tenant(session: AsyncSession, tenant: Tenant) -> None:
         update(ApiKey).where(ApiKey.tenant_id == tenant.id, ApiKey.revoked_at.is_(None)).values(revoked_at=now)
     )
     await session.flush()
+    await note_tenant_changed(session, tenant.id)
 
 
 async def create_key(session: AsyncSession, tenant: Tenant, data: KeyCreate) -> tuple[ApiKey, str]:
@@ -138,6 +141,7 @@ async def revoke_key(session: AsyncSession, tenant: Tenant, key_id: str) -> ApiK
     if key.revoked_at is None:
         key.revoked_at = clock.now()
         await session.flush()
+        await note_tenant_changed(session, tenant.id)
     return key
 
 
@@ -184,11 +188,23 @@ async def authenticate(session: AsyncSession, raw_key: str) -> tuple[Tenant, Api
     return tenant, key
 
 
-async def authenticate_with_balance(session: AsyncSession, raw_key: str) -> tuple[Tenant, ApiKey, Balance]:
-    """authenticate(), plus the tenant's balance this period, read by the same query."""
+def _digest(raw_key: str) -> str:
     if not raw_key.startswith(KEY_PREFIX):
         raise Unauthorized("API keys start with 'vg_'. Send 'Authorization: Bearer vg_...'.")
-    digest = hash_key(raw_key)
+    return hash_key(raw_key)
+
+
+def authenticate_cached(raw_key: str) -> tuple[Tenant, ApiKey] | None:
+    """The key check from this process's cache (app/tenants/cache.py); None: ask the database."""
+    return CACHE.get(_digest(raw_key))
+
+
+async def authenticate_with_balance(
+    session: AsyncSession, raw_key: str, *, cache_ttl_s: float = 0.0
+) -> tuple[Tenant, ApiKey, Balance]:
+    """authenticate(), plus the tenant's balance this period, read by the same query. With
+    `cache_ttl_s`, a valid key is kept in the cache that long."""
+    digest = _digest(raw_key)
     now = clock.now()
     params: dict[str, Any] = {"digest": digest}
     params.update({f"p_{kind}": budgets_service.period_of(kind, now).start for kind in _PERIOD_KINDS})
@@ -202,8 +218,32 @@ async def authenticate_with_balance(session: AsyncSession, raw_key: str) -> tupl
     if key.revoked_at is not None or tenant.deleted_at is not None:
         raise Unauthorized("This API key was revoked. Ask your operator for a new one.")
     spent, reserved = row[-2:]
+    CACHE.put(digest, tenant, key, cache_ttl_s)
+    return tenant, key, balance_of(tenant, spent, reserved, now)
+
+
+def balance_of(tenant: Tenant, spent: int | None, reserved: int | None, now: datetime) -> Balance:
+    """The balance from the tenant's counter row of the current period (None: no row yet)."""
     period = budgets_service.period_of(tenant.budget_period, now)
-    return tenant, key, Balance(tenant.budget_cents, spent or 0, reserved or 0, period.end)
+    return Balance(tenant.budget_cents, spent or 0, reserved or 0, period.end)
+
+
+def counter_scope(tenant: Tenant) -> str:
+    return f"tenant:{tenant.id}"
+
+
+_BALANCE = select(_counters.spent_cents, _counters.reserved_cents).where(
+    _counters.scope == bindparam("b_scope"), _counters.period_start == bindparam("b_period_start")
+)
+
+
+async def read_balance(session: AsyncSession, tenant: Tenant) -> Balance:
+    """The tenant's balance now (one primary-key probe), for answers that read nothing else."""
+    now = clock.now()
+    start = budgets_service.period_of(tenant.budget_period, now).start
+    row = (await session.execute(_BALANCE, {"b_scope": counter_scope(tenant), "b_period_start": start})).first()
+    spent, reserved = row if row is not None else (0, 0)
+    return balance_of(tenant, spent, reserved, now)
 
 
 async def rotate_webhook_secret(session: AsyncSession, tenant: Tenant, grace_s: float) -> Tenant:
@@ -212,6 +252,7 @@ async def rotate_webhook_secret(session: AsyncSession, tenant: Tenant, grace_s: 
     tenant.webhook_secret_previous_expires_at = now + timedelta(seconds=grace_s)
     tenant.webhook_secret = new_webhook_secret()
     await session.flush()
+    await note_tenant_changed(session, tenant.id)
     return tenant
 
 

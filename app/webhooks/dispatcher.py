@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import aiohttp
-from sqlalchemy import select, update
+from sqlalchemy import cast, column, select, update
+from sqlalchemy import values as value_rows
 
 from app.core import clock, metrics
 from app.core.batching import batches
-from app.core.database import store_until_done, transaction
+from app.core.database import store_until_done, table_of, transaction
 from app.core.retry_after import parse_retry_after
 from app.core.ssrf import ForbiddenTarget, check_url
 from app.runtime import Runtime
@@ -32,6 +33,11 @@ USER_AGENT = "vidgate-webhooks/1"
 
 
 WRITE_BATCH = 500
+
+_deliveries = table_of(WebhookDelivery)
+# What an attempt changes on its delivery row (Dispatcher._next_state), besides dropping the lease.
+_STATE_FIELDS = ("attempts", "last_status_code", "last_error", "status", "delivered_at", "next_attempt_at")
+_OUTCOME_COLUMNS = [column(name, _deliveries.c[name].type) for name in ("id", *_STATE_FIELDS)]
 
 
 @dataclass(frozen=True)
@@ -231,26 +237,43 @@ class Dispatcher:
         return "failed", values
 
     async def record(self, batch: list[Attempt]) -> None:
-        """Store a batch of attempts in one transaction, each fenced on our lease: a worker whose lease
-        was taken over records nothing, and the new holder records its own attempt."""
+        """Store a batch of attempts in one transaction, fenced on our lease: a worker whose lease was
+        taken over records nothing, and the new holder records its own attempt. The deliveries change
+        in one UPDATE ... FROM (VALUES ...), the attempts go in as one multi-row INSERT."""
         owner = self.runtime.worker_id
+        # One attempt per delivery: after the first is stored the lease is ours no more.
+        first: dict[str, Attempt] = {}
+        for attempt in batch:
+            first.setdefault(attempt.delivery.id, attempt)
+        states = [(attempt, *self._next_state(attempt)) for attempt in first.values()]
+        outcomes = (
+            value_rows(*_OUTCOME_COLUMNS, name="outcomes")
+            .data([(attempt.delivery.id, *(new[name] for name in _STATE_FIELDS)) for attempt, _, new in states])
+            .cte("outcomes")
+        )  # a CTE: SQLite has no column list on a VALUES alias
         async with transaction(self.runtime.sessions) as session:
-            for attempt in batch:
-                delivery = attempt.delivery
-                outcome, values = self._next_state(attempt)
-                stored = await session.scalar(
-                    update(WebhookDelivery)
-                    .where(WebhookDelivery.id == delivery.id, WebhookDelivery.lease_owner == owner)
-                    .values(**values)
-                    .returning(WebhookDelivery.id)
-                    .execution_options(synchronize_session=False)
+            # PostgreSQL types a VALUES column that is NULL in every row as text: cast it back.
+            typed = session.get_bind().dialect.name == "postgresql"
+            new_values = {
+                name: cast(outcomes.c[name], _deliveries.c[name].type) if typed else outcomes.c[name]
+                for name in _STATE_FIELDS
+            }
+            stored = set(
+                await session.scalars(
+                    update(_deliveries)
+                    .where(_deliveries.c.id == outcomes.c.id, _deliveries.c.lease_owner == owner)
+                    .values(lease_owner=None, lease_expires_at=None, **new_values)
+                    .returning(_deliveries.c.id)
                 )
-                if stored is None:
+            )
+            for attempt, outcome, new in states:
+                delivery = attempt.delivery
+                if delivery.id not in stored:
                     continue
                 metrics.WEBHOOK_ATTEMPTS.labels(outcome=outcome).inc()
                 if outcome == "succeeded":
                     metrics.NOTIFICATION_LAG.observe(max((attempt.at - delivery.created_at).total_seconds(), 0.0))
-                error = values["last_error"]
+                error = new["last_error"]
                 session.add(
                     WebhookAttempt(
                         delivery_id=delivery.id,
