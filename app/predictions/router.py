@@ -17,6 +17,7 @@ from app.core.responses import json_response
 from app.core.retry_after import retry_after_value
 from app.core.types import Line
 from app.deps import PublicBaseUrlDep, ReadSessionDep, RuntimeDep
+from app.outputs import service as outputs_service
 from app.predictions import service as predictions_service
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, PublicStatus, SubmitOut
 from app.tenants.deps import CallerDep, Credentials, ReaderDep, authenticate
@@ -74,6 +75,7 @@ async def generate(
         body,
         idempotency_key=idempotency_key,
         status_url_base=f"{base_url}/api/v1/predictions",
+        public_base_url=base_url,
     )
     headers = {"Idempotent-Replayed": "true"} if result.replayed else {}
     content: dict[str, Any] = result.body
@@ -87,6 +89,8 @@ async def generate(
         )
         if prediction is not None:
             content = predictions_service.present_submit(prediction, content["statusUrl"], extended=True)
+            async with transaction(runtime.sessions, readonly=True) as session:
+                await outputs_service.show_current_links(session, runtime.settings, [content])
             next_poll_at = prediction.next_poll_at
         headers["Preference-Applied"] = f"wait={int(wait_s)}"
     if content["status"] == "processing":
@@ -141,12 +145,14 @@ async def get_prediction(
     async with transaction(runtime.sessions, readonly=True) as session:
         caller = await authenticate(session, credentials)
         body, next_poll_at = await predictions_service.read_with_next_poll(session, caller.tenant.id, prediction_id)
+        await outputs_service.show_current_links(session, runtime.settings, [body])
     headers = {"Retry-After": _retry_after(next_poll_at)} if body["status"] == "processing" else None
     return json_response(body, headers=headers)
 
 
 @router.get("/predictions", response_model=PredictionList, summary="List your predictions, newest first")
 async def list_predictions(
+    runtime: RuntimeDep,
     session: ReadSessionDep,
     caller: ReaderDep,
     status: Annotated[PublicStatus | None, Query()] = None,
@@ -156,4 +162,6 @@ async def list_predictions(
     rows, next_cursor = await predictions_service.list_for_tenant(
         session, caller.tenant.id, status=status, limit=limit, cursor=cursor
     )
-    return json_response({"data": [predictions_service.present(p) for p in rows], "nextCursor": next_cursor})
+    data = [predictions_service.present(p) for p in rows]
+    await outputs_service.show_current_links(session, runtime.settings, data)
+    return json_response({"data": data, "nextCursor": next_cursor})
