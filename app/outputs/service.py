@@ -186,9 +186,8 @@ async def show_current_links(session: AsyncSession, settings: Settings, bodies: 
             files.setdefault(copy.prediction_id, []).append(item)
     now = clock.now()
     for body in bodies:
-        copy = copies.get(body["id"])
-        if copy is not None:
-            body["outputs"] = links(settings, copy, files.get(copy.prediction_id, []), now)
+        if (job := copies.get(body["id"])) is not None:
+            body["outputs"] = links(settings, job, files.get(job.prediction_id, []), now)
 
 
 # ---------------------------------------------------------------- serving
