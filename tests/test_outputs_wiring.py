@@ -114,9 +114,11 @@ async def test_without_rehosting_the_vendors_urls_pass_through(
     assert await copies(live_runtime) == 0
 
 
-async def test_a_copy_failing_until_the_bound_fails_once_with_the_charge_kept(
-    live_api: Api, live_runtime: Runtime, worker: Any, sim: SimState, receiver_factory: Any
+@pytest.mark.parametrize("keep", [True, False])
+async def test_a_copy_failing_until_the_bound_fails_once_with_the_charge_as_set(
+    live_api: Api, live_runtime: Runtime, worker: Any, sim: SimState, receiver_factory: Any, keep: bool
 ) -> None:
+    live_runtime.settings.keep_failed_charge = keep
     sim.faults.output_gone = True
     tenant = await live_api.tenant(webhookUrl=(await receiver_factory()).url)
     submitted = (await tenant.submit()).json()
@@ -133,7 +135,8 @@ async def test_a_copy_failing_until_the_bound_fails_once_with_the_charge_kept(
     final = await until_terminal(tenant, prediction_id, [])
     assert final["status"] == "failed"
     assert final["error"].startswith("vidgate could not copy the output")
-    assert final["costCents"] == submitted["costCents"] > 0  # VIDGATE_KEEP_FAILED_CHARGE (default)
+    assert submitted["costCents"] > 0
+    assert final["costCents"] == (submitted["costCents"] if keep else 0)  # VIDGATE_KEEP_FAILED_CHARGE
     (event,) = await deliveries(live_runtime, prediction_id)
     assert event["type"] == "prediction.failed" and event["data"] == final
     async with transaction(live_runtime.sessions, readonly=True) as session:

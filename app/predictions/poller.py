@@ -188,13 +188,15 @@ class Poller:
                     [{"pid": o.prediction.id, "due": now + timedelta(seconds=self._backoff_s(o))} for o in failed],
                 )
             if ended:
+                # Split the batch: completed outputs are copied first (SPEC section 8), the rest end now.
                 finals = [(o, self._final(o)) for o in ended]
                 copies = [(o, f) for o, f in finals if self._rehosted(o, f)]
                 if copies:
                     await self._enqueue_copies(session, copies)
+                copied = {o.prediction.id for o, _ in copies}
                 # One batch of terminal transitions: fenced on our lease, with their webhook deliveries.
                 await predictions_service.finish_many(
-                    session, runtime, [f for o, f in finals if not self._rehosted(o, f)], lease_owner=owner
+                    session, runtime, [f for _, f in finals if f.prediction_id not in copied], lease_owner=owner
                 )
 
     def _rehosted(self, outcome: Outcome, final: predictions_service.Finish) -> bool:
