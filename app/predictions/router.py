@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import re
 from datetime import datetime, timedelta
 from typing import Annotated, Any
@@ -11,7 +12,7 @@ from app.budgets.headers import RETRY_AFTER_DOC, note_charge, tenant_responses
 from app.budgets.schemas import QuoteOut
 from app.core import clock
 from app.core.database import transaction
-from app.core.errors import InvalidRequest
+from app.core.errors import DatabaseUnavailable, InvalidRequest
 from app.core.openapi import link, links
 from app.core.responses import json_response
 from app.core.retry_after import retry_after_value
@@ -89,8 +90,12 @@ async def generate(
         )
         if prediction is not None:
             content = predictions_service.present_submit(prediction, content["statusUrl"], extended=True)
-            async with transaction(runtime.sessions, readonly=True) as session:
-                await outputs_service.show_current_links(session, runtime.settings, [content])
+            if content["status"] == "completed" and content["outputs"]:
+                # The links stored at completion are the current ones unless they expired meanwhile:
+                # a database away now is no reason to answer a recorded submit with an error.
+                with contextlib.suppress(DatabaseUnavailable):
+                    async with transaction(runtime.sessions, readonly=True) as session:
+                        await outputs_service.show_current_links(session, runtime.settings, [content])
             next_poll_at = prediction.next_poll_at
         headers["Preference-Applied"] = f"wait={int(wait_s)}"
     if content["status"] == "processing":
