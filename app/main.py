@@ -54,6 +54,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if settings.sandbox:
         await upgrade_to_head(engine)
         simulator, upstream_url = await sandbox.start(settings, sandbox_base_url)
+        settings = sandbox.with_own_outputs(settings, sandbox_base_url)
     runtime = build_runtime(settings, engine, sessions, upstream_url)
     app.state.runtime = runtime
     # PostgreSQL: every process hears of key revokes and tenant changes at once (app/tenants/cache.py).

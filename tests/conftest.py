@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
@@ -124,6 +126,9 @@ def _reset_clock() -> Any:
     clock.reset()
 
 
+OUTPUTS_DIR = tempfile.mkdtemp(prefix="vidgate-test-outputs-")
+
+
 def make_settings(database_url: str, upstream_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = dict(
         database_url=database_url,
@@ -135,6 +140,9 @@ def make_settings(database_url: str, upstream_url: str, **overrides: Any) -> Set
         poll_interval_s=0.2,
         lease_s=5.0,
         log_json=True,
+        # Rehosting stays on (the default): outputs come from the simulator, into a directory of this run.
+        output_hosts=[urlsplit(upstream_url).netloc],
+        outputs_store=OUTPUTS_DIR,
     )
     values.update(overrides)
     return Settings(**values)

@@ -23,11 +23,13 @@ import os
 import secrets
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -414,6 +416,9 @@ async def procs_fixture(proc_cwd: Path) -> AsyncIterator[Procs]:
     assert not violations, "\n".join(violations)
 
 
+OUTPUTS_DIR = tempfile.mkdtemp(prefix="vidgate-test-outputs-")
+
+
 def gateway_env(db: str, sim: Simulator, **extra: str | None) -> dict[str, str]:
     values: dict[str, str | None] = dict(
         VIDGATE_DATABASE_URL=db,
@@ -426,6 +431,9 @@ def gateway_env(db: str, sim: Simulator, **extra: str | None) -> dict[str, str]:
         # Two test workers start up to three gateways each beside their own pools: PostgreSQL here
         # admits 100 connections in all.
         VIDGATE_DATABASE_POOL_SIZE="10",
+        # Rehosting on (the default): outputs come from the simulator into a directory of this run.
+        VIDGATE_OUTPUT_HOSTS=urlsplit(sim.url).netloc,
+        VIDGATE_OUTPUTS_STORE=OUTPUTS_DIR,
     )
     values.update(extra)
     return base_env(**values)

@@ -37,7 +37,8 @@ async def test_submit_poll_complete_and_webhook(
 
     final = (await tenant.get(f"/api/v1/predictions/{body['id']}")).json()
     assert final["status"] == "completed"
-    assert final["outputs"] and final["outputs"][0].endswith(".mp4")
+    (link,) = final["outputs"]  # our copy, not the vendor's URL (SPEC section 8)
+    assert link.startswith(f"http://gateway.test/outputs/{body['id']}/0.mp4?")
     assert final["metadata"] == {"order": 7}
     assert event["data"] == final
     polls = sim.polls_by_id[next(iter(sim.predictions))]

@@ -2,9 +2,9 @@
 S3-compatible server), signed links with Range support, the bound on failing copies, the host list,
 redirects and the SSRF guard, retention, and memory while copying a large output.
 
-The poller's terminal transition is not wired to the copier yet: these tests create the copy job the
-way it will (`enqueue_copy` in a transaction, the prediction left `processing` and not due for
-polling) and run the copier with the worker's own terminal callback."""
+These tests create the copy job the way the poller does (`enqueue_copy` in a transaction, the
+prediction left `processing` and not due for polling) and run the copier with the worker's own
+terminal callback; tests/test_outputs_wiring.py runs the whole way with a worker."""
 
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ from sqlalchemy import select
 from app.core.database import create_engine
 from app.core.settings import normalize_database_url
 from app.predictions.models import Prediction
+from app.upstream.simulator import SANDBOX_MP4
 from tests.conftest import Receiver, valid_body
 from tests.procs import (
     COST,
@@ -108,6 +109,9 @@ async def test_end_to_end_with_real_processes(
 # ---------------------------------------------------------------- 2. SIGKILL with predictions in flight
 
 
+CLIP_BYTES = SANDBOX_MP4.stat().st_size  # every output is rehosted: the simulator's clip, stored once each
+
+
 async def test_sigkill_worker_with_predictions_in_flight(
     procs: Procs, proc_db: str, sim: Simulator, receiver_factory: Any
 ) -> None:
@@ -167,7 +171,14 @@ async def test_sigkill_worker_with_predictions_in_flight(
         usage = await gw.admin("GET", "/admin/v1/usage?groupBy=tenant")
         assert usage.status_code == 200, usage.text
         mine = [row for row in usage.json()["data"] if row["tenant"] == tenant["id"]]
-        assert mine == [{"tenant": tenant["id"], "spentCents": count * COST, "predictions": count, "storedBytes": 0}]
+        assert mine == [
+            {
+                "tenant": tenant["id"],
+                "spentCents": count * COST,
+                "predictions": count,
+                "storedBytes": count * CLIP_BYTES,
+            }
+        ]
         own = await gw.admin("GET", f"/admin/v1/tenants/{tenant['id']}/usage")
         assert own.json()["spentCents"] == count * COST and own.json()["reservedCents"] == 0, own.text
         after = await sim.stats()

@@ -39,6 +39,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from app.upstream.simulator import SANDBOX_MP4
 from tests.conftest import TEST_DB, Received
 from tests.procs import (
     COST,
@@ -347,7 +348,8 @@ async def scenario(procs: Procs, db: str, sim: Simulator, receiver: RecordingRec
         usage = await gw_b.admin("GET", "/admin/v1/usage?groupBy=tenant")
         assert usage.status_code == 200, usage.text
         mine = [row for row in usage.json()["data"] if row["tenant"] == tenant["id"]]
-        want = {"tenant": tenant["id"], "spentCents": COST * charged, "predictions": charged, "storedBytes": 0}
+        want = {"tenant": tenant["id"], "spentCents": COST * charged, "predictions": charged}
+        want["storedBytes"] = charged * SANDBOX_MP4.stat().st_size  # every output rehosted: the clip, once each
         assert mine == [want], f"{mine}; {len(accepted)} accepted + {len(unanswered)} confirmed without an answer"
         verified = await gw_b.admin("GET", "/admin/v1/ledger/verify")
         assert verified.status_code == 200 and verified.json()["ok"] is True, verified.text

@@ -34,6 +34,7 @@ from yarl import URL
 from app.core import clock, metrics
 from app.core.database import transaction
 from app.core.http import outputs_session
+from app.core.settings import Settings
 from app.core.ssrf import ForbiddenTarget, check_url
 from app.outputs import service
 from app.outputs.models import COPYING, FAILED, STORED, OutputCopy, StoredOutput
@@ -59,6 +60,11 @@ class Transient(Exception):
 
 class LeaseLost(Exception):
     """Another process took this job over: stop without writing."""
+
+
+def private_allowed(settings: Settings) -> bool:
+    """SPEC section 8: the webhooks' switch; and the sandbox, whose clips the gateway serves on loopback."""
+    return settings.webhook_allow_private or settings.sandbox
 
 
 def allowed_host(url: URL, hosts: list[str]) -> bool:
@@ -97,7 +103,7 @@ class Copier:
             self._http = outputs_session(
                 concurrency=settings.output_copy_concurrency,
                 read_timeout_s=settings.output_read_timeout_s,
-                allow_private=settings.webhook_allow_private,
+                allow_private=private_allowed(settings),
             )
         return self._http
 
@@ -294,7 +300,7 @@ class Copier:
                 )
             try:
                 # aiohttp dials IP literals without asking the guarded resolver: those are checked here.
-                check_url(str(url), allow_private=settings.webhook_allow_private)
+                check_url(str(url), allow_private=private_allowed(settings))
                 response = await self.http.get(
                     url, allow_redirects=False, headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
                 )

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -163,6 +164,30 @@ async def current_links(session: AsyncSession, settings: Settings, prediction_id
     """The links the predictions presenter shows as `outputs` now, or None (not rehosted, not stored
     yet, or deleted). Use current_links_many to tell a prediction that was never rehosted apart."""
     return (await current_links_many(session, settings, [prediction_id])).get(prediction_id)
+
+
+async def show_current_links(session: AsyncSession, settings: Settings, bodies: Sequence[dict[str, Any]]) -> None:
+    """Rewrite the `outputs` of presented predictions (GET, the list, `Prefer: wait`) to the links valid
+    now: the same link the webhook carried until it expires, then a fresh one. One query, and only when
+    a completed prediction with outputs is among them; a prediction never rehosted keeps its outputs."""
+    ids = [b["id"] for b in bodies if b.get("status") == "completed" and b.get("outputs")]
+    if not ids:
+        return
+    rows = await session.execute(
+        select(OutputCopy, StoredOutput)
+        .join(StoredOutput, StoredOutput.prediction_id == OutputCopy.prediction_id, isouter=True)
+        .where(OutputCopy.prediction_id.in_(ids))
+    )
+    copies: dict[str, OutputCopy] = {}
+    files: dict[str, list[StoredOutput]] = {}
+    for copy, item in rows:
+        copies[copy.prediction_id] = copy
+        if item is not None:
+            files.setdefault(copy.prediction_id, []).append(item)
+    now = clock.now()
+    for body in bodies:
+        if (job := copies.get(body["id"])) is not None:
+            body["outputs"] = links(settings, job, files.get(job.prediction_id, []), now)
 
 
 # ---------------------------------------------------------------- serving

@@ -42,6 +42,8 @@ class Prediction(Base):
     status: Mapped[str] = mapped_column(String(16))  # a PredictionStatus
     params: Mapped[dict[str, Any]] = mapped_column(JSON(none_as_null=True))
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    # The public base the submit came through: rehosted output links start there (the copier has no request).
+    public_base_url: Mapped[str | None] = mapped_column(String(2048))
     webhook_events: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON(none_as_null=True))
     outputs: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))

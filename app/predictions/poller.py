@@ -18,10 +18,12 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core import clock, metrics
 from app.core.batching import batches
 from app.core.database import store_until_done, transaction
+from app.outputs import service as outputs_service
 from app.predictions import service as predictions_service
 from app.predictions.models import TERMINAL_STATUSES, Prediction, PredictionStatus
 from app.runtime import Runtime
@@ -186,10 +188,62 @@ class Poller:
                     [{"pid": o.prediction.id, "due": now + timedelta(seconds=self._backoff_s(o))} for o in failed],
                 )
             if ended:
+                # Split the batch: completed outputs are copied first (SPEC section 8), the rest end now.
+                finals = [(o, self._final(o)) for o in ended]
+                copies = [(o, f) for o, f in finals if self._rehosted(o, f)]
+                if copies:
+                    await self._enqueue_copies(session, copies)
+                copied = {o.prediction.id for o, _ in copies}
                 # One batch of terminal transitions: fenced on our lease, with their webhook deliveries.
                 await predictions_service.finish_many(
-                    session, runtime, [self._final(o) for o in ended], lease_owner=owner
+                    session, runtime, [f for _, f in finals if f.prediction_id not in copied], lease_owner=owner
                 )
+
+    def _rehosted(self, outcome: Outcome, final: predictions_service.Finish) -> bool:
+        """Completed with outputs and VIDGATE_REHOST_OUTPUTS on: copied first, finished by the copier.
+        A row from before links had a base, with no VIDGATE_PUBLIC_BASE_URL either, passes through."""
+        settings = self.runtime.settings
+        return (
+            final.status == PredictionStatus.COMPLETED
+            and bool(final.outputs)
+            and outputs_service.rehosting(settings)
+            and bool(settings.public_base_url or outcome.prediction.public_base_url)
+        )
+
+    async def _enqueue_copies(
+        self, session: AsyncSession, copies: list[tuple[Outcome, predictions_service.Finish]]
+    ) -> None:
+        """The prediction stays `processing` for the caller, no longer due for polling (fenced on our
+        lease), and its copy job is queued in the same transaction: the webhook waits for the copy."""
+        kept = set(
+            await session.scalars(
+                update(Prediction)
+                .where(
+                    Prediction.id.in_([o.prediction.id for o, _ in copies]),
+                    Prediction.lease_owner == self.runtime.worker_id,
+                    Prediction.status == PredictionStatus.PROCESSING,
+                )
+                .values(
+                    next_poll_at=None, poll_count=Prediction.poll_count + 1, lease_owner=None, lease_expires_at=None
+                )
+                .returning(Prediction.id)
+                .execution_options(synchronize_session=False)
+            )
+        )
+        for outcome, final in copies:
+            prediction = outcome.prediction
+            if prediction.id not in kept:
+                continue  # our lease was taken over: the new owner polls it again
+            await outputs_service.enqueue_copy(
+                session,
+                self.runtime.settings,
+                prediction_id=prediction.id,
+                tenant_id=prediction.tenant_id,
+                sources=final.outputs or [],
+                vendor_completed_at=final.completed_at,
+                model_name=final.model_name,
+                base_url=prediction.public_base_url,
+            )
 
     def _backoff_s(self, outcome: Outcome) -> float:
         failures = outcome.prediction.poll_failures + 1

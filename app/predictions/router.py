@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import re
 from datetime import datetime, timedelta
 from typing import Annotated, Any
@@ -11,12 +12,13 @@ from app.budgets.headers import RETRY_AFTER_DOC, note_balance, note_charge, tena
 from app.budgets.schemas import QuoteOut
 from app.core import clock
 from app.core.database import transaction
-from app.core.errors import InvalidRequest
+from app.core.errors import DatabaseUnavailable, InvalidRequest
 from app.core.openapi import link, links
 from app.core.responses import json_response
 from app.core.retry_after import retry_after_value
 from app.core.types import Line
 from app.deps import PublicBaseUrlDep, ReadSessionDep, RuntimeDep
+from app.outputs import service as outputs_service
 from app.predictions import service as predictions_service
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, PublicStatus, SubmitOut
 from app.tenants import service as tenants_service
@@ -76,6 +78,7 @@ async def generate(
         body,
         idempotency_key=idempotency_key,
         status_url_base=f"{base_url}/api/v1/predictions",
+        public_base_url=base_url,
     )
     headers = {"Idempotent-Replayed": "true"} if result.replayed else {}
     content: dict[str, Any] = result.body
@@ -89,6 +92,12 @@ async def generate(
         )
         if prediction is not None:
             content = predictions_service.present_submit(prediction, content["statusUrl"], extended=True)
+            if content["status"] == "completed" and content["outputs"]:
+                # The links stored at completion are the current ones unless they expired meanwhile:
+                # a database away now is no reason to answer a recorded submit with an error.
+                with contextlib.suppress(DatabaseUnavailable):
+                    async with transaction(runtime.sessions, readonly=True) as session:
+                        await outputs_service.show_current_links(session, runtime.settings, [content])
             next_poll_at = prediction.next_poll_at
         headers["Preference-Applied"] = f"wait={int(wait_s)}"
     if content["status"] == "processing":
@@ -155,6 +164,7 @@ async def get_prediction(
             balance = await tenants_service.read_balance(session, tenant)
         else:
             balance = tenants_service.balance_of(tenant, read.spent_cents, read.reserved_cents, now)
+            await outputs_service.show_current_links(session, runtime.settings, [read.body])
     CACHE.put_balance(tenant.id, balance, runtime.settings.balance_ttl_s)
     note_balance(balance)
     if read is None:
@@ -166,6 +176,7 @@ async def get_prediction(
 
 @router.get("/predictions", response_model=PredictionList, summary="List your predictions, newest first")
 async def list_predictions(
+    runtime: RuntimeDep,
     session: ReadSessionDep,
     caller: ReaderDep,
     status: Annotated[PublicStatus | None, Query()] = None,
@@ -175,4 +186,6 @@ async def list_predictions(
     rows, next_cursor = await predictions_service.list_for_tenant(
         session, caller.tenant.id, status=status, limit=limit, cursor=cursor
     )
-    return json_response({"data": [predictions_service.present(p) for p in rows], "nextCursor": next_cursor})
+    data = [predictions_service.present(p) for p in rows]
+    await outputs_service.show_current_links(session, runtime.settings, data)
+    return json_response({"data": data, "nextCursor": next_cursor})

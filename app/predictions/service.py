@@ -198,6 +198,7 @@ async def submit(
     *,
     idempotency_key: str | None,
     status_url_base: str,
+    public_base_url: str | None = None,
 ) -> SubmitResult:
     check_submittable(runtime, model_id, request)
     prediction_id = new_id("pred")
@@ -205,7 +206,7 @@ async def submit(
 
     # Hold: claim the idempotency key, pass the limits and hold the estimate, in the ledger writer's
     # next batch. Committed before the upstream call, so concurrent requests and other replicas see it.
-    job = _HoldJob(tenant, key, model_id, request, prediction_id, idempotency_key, fingerprint)
+    job = _HoldJob(tenant, key, model_id, request, prediction_id, idempotency_key, fingerprint, public_base_url)
     held: _Held | SubmitResult = await _writer(runtime, "hold", _apply_holds).submit(job)
     if isinstance(held, SubmitResult):
         return held  # a replay of an earlier answer
@@ -244,6 +245,7 @@ class _HoldJob:
     prediction_id: str
     idempotency_key: str | None
     fingerprint: str
+    public_base_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -514,6 +516,7 @@ def _new_prediction(job: _HoldJob, estimate_cents: int, now: datetime) -> Predic
         status=PredictionStatus.SUBMITTING,
         params=job.request.upstream_body(),
         webhook_url=job.request.webhook,
+        public_base_url=job.public_base_url,
         webhook_events=job.request.webhook_events_filter,
         meta=job.request.metadata,
         estimate_cents=estimate_cents,

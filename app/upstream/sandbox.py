@@ -7,6 +7,7 @@ import logging
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from yarl import URL
 
 from app.core.database import transaction
 from app.core.settings import SANDBOX_ADMIN_TOKEN, Settings, secret_given
@@ -34,6 +35,13 @@ async def start(settings: Settings, public_base_url: str) -> tuple[web.AppRunner
         extra={"simulator_url": url},
     )
     return runner, url
+
+
+def with_own_outputs(settings: Settings, public_base_url: str) -> Settings:
+    """The sandbox's clips are served by the gateway itself (/sandbox/outputs/...): the quick start
+    rehosts them like the vendor's, so their host:port is one outputs may come from."""
+    url = URL(public_base_url)
+    return settings.model_copy(update={"output_hosts": [*settings.output_hosts, f"{url.host}:{url.port}"]})
 
 
 async def create_demo_key(

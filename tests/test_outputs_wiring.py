@@ -1,0 +1,154 @@
+"""The poller wired to the copier (SPEC section 8): a prediction the vendor reports completed stays
+`processing` until every output is stored, then completes with the gateway's links and one webhook
+whose `data` equals GET; pass-through with rehosting off; the bound on failing copies; `Prefer: wait`."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import pytest
+from sqlalchemy import func, select
+
+from app.core import clock
+from app.core.database import transaction
+from app.outputs.models import OutputCopy
+from app.predictions.models import Prediction
+from app.runtime import Runtime
+from app.upstream.simulator import SANDBOX_MP4, SimState
+from app.webhooks.models import WebhookDelivery
+from tests.conftest import Api, Receiver, Tenant, eventually
+
+# The ASGI client's base: no VIDGATE_PUBLIC_BASE_URL is set, so links start where the submit came in.
+GATEWAY = "http://gateway.test"
+
+
+@pytest.fixture
+def settings_overrides(sim_url: str, tmp_path: Path) -> dict[str, Any]:
+    return dict(
+        outputs_store=str(tmp_path / "outputs"),
+        output_hosts=[urlsplit(sim_url).netloc],
+        output_copy_max_s=60.0,
+        public_base_url=None,
+    )
+
+
+async def deliveries(runtime: Runtime, prediction_id: str) -> list[dict[str, Any]]:
+    async with transaction(runtime.sessions, readonly=True) as session:
+        rows = await session.scalars(select(WebhookDelivery).where(WebhookDelivery.prediction_id == prediction_id))
+        return [orjson.loads(row.payload) for row in rows]
+
+
+async def copies(runtime: Runtime) -> int:
+    async with transaction(runtime.sessions, readonly=True) as session:
+        return int(await session.scalar(select(func.count()).select_from(OutputCopy)) or 0)
+
+
+async def until_terminal(tenant: Tenant, prediction_id: str, seen: list[str]) -> dict[str, Any]:
+    final: dict[str, Any] = {}
+
+    async def done() -> bool:
+        nonlocal final
+        final = (await tenant.get(f"/api/v1/predictions/{prediction_id}")).json()
+        seen.append(final["status"])
+        return final["status"] in ("completed", "failed")
+
+    await eventually(done, timeout=30, what="a terminal status")
+    return final
+
+
+async def test_completed_means_copied_with_one_webhook_equal_to_get(
+    live_api: Api, live_runtime: Runtime, worker: Any, receiver_factory: Any, sim: SimState
+) -> None:
+    receiver: Receiver = await receiver_factory()
+    tenant = await live_api.tenant(webhookUrl=receiver.url)
+    submitted = await tenant.submit()
+    assert submitted.status_code == 200, submitted.text
+    prediction_id = submitted.json()["id"]
+
+    seen: list[str] = []
+    final = await until_terminal(tenant, prediction_id, seen)
+    assert final["status"] == "completed", final
+    assert set(seen) <= {"processing", "completed"}
+    (link,) = final["outputs"]
+    assert link.startswith(f"{GATEWAY}/outputs/{prediction_id}/")
+
+    # Exactly one webhook, sent after the copy, whose data is what GET answers.
+    (event,) = await deliveries(live_runtime, prediction_id)
+    assert event["type"] == "prediction.completed"
+    assert event["data"] == final
+    await receiver.arrived.get()
+    assert [orjson.loads(r.body)["data"] for r in receiver.received] == [final]
+
+    # Our copy, byte for byte, even once the vendor's file is gone.
+    sim.faults.output_gone = True
+    video = await live_api.http.get(link)
+    assert video.status_code == 200
+    assert video.content == SANDBOX_MP4.read_bytes()
+
+    # The list shows the same link; after it expires, GET hands out a fresh one that works.
+    listed = (await tenant.get("/api/v1/predictions")).json()["data"]
+    assert [p["outputs"] for p in listed] == [[link]]
+    clock.shift_to(clock.now() + timedelta(seconds=live_runtime.settings.output_url_ttl_s + 1))
+    assert (await live_api.http.get(link)).status_code == 403
+    (fresh,) = (await tenant.get(f"/api/v1/predictions/{prediction_id}")).json()["outputs"]
+    assert fresh != link
+    assert (await live_api.http.get(fresh)).content == SANDBOX_MP4.read_bytes()
+
+
+@pytest.mark.parametrize("settings_overrides", [{"rehost_outputs": False}])
+async def test_without_rehosting_the_vendors_urls_pass_through(
+    live_api: Api, live_runtime: Runtime, worker: Any, sim_url: str, receiver_factory: Any
+) -> None:
+    tenant = await live_api.tenant(webhookUrl=(await receiver_factory()).url)
+    prediction_id = (await tenant.submit()).json()["id"]
+    final = await until_terminal(tenant, prediction_id, [])
+    assert final["status"] == "completed"
+    (output,) = final["outputs"]
+    assert output.startswith(f"{sim_url}/sandbox/outputs/")
+    (event,) = await deliveries(live_runtime, prediction_id)
+    assert event["data"] == final
+    assert await copies(live_runtime) == 0
+
+
+@pytest.mark.parametrize("keep", [True, False])
+async def test_a_copy_failing_until_the_bound_fails_once_with_the_charge_as_set(
+    live_api: Api, live_runtime: Runtime, worker: Any, sim: SimState, receiver_factory: Any, keep: bool
+) -> None:
+    live_runtime.settings.keep_failed_charge = keep
+    sim.faults.output_gone = True
+    tenant = await live_api.tenant(webhookUrl=(await receiver_factory()).url)
+    submitted = (await tenant.submit()).json()
+    prediction_id = submitted["id"]
+
+    async def tried() -> bool:
+        async with transaction(live_runtime.sessions, readonly=True) as session:
+            job = await session.get(OutputCopy, prediction_id)
+            return job is not None and job.attempts >= 1
+
+    await eventually(tried, what="a first copy attempt")
+    assert (await tenant.get(f"/api/v1/predictions/{prediction_id}")).json()["status"] == "processing"
+    clock.shift_to(clock.now() + timedelta(seconds=live_runtime.settings.output_copy_max_s + 1))
+    final = await until_terminal(tenant, prediction_id, [])
+    assert final["status"] == "failed"
+    assert final["error"].startswith("vidgate could not copy the output")
+    assert submitted["costCents"] > 0
+    assert final["costCents"] == (submitted["costCents"] if keep else 0)  # VIDGATE_KEEP_FAILED_CHARGE
+    (event,) = await deliveries(live_runtime, prediction_id)
+    assert event["type"] == "prediction.failed" and event["data"] == final
+    async with transaction(live_runtime.sessions, readonly=True) as session:
+        row = await session.get(Prediction, prediction_id)
+        assert row is not None and row.next_poll_at is None
+
+
+async def test_prefer_wait_answers_with_the_gateway_link(live_api: Api, worker: Any) -> None:
+    tenant = await live_api.tenant()
+    answer = await tenant.submit(Prefer="wait=20")
+    body = answer.json()
+    assert body["status"] == "completed", body
+    (link,) = body["outputs"]
+    assert link.startswith(f"{GATEWAY}/outputs/{body['id']}/")
+    assert (await live_api.http.get(link)).content == SANDBOX_MP4.read_bytes()
