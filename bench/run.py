@@ -205,6 +205,9 @@ class Bench:
                 VIDGATE_UPSTREAM_API_KEY=VENDOR_KEY,
                 VIDGATE_ADMIN_TOKEN=self.admin_token,
                 VIDGATE_WEBHOOK_ALLOW_PRIVATE="true",
+                # Outputs are copied from the simulator as from the vendor: notification lag includes the copy.
+                VIDGATE_OUTPUT_HOSTS=sim_url.removeprefix("http://"),
+                VIDGATE_OUTPUTS_STORE=str(self.workdir / "outputs"),
                 VIDGATE_RUN_WORKER="true" if run_worker else "false",
                 VIDGATE_POLL_INTERVAL_S=str(POLL_INTERVAL_S),
             )
