@@ -103,6 +103,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         VIDGATE_ADMIN_TOKEN=ADMIN_TOKEN,
         VIDGATE_PUBLIC_BASE_URL=url,
         VIDGATE_WEBHOOK_ALLOW_PRIVATE="true",
+        # The gateway copies outputs from the simulator as it would from the vendor.
+        VIDGATE_OUTPUT_HOSTS=f"127.0.0.1:{sim_port}",
+        VIDGATE_OUTPUTS_STORE=str(work / "outputs"),
         VIDGATE_POLL_INTERVAL_S="0.3",
         # The gateway holds a submit at most 2 s: a 4 s prediction shows the client's polling after it.
         VIDGATE_PREFER_WAIT_MAX_S="2",
