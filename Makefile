@@ -56,7 +56,7 @@ wheel-check: $(STAMP)
 test-lowest: $(STAMP)
 	rm -rf .venv-lowest
 	$(BIN)/uv venv --quiet --python $(BIN)/python .venv-lowest
-	VIRTUAL_ENV=.venv-lowest $(BIN)/uv pip install --quiet --resolution lowest-direct -e ".[dev]"
+	VIRTUAL_ENV=.venv-lowest $(BIN)/uv pip install --quiet --resolution lowest-direct -e ".[dev]" -e clients/python
 	VIDGATE_TEST_DB=sqlite .venv-lowest/bin/python -m pytest -n 2 $(PYTEST_ARGS)
 
 # What the Docker image installs, with hashes, for every platform and Python >= 3.11; run after
