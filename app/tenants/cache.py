@@ -15,7 +15,9 @@ What keeps it honest:
 The balance snapshot serves `X-Budget-Remaining-Cents` on a submit's answer without a read of its own.
 It is at most `balance_ttl_s` old; this process's own charges change it at once (the request's
 `note_charge` mutates the very object the snapshot holds), other processes' charges and refunds show
-up when it is read again. Reads (GET and the list routes) read the balance fresh, with their data.
+up when it is read again. Reads (the list routes, GET) read the balance fresh with their data, and
+refresh the snapshot; a GET answered from memory (a final prediction, app/predictions/cache.py) shows
+the snapshot, as a submit does.
 """
 
 from __future__ import annotations
