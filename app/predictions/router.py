@@ -11,7 +11,7 @@ from app.budgets import service as budgets_service
 from app.budgets.headers import RETRY_AFTER_DOC, note_balance, note_charge, tenant_responses
 from app.budgets.schemas import QuoteOut
 from app.core import clock
-from app.core.database import transaction
+from app.core.database import read_connection, transaction
 from app.core.errors import DatabaseUnavailable, InvalidRequest
 from app.core.openapi import link, links
 from app.core.responses import dumps, json_bytes_response, json_response
@@ -151,7 +151,7 @@ async def get_prediction(
 ) -> Response:
     # The route callers poll: the key check from the cache; a final prediction (terminal, never
     # rehosted) from memory with the balance snapshot, else one statement reads the prediction, its
-    # links and the balance for the headers (one read-only unit of work opened here).
+    # links and the balance for the headers (on a bare connection: no ORM session).
     caller = cached_caller(credentials)
     if caller is not None:
         final = FINAL.get(caller.tenant.id, prediction_id)
@@ -159,17 +159,17 @@ async def get_prediction(
         if final is not None and snapshot is not None:
             note_balance(snapshot)
             return json_bytes_response(final)
-    async with transaction(runtime.sessions, readonly=True) as session:
+    async with read_connection(runtime.sessions) as connection:
         if caller is None:
-            caller = await authenticate(session, credentials, runtime=runtime)
+            caller = await authenticate(connection, credentials, runtime=runtime)
         tenant = caller.tenant
         now = clock.now()
         period_start = budgets_service.period_of(tenant.budget_period, now).start
         read = await predictions_service.read_with_balance(
-            session, runtime.settings, tenant.id, prediction_id, tenants_service.counter_scope(tenant), period_start
+            connection, runtime.settings, tenant.id, prediction_id, tenants_service.counter_scope(tenant), period_start
         )
         if read is None:
-            balance = await tenants_service.read_balance(session, tenant)
+            balance = await tenants_service.read_balance(connection, tenant)
         else:
             balance = tenants_service.balance_of(tenant, read.spent_cents, read.reserved_cents, now)
     CACHE.put_balance(tenant.id, balance, runtime.settings.balance_ttl_s)

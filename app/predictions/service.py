@@ -23,7 +23,7 @@ from app.budgets import service as budgets_service
 from app.budgets.models import BudgetCounter
 from app.core import clock, metrics
 from app.core.batching import Batcher
-from app.core.database import insert_ignore, outage_backoff_s, table_of, transaction
+from app.core.database import Reads, insert_ignore, outage_backoff_s, table_of, transaction
 from app.core.errors import AppError, Conflict, DatabaseUnavailable, InvalidRequest, NotFound
 from app.core.ids import new_id
 from app.core.retry_after import retry_after_value
@@ -712,7 +712,7 @@ class Read:
 
 
 async def read_with_balance(
-    session: AsyncSession, settings: Settings, tenant_id: str, prediction_id: str, scope: str, period_start: datetime
+    session: Reads, settings: Settings, tenant_id: str, prediction_id: str, scope: str, period_start: datetime
 ) -> Read | None:
     """The GET representation with its current links, when the gateway polls it next, and the tenant's
     counter (`scope`, `period_start`) in one statement; None: no such prediction for this tenant."""

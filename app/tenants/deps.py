@@ -7,10 +7,9 @@ from typing import Annotated
 
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets.headers import note_balance
-from app.core.database import transaction
+from app.core.database import Reads, transaction
 from app.core.errors import Unauthorized
 from app.core.logging import tenant_id_var
 from app.deps import ReadSessionDep, RuntimeDep
@@ -38,7 +37,7 @@ def _raw_key(credentials: HTTPAuthorizationCredentials | None) -> str:
 
 
 async def authenticate(
-    session: AsyncSession, credentials: HTTPAuthorizationCredentials | None, *, runtime: Runtime | None = None
+    session: Reads, credentials: HTTPAuthorizationCredentials | None, *, runtime: Runtime | None = None
 ) -> Caller:
     """The key check in the database, with the balance for the headers. With `runtime`, the answer
     fills this process's key cache (routes that take the cache first pass it)."""

@@ -18,7 +18,7 @@ from app.budgets import service as budgets_service
 from app.budgets.headers import Balance
 from app.budgets.models import BudgetCounter
 from app.core import clock
-from app.core.database import Base, table_of
+from app.core.database import Base, Reads, table_of
 from app.core.errors import NotFound, Unauthorized
 from app.core.ids import new_id
 from app.tenants.cache import CACHE, note_tenant_changed
@@ -200,7 +200,7 @@ def authenticate_cached(raw_key: str) -> tuple[Tenant, ApiKey] | None:
 
 
 async def authenticate_with_balance(
-    session: AsyncSession, raw_key: str, *, cache_ttl_s: float = 0.0
+    session: Reads, raw_key: str, *, cache_ttl_s: float = 0.0
 ) -> tuple[Tenant, ApiKey, Balance]:
     """authenticate(), plus the tenant's balance this period, read by the same query. With
     `cache_ttl_s`, a valid key is kept in the cache that long."""
@@ -237,7 +237,7 @@ _BALANCE = select(_counters.spent_cents, _counters.reserved_cents).where(
 )
 
 
-async def read_balance(session: AsyncSession, tenant: Tenant) -> Balance:
+async def read_balance(session: Reads, tenant: Tenant) -> Balance:
     """The tenant's balance now (one primary-key probe), for answers that read nothing else."""
     now = clock.now()
     start = budgets_service.period_of(tenant.budget_period, now).start
