@@ -193,8 +193,9 @@ async def read_connection(sessions: async_sessionmaker[AsyncSession]) -> AsyncIt
             options["isolation_level"] = "AUTOCOMMIT"  # as transaction(readonly=True): no BEGIN/COMMIT
         async with bind.connect() as connection:
             await connection.execution_options(**options)
-            async with connection.begin():
-                yield connection
+            # No explicit begin: the first statement begins (on SQLite, the deferred BEGIN of the begin
+            # event), and closing rolls back what only read.
+            yield connection
     except Exception as exc:
         if not isinstance(exc, DatabaseUnavailable) and is_outage(exc):
             raise DatabaseUnavailable() from exc
