@@ -757,7 +757,7 @@ class Bench:
                 _, key = await self.make_tenant(base, "bench-busy", budget_cents=10**9)
                 auth = f"Bearer {key}"
                 polled = await self.submit_many(base, auth, n, 16)
-                await self._until_polled(sim_url, n, timeout_s=60.0)
+                await self._until_polled(sim_url, n, timeout_s=120.0)
                 await self.sim_config(sim_url, estimated_time=LOAD_ESTIMATED)
                 offset = server.log_size()
                 await self.wait_quiet()
