@@ -7,7 +7,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Response
 
+from app.budgets import balances
 from app.budgets import service as budgets_service
+from app.budgets.deps import CallerDep, ReaderDep, authenticate
 from app.budgets.headers import RETRY_AFTER_DOC, note_balance, note_charge, tenant_responses
 from app.budgets.schemas import QuoteOut
 from app.core import clock
@@ -21,9 +23,7 @@ from app.deps import PublicBaseUrlDep, ReadSessionDep, RuntimeDep
 from app.outputs import service as outputs_service
 from app.predictions import service as predictions_service
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, PublicStatus, SubmitOut
-from app.tenants import service as tenants_service
-from app.tenants.cache import CACHE
-from app.tenants.deps import CallerDep, Credentials, ReaderDep, authenticate, cached_caller
+from app.tenants.deps import Credentials, cached_caller
 
 router = APIRouter(prefix="/api/v1", tags=["predictions"], responses=tenant_responses())
 
@@ -158,14 +158,14 @@ async def get_prediction(
         now = clock.now()
         period_start = budgets_service.period_of(tenant.budget_period, now).start
         read = await predictions_service.read_with_balance(
-            session, tenant.id, prediction_id, tenants_service.counter_scope(tenant), period_start
+            session, tenant.id, prediction_id, balances.counter_scope(tenant), period_start
         )
         if read is None:
-            balance = await tenants_service.read_balance(session, tenant)
+            balance = await balances.read_balance(session, tenant)
         else:
-            balance = tenants_service.balance_of(tenant, read.spent_cents, read.reserved_cents, now)
+            balance = balances.balance_of(tenant, read.spent_cents, read.reserved_cents, now)
             await outputs_service.show_current_links(session, runtime.settings, [read.body])
-    CACHE.put_balance(tenant.id, balance, runtime.settings.balance_ttl_s)
+    balances.BALANCES.put(tenant.id, balance, runtime.settings.balance_ttl_s)
     note_balance(balance)
     if read is None:
         raise predictions_service.not_found(prediction_id)
