@@ -23,7 +23,6 @@ from app.core.migrate import upgrade_to_head
 from app.core.settings import Settings, get_settings
 from app.dashboard.router import router as dashboard_router
 from app.ops import router as ops_router
-from app.outputs.router import admin_router as outputs_admin_router
 from app.outputs.router import router as outputs_router
 from app.predictions.router import router as predictions_router
 from app.runtime import Runtime, build_runtime
@@ -109,7 +108,7 @@ def create_app(
     app.add_middleware(BudgetHeadersMiddleware)
     app.add_middleware(RequestGuardMiddleware)  # inside the context: refusals get a request id and a metric
     app.add_middleware(RequestContextMiddleware, sandbox=settings.sandbox)
-    routers = (predictions_router, usage_router, webhooks_router, admin_router, outputs_admin_router, outputs_router)
+    routers = (predictions_router, usage_router, webhooks_router, admin_router, outputs_router)
     for router in (*routers, ops_router, dashboard_router):
         app.include_router(router)
     return app

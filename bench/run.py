@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 
 from bench import httpclients, profiling, report
+from bench.cellmeter import CellMeter
 from bench.loadgen import Load, have_wrk, run_load
 from bench.ports import free_port
 from bench.procs import CpuMeter, Proc, Processes, cpu_seconds, proc_status_kb, wait_http
@@ -42,6 +43,8 @@ SUBMIT_BODY = (
 )
 VENDOR_KEY = "bench-vendor-key"
 SETUPS = ("direct", "floor", "vidgate-sqlite", "vidgate-postgresql")
+BUSY_ESTIMATED = "1-20s"  # the polled predictions: first poll after 1 s, then every POLL_INTERVAL_S
+LOAD_ESTIMATED = "3600-3700s"  # the load's own submits in a busy cell: not polled while it runs
 QUIET_CORES = 0.25  # other processes may use at most this many cores for the machine to count as quiet
 POLL_INTERVAL_S = 1.5
 SERVER_TIMING_SAMPLE = 200  # requests sampled one at a time per gateway cell for the Server-Timing table  # vidgate's default VIDGATE_POLL_INTERVAL_S, the vendor asks for 1-2 s
@@ -73,6 +76,9 @@ class Plan:
     webhook_black_hole_share: float
     webhook_timeout_s: float
     quiet_budget_s: float  # how long the whole run may wait, in total, for other processes to quiet down
+    worker_counts: tuple[int, ...]  # `vidgate serve --workers N` for the PostgreSQL sweep at 32 concurrent
+    busy_predictions: int  # in flight and polled while the with-worker cells run
+    busy_setups: tuple[str, ...]
 
 
 FULL = Plan(
@@ -100,6 +106,9 @@ FULL = Plan(
     webhook_black_hole_share=0.2,
     webhook_timeout_s=180.0,
     quiet_budget_s=120.0,
+    worker_counts=(1, 2, 3),
+    busy_predictions=2_000,
+    busy_setups=("vidgate-postgresql", "vidgate-sqlite"),
 )
 
 SMOKE = Plan(
@@ -127,6 +136,9 @@ SMOKE = Plan(
     webhook_black_hole_share=0.2,
     webhook_timeout_s=60.0,
     quiet_budget_s=0.0,
+    worker_counts=(2,),  # the several-process path; one process is the submit phase's path
+    busy_predictions=40,
+    busy_setups=("vidgate-postgresql",),  # SQLite takes the same code path
 )
 
 
@@ -240,9 +252,13 @@ class Bench:
         await wait_http(url + "/_ping", proc)
         return proc, url
 
-    async def start_vidgate(self, db: VidgateDb, sim_url: str, *, run_worker: bool) -> tuple[Proc, str]:
+    async def start_vidgate(
+        self, db: VidgateDb, sim_url: str, *, run_worker: bool, workers: int = 1
+    ) -> tuple[Proc, str]:
         port = free_port()
         argv = [self.vidgate_bin, "serve", "--port", str(port)]
+        if workers > 1:
+            argv += ["--workers", str(workers)]
         proc = self.procs.start(
             f"vidgate-{db.name}", argv, self.vidgate_env(db.url, sim_url, run_worker=run_worker), self.workdir
         )
@@ -359,11 +375,14 @@ class Bench:
         concurrency: int,
         label: str,
         server: Proc | None = None,
+        cost: CellMeter | None = None,
     ) -> dict[str, Any]:
-        """Warm-up (thrown away), then the measured repetitions; medians, and the CPU that other
-        processes on the machine took meanwhile."""
+        """Warm-up (thrown away), then the measured repetitions; medians, the CPU that other
+        processes on the machine took meanwhile and, with `cost`, what each request cost (bench/cellmeter.py)."""
         common = dict(method=method, paths=paths, auths=auths, body=body, concurrency=concurrency, workdir=self.workdir)
         await run_load(base, duration_s=self.plan.warmup_s, **common)  # type: ignore[arg-type]
+        if cost is not None:
+            await cost.open()
         meter = CpuMeter(self.db_tag)
         offset = server.log_size() if server is not None else 0
         runs = []
@@ -371,6 +390,8 @@ class Bench:
             runs.append(await run_load(base, duration_s=self.plan.duration_s, **common))  # type: ignore[arg-type]
         out = summarize(runs)
         out["foreign_cores"] = meter.foreign_cores()
+        if cost is not None:
+            out["cost"] = await cost.close(out["requests"])
         if server is not None and server.name.startswith("vidgate"):
             # Answers the server logged: requests still hanging when a run ended never reach wrk's counts.
             out["server_statuses"] = server.statuses_since(offset)
@@ -386,8 +407,24 @@ class Bench:
             + (f"  ERRORS {out['errors']}" if out["errors"] else "")
             + (f"  SERVER 5xx {out['server_5xx']}" if out.get("server_5xx") else "")
             + (f"  (other processes used {out['foreign_cores']:.2f} cores)" if out["foreign_cores"] > 0.1 else "")
+            + _cost_line(out.get("cost"))
         )
         return out
+
+    def cost_meter(self, server: Proc | None, base: str, db: VidgateDb | None) -> CellMeter | None:
+        """The per-request cost meter of a cell: the server's CPU (floor or gateway), and for the gateway its
+        batch sizes and, on PostgreSQL, the database's CPU, statements and commits."""
+        if server is None:
+            return None
+        if db is None:
+            return CellMeter(server_pid=server.pid, http=self.http)
+        return CellMeter(
+            server_pid=server.pid,
+            http=self.http,
+            metrics_url=base + "/metrics",
+            metrics_auth=f"Bearer {self.admin_token}",
+            pg_url=db.url if db.url.startswith("postgresql") else None,
+        )
 
     def note_foreign(self, cores: float) -> None:
         self.results["max_foreign_cores"] = max(self.results.get("max_foreign_cores", 0.0), cores)
@@ -433,6 +470,8 @@ class Bench:
             for phase, step in (
                 ("clients", self.phase_clients),
                 ("submit", self.phase_submit),
+                ("workers", self.phase_workers),
+                ("busy", self.phase_busy),
                 ("contention", self.phase_contention),
                 ("polling", self.phase_polling),
                 ("webhooks", self.phase_webhooks),
@@ -564,6 +603,7 @@ class Bench:
                             )
                         auth = f"Bearer {db.tenant_key}"
                     cell_offset = server.log_size() if server is not None else 0
+                    cell_db = dbs.get(setup)
                     prof = None
                     if setup == "vidgate-postgresql" and level == 32 and server is not None:
                         prof = self.maybe_profile(
@@ -579,6 +619,7 @@ class Bench:
                         concurrency=level,
                         label=f"submit {setup}",
                         server=server,
+                        cost=self.cost_meter(server, base, cell_db),
                     )
                     await self.finish_profile(prof, "submit-postgresql-c32")
                     if server is not None:
@@ -603,6 +644,7 @@ class Bench:
                             concurrency=level,
                             label=f"read {setup}",
                             server=server,
+                            cost=self.cost_meter(server, base, cell_db),
                         )
                         await self.finish_profile(prof, "read-postgresql-c32")
                         if setup.startswith("vidgate") and level == max(plan.read_levels):
@@ -635,6 +677,130 @@ class Bench:
             self.log(
                 f"  {server.name}: {total - counted} requests were still hanging when the server stopped (answered 500)"
             )
+
+    async def phase_workers(self) -> None:
+        """PostgreSQL submit and GET at 32 concurrent under `vidgate serve --workers N` for each N of the plan,
+        measured in this one phase so they compare with each other; the best submit throughput is the
+        recommended N (issue 13: which N serves best on these cores)."""
+        plan = self.plan
+        level = 32
+        dbs = getattr(self, "dbs", None) or await self.prepare_vidgate_dbs()
+        db = dbs["vidgate-postgresql"]
+        cells: dict[str, dict[str, Any]] = {}
+        for n in plan.worker_counts:
+            sim, sim_url = await self.start_simulator()
+            server: Proc | None = None
+            offset = 0
+            cell: dict[str, Any] = {}
+            try:
+                server, base = await self.start_vidgate(db, sim_url, run_worker=False, workers=n)
+                if db.tenant_key is None:
+                    db.tenant_id, db.tenant_key = await self.make_tenant(base, "bench-submit", budget_cents=10**9)
+                auth = f"Bearer {db.tenant_key}"
+                offset = server.log_size()
+                await self.wait_quiet()
+                cell["submit"] = await self.measure(
+                    base,
+                    method="POST",
+                    paths=[f"/api/v1/models/{MODEL}/generate"],
+                    auths=[auth],
+                    body=SUBMIT_BODY,
+                    concurrency=level,
+                    label=f"submit postgresql --workers {n}",
+                    server=server,
+                    cost=self.cost_meter(server, base, db),
+                )
+                ids = await self.submit_many(base, auth, 64, 8)
+                cell["get"] = await self.measure(
+                    base,
+                    method="GET",
+                    paths=[f"/api/v1/predictions/{i}" for i in ids],
+                    auths=[auth],
+                    body=None,
+                    concurrency=level,
+                    label=f"read postgresql --workers {n}",
+                    server=server,
+                    cost=self.cost_meter(server, base, db),
+                )
+            finally:
+                if server is not None:
+                    self.procs.stop(server)
+                    self._count_hung(server, offset, cell.get("submit"), cell.get("get"))
+                self.procs.stop(sim)
+            cells[str(n)] = cell
+        clean = {n: c for n, c in cells.items() if not c["submit"]["errors"] and not c["submit"].get("server_5xx")}
+        best = max(clean or cells, key=lambda n: (clean or cells)[n]["submit"]["rps"])
+        self.results["workers"] = {"level": level, "cells": cells, "recommended": int(best)}
+        self.log(f"  recommended: --workers {best}")
+
+    async def phase_busy(self) -> None:
+        """Submit and GET at 32 concurrent with the embedded worker on while `busy_predictions` predictions
+        are in flight and polled every POLL_INTERVAL_S (the simulator completes them only after an hour).
+        The load's own submits announce an estimatedTime an hour out, so the polled set stays the same
+        during the cell. One process, compared with the quiet cells of the submit phase."""
+        plan = self.plan
+        n = plan.busy_predictions
+        level = 32
+        out: dict[str, Any] = {}
+        for setup in plan.busy_setups:
+            if setup == "vidgate-postgresql":
+                db = VidgateDb("postgresql-busy", await self.fresh_postgres(f"vidgate_bench_busy_{self.db_tag}"))
+            else:
+                db = VidgateDb("sqlite-busy", f"sqlite:///{self.workdir / 'vidgate-busy.db'}")
+            await self.migrate(db.url)
+            sim, sim_url = await self.start_simulator(completion_s=3600.0, estimated=BUSY_ESTIMATED)
+            server: Proc | None = None
+            offset = 0
+            cell: dict[str, Any] = {"polled_predictions": n}
+            try:
+                server, base = await self.start_vidgate(db, sim_url, run_worker=True)
+                _, key = await self.make_tenant(base, "bench-busy", budget_cents=10**9)
+                auth = f"Bearer {key}"
+                polled = await self.submit_many(base, auth, n, 16)
+                await self._until_polled(sim_url, n, timeout_s=120.0)
+                await self.sim_config(sim_url, estimated_time=LOAD_ESTIMATED)
+                offset = server.log_size()
+                await self.wait_quiet()
+                for op, method, paths, body in (
+                    ("submit", "POST", [f"/api/v1/models/{MODEL}/generate"], SUBMIT_BODY),
+                    ("get", "GET", [f"/api/v1/predictions/{i}" for i in polled], None),
+                ):
+                    before = await self._json(sim_url + "/_sim/stats")
+                    began = time.monotonic()
+                    cell[op] = await self.measure(
+                        base,
+                        method=method,
+                        paths=paths,
+                        auths=[auth],
+                        body=body,
+                        concurrency=level,
+                        label=f"{op} {setup} + worker polling {n}",
+                        server=server,
+                        cost=self.cost_meter(server, base, db),
+                    )
+                    after = await self._json(sim_url + "/_sim/stats")
+                    cell[op]["upstream_polls_per_s"] = (after["polls"] - before["polls"]) / (time.monotonic() - began)
+                    self.log(f"    upstream polls meanwhile: {cell[op]['upstream_polls_per_s']:.0f}/s")
+            finally:
+                if server is not None:
+                    self.procs.stop(server)
+                    self._count_hung(server, offset, cell.get("submit"), cell.get("get"))
+                self.procs.stop(sim)
+            out[setup] = cell
+        self.results["busy"] = {"level": level, "cells": out, "poll_interval_s": POLL_INTERVAL_S}
+
+    async def _until_polled(self, sim_url: str, n: int, timeout_s: float) -> None:
+        """Wait until the worker has polled n predictions at least once: polling is under way."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            stats = await self._json(sim_url + "/_sim/stats")
+            if len(stats.get("pollsById", {})) >= n:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(stats.get('pollsById', {}))} of {n} predictions polled in {timeout_s:g} s"
+                )
+            await asyncio.sleep(0.5)
 
     async def phase_contention(self) -> None:
         plan = self.plan
@@ -1027,6 +1193,25 @@ class Bench:
         return sum(stats.get(str(p), {}).get("count", 0) for p in ports)
 
 
+def _cost_line(cost: dict[str, Any] | None) -> str:
+    if not cost:
+        return ""
+    parts = []
+    if "server_cpu_ms" in cost:
+        parts.append(f"server {cost['server_cpu_ms']:.2f}")
+    if "pg_backend_cpu_ms" in cost:
+        parts.append(f"pg {cost['pg_backend_cpu_ms']:.2f}+{cost['pg_aux_cpu_ms']:.2f}")
+    text = "  CPU ms/req " + " ".join(parts) if parts else ""
+    if "statements" in cost:
+        text += f"  stmts/req {cost['statements']:.2f}"
+    if "commits" in cost:
+        text += f"  commits/req {cost['commits']:.2f}"
+    hold = (cost.get("batches") or {}).get("hold")
+    if hold:
+        text += f"  hold batch mean {hold['mean']:.1f}"
+    return text
+
+
 def app_digest() -> str:
     """A digest of the gateway's code as it is on disk (app/, migrations included): the servers a run starts
     import whatever is there at that moment, so a change mid-run is worth knowing about."""
@@ -1136,7 +1321,9 @@ def main(argv: list[str] | None = None) -> int:
         help="where results.md, results.json and the charts go (default bench/; bench/smoke/ with --smoke; bench/profiles/ with --profile)",
     )
     parser.add_argument(
-        "--only", default="clients,submit,contention,polling,webhooks", help="comma-separated phases to run"
+        "--only",
+        default="clients,submit,workers,busy,contention,polling,webhooks",
+        help="comma-separated phases to run",
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the scratch directory (process logs, SQLite file) after the run"

@@ -15,7 +15,9 @@ from app.core.errors import InvalidRequest
 from app.core.openapi import link, links
 from app.core.responses import json_response
 from app.core.types import Line
-from app.deps import RuntimeDep, SessionDep
+from app.deps import ReadSessionDep, RuntimeDep, SessionDep
+from app.outputs import service as outputs_service
+from app.outputs.schemas import PredictionOutputsOut
 from app.tenants import service as tenants_service
 from app.tenants.models import ApiKey, Tenant
 from app.tenants.schemas import (
@@ -203,3 +205,15 @@ async def get_delivery(session: SessionDep, delivery_id: DeliveryId) -> dict[str
 async def redeliver(session: SessionDep, delivery_id: DeliveryId) -> dict[str, Any]:
     delivery = await webhooks_service.get_delivery(session, delivery_id)
     return webhooks_service.present(await webhooks_service.redeliver(session, delivery))
+
+
+@router.get(
+    "/predictions/{predictionId}/outputs",
+    response_model=PredictionOutputsOut,
+    summary="A prediction's rehosted outputs: the vendor's original URLs and what is stored",
+)
+async def prediction_outputs(
+    session: ReadSessionDep, prediction_id: Annotated[str, Path(alias="predictionId", max_length=40)]
+) -> Response:
+    view = await outputs_service.operator_view(session, prediction_id)
+    return json_response(view.model_dump(mode="json", by_alias=True))

@@ -87,6 +87,13 @@ async def give_slots(session: AsyncSession, tenant_id: str, n: int) -> None:
         await session.execute(_GIVE_SLOTS, {"b_tenant": tenant_id, "b_n": n})
 
 
+async def give_slots_many(session: AsyncSession, slots: dict[str, int]) -> None:
+    """give_slots for several tenants (tenant id -> n): one UPDATE, executemany, in tenant order."""
+    params = [{"b_tenant": tenant_id, "b_n": n} for tenant_id, n in sorted(slots.items()) if n]
+    if params:
+        await session.execute(_GIVE_SLOTS, params)
+
+
 async def set_slots(session: AsyncSession, tenant: Tenant, in_flight: int) -> None:
     """Start counting a tenant's slots from the predictions it has in flight (a maxConcurrent just set)."""
     tenant.in_flight = in_flight

@@ -5,10 +5,10 @@ from typing import Any
 from fastapi import APIRouter
 
 from app.budgets import service as budgets_service
+from app.budgets.deps import ReaderDep
 from app.budgets.headers import tenant_responses
 from app.budgets.schemas import UsageOut
 from app.deps import ReadSessionDep
-from app.tenants.deps import ReaderDep
 
 router = APIRouter(prefix="/api/v1", tags=["usage"], responses=tenant_responses())
 

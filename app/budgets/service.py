@@ -11,14 +11,30 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, Integer, bindparam, func, insert, or_, select, update
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    Integer,
+    Select,
+    String,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    table,
+    update,
+)
+from sqlalchemy import column as table_column
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from app.budgets import limits as budget_limits
 from app.budgets.models import BudgetCounter, DailyUsage, LedgerEntry, PricePoint, ThresholdNotice
@@ -133,33 +149,43 @@ async def estimate_cents(
     return (await price_estimate(session, price_table, model_id, resolution, duration_s)).cents
 
 
+_prices_table = table_of(PricePoint)
+_LEARN = (
+    update(_prices_table)
+    .where(
+        _prices.model_id == bindparam("b_model"),
+        _prices.resolution == bindparam("b_resolution"),
+        _prices.duration_s == bindparam("b_duration"),
+        _prices.max_seen_cents < bindparam("b_cents", type_=Integer),
+    )
+    .values(max_seen_cents=bindparam("b_cents", type_=Integer), updated_at=bindparam("b_now"))
+)
+
+
 async def learn_price(session: AsyncSession, model_id: str, resolution: str, duration_s: int, cents: int) -> None:
     """Raise the remembered maximum for this price point; never lower it."""
+    await learn_prices(session, {(model_id, resolution, duration_s): cents})
+
+
+async def learn_prices(session: AsyncSession, points: dict[tuple[str, str, int], int]) -> None:
+    """learn_price for many points, (model, resolution, duration) -> cents billed: one INSERT of the
+    points not seen yet, one UPDATE (executemany) raising the others, in the points' order."""
+    if not points:
+        return
     now = clock.now()
-    inserted = await insert_ignore(
-        session,
-        PricePoint,
+    ordered = sorted(points.items())
+    rows = [
+        dict(model_id=m, resolution=r, duration_s=d, max_seen_cents=cents, updated_at=now)
+        for (m, r, d), cents in ordered
+    ]
+    await insert_ignore(session, PricePoint, rows)
+    await session.execute(
+        _LEARN,
         [
-            dict(
-                model_id=model_id,
-                resolution=resolution,
-                duration_s=duration_s,
-                max_seen_cents=cents,
-                updated_at=now,
-            )
+            {"b_model": m, "b_resolution": r, "b_duration": d, "b_cents": cents, "b_now": now}
+            for (m, r, d), cents in ordered
         ],
     )
-    if not inserted:
-        await session.execute(
-            update(PricePoint)
-            .where(
-                PricePoint.model_id == model_id,
-                PricePoint.resolution == resolution,
-                PricePoint.duration_s == duration_s,
-                PricePoint.max_seen_cents < cents,
-            )
-            .values(max_seen_cents=cents, updated_at=now)
-        )
 
 
 # ---------------------------------------------------------------- movements
@@ -202,14 +228,17 @@ _HOLD_WITHIN_TENANT = _hold_statement(
 _HOLD_WITHIN_KEY = _hold_statement(
     select(table_of(ApiKey).c.budget_cents).where(table_of(ApiKey).c.id == bindparam("b_owner")).scalar_subquery()
 )
-_SHIFT = (
+# Executed with many parameter sets at once: one round trip on asyncpg, one call on SQLite.
+_SHIFT_MANY = (
     update(table_of(BudgetCounter))
     .where(_counters.scope == bindparam("b_scope"), _counters.period_start == bindparam("b_period"))
     .values(
-        reserved_cents=_counters.reserved_cents + bindparam("b_reserved"),
-        spent_cents=_counters.spent_cents + bindparam("b_spent"),
+        reserved_cents=_counters.reserved_cents + bindparam("b_reserved", type_=Integer),
+        spent_cents=_counters.spent_cents + bindparam("b_spent", type_=Integer),
     )
-    .returning(_counters.spent_cents)
+)
+_SPENT = select(_counters.scope, _counters.period_start, _counters.spent_cents).where(
+    _counters.scope.in_(bindparam("b_scopes", expanding=True))
 )
 _LEDGER_INSERT = insert(table_of(LedgerEntry))
 _daily = table_of(DailyUsage)
@@ -256,34 +285,74 @@ async def _hold_within(
     return (await session.execute(statement, params)).first() is not None
 
 
-async def _shift(
-    session: AsyncSession,
-    hold: Hold,
-    *,
-    reserved_delta: int,
-    spent_delta: int,
-    kind: str,
-    note: str | None = None,
-) -> int:
-    """Move money unconditionally (settle, release, refund) and record it. Returns the tenant's spent
-    cents after the move, as the database computed it.
+@dataclass(frozen=True)
+class _Move:
+    """One ledger row and the counter change it stands for."""
 
-    The ledger row is flushed first so that the counter rows, which concurrent requests of the tenant
-    wait for, stay locked only for the UPDATE and the COMMIT.
+    hold: Hold
+    kind: str
+    reserved_delta: int
+    spent_delta: int
+    note: str | None = None
+
+
+async def _move_many(
+    session: AsyncSession, moves: list[_Move], *, spent_of: Collection[str] = ()
+) -> dict[tuple[str, datetime], int]:
+    """Move money unconditionally (settles, releases, refunds) and record it, in a fixed number of
+    statements however many moves: one INSERT of the ledger rows, one UPDATE (executemany) of the
+    counters by each scope's sum, one upsert of the tenants' days. Returns the spent cents after the
+    batch of the tenant counters of `spent_of` (tenant ids), by (tenant id, period start).
+
+    The ledger rows go first so that the counter rows, which concurrent requests of the tenant wait
+    for, stay locked only from their UPDATE to the COMMIT.
     """
-    at = clock.now()  # one moment for the ledger row and the rollup day it counts in
-    await _record(session, hold, kind=kind, reserved_delta=reserved_delta, spent_delta=spent_delta, note=note, at=at)
-    spent_after = 0
-    # Always the tenant's row before the key's, as in reserve(): one lock order, no deadlocks.
-    scopes = [_tenant_scope(hold.tenant_id)] + ([_key_scope(hold.api_key_id)] if hold.key_budgeted else [])
-    for scope in scopes:
-        params = {"b_scope": scope, "b_period": hold.period_start, "b_reserved": reserved_delta, "b_spent": spent_delta}
-        spent = (await session.execute(_SHIFT, params)).scalar()
-        if scope.startswith("tenant:"):
-            spent_after = spent or 0
-    if spent_delta:
-        # After the counters, as every movement does: one lock order. Counted as usage_report counts.
-        await _add_to_day(session, hold.tenant_id, at, spent=spent_delta, predictions=int(kind == "settle"))
+    if not moves:
+        return {}
+    at = clock.now()  # one moment for the ledger rows and the rollup day they count in
+    await session.execute(
+        _LEDGER_INSERT, [_ledger_row(m.hold, m.kind, m.reserved_delta, m.spent_delta, m.note, at) for m in moves]
+    )
+    # (tenant, 0 for its own counter / 1 for a key's, scope, period) -> [reserved, spent]: sorted, this is
+    # the order holds lock counters in (tenants in order, each tenant's row before its keys').
+    sums: dict[tuple[str, int, str, datetime], list[int]] = {}
+    days: dict[str, list[int]] = {}
+    for m in moves:
+        hold = m.hold
+        scopes = [(0, _tenant_scope(hold.tenant_id))] + (
+            [(1, _key_scope(hold.api_key_id))] if hold.key_budgeted else []
+        )
+        for rank, scope in scopes:
+            total = sums.setdefault((hold.tenant_id, rank, scope, hold.period_start), [0, 0])
+            total[0] += m.reserved_delta
+            total[1] += m.spent_delta
+        if m.spent_delta:
+            day = days.setdefault(hold.tenant_id, [0, 0])
+            day[0] += m.spent_delta
+            day[1] += m.kind == "settle"  # counted as usage_report counts
+    shifts = [
+        {"b_scope": scope, "b_period": period, "b_reserved": reserved, "b_spent": spent}
+        for (_, _, scope, period), (reserved, spent) in sorted(sums.items())
+        if reserved or spent
+    ]
+    if shifts:
+        await session.execute(_SHIFT_MANY, shifts)
+    spent_after: dict[tuple[str, datetime], int] = {}
+    wanted = sorted({(tenant_id, period) for tenant_id, rank, _, period in sums if rank == 0 and tenant_id in spent_of})
+    if wanted:
+        # Rows this transaction has just updated: locked, so this is exactly the batch's result.
+        rows = await session.execute(_SPENT, {"b_scopes": sorted({_tenant_scope(t) for t, _ in wanted})})
+        found = {(scope, period): spent for scope, period, spent in rows}
+        spent_after = {(t, p): found.get((_tenant_scope(t), p), 0) for t, p in wanted}
+    if days:
+        # After the counters, as every movement does: one lock order.
+        await session.execute(
+            _DAILY_UPSERT[session.get_bind().dialect.name],
+            [
+                {"b_tenant": t, "b_day": at.date(), "b_spent": spent, "b_predictions": count, "b_refusals": 0}
+                for t, (spent, count) in sorted(days.items())
+            ],
+        )
     return spent_after
 
 
@@ -480,15 +549,153 @@ async def _hold_or_create(
 async def settle(session: AsyncSession, hold: Hold, held: int, cost: int) -> int:
     """Turn a hold into the vendor's real charge. A charge above the hold is still recorded: it was billed.
     Returns the tenant's spent cents after the charge."""
-    return await _shift(session, hold, reserved_delta=-held, spent_delta=cost, kind="settle")
+    spent = await _move_many(session, [_Move(hold, "settle", -held, cost)], spent_of=[hold.tenant_id])
+    return spent.get((hold.tenant_id, hold.period_start), 0)
 
 
 async def release(session: AsyncSession, hold: Hold, held: int, note: str) -> None:
-    await _shift(session, hold, reserved_delta=-held, spent_delta=0, kind="release", note=note)
+    await _move_many(session, [_Move(hold, "release", -held, 0, note)])
 
 
 async def refund(session: AsyncSession, hold: Hold, charged: int, note: str) -> None:
-    await _shift(session, hold, reserved_delta=0, spent_delta=-charged, kind="refund", note=note)
+    await _move_many(session, [_Move(hold, "refund", 0, -charged, note)])
+
+
+# ---------------------------------------------------------------- batches: settles, releases, ends
+#
+# The ledger writer's batches (app/predictions/service.py) and the poller's terminal transitions move
+# money here, in a fixed number of statements per batch however many predictions it holds.
+
+# A prediction's money and slot columns, named here rather than through app.predictions.models: money
+# depends on no domain but tenants (predictions depends on budgets, never the other way round).
+_predictions = table(
+    "predictions",
+    table_column("id", String),
+    table_column("holds_slot", Boolean),
+    table_column("charged_cents", Integer),
+)
+_CHARGE = (
+    update(_predictions)
+    .where(_predictions.c.id == bindparam("b_id"))
+    .values(charged_cents=bindparam("b_cents", type_=Integer))
+)
+
+
+class Charged(Protocol):
+    """The caller's object for a prediction whose charge changes: it shows the new charge."""
+
+    @property
+    def id(self) -> str: ...
+
+
+async def _charge(session: AsyncSession, charges: list[tuple[Charged, int]]) -> None:
+    """Set predictions' charged cents (one UPDATE for all), and on the caller's objects without making
+    them dirty: the unit of work has nothing left to write."""
+    if not charges:
+        return
+    await session.execute(_CHARGE, [{"b_id": p.id, "b_cents": cents} for p, cents in sorted(charges, key=_by_id)])
+    for prediction, cents in charges:
+        set_committed_value(prediction, "charged_cents", cents)
+
+
+def _by_id(charge: tuple[Charged, int]) -> str:
+    return charge[0].id
+
+
+@dataclass(frozen=True)
+class Settle:
+    """One prediction's hold turned into the vendor's price."""
+
+    tenant: Tenant
+    hold: Hold
+    held: int
+    cost: int
+    prediction: Charged
+
+
+async def settle_many(session: AsyncSession, settles: list[Settle]) -> list[tuple[Tenant, int]]:
+    """Settle a batch of holds: the predictions' charges (one UPDATE), then the ledger rows, counters and
+    days (_move_many). A charge above its hold is still recorded: it was billed. Returns the budget lines
+    (tenant, percent) the batch made tenants reach, each reported once a period."""
+    if not settles:
+        return []
+    await _charge(session, [(s.prediction, s.cost) for s in settles])
+    tenants = {s.tenant.id: s.tenant for s in settles}
+    spent_after = await _move_many(
+        session,
+        [_Move(s.hold, "settle", -s.held, s.cost) for s in settles],
+        spent_of=[t.id for t in tenants.values() if t.budget_cents],
+    )
+    costs: dict[tuple[str, datetime], int] = {}
+    for s in settles:
+        costs[(s.tenant.id, s.hold.period_start)] = costs.get((s.tenant.id, s.hold.period_start), 0) + s.cost
+    crossed: list[tuple[Tenant, int]] = []
+    for (tenant_id, period_start), after in sorted(spent_after.items()):
+        before = after - costs[(tenant_id, period_start)]
+        tenant = tenants[tenant_id]
+        crossed += [(tenant, p) for p in await newly_crossed_thresholds(session, tenant, period_start, before, after)]
+    return crossed
+
+
+async def charge_late(session: AsyncSession, hold: Hold, cost: int, *, holds_slot: bool, prediction: Charged) -> None:
+    """A confirm that found its hold already released: the vendor billed the run, so the charge is recorded
+    all the same (nothing held any more), and it takes its slot whatever the limit: it is in flight."""
+    if holds_slot:
+        await budget_limits.add_slot(session, hold.tenant_id)
+    await _charge(session, [(prediction, cost)])
+    await _move_many(session, [_Move(hold, "settle", 0, cost)])
+
+
+@dataclass(frozen=True)
+class Release:
+    """A hold the vendor never confirmed, given back with its slot."""
+
+    hold: Hold
+    held: int
+    holds_slot: bool
+    note: str
+
+
+async def release_many(session: AsyncSession, releases: list[Release]) -> None:
+    """Give back a batch of holds: the slots (one UPDATE, tenants in order, before their counters, as
+    holds take them), then the ledger rows and counters (_move_many)."""
+    await budget_limits.give_slots_many(session, _slots(releases))
+    await _move_many(session, [_Move(r.hold, "release", -r.held, 0, r.note) for r in releases])
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A prediction that became terminal: its slot comes back; `refund` cents of its charge too (a failed
+    prediction whose charge is given back), or 0."""
+
+    hold: Hold
+    holds_slot: bool
+    refund: int
+    prediction: Charged
+
+
+async def end_many(session: AsyncSession, ended: list[Ended]) -> None:
+    """Slots back for predictions that became terminal (one UPDATE, tenants in order), then the refunds:
+    their charges set to 0 and the ledger rows and counters (_move_many)."""
+    await budget_limits.give_slots_many(session, _slots(ended))
+    refunds = [e for e in ended if e.refund]
+    await _charge(session, [(e.prediction, 0) for e in refunds])
+    await _move_many(session, [_Move(e.hold, "refund", 0, -e.refund, "failed prediction") for e in refunds])
+
+
+def _slots(items: list[Release] | list[Ended]) -> dict[str, int]:
+    slots: dict[str, int] = {}
+    for item in items:
+        slots[item.hold.tenant_id] = slots.get(item.hold.tenant_id, 0) + item.holds_slot
+    return slots
+
+
+async def start_counting_slots(session: AsyncSession, tenant: Tenant, in_flight: Select[Any]) -> None:
+    """A tenant just got a maxConcurrent: its predictions in flight (`in_flight` selects their ids) take
+    their slots now."""
+    await session.execute(update(_predictions).where(_predictions.c.id.in_(in_flight)).values(holds_slot=True))
+    count = await session.scalar(select(func.count()).select_from(in_flight.subquery()))
+    await budget_limits.set_slots(session, tenant, count or 0)
 
 
 async def _budget_exceeded(

@@ -1,23 +1,19 @@
-"""Serving rehosted outputs at signed links (no API key: they go to browsers and players), and the
-operator's view of a prediction's outputs."""
+"""Serving rehosted outputs at signed links (no API key: they go to browsers and players). The operator's
+view of a prediction's outputs is an operator route (app/admin/router.py)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from app.admin.deps import require_admin
 from app.core import clock
-from app.core.responses import json_response
 from app.deps import ReadSessionDep, RuntimeDep
 from app.outputs import service
-from app.outputs.schemas import PredictionOutputsOut
 from app.outputs.store import open_store
 
 router = APIRouter(tags=["outputs"])
-admin_router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(require_admin)])
 
 PredictionId = Annotated[str, Path(alias="predictionId", max_length=40)]
 
@@ -63,13 +59,3 @@ async def serve_output(
     return StreamingResponse(
         store.read(item.key, start, end), status_code=status, headers=headers, media_type=item.content_type
     )
-
-
-@admin_router.get(
-    "/predictions/{predictionId}/outputs",
-    response_model=PredictionOutputsOut,
-    summary="A prediction's rehosted outputs: the vendor's original URLs and what is stored",
-)
-async def prediction_outputs(session: ReadSessionDep, prediction_id: PredictionId) -> Response:
-    view = await service.operator_view(session, prediction_id)
-    return json_response(view.model_dump(mode="json", by_alias=True))

@@ -7,7 +7,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Response
 
+from app.budgets import balances
 from app.budgets import service as budgets_service
+from app.budgets.deps import CallerDep, ReaderDep, authenticate
 from app.budgets.headers import RETRY_AFTER_DOC, note_balance, note_charge, tenant_responses
 from app.budgets.schemas import QuoteOut
 from app.core import clock
@@ -22,9 +24,7 @@ from app.outputs import service as outputs_service
 from app.predictions import service as predictions_service
 from app.predictions.cache import FINAL
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, PublicStatus, SubmitOut
-from app.tenants import service as tenants_service
-from app.tenants.cache import CACHE
-from app.tenants.deps import CallerDep, Credentials, ReaderDep, authenticate, cached_caller
+from app.tenants.deps import Credentials, cached_caller
 
 router = APIRouter(prefix="/api/v1", tags=["predictions"], responses=tenant_responses())
 
@@ -155,7 +155,7 @@ async def get_prediction(
     caller = cached_caller(credentials)
     if caller is not None:
         final = FINAL.get(caller.tenant.id, prediction_id)
-        snapshot = CACHE.balance(caller.tenant.id) if final is not None else None
+        snapshot = balances.BALANCES.get(caller.tenant.id) if final is not None else None
         if final is not None and snapshot is not None:
             note_balance(snapshot)
             return json_bytes_response(final)
@@ -166,13 +166,13 @@ async def get_prediction(
         now = clock.now()
         period_start = budgets_service.period_of(tenant.budget_period, now).start
         read = await predictions_service.read_with_balance(
-            connection, runtime.settings, tenant.id, prediction_id, tenants_service.counter_scope(tenant), period_start
+            connection, runtime.settings, tenant.id, prediction_id, balances.counter_scope(tenant), period_start
         )
         if read is None:
-            balance = await tenants_service.read_balance(connection, tenant)
+            balance = await balances.read_balance(connection, tenant)
         else:
-            balance = tenants_service.balance_of(tenant, read.spent_cents, read.reserved_cents, now)
-    CACHE.put_balance(tenant.id, balance, runtime.settings.balance_ttl_s)
+            balance = balances.balance_of(tenant, read.spent_cents, read.reserved_cents, now)
+    balances.BALANCES.put(tenant.id, balance, runtime.settings.balance_ttl_s)
     note_balance(balance)
     if read is None:
         raise predictions_service.not_found(prediction_id)

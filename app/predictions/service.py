@@ -18,7 +18,6 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.budgets import limits as budget_limits
 from app.budgets import service as budgets_service
 from app.budgets.models import BudgetCounter
 from app.core import clock, metrics
@@ -130,6 +129,8 @@ def first_poll_delay_s(estimated_time: str | None, default_s: float) -> float:
 
 _predictions = table_of(Prediction)
 _INSERT = insert(_predictions)
+# A settle batch's state change (executemany: one round trip), then one statement that finds exactly the
+# rows it changed by the batch's mark: the fence (still "submitting") may have refused some.
 _CONFIRM = (
     update(_predictions)
     .where(_predictions.c.id == bindparam("b_id"), _predictions.c.status == PredictionStatus.SUBMITTING)
@@ -137,10 +138,35 @@ _CONFIRM = (
         upstream_id=bindparam("b_upstream_id"),
         status=PredictionStatus.PROCESSING,
         estimated_time=bindparam("b_estimated_time"),
-        charged_cents=bindparam("b_charged_cents"),
         next_poll_at=bindparam("b_next_poll_at"),
+        lease_owner=bindparam("b_mark"),
     )
+)
+# A release batch's state change, the same way.
+_REJECT = (
+    update(_predictions)
+    .where(_predictions.c.id == bindparam("b_id"), _predictions.c.status == PredictionStatus.SUBMITTING)
+    .values(
+        status="rejected",  # not a public status: the row stays for the record
+        error=bindparam("b_error"),
+        completed_at=bindparam("b_now"),
+        lease_owner=bindparam("b_mark"),
+    )
+)
+_MARKED = (
+    update(_predictions)
+    .where(_predictions.c.id.in_(bindparam("b_ids", expanding=True)), _predictions.c.lease_owner == bindparam("b_mark"))
+    .values(lease_owner=None)
     .returning(_predictions.c.id)
+)
+_idempotency = table_of(IdempotencyKey).c
+_REMEMBER_RESPONSE = (
+    update(table_of(IdempotencyKey))
+    .where(_idempotency.tenant_id == bindparam("b_tenant"), _idempotency.key == bindparam("b_key"))
+    .values(response=bindparam("b_response", type_=_idempotency.response.type))
+)
+_FORGET = delete(table_of(IdempotencyKey)).where(
+    _idempotency.tenant_id == bindparam("b_tenant"), _idempotency.key == bindparam("b_key")
 )
 
 
@@ -314,30 +340,31 @@ async def _apply_holds(
 
 
 async def _apply_confirms(runtime: Runtime, session: AsyncSession, jobs: list[_ConfirmJob]) -> list[dict[str, Any]]:
-    bodies: dict[int, dict[str, Any]] = {}
-    # Tenant by tenant in sorted order, as holds lock them: batches on other replicas never deadlock.
-    for index in sorted(range(len(jobs)), key=lambda i: jobs[i].tenant.id):
-        job = jobs[index]
-        confirmed = await _confirm(session, runtime, job.tenant, job.key, job.prediction, job.estimate, job.submitted)
-        body = present_submit(confirmed, f"{job.status_url_base}/{confirmed.id}", extended=False)
-        if job.idempotency_key is not None:
-            await session.execute(
-                update(IdempotencyKey)
-                .where(IdempotencyKey.tenant_id == job.tenant.id, IdempotencyKey.key == job.idempotency_key)
-                .values(response=body)
-            )
-        bodies[index] = body
-    return [bodies[i] for i in range(len(jobs))]
+    confirmed = await _confirm_many(session, runtime, jobs)
+    bodies = [
+        present_submit(p, f"{job.status_url_base}/{p.id}", extended=False)
+        for job, p in zip(jobs, confirmed, strict=True)
+    ]
+    remembered = [
+        {"b_tenant": job.tenant.id, "b_key": job.idempotency_key, "b_response": body}
+        for job, body in zip(jobs, bodies, strict=True)
+        if job.idempotency_key is not None
+    ]
+    if remembered:
+        await session.execute(_REMEMBER_RESPONSE, remembered)
+    return bodies
 
 
 async def _apply_releases(runtime: Runtime, session: AsyncSession, jobs: list[_ReleaseJob]) -> list[bool]:
-    released: dict[int, bool] = {}
-    for index in sorted(range(len(jobs)), key=lambda i: jobs[i].prediction.tenant_id):
-        job = jobs[index]
-        released[index] = await _abandon(session, job.prediction, reason=job.reason, key=job.key)
-        if job.idempotency_key is not None:
-            await _forget_idempotency_key(session, job.prediction.tenant_id, job.idempotency_key)
-    return [released[i] for i in range(len(jobs))]
+    released = await _release_many(session, [(job.prediction, job.reason, job.key) for job in jobs])
+    forgotten = [
+        {"b_tenant": job.prediction.tenant_id, "b_key": job.idempotency_key}
+        for job in jobs
+        if job.idempotency_key is not None
+    ]
+    if forgotten:
+        await session.execute(_FORGET, forgotten)
+    return [job.prediction.id in released for job in jobs]
 
 
 async def _confirm_until_recorded(runtime: Runtime, job: _ConfirmJob) -> dict[str, Any]:
@@ -530,6 +557,61 @@ def _new_prediction(job: _HoldJob, estimate_cents: int, now: datetime) -> Predic
     )
 
 
+async def _confirm_many(session: AsyncSession, runtime: Runtime, jobs: list[_ConfirmJob]) -> list[Prediction]:
+    """What the vendor accepted, recorded for a batch: the predictions start processing (two statements),
+    the prices seen are learnt and the holds settled (app/budgets/service.py, a fixed number of statements
+    however large the batch), and budget lines crossed are notified. The confirmed prediction of each job."""
+    now = clock.now()
+    mark = new_id("set")
+    states = {
+        job.prediction.id: dict(
+            upstream_id=job.submitted.id,
+            status=PredictionStatus.PROCESSING,
+            estimated_time=job.submitted.estimated_time,
+            next_poll_at=now
+            + timedelta(seconds=first_poll_delay_s(job.submitted.estimated_time, runtime.settings.poll_interval_s)),
+        )
+        for job in jobs
+    }
+    await session.execute(
+        _CONFIRM,
+        [
+            {"b_id": id_, "b_mark": mark, **{f"b_{k}": v for k, v in state.items() if k != "status"}}
+            for id_, state in sorted(states.items())
+        ],
+    )
+    changed = set(await session.scalars(_MARKED, {"b_ids": sorted(states), "b_mark": mark}))
+    confirmed: list[Prediction] = []
+    settles: list[budgets_service.Settle] = []
+    learnt: dict[tuple[str, str, int], int] = {}
+    for job in jobs:
+        if job.prediction.id not in changed:
+            confirmed.append(await _confirm_late(session, job, states[job.prediction.id]))
+            continue
+        prediction, cost = job.prediction, job.submitted.cost_cents
+        for name, value in states[prediction.id].items():
+            setattr(prediction, name, value)  # the caller's copy, never added to the session: what the row says
+        confirmed.append(prediction)
+        settles.append(
+            budgets_service.Settle(job.tenant, _hold(prediction, job.key), prediction.estimate_cents, cost, prediction)
+        )
+        if job.estimate.seen_cents is None or cost > job.estimate.seen_cents:
+            params = prediction.params
+            point = (
+                prediction.model_id,
+                str(params.get("resolution", budgets_service.DEFAULT_RESOLUTION)),
+                int(params.get("duration", budgets_service.DEFAULT_DURATION_S)),
+            )
+            learnt[point] = max(cost, learnt.get(point, 0))
+    # The price points before the counters: the counter rows stay locked from their UPDATE to the COMMIT.
+    await budgets_service.learn_prices(session, learnt)
+    crossed = await budgets_service.settle_many(session, settles)
+    for tenant, percent in crossed:
+        usage = await budgets_service.tenant_usage(session, tenant)
+        await webhooks_service.enqueue_budget_threshold(session, tenant, percent, usage)
+    return confirmed
+
+
 async def _confirm(
     session: AsyncSession,
     runtime: Runtime,
@@ -539,80 +621,57 @@ async def _confirm(
     estimate: budgets_service.Estimate,
     submitted: UpstreamSubmitted,
 ) -> Prediction:
-    now = clock.now()
-    delay = first_poll_delay_s(submitted.estimated_time, runtime.settings.poll_interval_s)
-    confirmed = dict(
-        upstream_id=submitted.id,
-        status=PredictionStatus.PROCESSING,
-        estimated_time=submitted.estimated_time,
-        charged_cents=submitted.cost_cents,
-        next_poll_at=now + timedelta(seconds=delay),
+    """_confirm_many for one prediction."""
+    (prediction,) = await _confirm_many(
+        session, runtime, [_ConfirmJob(tenant, key, held, estimate, submitted, None, "")]
     )
-    stored = await session.scalar(
-        _CONFIRM, {"b_id": held.id, **{f"b_{k}": v for k, v in confirmed.items() if k != "status"}}
-    )
-    prediction: Prediction | None = None
-    if stored is not None:
-        prediction = held
-        for name, value in confirmed.items():
-            setattr(prediction, name, value)
-    if prediction is None:
-        prediction = await session.get(Prediction, held.id, populate_existing=True)
-        assert prediction is not None
-        if prediction.upstream_id == submitted.id:
-            return prediction  # a retried confirm whose first COMMIT did land: charged once already
-        # Unreachable while submit_recovery_s exceeds the upstream timeout (settings enforce it);
-        # if it happens anyway, the vendor billed us, so the charge is recorded all the same.
-        log.error("late upstream confirmation", extra={"prediction_id": held.id})
-        await budgets_service.settle(session, _hold(prediction), 0, submitted.cost_cents)
-        prediction.upstream_id = submitted.id
-        prediction.charged_cents = submitted.cost_cents
-        prediction.status = PredictionStatus.PROCESSING
-        prediction.next_poll_at = now + timedelta(seconds=delay)
-        if prediction.holds_slot:
-            await budget_limits.add_slot(session, tenant.id)
-        await session.flush()
-        return prediction
-    cost = submitted.cost_cents
-    spent_after = await budgets_service.settle(session, _hold(prediction, key), prediction.estimate_cents, cost)
-    if estimate.seen_cents is None or cost > estimate.seen_cents:
-        params = prediction.params
-        await budgets_service.learn_price(
-            session,
-            prediction.model_id,
-            str(params.get("resolution", budgets_service.DEFAULT_RESOLUTION)),
-            int(params.get("duration", budgets_service.DEFAULT_DURATION_S)),
-            cost,
-        )
-    await _notify_thresholds(session, tenant, prediction.period_start, spent_after - cost, spent_after)
     return prediction
 
 
-async def _notify_thresholds(
-    session: AsyncSession, tenant: Tenant, period_start: datetime, spent_before: int, spent_after: int
-) -> None:
-    crossed = await budgets_service.newly_crossed_thresholds(session, tenant, period_start, spent_before, spent_after)
-    if crossed:
-        usage = await budgets_service.tenant_usage(session, tenant)
-        for percent in crossed:
-            await webhooks_service.enqueue_budget_threshold(session, tenant, percent, usage)
-
-
-async def _abandon(session: AsyncSession, held: Prediction, *, reason: str, key: ApiKey | None = None) -> bool:
-    """The upstream never confirmed: release the hold and the slot. The row stays for the record."""
-    result = await session.execute(
-        update(Prediction)
-        .where(Prediction.id == held.id, Prediction.status == PredictionStatus.SUBMITTING)
-        .values(status="rejected", error=reason[:500], completed_at=clock.now())
-        .returning(Prediction.id)
+async def _confirm_late(session: AsyncSession, job: _ConfirmJob, state: dict[str, Any]) -> Prediction:
+    """A confirm whose prediction is no longer "submitting"."""
+    held, submitted = job.prediction, job.submitted
+    prediction = await session.get(Prediction, held.id, populate_existing=True)
+    assert prediction is not None
+    if prediction.upstream_id == submitted.id:
+        return prediction  # a retried confirm whose first COMMIT did land: charged once already
+    # Unreachable while submit_recovery_s exceeds the upstream timeout (settings enforce it);
+    # if it happens anyway, the vendor billed us, so the charge is recorded all the same.
+    log.error("late upstream confirmation", extra={"prediction_id": held.id})
+    prediction.upstream_id = submitted.id
+    prediction.status = PredictionStatus.PROCESSING
+    prediction.next_poll_at = state["next_poll_at"]
+    await session.flush()
+    await budgets_service.charge_late(
+        session, _hold(prediction), submitted.cost_cents, holds_slot=prediction.holds_slot, prediction=prediction
     )
-    if result.first() is None:
-        return False
-    # The slot row before the counters: the order holds take them in.
-    if held.holds_slot:
-        await budget_limits.release_slot(session, held.tenant_id)
-    await budgets_service.release(session, _hold(held, key), held.estimate_cents, note=reason[:200])
-    return True
+    return prediction
+
+
+async def _release_many(session: AsyncSession, held: list[tuple[Prediction, str, ApiKey | None]]) -> set[str]:
+    """The upstream never confirmed these: they become "rejected" (the rows stay for the record), and
+    their holds and slots are given back. The ids released (a prediction no longer "submitting" is not)."""
+    if not held:
+        return set()
+    mark = new_id("rel")
+    now = clock.now()
+    await session.execute(
+        _REJECT,
+        [
+            {"b_id": p.id, "b_error": reason[:500], "b_now": now, "b_mark": mark}
+            for p, reason, _ in sorted(held, key=lambda h: h[0].id)
+        ],
+    )
+    released = set(await session.scalars(_MARKED, {"b_ids": sorted(p.id for p, _, _ in held), "b_mark": mark}))
+    await budgets_service.release_many(
+        session,
+        [
+            budgets_service.Release(_hold(p, key), p.estimate_cents, p.holds_slot, note=reason[:200])
+            for p, reason, key in held
+            if p.id in released
+        ],
+    )
+    return released
 
 
 def _upstream_problem(exc: UpstreamRefused | UpstreamUnavailable) -> AppError:
@@ -634,15 +693,11 @@ def _upstream_problem(exc: UpstreamRefused | UpstreamUnavailable) -> AppError:
 
 async def start_counting_slots(session: AsyncSession, tenant: Tenant) -> None:
     """A tenant just got a maxConcurrent: its predictions already in flight take their slots now."""
-    in_flight = (
+    in_flight = select(Prediction.id).where(
         Prediction.tenant_id == tenant.id,
         Prediction.status.in_((PredictionStatus.SUBMITTING, PredictionStatus.PROCESSING)),
     )
-    await session.execute(
-        update(Prediction).where(*in_flight).values(holds_slot=True).execution_options(synchronize_session=False)
-    )
-    count = await session.scalar(select(func.count()).select_from(Prediction).where(*in_flight))
-    await budget_limits.set_slots(session, tenant, count or 0)
+    await budgets_service.start_counting_slots(session, tenant, in_flight)
 
 
 # ---------------------------------------------------------------- reads
@@ -879,22 +934,21 @@ async def finish_many(
     finished = list(await session.scalars(_FINISHED, {"b_ids": [f.prediction_id for f in finishes], "b_mark": mark}))
     if not finished:
         return {}
-    by_tenant: dict[str, list[Prediction]] = {}
-    for prediction in finished:
-        by_tenant.setdefault(prediction.tenant_id, []).append(prediction)
-    # Tenants in sorted order, each one's slot row before its counters: the order holds lock them in.
-    for tenant_id in sorted(by_tenant):
-        await budget_limits.give_slots(session, tenant_id, sum(p.holds_slot for p in by_tenant[tenant_id]))
-    for tenant_id in sorted(by_tenant):
-        for prediction in by_tenant[tenant_id]:
-            refunded = prediction.status == PredictionStatus.FAILED and not runtime.settings.keep_failed_charge
-            if refunded and prediction.charged_cents:
-                await budgets_service.refund(
-                    session, _hold(prediction), prediction.charged_cents, note="failed prediction"
-                )
-                prediction.charged_cents = 0
-    await session.flush()
-    tenants = {t.id: t for t in await session.scalars(select(Tenant).where(Tenant.id.in_(sorted(by_tenant))))}
+    refund_failed = not runtime.settings.keep_failed_charge
+    await budgets_service.end_many(
+        session,
+        [
+            budgets_service.Ended(
+                _hold(p),
+                p.holds_slot,
+                refund=(p.charged_cents or 0) if refund_failed and p.status == PredictionStatus.FAILED else 0,
+                prediction=p,
+            )
+            for p in finished
+        ],
+    )
+    tenant_ids = sorted({p.tenant_id for p in finished})
+    tenants = {t.id: t for t in await session.scalars(select(Tenant).where(Tenant.id.in_(tenant_ids)))}
     await webhooks_service.enqueue_prediction_events(
         session, runtime.settings, [(tenants[p.tenant_id], p, present(p)) for p in finished]
     )
@@ -950,13 +1004,12 @@ async def recover_interrupted_submits(runtime: Runtime) -> int:
                 .with_for_update(skip_locked=True)
             )
         )
-        recovered = 0
-        for prediction in stuck:
-            if await _abandon(session, prediction, reason="gateway interrupted before the upstream confirmed it"):
-                recovered += 1
-                await session.execute(
-                    delete(IdempotencyKey).where(
-                        IdempotencyKey.prediction_id == prediction.id, IdempotencyKey.response.is_(None)
-                    )
+        reason = "gateway interrupted before the upstream confirmed it"
+        released = await _release_many(session, [(p, reason, None) for p in stuck])
+        if released:
+            await session.execute(
+                delete(IdempotencyKey).where(
+                    IdempotencyKey.prediction_id.in_(sorted(released)), IdempotencyKey.response.is_(None)
                 )
-    return recovered
+            )
+    return len(released)

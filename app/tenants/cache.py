@@ -1,4 +1,4 @@
-"""The key check from memory: key hash -> (tenant, key), and each tenant's balance snapshot.
+"""The key check from memory: key hash -> (tenant, key).
 
 Why: the key check runs on every request, and a round trip for it cost as much as the rest of a GET.
 What keeps it honest:
@@ -11,13 +11,8 @@ What keeps it honest:
   since notifications sent while it was away are gone.
 - Money never trusts the cached tenant: the hold's conditional UPDATE reads the budget from the tenant
   row in the same statement, so a stale entry can refuse a submit but never overspend.
-
-The balance snapshot serves `X-Budget-Remaining-Cents` on a submit's answer without a read of its own.
-It is at most `balance_ttl_s` old; this process's own charges change it at once (the request's
-`note_charge` mutates the very object the snapshot holds), other processes' charges and refunds show
-up when it is read again. Reads (the list routes, GET) read the balance fresh with their data, and
-refresh the snapshot; a GET answered from memory (a final prediction, app/predictions/cache.py) shows
-the snapshot, as a submit does.
+- Whatever else a process keeps per tenant (the balance snapshot, app/budgets/balances.py) subscribes
+  with `on_invalidate()` and is dropped with the tenant's keys.
 """
 
 from __future__ import annotations
@@ -27,6 +22,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +32,6 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from app.budgets.headers import Balance
-from app.core import clock
 from app.tenants.models import ApiKey, Tenant
 
 log = logging.getLogger("vidgate.tenants")
@@ -58,8 +52,12 @@ class _Entry:
 class KeyCache:
     def __init__(self, max_keys: int = MAX_KEYS) -> None:
         self._keys: OrderedDict[str, _Entry] = OrderedDict()
-        self._balances: dict[str, tuple[Balance, float]] = {}
         self._max_keys = max_keys
+        self._listeners: list[Callable[[str | None], None]] = []
+
+    def on_invalidate(self, listener: Callable[[str | None], None]) -> None:
+        """Call `listener(tenant_id)` when a tenant's entries are dropped, `listener(None)` when all are."""
+        self._listeners.append(listener)
 
     def get(self, digest: str) -> tuple[Tenant, ApiKey] | None:
         entry = self._keys.get(digest)
@@ -79,31 +77,16 @@ class KeyCache:
         while len(self._keys) > self._max_keys:
             self._keys.popitem(last=False)
 
-    def balance(self, tenant_id: str) -> Balance | None:
-        held = self._balances.get(tenant_id)
-        if held is None:
-            return None
-        balance, expires = held
-        if expires <= time.monotonic() or (balance.resets_at is not None and balance.resets_at <= clock.now()):
-            del self._balances[tenant_id]
-            return None
-        return balance
-
-    def put_balance(self, tenant_id: str, balance: Balance, ttl_s: float) -> None:
-        if ttl_s <= 0:
-            return
-        if len(self._balances) >= self._max_keys and tenant_id not in self._balances:
-            self._balances.clear()
-        self._balances[tenant_id] = (balance, time.monotonic() + ttl_s)
-
     def invalidate(self, tenant_id: str) -> None:
         for digest in [d for d, entry in self._keys.items() if entry.tenant.id == tenant_id]:
             del self._keys[digest]
-        self._balances.pop(tenant_id, None)
+        for listener in self._listeners:
+            listener(tenant_id)
 
     def clear(self) -> None:
         self._keys.clear()
-        self._balances.clear()
+        for listener in self._listeners:
+            listener(None)
 
     def __len__(self) -> int:
         return len(self._keys)

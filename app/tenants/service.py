@@ -7,18 +7,15 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from functools import cache
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, inspect, literal, select, update
+from sqlalchemy import Row, bindparam, inspect, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.budgets import service as budgets_service
-from app.budgets.headers import Balance
-from app.budgets.models import BudgetCounter
 from app.core import clock
-from app.core.database import Base, Reads, table_of
+from app.core.database import Base, table_of
 from app.core.errors import NotFound, Unauthorized
 from app.core.ids import new_id
 from app.tenants.cache import CACHE, note_tenant_changed
@@ -149,26 +146,12 @@ async def revoke_key(session: AsyncSession, tenant: Tenant, key_id: str) -> ApiK
 # the database spends answering it. Plain columns, then transient objects: no identity map to fill.
 _TENANT_COLUMNS = list(table_of(Tenant).c)
 _KEY_COLUMNS = list(table_of(ApiKey).c)
-_AUTHENTICATE = (
+# The key check's query, by the key's digest (`digest`): the key's columns, then its tenant's. A caller may
+# add columns after them and joins (app/budgets/balances.py adds the tenant's balance).
+KEY_LOOKUP = (
     select(*_KEY_COLUMNS, *_TENANT_COLUMNS)
     .join_from(table_of(ApiKey), table_of(Tenant), table_of(Tenant).c.id == table_of(ApiKey).c.tenant_id)
     .where(table_of(ApiKey).c.key_hash == bindparam("digest"))
-)
-# The same lookup plus the tenant's counter row of its current period (a primary-key probe in the same
-# round trip), for the budget headers every tenant answer carries.
-_tenants = table_of(Tenant).c
-_counters = table_of(BudgetCounter).c
-_PERIOD_KINDS = ("day", "week", "month", "total")
-_current_period_start = case(
-    *(
-        (_tenants.budget_period == kind, bindparam(f"p_{kind}", type_=_counters.period_start.type))
-        for kind in _PERIOD_KINDS[:3]
-    ),
-    else_=bindparam("p_total", type_=_counters.period_start.type),
-)
-_AUTHENTICATE_WITH_BALANCE = _AUTHENTICATE.add_columns(_counters.spent_cents, _counters.reserved_cents).outerjoin(
-    table_of(BudgetCounter),
-    and_(_counters.scope == literal("tenant:") + _tenants.id, _counters.period_start == _current_period_start),
 )
 
 
@@ -182,33 +165,16 @@ def _detached(model: type[Tenant] | type[ApiKey], values: Sequence[Any]) -> Any:
     return model(**dict(zip(_attribute_names(model), values, strict=True)))
 
 
-async def authenticate(session: AsyncSession, raw_key: str) -> tuple[Tenant, ApiKey]:
-    """The caller's tenant and key, as objects outside the session: read them, never change them."""
-    tenant, key, _ = await authenticate_with_balance(session, raw_key)
-    return tenant, key
-
-
-def _digest(raw_key: str) -> str:
+def key_digest(raw_key: str) -> str:
     if not raw_key.startswith(KEY_PREFIX):
         raise Unauthorized("API keys start with 'vg_'. Send 'Authorization: Bearer vg_...'.")
     return hash_key(raw_key)
 
 
-def authenticate_cached(raw_key: str) -> tuple[Tenant, ApiKey] | None:
-    """The key check from this process's cache (app/tenants/cache.py); None: ask the database."""
-    return CACHE.get(_digest(raw_key))
-
-
-async def authenticate_with_balance(
-    session: Reads, raw_key: str, *, cache_ttl_s: float = 0.0
-) -> tuple[Tenant, ApiKey, Balance]:
-    """authenticate(), plus the tenant's balance this period, read by the same query. With
-    `cache_ttl_s`, a valid key is kept in the cache that long."""
-    digest = _digest(raw_key)
-    now = clock.now()
-    params: dict[str, Any] = {"digest": digest}
-    params.update({f"p_{kind}": budgets_service.period_of(kind, now).start for kind in _PERIOD_KINDS})
-    row = (await session.execute(_AUTHENTICATE_WITH_BALANCE, params)).first()
+def caller_of(row: Row[Any] | None, digest: str, *, cache_ttl_s: float = 0.0) -> tuple[Tenant, ApiKey]:
+    """The tenant and key of a KEY_LOOKUP row, as objects outside the session (read them, never change
+    them); Unauthorized if there is none or it no longer works. With `cache_ttl_s`, a valid key is kept
+    in the cache that long."""
     # The lookup is by hash, so timing reveals nothing about the key; compare anyway to be explicit.
     if row is None or not hmac.compare_digest(row.key_hash, digest):
         raise Unauthorized("This API key is unknown. Ask your operator for a key.")
@@ -217,33 +183,19 @@ async def authenticate_with_balance(
     tenant: Tenant = _detached(Tenant, row[split : split + len(_TENANT_COLUMNS)])
     if key.revoked_at is not None or tenant.deleted_at is not None:
         raise Unauthorized("This API key was revoked. Ask your operator for a new one.")
-    spent, reserved = row[-2:]
     CACHE.put(digest, tenant, key, cache_ttl_s)
-    return tenant, key, balance_of(tenant, spent, reserved, now)
+    return tenant, key
 
 
-def balance_of(tenant: Tenant, spent: int | None, reserved: int | None, now: datetime) -> Balance:
-    """The balance from the tenant's counter row of the current period (None: no row yet)."""
-    period = budgets_service.period_of(tenant.budget_period, now)
-    return Balance(tenant.budget_cents, spent or 0, reserved or 0, period.end)
+async def authenticate(session: AsyncSession, raw_key: str) -> tuple[Tenant, ApiKey]:
+    """The caller's tenant and key, as objects outside the session: read them, never change them."""
+    digest = key_digest(raw_key)
+    return caller_of((await session.execute(KEY_LOOKUP, {"digest": digest})).first(), digest)
 
 
-def counter_scope(tenant: Tenant) -> str:
-    return f"tenant:{tenant.id}"
-
-
-_BALANCE = select(_counters.spent_cents, _counters.reserved_cents).where(
-    _counters.scope == bindparam("b_scope"), _counters.period_start == bindparam("b_period_start")
-)
-
-
-async def read_balance(session: Reads, tenant: Tenant) -> Balance:
-    """The tenant's balance now (one primary-key probe), for answers that read nothing else."""
-    now = clock.now()
-    start = budgets_service.period_of(tenant.budget_period, now).start
-    row = (await session.execute(_BALANCE, {"b_scope": counter_scope(tenant), "b_period_start": start})).first()
-    spent, reserved = row if row is not None else (0, 0)
-    return balance_of(tenant, spent, reserved, now)
+def authenticate_cached(raw_key: str) -> tuple[Tenant, ApiKey] | None:
+    """The key check from this process's cache (app/tenants/cache.py); None: ask the database."""
+    return CACHE.get(key_digest(raw_key))
 
 
 async def rotate_webhook_secret(session: AsyncSession, tenant: Tenant, grace_s: float) -> Tenant:

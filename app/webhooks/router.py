@@ -4,10 +4,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 
+from app.budgets.deps import ReaderDep
 from app.budgets.headers import tenant_responses
 from app.core.types import Line
 from app.deps import ReadSessionDep
-from app.tenants.deps import ReaderDep
 from app.webhooks import service as webhooks_service
 from app.webhooks.models import DeliveryStatus
 from app.webhooks.schemas import DeliveryDetail, DeliveryList

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import orjson
@@ -19,7 +19,23 @@ from app.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery
 
 if TYPE_CHECKING:
     from app.budgets.service import Usage
-    from app.predictions.models import Prediction
+
+
+class PredictionEvent(Protocol):
+    """What a prediction's event needs of the prediction (app/predictions depends on webhooks, so the
+    outbox names the fields it reads rather than the model)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def webhook_url(self) -> str | None: ...
+
+    @property
+    def webhook_events(self) -> list[str] | None: ...
 
 
 class WebhookUrlForbidden(InvalidRequest):
@@ -80,13 +96,13 @@ def _add(
 
 
 async def enqueue_prediction_event(
-    session: AsyncSession, settings: Settings, tenant: Tenant, prediction: Prediction, data: dict[str, Any]
+    session: AsyncSession, settings: Settings, tenant: Tenant, prediction: PredictionEvent, data: dict[str, Any]
 ) -> None:
     await enqueue_prediction_events(session, settings, [(tenant, prediction, data)])
 
 
 async def enqueue_prediction_events(
-    session: AsyncSession, settings: Settings, events: list[tuple[Tenant, Prediction, dict[str, Any]]]
+    session: AsyncSession, settings: Settings, events: list[tuple[Tenant, PredictionEvent, dict[str, Any]]]
 ) -> None:
     """The deliveries of many predictions' events, written by one flush (one multi-row INSERT)."""
     for tenant, prediction, data in events:

@@ -1,0 +1,59 @@
+"""The tenant routes' caller: the key check (app/tenants/deps.py) and the caller's balance for the
+budget headers (app/budgets/headers.py), read together."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials
+
+from app.budgets import balances
+from app.budgets.headers import note_balance
+from app.core.database import Reads, transaction
+from app.core.logging import tenant_id_var
+from app.deps import ReadSessionDep, RuntimeDep
+from app.runtime import Runtime
+from app.tenants.deps import Caller, Credentials, cached_caller, raw_key
+
+
+async def authenticate(
+    session: Reads, credentials: HTTPAuthorizationCredentials | None, *, runtime: Runtime | None = None
+) -> Caller:
+    """The key check in the database, with the balance for the headers. With `runtime`, the answer
+    fills this process's key cache (routes that take the cache first pass it)."""
+    settings = runtime.settings if runtime is not None else None
+    tenant, key, balance = await balances.authenticate_with_balance(
+        session, raw_key(credentials), cache_ttl_s=settings.key_cache_ttl_s if settings else 0.0
+    )
+    if settings is not None:
+        balances.BALANCES.put(tenant.id, balance, settings.balance_ttl_s)
+    tenant_id_var.set(tenant.id)
+    note_balance(balance)
+    return Caller(tenant, key)
+
+
+async def current_caller(runtime: RuntimeDep, credentials: Credentials) -> Caller:
+    """For routes that do slow work (submit): the key check from the cache, else its own short
+    transaction. The balance for the headers is the process's snapshot (at most balance_ttl_s old)."""
+    caller = cached_caller(credentials)
+    if caller is None:
+        async with transaction(runtime.sessions, readonly=True) as session:
+            return await authenticate(session, credentials, runtime=runtime)
+    balance = balances.BALANCES.get(caller.tenant.id)
+    if balance is None:
+        async with transaction(runtime.sessions, readonly=True) as session:
+            balance = await balances.read_balance(session, caller.tenant)
+        balances.BALANCES.put(caller.tenant.id, balance, runtime.settings.balance_ttl_s)
+    # The snapshot itself, not a copy: this request's note_charge() then updates it for the next one.
+    note_balance(balance)
+    return caller
+
+
+async def current_reader(session: ReadSessionDep, credentials: Credentials) -> Caller:
+    """For read routes: the key check shares the request's read transaction (one round trip less)."""
+    return await authenticate(session, credentials)
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]
+ReaderDep = Annotated[Caller, Depends(current_reader)]

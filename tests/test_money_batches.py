@@ -1,0 +1,160 @@
+"""A batch of settles or releases costs the same number of SQL statements whatever its size: multi-row
+statements and executemany, not a few statements per prediction. And the money still adds up."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy import event, func, select
+
+from app.budgets import service as budgets_service
+from app.budgets.models import BudgetCounter, LedgerEntry
+from app.core.database import transaction
+from app.core.ids import new_id
+from app.predictions import service as predictions_service
+from app.predictions.models import IdempotencyKey
+from app.predictions.schemas import GenerateRequest
+from app.runtime import Runtime
+from app.tenants.models import ApiKey
+from app.tenants.models import Tenant as TenantRow
+from app.upstream.schemas import UpstreamSubmitted
+from app.upstream.simulator import SimState
+from tests.conftest import Api, Tenant, valid_body
+
+MODEL = "ltx-2-19b"
+SMALL, LARGE = 1, 12
+
+
+async def held(rt: Runtime, tenant: Tenant, n: int) -> list[tuple[TenantRow, ApiKey, Any, str]]:
+    """`n` predictions held in one writer batch, each with an Idempotency-Key."""
+    async with transaction(rt.sessions) as session:
+        tenant_row = await session.get(TenantRow, tenant.id)
+        key_row = await session.scalar(select(ApiKey).where(ApiKey.tenant_id == tenant.id))
+        assert tenant_row is not None and key_row is not None
+        request = GenerateRequest.model_validate(valid_body())
+        fingerprint = predictions_service.request_fingerprint(MODEL, request)
+        jobs = [
+            predictions_service._HoldJob(
+                tenant_row, key_row, MODEL, request, new_id("pred"), new_id("idem"), fingerprint
+            )
+            for _ in range(n)
+        ]
+        results = await predictions_service._hold_batch(session, rt, jobs)
+    assert not any(isinstance(r, BaseException) for r in results)
+    return [(tenant_row, key_row, r, job.idempotency_key or "") for r, job in zip(results, jobs, strict=True)]
+
+
+async def statements(rt: Runtime, apply: Callable[[Any], Awaitable[Any]]) -> int:
+    """How many statements `apply(session)` runs, in one transaction."""
+    seen: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(statement)
+
+    async with transaction(rt.sessions) as session:
+        event.listen(rt.engine.sync_engine, "before_cursor_execute", count)
+        try:
+            await apply(session)
+        finally:
+            event.remove(rt.engine.sync_engine, "before_cursor_execute", count)
+    return len(seen)
+
+
+def confirm_jobs(batch: list[tuple[TenantRow, ApiKey, Any, str]], cost: int) -> list[Any]:
+    return [
+        predictions_service._ConfirmJob(
+            tenant_row,
+            key_row,
+            prediction,
+            estimate,
+            UpstreamSubmitted.model_validate(
+                {"id": new_id("up"), "status": "processing", "costCents": cost, "estimatedTime": "5-20s"}
+            ),
+            idempotency_key,
+            "http://gw/api/v1/predictions",
+        )
+        for tenant_row, key_row, (prediction, estimate), idempotency_key in batch
+    ]
+
+
+async def balance(rt: Runtime, tenant: Tenant) -> tuple[int, int]:
+    async with transaction(rt.sessions) as session:
+        counter = await session.scalar(select(BudgetCounter).where(BudgetCounter.scope == f"tenant:{tenant.id}"))
+        assert counter is not None
+        return counter.spent_cents, counter.reserved_cents
+
+
+async def test_a_settle_batch_costs_the_same_statements_for_1_or_12(api: Api, sim: SimState) -> None:
+    rt = api.runtime
+    # A budget (the batch reads the spent cents back for the 50/80/100 % lines) and a key budget (its
+    # counter moves too): the most a settle does, short of crossing a line.
+    tenant = await api.tenant(budgetCents=100_000)
+    async with transaction(rt.sessions) as session:
+        key_row = await session.scalar(select(ApiKey).where(ApiKey.tenant_id == tenant.id))
+        assert key_row is not None
+        key_row.budget_cents = 50_000
+    both = await held(rt, tenant, SMALL + LARGE)  # none has seen a price yet: every settle learns one
+    small, large = confirm_jobs(both[:SMALL], 11), confirm_jobs(both[SMALL:], 11)
+
+    bodies: list[dict[str, Any]] = []
+
+    def settle(jobs: list[Any]) -> Callable[[Any], Awaitable[None]]:
+        async def apply(session: Any) -> None:
+            bodies.extend(await predictions_service._apply_confirms(rt, session, jobs))
+
+        return apply
+
+    one = await statements(rt, settle(small))
+    many = await statements(rt, settle(large))
+
+    assert many == one, f"a settle batch of {LARGE} ran {many} statements, a batch of {SMALL} {one}"
+    assert [b["status"] for b in bodies] == ["processing"] * (SMALL + LARGE)
+    assert all(b["costCents"] == 11 for b in bodies)
+    estimate = both[0][2][1].cents
+    assert await balance(rt, tenant) == (11 * (SMALL + LARGE), 0)
+    async with transaction(rt.sessions) as session:
+        assert await budgets_service.verify_ledger(session) == []
+        responses = await session.scalars(select(IdempotencyKey.response).where(IdempotencyKey.tenant_id == tenant.id))
+        assert sorted(r["id"] for r in responses if r) == sorted(b["id"] for b in bodies)
+        kinds = await session.execute(
+            select(LedgerEntry.kind, func.sum(LedgerEntry.reserved_delta), func.sum(LedgerEntry.spent_delta))
+            .where(LedgerEntry.tenant_id == tenant.id)
+            .group_by(LedgerEntry.kind)
+            .order_by(LedgerEntry.kind)
+        )
+        n = SMALL + LARGE
+        assert list(kinds) == [("reserve", n * estimate, 0), ("settle", -n * estimate, n * 11)]
+
+
+async def test_a_release_batch_costs_the_same_statements_for_1_or_12(api: Api, sim: SimState) -> None:
+    rt = api.runtime
+    tenant = await api.tenant(budgetCents=100_000, maxConcurrent=SMALL + LARGE)
+    both = await held(rt, tenant, SMALL + LARGE)
+    jobs = [
+        predictions_service._ReleaseJob(prediction, key_row, "upstream refused", idempotency_key)
+        for _, key_row, (prediction, _), idempotency_key in both
+    ]
+    released: list[bool] = []
+
+    def release(batch: list[Any]) -> Callable[[Any], Awaitable[None]]:
+        async def apply(session: Any) -> None:
+            released.extend(await predictions_service._apply_releases(rt, session, batch))
+
+        return apply
+
+    one = await statements(rt, release(jobs[:SMALL]))
+    many = await statements(rt, release(jobs[SMALL:]))
+
+    assert many == one, f"a release batch of {LARGE} ran {many} statements, a batch of {SMALL} {one}"
+    assert released == [True] * (SMALL + LARGE)
+    assert await balance(rt, tenant) == (0, 0)
+    async with transaction(rt.sessions) as session:
+        assert (await session.get(TenantRow, tenant.id, populate_existing=True)).in_flight == 0  # type: ignore[union-attr]
+        assert await budgets_service.verify_ledger(session) == []
+        keys = await session.scalar(select(func.count()).where(IdempotencyKey.tenant_id == tenant.id))
+        assert keys == 0  # a failure is not remembered: the caller may retry with the same key
+    # Released once: a second release of the same predictions changes nothing.
+    again = await statements(rt, release(jobs[:SMALL]))
+    assert released[-SMALL:] == [False] * SMALL and again <= one
+    assert await balance(rt, tenant) == (0, 0)
