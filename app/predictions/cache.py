@@ -5,7 +5,7 @@ to a prediction row is fenced on a status before terminal, and an output copy is
 while the prediction is still processing. A rehosted one is not final, since its links expire in
 windows and retention deletes its files: it is read every time. What is kept is the body's JSON, keyed
 by (tenant, id), so a hit costs neither a round trip nor a serialization; the budget headers come
-from the tenant's balance snapshot (app/tenants/cache.py), never from here.
+from the tenant's balance snapshot (app/budgets/balances.py), never from here.
 """
 
 from __future__ import annotations
