@@ -21,6 +21,7 @@ from app.runtime import Runtime
 from app.upstream.simulator import SANDBOX_MP4, SimState
 from app.webhooks.models import WebhookDelivery
 from tests.conftest import Api, Receiver, Tenant, eventually
+from tests.test_get_statements import statements
 
 # The ASGI client's base: no VIDGATE_PUBLIC_BASE_URL is set, so links start where the submit came in.
 GATEWAY = "http://gateway.test"
@@ -97,6 +98,11 @@ async def test_completed_means_copied_with_one_webhook_equal_to_get(
     (fresh,) = (await tenant.get(f"/api/v1/predictions/{prediction_id}")).json()["outputs"]
     assert fresh != link
     assert (await live_api.http.get(fresh)).content == SANDBOX_MP4.read_bytes()
+    # A rehosted prediction is never answered from memory (its links expire): one statement reads it
+    # with the files its links are made from.
+    with statements(live_runtime) as seen:
+        again = (await tenant.get(f"/api/v1/predictions/{prediction_id}")).json()
+    assert len(seen) == 1 and again["outputs"] == [fresh]
 
 
 @pytest.mark.parametrize("settings_overrides", [{"rehost_outputs": False}])

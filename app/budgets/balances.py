@@ -5,7 +5,9 @@ The snapshot serves `X-Budget-Remaining-Cents` on a submit's answer without a re
 most `balance_ttl_s` old; this process's own charges change it at once (the request's `note_charge`
 mutates the very object the snapshot holds), other processes' charges and refunds show up when it is
 read again. It is dropped with the tenant's cached keys (app/tenants/cache.py: a tenant changed here or,
-through NOTIFY, anywhere). Reads (GET and the list routes) read the balance fresh, with their data.
+through NOTIFY, anywhere). Reads (the list routes, GET) read the balance fresh with their data, and
+refresh the snapshot; a GET answered from memory (a final prediction, app/predictions/cache.py) shows
+the snapshot, as a submit does.
 """
 
 from __future__ import annotations
@@ -15,13 +17,12 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, bindparam, case, literal, select
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets.headers import Balance
 from app.budgets.models import BudgetCounter
 from app.budgets.service import period_of
 from app.core import clock
-from app.core.database import table_of
+from app.core.database import Reads, table_of
 from app.tenants import service as tenants_service
 from app.tenants.cache import CACHE, MAX_KEYS
 from app.tenants.models import ApiKey, Tenant
@@ -93,7 +94,7 @@ _AUTHENTICATE_WITH_BALANCE = tenants_service.KEY_LOOKUP.add_columns(
 
 
 async def authenticate_with_balance(
-    session: AsyncSession, raw_key: str, *, cache_ttl_s: float = 0.0
+    session: Reads, raw_key: str, *, cache_ttl_s: float = 0.0
 ) -> tuple[Tenant, ApiKey, Balance]:
     """tenants_service.authenticate(), plus the tenant's balance this period, read by the same query.
     With `cache_ttl_s`, a valid key is kept in the cache that long."""
@@ -113,7 +114,7 @@ _BALANCE = select(_counters.spent_cents, _counters.reserved_cents).where(
 )
 
 
-async def read_balance(session: AsyncSession, tenant: Tenant) -> Balance:
+async def read_balance(session: Reads, tenant: Tenant) -> Balance:
     """The tenant's balance now (one primary-key probe), for answers that read nothing else."""
     now = clock.now()
     start = period_of(tenant.budget_period, now).start

@@ -7,11 +7,10 @@ from typing import Annotated
 
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets import balances
 from app.budgets.headers import note_balance
-from app.core.database import transaction
+from app.core.database import Reads, transaction
 from app.core.logging import tenant_id_var
 from app.deps import ReadSessionDep, RuntimeDep
 from app.runtime import Runtime
@@ -19,7 +18,7 @@ from app.tenants.deps import Caller, Credentials, cached_caller, raw_key
 
 
 async def authenticate(
-    session: AsyncSession, credentials: HTTPAuthorizationCredentials | None, *, runtime: Runtime | None = None
+    session: Reads, credentials: HTTPAuthorizationCredentials | None, *, runtime: Runtime | None = None
 ) -> Caller:
     """The key check in the database, with the balance for the headers. With `runtime`, the answer
     fills this process's key cache (routes that take the cache first pass it)."""

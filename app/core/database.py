@@ -14,7 +14,7 @@ from weakref import WeakKeyDictionary
 from sqlalchemy import BigInteger, DateTime, Integer, MetaData, Table, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Dialect, Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
@@ -166,6 +166,36 @@ async def transaction(
                     options["isolation_level"] = "AUTOCOMMIT"
                 await session.connection(execution_options=options)
             yield session
+    except Exception as exc:
+        if not isinstance(exc, DatabaseUnavailable) and is_outage(exc):
+            raise DatabaseUnavailable() from exc
+        raise
+
+
+# What a read of Core statements runs on: a session's unit of work, or a bare connection (read_connection).
+Reads = AsyncSession | AsyncConnection
+
+
+@asynccontextmanager
+async def read_connection(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncConnection]:
+    """transaction(readonly=True) without the ORM session: for the hottest reads (GET of a prediction),
+    which execute prebuilt Core statements only. The session's begin, connection and commit bookkeeping
+    cost about as much CPU as the statement itself."""
+    bind = sessions.kw.get("bind")
+    try:
+        if isinstance(bind, AsyncConnection):
+            # A sessionmaker bound to one connection (the tests' outer transaction): read on it.
+            yield bind
+            return
+        assert isinstance(bind, AsyncEngine), bind
+        options: dict[str, Any] = {READONLY_OPTION: True}
+        if bind.dialect.name == "postgresql":
+            options["isolation_level"] = "AUTOCOMMIT"  # as transaction(readonly=True): no BEGIN/COMMIT
+        async with bind.connect() as connection:
+            await connection.execution_options(**options)
+            # No explicit begin: the first statement begins (on SQLite, the deferred BEGIN of the begin
+            # event), and closing rolls back what only read.
+            yield connection
     except Exception as exc:
         if not isinstance(exc, DatabaseUnavailable) and is_outage(exc):
             raise DatabaseUnavailable() from exc

@@ -6,6 +6,7 @@ import logging
 import re
 import secrets
 import time
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,6 +22,8 @@ class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, *, sandbox: bool) -> None:
         self.app = app
         self.sandbox = sandbox
+        # Bounded: route templates (or "unmatched"), methods and status codes are all finite sets.
+        self._metrics: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,8 +54,17 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
-            metrics.REQUESTS.labels(route=path, method=scope["method"], status=str(status)).inc()
-            metrics.REQUEST_LATENCY.labels(route=path).observe(elapsed)
+            counted = (path, scope["method"], status)
+            children = self._metrics.get(counted)
+            if children is None:
+                # labels() hashes and validates its arguments on every call: look each child up once.
+                children = (
+                    metrics.REQUESTS.labels(route=path, method=scope["method"], status=str(status)),
+                    metrics.REQUEST_LATENCY.labels(route=path),
+                )
+                self._metrics[counted] = children
+            children[0].inc()
+            children[1].observe(elapsed)
             # The route template, never the raw path or query string: those can carry ids and tokens.
             access_log.info(
                 "request",

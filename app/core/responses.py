@@ -23,4 +23,8 @@ def dumps(content: Any, option: int = 0) -> bytes:
 
 def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     """orjson straight to bytes: the hot read and submit paths skip a second pydantic pass."""
-    return Response(dumps(content), status_code, headers, media_type="application/json")
+    return json_bytes_response(dumps(content), status_code, headers)
+
+
+def json_bytes_response(body: bytes, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status_code, headers, media_type="application/json")

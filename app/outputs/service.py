@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, FromClause, Join, Row, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.core import clock
-from app.core.database import insert_ignore, transaction
+from app.core.database import insert_ignore, table_of, transaction
 from app.core.errors import AppError, NotFound
 from app.core.settings import Settings
 from app.outputs import signing
@@ -132,12 +132,57 @@ async def enqueue_copy(
 
 def links(settings: Settings, copy: OutputCopy, files: Sequence[StoredOutput], now: datetime) -> list[str] | None:
     """The links valid at `now` (None once retention deleted the files, or before they are stored)."""
-    if copy.status != STORED or copy.stored_at is None:
+    named = [(f.position, f.name) for f in files]
+    return _links(settings, copy.prediction_id, copy.status, copy.stored_at, copy.link_base, named, now)
+
+
+def _links(
+    settings: Settings,
+    prediction_id: str,
+    status: str,
+    stored_at: datetime | None,
+    link_base: str,
+    files: Sequence[tuple[int, str]],
+    now: datetime,
+) -> list[str] | None:
+    if status != STORED or stored_at is None:
         return None
     key = signing.signing_key(settings)
-    expires = signing.window_expiry(copy.stored_at, now, settings.output_url_ttl_s)
-    ordered = sorted(files, key=lambda f: f.position)
-    return [copy.link_base + signing.link_path(key, copy.prediction_id, f.name, expires) for f in ordered]
+    expires = signing.window_expiry(stored_at, now, settings.output_url_ttl_s)
+    return [link_base + signing.link_path(key, prediction_id, name, expires) for _, name in sorted(files)]
+
+
+# For a reader that reads a prediction in one statement (GET): the columns its current links are
+# computed from, joined on its id. One row per stored file, or one with these columns NULL.
+_copies = table_of(OutputCopy)
+_files = table_of(StoredOutput)
+LINK_COLUMNS = (
+    _copies.c.status.label("copy_status"),
+    _copies.c.stored_at.label("copy_stored_at"),
+    _copies.c.link_base.label("copy_link_base"),
+    _files.c.position.label("file_position"),
+    _files.c.name.label("file_name"),
+)
+
+
+def join_links(source: FromClause, prediction_id: ColumnElement[str]) -> Join:
+    return source.outerjoin(_copies, _copies.c.prediction_id == prediction_id).outerjoin(
+        _files, _files.c.prediction_id == prediction_id
+    )
+
+
+def show_joined_links(settings: Settings, body: dict[str, Any], rows: Sequence[Row[*tuple[Any, ...]]]) -> bool:
+    """show_current_links for one presented prediction read with LINK_COLUMNS (`rows`: all its rows).
+    Returns whether it was rehosted: only then can its `outputs` change after it is terminal."""
+    first = rows[0]
+    if first.copy_status is None:
+        return False
+    if body.get("status") == "completed" and body.get("outputs"):
+        files = [(r.file_position, r.file_name) for r in rows if r.file_name is not None]
+        body["outputs"] = _links(
+            settings, body["id"], first.copy_status, first.copy_stored_at, first.copy_link_base, files, clock.now()
+        )
+    return True
 
 
 async def current_links_many(

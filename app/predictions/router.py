@@ -13,15 +13,16 @@ from app.budgets.deps import CallerDep, ReaderDep, authenticate
 from app.budgets.headers import RETRY_AFTER_DOC, note_balance, note_charge, tenant_responses
 from app.budgets.schemas import QuoteOut
 from app.core import clock
-from app.core.database import transaction
+from app.core.database import read_connection, transaction
 from app.core.errors import DatabaseUnavailable, InvalidRequest
 from app.core.openapi import link, links
-from app.core.responses import json_response
+from app.core.responses import dumps, json_bytes_response, json_response
 from app.core.retry_after import retry_after_value
 from app.core.types import Line
 from app.deps import PublicBaseUrlDep, ReadSessionDep, RuntimeDep
 from app.outputs import service as outputs_service
 from app.predictions import service as predictions_service
+from app.predictions.cache import FINAL
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, PublicStatus, SubmitOut
 from app.tenants.deps import Credentials, cached_caller
 
@@ -148,30 +149,39 @@ async def quote(
 async def get_prediction(
     runtime: RuntimeDep, credentials: Credentials, prediction_id: Annotated[Line, Path(alias="predictionId")]
 ) -> Response:
-    # The route callers poll: the key check from the cache, then one statement reads the prediction
-    # and the balance for the headers (one read-only unit of work opened here, no generator dependency).
+    # The route callers poll: the key check from the cache; a final prediction (terminal, never
+    # rehosted) from memory with the balance snapshot, else one statement reads the prediction, its
+    # links and the balance for the headers (on a bare connection: no ORM session).
     caller = cached_caller(credentials)
-    async with transaction(runtime.sessions, readonly=True) as session:
+    if caller is not None:
+        final = FINAL.get(caller.tenant.id, prediction_id)
+        snapshot = balances.BALANCES.get(caller.tenant.id) if final is not None else None
+        if final is not None and snapshot is not None:
+            note_balance(snapshot)
+            return json_bytes_response(final)
+    async with read_connection(runtime.sessions) as connection:
         if caller is None:
-            caller = await authenticate(session, credentials, runtime=runtime)
+            caller = await authenticate(connection, credentials, runtime=runtime)
         tenant = caller.tenant
         now = clock.now()
         period_start = budgets_service.period_of(tenant.budget_period, now).start
         read = await predictions_service.read_with_balance(
-            session, tenant.id, prediction_id, balances.counter_scope(tenant), period_start
+            connection, runtime.settings, tenant.id, prediction_id, balances.counter_scope(tenant), period_start
         )
         if read is None:
-            balance = await balances.read_balance(session, tenant)
+            balance = await balances.read_balance(connection, tenant)
         else:
             balance = balances.balance_of(tenant, read.spent_cents, read.reserved_cents, now)
-            await outputs_service.show_current_links(session, runtime.settings, [read.body])
     balances.BALANCES.put(tenant.id, balance, runtime.settings.balance_ttl_s)
     note_balance(balance)
     if read is None:
         raise predictions_service.not_found(prediction_id)
+    body = dumps(read.body)
+    if read.final:
+        FINAL.put(tenant.id, prediction_id, body)
     processing = read.body["status"] == "processing"
     headers = {"Retry-After": _retry_after(read.next_poll_at)} if processing else None
-    return json_response(read.body, headers=headers)
+    return json_bytes_response(body, headers=headers)
 
 
 @router.get("/predictions", response_model=PredictionList, summary="List your predictions, newest first")

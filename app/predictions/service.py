@@ -22,10 +22,12 @@ from app.budgets import service as budgets_service
 from app.budgets.models import BudgetCounter
 from app.core import clock, metrics
 from app.core.batching import Batcher
-from app.core.database import insert_ignore, outage_backoff_s, table_of, transaction
+from app.core.database import Reads, insert_ignore, outage_backoff_s, table_of, transaction
 from app.core.errors import AppError, Conflict, DatabaseUnavailable, InvalidRequest, NotFound
 from app.core.ids import new_id
 from app.core.retry_after import retry_after_value
+from app.core.settings import Settings
+from app.outputs import service as outputs_service
 from app.predictions.models import PUBLIC_STATUSES, TERMINAL_STATUSES, IdempotencyKey, Prediction, PredictionStatus
 from app.predictions.schemas import GenerateRequest
 from app.runtime import Runtime
@@ -729,15 +731,26 @@ _READ_WHERE = (
 _READ = select(*_PUBLIC_COLUMNS, _predictions.c.next_poll_at).where(*_READ_WHERE)
 
 
-# GET's one statement: the prediction and, by a primary-key probe of the tenant's counter row of the
-# current period, the balance for the headers (the key check came from the cache).
+# GET's one statement: the prediction; by a primary-key probe of the tenant's counter row of the
+# current period, the balance for the headers (the key check came from the cache); and what its current
+# output links are computed from (one row per stored file when it was rehosted).
 _counters = table_of(BudgetCounter).c
 _READ_WITH_BALANCE = (
-    select(*_PUBLIC_COLUMNS, _predictions.c.next_poll_at, _counters.spent_cents, _counters.reserved_cents)
-    .select_from(_predictions)
-    .outerjoin(
-        table_of(BudgetCounter),
-        and_(_counters.scope == bindparam("b_scope"), _counters.period_start == bindparam("b_period_start")),
+    select(
+        *_PUBLIC_COLUMNS,
+        _predictions.c.next_poll_at,
+        _counters.spent_cents,
+        _counters.reserved_cents,
+        *outputs_service.LINK_COLUMNS,
+    )
+    .select_from(
+        outputs_service.join_links(
+            _predictions.outerjoin(
+                table_of(BudgetCounter),
+                and_(_counters.scope == bindparam("b_scope"), _counters.period_start == bindparam("b_period_start")),
+            ),
+            _predictions.c.id,
+        )
     )
     .where(*_READ_WHERE)
 )
@@ -745,22 +758,28 @@ _READ_WITH_BALANCE = (
 
 @dataclass(frozen=True)
 class Read:
-    body: dict[str, Any]
+    body: dict[str, Any]  # with the output links valid now
     next_poll_at: datetime | None
     spent_cents: int | None
     reserved_cents: int | None
+    # Terminal and never rehosted: the body can never change again (its links carry no expiry).
+    final: bool
 
 
 async def read_with_balance(
-    session: AsyncSession, tenant_id: str, prediction_id: str, scope: str, period_start: datetime
+    session: Reads, settings: Settings, tenant_id: str, prediction_id: str, scope: str, period_start: datetime
 ) -> Read | None:
-    """The GET representation, when the gateway polls it next, and the tenant's counter (`scope`,
-    `period_start`) in one statement; None: no such prediction for this tenant."""
+    """The GET representation with its current links, when the gateway polls it next, and the tenant's
+    counter (`scope`, `period_start`) in one statement; None: no such prediction for this tenant."""
     params = {"b_id": prediction_id, "b_tenant_id": tenant_id, "b_scope": scope, "b_period_start": period_start}
-    row = (await session.execute(_READ_WITH_BALANCE, params)).first()
-    if row is None:
+    rows = (await session.execute(_READ_WITH_BALANCE, params)).all()
+    if not rows:
         return None
-    return Read(present(row), row.next_poll_at, row.spent_cents, row.reserved_cents)
+    row = rows[0]
+    body = present(row)
+    rehosted = outputs_service.show_joined_links(settings, body, rows)
+    final = row.status in TERMINAL_STATUSES and not rehosted
+    return Read(body, row.next_poll_at, row.spent_cents, row.reserved_cents, final)
 
 
 def not_found(prediction_id: str) -> PredictionNotFound:
