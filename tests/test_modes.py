@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from sqlalchemy import func, select
 
+from app.core import clock
 from app.core.retry_after import parse_retry_after, retry_after_value
 from app.core.settings import SANDBOX_ADMIN_TOKEN, Settings
 from app.predictions.models import Prediction
@@ -363,9 +364,13 @@ def test_retry_after_written_in_whole_seconds_rounded_up() -> None:
 
 
 @pytest.fixture
-async def vendor_answering_503() -> AsyncIterator[str]:
+async def vendor_answering_503() -> AsyncIterator[tuple[str, list[datetime]]]:
+    sent: list[datetime] = []  # the moments its Retry-After dates named
+
     async def handle(_request: web.Request) -> web.Response:
-        later = datetime.now(UTC) + timedelta(seconds=120)
+        # From the gateway's clock, so the test can move it; an HTTP-date has whole seconds only.
+        later = (clock.now() + timedelta(seconds=120)).replace(microsecond=0)
+        sent.append(later)
         return web.json_response(
             {"error": "busy"}, status=503, headers={"Retry-After": format_datetime(later, usegmt=True)}
         )
@@ -377,13 +382,25 @@ async def vendor_answering_503() -> AsyncIterator[str]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}", sent
     await runner.cleanup()
 
 
-async def test_upstream_retry_after_as_an_http_date_is_honoured(vendor_answering_503: str) -> None:
+async def test_upstream_retry_after_as_an_http_date_is_honoured(
+    vendor_answering_503: tuple[str, list[datetime]],
+) -> None:
+    url, sent = vendor_answering_503
+    # Long before the wall clock: a date read against datetime.now() instead of the gateway's clock
+    # would be long past (0 s).
+    clock.shift_to(datetime(2025, 1, 15, 12, 0, 0, 500_000, tzinfo=UTC))
     async with aiohttp.ClientSession() as http:
-        client = UpstreamClient(http, vendor_answering_503, "vendor-key")
+        client = UpstreamClient(http, url, "vendor-key")
+        before = clock.now()
         with pytest.raises(UpstreamUnavailable) as raised:
             await client.get_prediction("vd_1")
-    assert raised.value.retry_after_s is not None and 100 < raised.value.retry_after_s <= 120
+        after = clock.now()
+    [later] = sent
+    # The wait is the date less the moment the answer was read, which lies between before and after.
+    waited = raised.value.retry_after_s
+    assert waited is not None
+    assert (later - after).total_seconds() <= waited <= (later - before).total_seconds()
