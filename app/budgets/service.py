@@ -41,7 +41,15 @@ from sqlalchemy.orm.attributes import set_committed_value
 from app.budgets import limits as budget_limits
 from app.budgets.models import BudgetCounter, DailyUsage, LedgerEntry, PricePoint, ThresholdNotice
 from app.core import clock
-from app.core.database import RowShape, UTCDateTime, insert_ignore, table_of, value_rows, value_rows_params
+from app.core.database import (
+    RowShape,
+    UTCDateTime,
+    insert_ignore,
+    table_of,
+    value_rows,
+    value_rows_params,
+    value_rows_size,
+)
 from app.core.errors import AppError
 from app.tenants.models import ApiKey, Tenant
 
@@ -372,8 +380,8 @@ async def _move_many(
     if shifts:
         lock_in_order = len(shifts) > 1 and session.get_bind().dialect.name == "postgresql"
         rows = await session.execute(
-            _shift_statement(len(shifts), lock_in_order),
-            value_rows_params("shift", [(ord_, *shift) for ord_, shift in enumerate(shifts)]),
+            _shift_statement(value_rows_size(len(shifts)), lock_in_order),
+            value_rows_params("shift", _SHIFT_SHAPE, [(ord_, *shift) for ord_, shift in enumerate(shifts)]),
         )
         found = {(scope, period): spent for scope, period, spent in rows}
         spent_after = {(t, p): found.get((_tenant_scope(t), p), 0) for t, p in sorted(wanted)}

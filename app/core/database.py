@@ -267,6 +267,17 @@ def value_rows(name: str, shape: RowShape, n: int) -> CTE:
     return rows.columns(*(column(col, type_) for col, type_ in shape)).cte(name)
 
 
-def value_rows_params(name: str, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
-    """The parameters of `value_rows(name, shape, len(rows))` for these rows (tuples in the shape's order)."""
-    return {f"{name}_{i}_{j}": cell for i, row in enumerate(rows) for j, cell in enumerate(row)}
+def value_rows_size(n: int) -> int:
+    """How many rows the statement for `n` rows has: the next power of two. A process then compiles, and
+    each connection prepares, a handful of statements per shape instead of one per batch size; the rows
+    past `n` are NULL, and NULL matches nothing."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def value_rows_params(name: str, shape: RowShape, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """The parameters of `value_rows(name, shape, value_rows_size(len(rows)))` for these rows (tuples in
+    the shape's order)."""
+    params = {f"{name}_{i}_{j}": cell for i, row in enumerate(rows) for j, cell in enumerate(row)}
+    for i in range(len(rows), value_rows_size(len(rows))):
+        params.update({f"{name}_{i}_{j}": None for j in range(len(shape))})
+    return params

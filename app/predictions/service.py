@@ -31,6 +31,7 @@ from app.core.database import (
     transaction,
     value_rows,
     value_rows_params,
+    value_rows_size,
 )
 from app.core.errors import AppError, Conflict, DatabaseUnavailable, InvalidRequest, NotFound
 from app.core.ids import new_id
@@ -601,7 +602,11 @@ async def _confirm_many(session: AsyncSession, runtime: Runtime, jobs: list[_Con
         (id_, state["upstream_id"], state["estimated_time"], state["next_poll_at"], costs[id_])
         for id_, state in sorted(states.items())
     ]
-    changed = set(await session.scalars(_confirm_statement(len(rows)), value_rows_params("confirm", rows)))
+    changed = set(
+        await session.scalars(
+            _confirm_statement(value_rows_size(len(rows))), value_rows_params("confirm", _CONFIRM_SHAPE, rows)
+        )
+    )
     confirmed: list[Prediction] = []
     settles: list[budgets_service.Settle] = []
     learnt: dict[tuple[str, str, int], int] = {}
@@ -677,7 +682,10 @@ async def _release_many(session: AsyncSession, held: list[tuple[Prediction, str,
     now = clock.now()
     rows = [(p.id, reason[:500]) for p, reason, _ in sorted(held, key=lambda h: h[0].id)]
     released = set(
-        await session.scalars(_reject_statement(len(rows)), {"b_now": now, **value_rows_params("reject", rows)})
+        await session.scalars(
+            _reject_statement(value_rows_size(len(rows))),
+            {"b_now": now, **value_rows_params("reject", _REJECT_SHAPE, rows)},
+        )
     )
     await budgets_service.release_many(
         session,
