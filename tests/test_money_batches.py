@@ -3,6 +3,7 @@ statements and executemany, not a few statements per prediction. And the money s
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ from app.budgets.models import BudgetCounter, LedgerEntry
 from app.core.database import transaction
 from app.core.ids import new_id
 from app.predictions import service as predictions_service
-from app.predictions.models import IdempotencyKey
+from app.predictions.models import IdempotencyKey, Prediction
 from app.predictions.schemas import GenerateRequest
 from app.runtime import Runtime
 from app.tenants.models import ApiKey
@@ -26,8 +27,10 @@ MODEL = "ltx-2-19b"
 SMALL, LARGE = 1, 12
 
 
-async def held(rt: Runtime, tenant: Tenant, n: int) -> list[tuple[TenantRow, ApiKey, Any, str]]:
-    """`n` predictions held in one writer batch, each with an Idempotency-Key."""
+async def held(
+    rt: Runtime, tenant: Tenant, n: int, *, idempotent: bool = True
+) -> list[tuple[TenantRow, ApiKey, Any, str | None]]:
+    """`n` predictions held in one writer batch, each with an Idempotency-Key unless not `idempotent`."""
     async with transaction(rt.sessions) as session:
         tenant_row = await session.get(TenantRow, tenant.id)
         key_row = await session.scalar(select(ApiKey).where(ApiKey.tenant_id == tenant.id))
@@ -36,21 +39,23 @@ async def held(rt: Runtime, tenant: Tenant, n: int) -> list[tuple[TenantRow, Api
         fingerprint = predictions_service.request_fingerprint(MODEL, request)
         jobs = [
             predictions_service._HoldJob(
-                tenant_row, key_row, MODEL, request, new_id("pred"), new_id("idem"), fingerprint
+                tenant_row, key_row, MODEL, request, new_id("pred"), new_id("idem") if idempotent else None, fingerprint
             )
             for _ in range(n)
         ]
         results = await predictions_service._hold_batch(session, rt, jobs)
     assert not any(isinstance(r, BaseException) for r in results)
-    return [(tenant_row, key_row, r, job.idempotency_key or "") for r, job in zip(results, jobs, strict=True)]
+    return [(tenant_row, key_row, r, job.idempotency_key) for r, job in zip(results, jobs, strict=True)]
 
 
 async def statements(rt: Runtime, apply: Callable[[Any], Awaitable[Any]]) -> int:
-    """How many statements `apply(session)` runs, in one transaction."""
+    """How many statements `apply(session)` runs, in one transaction (not counting the savepoints the
+    test databases' sessions open: in production a unit of work is a transaction of its own)."""
     seen: list[str] = []
 
     def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        seen.append(statement)
+        if not statement.lstrip().upper().startswith(("SAVEPOINT", "RELEASE SAVEPOINT", "ROLLBACK TO SAVEPOINT")):
+            seen.append(statement)
 
     async with transaction(rt.sessions) as session:
         event.listen(rt.engine.sync_engine, "before_cursor_execute", count)
@@ -61,7 +66,7 @@ async def statements(rt: Runtime, apply: Callable[[Any], Awaitable[Any]]) -> int
     return len(seen)
 
 
-def confirm_jobs(batch: list[tuple[TenantRow, ApiKey, Any, str]], cost: int) -> list[Any]:
+def confirm_jobs(batch: list[tuple[TenantRow, ApiKey, Any, str | None]], cost: int) -> list[Any]:
     return [
         predictions_service._ConfirmJob(
             tenant_row,
@@ -83,6 +88,79 @@ async def balance(rt: Runtime, tenant: Tenant) -> tuple[int, int]:
         counter = await session.scalar(select(BudgetCounter).where(BudgetCounter.scope == f"tenant:{tenant.id}"))
         assert counter is not None
         return counter.spent_cents, counter.reserved_cents
+
+
+# The common settle: the tenant has a budget, the vendor's price for the point was seen before, the key has
+# no budget of its own and the request no Idempotency-Key. One UPDATE of the predictions (their change of
+# state and charge, fenced on "submitting"), the ledger rows, one UPDATE of the counters (returning the
+# spent cents the 50/80/100 % lines are checked against) and the tenant's day.
+COMMON_SETTLE_STATEMENTS = 4
+
+
+def settling(rt: Runtime, jobs: list[Any], bodies: list[dict[str, Any]]) -> Callable[[Any], Awaitable[None]]:
+    async def apply(session: Any) -> None:
+        bodies.extend(await predictions_service._apply_confirms(rt, session, jobs))
+
+    return apply
+
+
+async def test_the_common_settle_costs_four_statements_alone_or_in_a_batch_of_12(api: Api, sim: SimState) -> None:
+    rt = api.runtime
+    tenant = await api.tenant(budgetCents=100_000)
+    first = await held(rt, tenant, 1, idempotent=False)
+    await statements(rt, settling(rt, confirm_jobs(first, 11), []))  # the vendor's price is seen from now on
+    lone = await held(rt, tenant, 1, idempotent=False)
+    batch = await held(rt, tenant, LARGE, idempotent=False)
+    assert lone[0][2][1].seen_cents == 11  # nothing left to learn
+    bodies: list[dict[str, Any]] = []
+
+    one = await statements(rt, settling(rt, confirm_jobs(lone, 11), bodies))
+    many = await statements(rt, settling(rt, confirm_jobs(batch, 11), bodies))
+
+    assert one == COMMON_SETTLE_STATEMENTS, f"a lone settle ran {one} statements"
+    assert many == one, f"a settle batch of {LARGE} ran {many} statements, a lone one {one}"
+    assert [b["costCents"] for b in bodies] == [11] * (1 + LARGE)
+    assert await balance(rt, tenant) == (11 * (2 + LARGE), 0)
+    async with transaction(rt.sessions) as session:
+        assert await budgets_service.verify_ledger(session) == []
+
+
+async def test_a_settle_fenced_out_is_not_charged_twice(api: Api, sim: SimState) -> None:
+    """The settle's one UPDATE changes and charges only rows still "submitting": a confirm retried after its
+    COMMIT landed changes nothing, and one that finds its hold released is charged once, as a late charge."""
+    rt = api.runtime
+    tenant = await api.tenant(budgetCents=100_000)
+    settled, released = await held(rt, tenant, 2, idempotent=False)
+    await statements(rt, settling(rt, confirm_jobs([settled], 11), []))
+    assert await balance(rt, tenant) == (11, released[2][1].cents)
+    release = predictions_service._ReleaseJob(released[2][0], released[1], "upstream refused", None)
+    async with transaction(rt.sessions) as session:
+        assert await predictions_service._apply_releases(rt, session, [release]) == [True]
+
+    upstream_id = (await stored(rt, settled[2][0].id)).upstream_id
+    retried = dataclasses.replace(
+        confirm_jobs([settled], 11)[0],
+        submitted=UpstreamSubmitted.model_validate({"id": upstream_id, "status": "processing", "costCents": 11}),
+    )
+    bodies: list[dict[str, Any]] = []
+    await statements(rt, settling(rt, [retried, *confirm_jobs([released], 13)], bodies))
+
+    assert [b["costCents"] for b in bodies] == [11, 13]
+    assert await balance(rt, tenant) == (11 + 13, 0)
+    assert (await stored(rt, released[2][0].id)).charged_cents == 13
+    async with transaction(rt.sessions) as session:
+        assert await budgets_service.verify_ledger(session) == []
+        settles = await session.scalars(
+            select(LedgerEntry.spent_delta).where(LedgerEntry.tenant_id == tenant.id, LedgerEntry.kind == "settle")
+        )
+        assert sorted(settles) == [11, 13]
+
+
+async def stored(rt: Runtime, prediction_id: str) -> Prediction:
+    async with transaction(rt.sessions) as session:
+        prediction = await session.get(Prediction, prediction_id)
+        assert prediction is not None
+        return prediction
 
 
 async def test_a_settle_batch_costs_the_same_statements_for_1_or_12(api: Api, sim: SimState) -> None:

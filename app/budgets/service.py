@@ -14,6 +14,7 @@ import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from functools import cache
 from typing import Any, Protocol
 
 from sqlalchemy import (
@@ -22,6 +23,7 @@ from sqlalchemy import (
     Integer,
     Select,
     String,
+    and_,
     bindparam,
     func,
     insert,
@@ -39,7 +41,15 @@ from sqlalchemy.orm.attributes import set_committed_value
 from app.budgets import limits as budget_limits
 from app.budgets.models import BudgetCounter, DailyUsage, LedgerEntry, PricePoint, ThresholdNotice
 from app.core import clock
-from app.core.database import insert_ignore, table_of
+from app.core.database import (
+    RowShape,
+    UTCDateTime,
+    insert_ignore,
+    table_of,
+    value_rows,
+    value_rows_params,
+    value_rows_size,
+)
 from app.core.errors import AppError
 from app.tenants.models import ApiKey, Tenant
 
@@ -228,18 +238,47 @@ _HOLD_WITHIN_TENANT = _hold_statement(
 _HOLD_WITHIN_KEY = _hold_statement(
     select(table_of(ApiKey).c.budget_cents).where(table_of(ApiKey).c.id == bindparam("b_owner")).scalar_subquery()
 )
-# Executed with many parameter sets at once: one round trip on asyncpg, one call on SQLite.
-_SHIFT_MANY = (
-    update(table_of(BudgetCounter))
-    .where(_counters.scope == bindparam("b_scope"), _counters.period_start == bindparam("b_period"))
-    .values(
-        reserved_cents=_counters.reserved_cents + bindparam("b_reserved", type_=Integer),
-        spent_cents=_counters.spent_cents + bindparam("b_spent", type_=Integer),
+_SHIFT_SHAPE: RowShape = (
+    ("ord", Integer()),
+    ("scope", String()),
+    ("period_start", UTCDateTime()),
+    ("reserved", Integer()),
+    ("spent", Integer()),
+)
+
+
+@cache
+def _shift_statement(n: int, lock_in_order: bool) -> Any:
+    """Add each of `n` rows' (reserved, spent) to its counter and return the counters' spent cents after:
+    one statement for the batch, whose RETURNING gives the threshold check its figures (no read after).
+
+    Every movement (holds included) locks counter rows in one order, or two batches could deadlock; an
+    UPDATE ... FROM locks rows in whatever order its plan meets them. So on PostgreSQL a batch of several
+    rows locks them first, in the batch's order (`ord`), in a CTE that the UPDATE joins: LockRows runs
+    above the Sort, and every row the UPDATE reaches has come through it. SQLite has one writer at a
+    time: no order to keep.
+    """
+    shifts = value_rows("shift", _SHIFT_SHAPE, n)
+    counters = table_of(BudgetCounter)
+    statement = update(counters).where(
+        _counters.scope == shifts.c.scope, _counters.period_start == shifts.c.period_start
     )
-)
-_SPENT = select(_counters.scope, _counters.period_start, _counters.spent_cents).where(
-    _counters.scope.in_(bindparam("b_scopes", expanding=True))
-)
+    if lock_in_order:
+        locked = (
+            select(_counters.scope, _counters.period_start)
+            .join(shifts, and_(_counters.scope == shifts.c.scope, _counters.period_start == shifts.c.period_start))
+            .order_by(shifts.c.ord)
+            .with_for_update(of=counters)
+            .cte("locked")
+            .prefix_with("MATERIALIZED")
+        )
+        statement = statement.where(_counters.scope == locked.c.scope, _counters.period_start == locked.c.period_start)
+    return statement.values(
+        reserved_cents=_counters.reserved_cents + shifts.c.reserved,
+        spent_cents=_counters.spent_cents + shifts.c.spent,
+    ).returning(_counters.scope, _counters.period_start, _counters.spent_cents)
+
+
 _LEDGER_INSERT = insert(table_of(LedgerEntry))
 _daily = table_of(DailyUsage)
 
@@ -300,9 +339,10 @@ async def _move_many(
     session: AsyncSession, moves: list[_Move], *, spent_of: Collection[str] = ()
 ) -> dict[tuple[str, datetime], int]:
     """Move money unconditionally (settles, releases, refunds) and record it, in a fixed number of
-    statements however many moves: one INSERT of the ledger rows, one UPDATE (executemany) of the
-    counters by each scope's sum, one upsert of the tenants' days. Returns the spent cents after the
-    batch of the tenant counters of `spent_of` (tenant ids), by (tenant id, period start).
+    statements however many moves: one INSERT of the ledger rows, one UPDATE of the counters by each
+    scope's sum (_shift_statement), one upsert of the tenants' days. Returns the spent cents after the
+    batch of the tenant counters of `spent_of` (tenant ids), by (tenant id, period start), as that
+    UPDATE returned them: the rows stay locked to the COMMIT, so they are exactly the batch's result.
 
     The ledger rows go first so that the counter rows, which concurrent requests of the tenant wait
     for, stay locked only from their UPDATE to the COMMIT.
@@ -330,20 +370,21 @@ async def _move_many(
             day = days.setdefault(hold.tenant_id, [0, 0])
             day[0] += m.spent_delta
             day[1] += m.kind == "settle"  # counted as usage_report counts
+    wanted = {(tenant_id, period) for tenant_id, rank, _, period in sums if rank == 0 and tenant_id in spent_of}
     shifts = [
-        {"b_scope": scope, "b_period": period, "b_reserved": reserved, "b_spent": spent}
-        for (_, _, scope, period), (reserved, spent) in sorted(sums.items())
-        if reserved or spent
+        (scope, period, reserved, spent)
+        for (tenant_id, rank, scope, period), (reserved, spent) in sorted(sums.items())
+        if reserved or spent or (rank == 0 and (tenant_id, period) in wanted)
     ]
-    if shifts:
-        await session.execute(_SHIFT_MANY, shifts)
     spent_after: dict[tuple[str, datetime], int] = {}
-    wanted = sorted({(tenant_id, period) for tenant_id, rank, _, period in sums if rank == 0 and tenant_id in spent_of})
-    if wanted:
-        # Rows this transaction has just updated: locked, so this is exactly the batch's result.
-        rows = await session.execute(_SPENT, {"b_scopes": sorted({_tenant_scope(t) for t, _ in wanted})})
+    if shifts:
+        lock_in_order = len(shifts) > 1 and session.get_bind().dialect.name == "postgresql"
+        rows = await session.execute(
+            _shift_statement(value_rows_size(len(shifts)), lock_in_order),
+            value_rows_params("shift", _SHIFT_SHAPE, [(ord_, *shift) for ord_, shift in enumerate(shifts)]),
+        )
         found = {(scope, period): spent for scope, period, spent in rows}
-        spent_after = {(t, p): found.get((_tenant_scope(t), p), 0) for t, p in wanted}
+        spent_after = {(t, p): found.get((_tenant_scope(t), p), 0) for t, p in sorted(wanted)}
     if days:
         # After the counters, as every movement does: one lock order.
         await session.execute(
@@ -613,13 +654,21 @@ class Settle:
     prediction: Charged
 
 
+def settle_charge(cost: ColumnElement[int]) -> dict[str, ColumnElement[int]]:
+    """The money column a settle writes on its prediction's row, as assignments for the caller's UPDATE of
+    that row: the row's change of state and its charge in one fenced statement, so that a row the fence
+    refuses is not charged either. The rows that statement changed then go to settle_many."""
+    return {"charged_cents": cost}
+
+
 async def settle_many(session: AsyncSession, settles: list[Settle]) -> list[tuple[Tenant, int]]:
-    """Settle a batch of holds: the predictions' charges (one UPDATE), then the ledger rows, counters and
-    days (_move_many). A charge above its hold is still recorded: it was billed. Returns the budget lines
-    (tenant, percent) the batch made tenants reach, each reported once a period."""
+    """Settle a batch of holds whose rows were charged by the caller's UPDATE (settle_charge): the ledger
+    rows, counters and days (_move_many). A charge above its hold is still recorded: it was billed. Returns
+    the budget lines (tenant, percent) the batch made tenants reach, each reported once a period."""
     if not settles:
         return []
-    await _charge(session, [(s.prediction, s.cost) for s in settles])
+    for s in settles:
+        set_committed_value(s.prediction, "charged_cents", s.cost)  # what the row says now
     tenants = {s.tenant.id: s.tenant for s in settles}
     spent_after = await _move_many(
         session,

@@ -8,15 +8,16 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, nullcontext
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any, cast
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import BigInteger, DateTime, Integer, MetaData, Table, event
+from sqlalchemy import CTE, BigInteger, DateTime, Integer, MetaData, Table, bindparam, column, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from app.core.errors import DatabaseUnavailable
 
@@ -273,3 +274,40 @@ async def insert_ignore(session: AsyncSession, model: type[Base], rows: list[dic
         stmt = sqlite_insert(table).values(rows).on_conflict_do_nothing()
     result = await session.execute(stmt)
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+RowShape = tuple[tuple[str, TypeEngine[Any]], ...]
+
+
+@cache
+def value_rows(name: str, shape: RowShape, n: int) -> CTE:
+    """`n` rows of (column, type) `shape` as a table named `name`, for one statement over a whole batch
+    (UPDATE ... FROM rows WHERE ...), filled by `value_rows_params`.
+
+    One bound parameter per cell, built once per shape and size: SQLAlchemy caches the compiled statement
+    (a `values().data()` construct has no cache key and is compiled again on every execution, which costs
+    milliseconds). VALUES names its columns column1, column2, ... on both PostgreSQL and SQLite; the
+    typed parameters give PostgreSQL the column types even when a column is NULL in every row.
+    """
+    cells = ", ".join("(" + ", ".join(f":{name}_{i}_{j}" for j in range(len(shape))) + ")" for i in range(n))
+    picks = ", ".join(f"column{j + 1} AS {col}" for j, (col, _) in enumerate(shape))
+    typed = [bindparam(f"{name}_{i}_{j}", type_=type_) for i in range(n) for j, (_, type_) in enumerate(shape)]
+    # Names and types come from the code's constants; every value is a bound parameter.
+    rows = text(f"SELECT {picks} FROM (VALUES {cells}) AS {name}_values").bindparams(*typed)  # noqa: S608
+    return rows.columns(*(column(col, type_) for col, type_ in shape)).cte(name)
+
+
+def value_rows_size(n: int) -> int:
+    """How many rows the statement for `n` rows has: the next power of two. A process then compiles, and
+    each connection prepares, a handful of statements per shape instead of one per batch size; the rows
+    past `n` are NULL, and NULL matches nothing."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def value_rows_params(name: str, shape: RowShape, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """The parameters of `value_rows(name, shape, value_rows_size(len(rows)))` for these rows (tuples in
+    the shape's order)."""
+    params = {f"{name}_{i}_{j}": cell for i, row in enumerate(rows) for j, cell in enumerate(row)}
+    for i in range(len(rows), value_rows_size(len(rows))):
+        params.update({f"{name}_{i}_{j}": None for j in range(len(shape))})
+    return params

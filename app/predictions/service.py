@@ -22,7 +22,18 @@ from app.budgets import service as budgets_service
 from app.budgets.models import BudgetCounter
 from app.core import clock, metrics
 from app.core.batching import Batcher
-from app.core.database import Reads, insert_ignore, outage_backoff_s, table_of, transaction
+from app.core.database import (
+    Reads,
+    RowShape,
+    UTCDateTime,
+    insert_ignore,
+    outage_backoff_s,
+    table_of,
+    transaction,
+    value_rows,
+    value_rows_params,
+    value_rows_size,
+)
 from app.core.errors import AppError, Conflict, DatabaseUnavailable, InvalidRequest, NotFound
 from app.core.ids import new_id
 from app.core.retry_after import retry_after_value
@@ -129,36 +140,53 @@ def first_poll_delay_s(estimated_time: str | None, default_s: float) -> float:
 
 _predictions = table_of(Prediction)
 _INSERT = insert(_predictions)
-# A settle batch's state change (executemany: one round trip), then one statement that finds exactly the
-# rows it changed by the batch's mark: the fence (still "submitting") may have refused some.
-_CONFIRM = (
-    update(_predictions)
-    .where(_predictions.c.id == bindparam("b_id"), _predictions.c.status == PredictionStatus.SUBMITTING)
-    .values(
-        upstream_id=bindparam("b_upstream_id"),
-        status=PredictionStatus.PROCESSING,
-        estimated_time=bindparam("b_estimated_time"),
-        next_poll_at=bindparam("b_next_poll_at"),
-        lease_owner=bindparam("b_mark"),
+# A settle batch in one statement: the rows still "submitting" (the fence) start processing and take their
+# charge; RETURNING says which ones, so a row the fence refused is neither changed nor charged.
+_CONFIRM_SHAPE: RowShape = (
+    ("id", String()),
+    ("upstream_id", String()),
+    ("estimated_time", String()),
+    ("next_poll_at", UTCDateTime()),
+    ("cost", Integer()),
+)
+
+
+@cache
+def _confirm_statement(n: int) -> Any:
+    rows = value_rows("confirm", _CONFIRM_SHAPE, n)
+    return (
+        update(_predictions)
+        .where(_predictions.c.id == rows.c.id, _predictions.c.status == PredictionStatus.SUBMITTING)
+        .values(
+            upstream_id=rows.c.upstream_id,
+            status=PredictionStatus.PROCESSING,
+            estimated_time=rows.c.estimated_time,
+            next_poll_at=rows.c.next_poll_at,
+            **budgets_service.settle_charge(rows.c.cost),
+        )
+        .returning(_predictions.c.id)
     )
-)
-# A release batch's state change, the same way.
-_REJECT = (
-    update(_predictions)
-    .where(_predictions.c.id == bindparam("b_id"), _predictions.c.status == PredictionStatus.SUBMITTING)
-    .values(
-        status="rejected",  # not a public status: the row stays for the record
-        error=bindparam("b_error"),
-        completed_at=bindparam("b_now"),
-        lease_owner=bindparam("b_mark"),
+
+
+# A release batch's change of state, the same way.
+_REJECT_SHAPE: RowShape = (("id", String()), ("error", String()))
+
+
+@cache
+def _reject_statement(n: int) -> Any:
+    rows = value_rows("reject", _REJECT_SHAPE, n)
+    return (
+        update(_predictions)
+        .where(_predictions.c.id == rows.c.id, _predictions.c.status == PredictionStatus.SUBMITTING)
+        .values(
+            status="rejected",  # not a public status: the row stays for the record
+            error=rows.c.error,
+            completed_at=bindparam("b_now"),
+        )
+        .returning(_predictions.c.id)
     )
-)
-_MARKED = (
-    update(_predictions)
-    .where(_predictions.c.id.in_(bindparam("b_ids", expanding=True)), _predictions.c.lease_owner == bindparam("b_mark"))
-    .values(lease_owner=None)
-    .returning(_predictions.c.id)
-)
+
+
 _idempotency = table_of(IdempotencyKey).c
 _REMEMBER_RESPONSE = (
     update(table_of(IdempotencyKey))
@@ -558,11 +586,10 @@ def _new_prediction(job: _HoldJob, estimate_cents: int, now: datetime) -> Predic
 
 
 async def _confirm_many(session: AsyncSession, runtime: Runtime, jobs: list[_ConfirmJob]) -> list[Prediction]:
-    """What the vendor accepted, recorded for a batch: the predictions start processing (two statements),
-    the prices seen are learnt and the holds settled (app/budgets/service.py, a fixed number of statements
+    """What the vendor accepted, recorded for a batch: the predictions start processing and are charged
+    (one statement, fenced on "submitting"), the prices seen are learnt and the holds settled (app/budgets/service.py, a fixed number of statements
     however large the batch), and budget lines crossed are notified. The confirmed prediction of each job."""
     now = clock.now()
-    mark = new_id("set")
     states = {
         job.prediction.id: dict(
             upstream_id=job.submitted.id,
@@ -573,14 +600,16 @@ async def _confirm_many(session: AsyncSession, runtime: Runtime, jobs: list[_Con
         )
         for job in jobs
     }
-    await session.execute(
-        _CONFIRM,
-        [
-            {"b_id": id_, "b_mark": mark, **{f"b_{k}": v for k, v in state.items() if k != "status"}}
-            for id_, state in sorted(states.items())
-        ],
+    costs = {job.prediction.id: job.submitted.cost_cents for job in jobs}
+    rows = [
+        (id_, state["upstream_id"], state["estimated_time"], state["next_poll_at"], costs[id_])
+        for id_, state in sorted(states.items())
+    ]
+    changed = set(
+        await session.scalars(
+            _confirm_statement(value_rows_size(len(rows))), value_rows_params("confirm", _CONFIRM_SHAPE, rows)
+        )
     )
-    changed = set(await session.scalars(_MARKED, {"b_ids": sorted(states), "b_mark": mark}))
     confirmed: list[Prediction] = []
     settles: list[budgets_service.Settle] = []
     learnt: dict[tuple[str, str, int], int] = {}
@@ -653,16 +682,14 @@ async def _release_many(session: AsyncSession, held: list[tuple[Prediction, str,
     their holds and slots are given back. The ids released (a prediction no longer "submitting" is not)."""
     if not held:
         return set()
-    mark = new_id("rel")
     now = clock.now()
-    await session.execute(
-        _REJECT,
-        [
-            {"b_id": p.id, "b_error": reason[:500], "b_now": now, "b_mark": mark}
-            for p, reason, _ in sorted(held, key=lambda h: h[0].id)
-        ],
+    rows = [(p.id, reason[:500]) for p, reason, _ in sorted(held, key=lambda h: h[0].id)]
+    released = set(
+        await session.scalars(
+            _reject_statement(value_rows_size(len(rows))),
+            {"b_now": now, **value_rows_params("reject", _REJECT_SHAPE, rows)},
+        )
     )
-    released = set(await session.scalars(_MARKED, {"b_ids": sorted(p.id for p, _, _ in held), "b_mark": mark}))
     await budgets_service.release_many(
         session,
         [

@@ -11,14 +11,22 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import aiohttp
-from sqlalchemy import cast, column, select, update
-from sqlalchemy import values as value_rows
+from sqlalchemy import bindparam, select, update
 
 from app.core import clock, metrics
 from app.core.batching import batches
-from app.core.database import store_until_done, table_of, transaction
+from app.core.database import (
+    RowShape,
+    store_until_done,
+    table_of,
+    transaction,
+    value_rows,
+    value_rows_params,
+    value_rows_size,
+)
 from app.core.retry_after import parse_retry_after
 from app.core.ssrf import ForbiddenTarget, check_url
 from app.runtime import Runtime
@@ -37,7 +45,19 @@ WRITE_BATCH = 500
 _deliveries = table_of(WebhookDelivery)
 # What an attempt changes on its delivery row (Dispatcher._next_state), besides dropping the lease.
 _STATE_FIELDS = ("attempts", "last_status_code", "last_error", "status", "delivered_at", "next_attempt_at")
-_OUTCOME_COLUMNS = [column(name, _deliveries.c[name].type) for name in ("id", *_STATE_FIELDS)]
+_OUTCOME_SHAPE: RowShape = tuple((name, _deliveries.c[name].type) for name in ("id", *_STATE_FIELDS))
+
+
+@functools.cache
+def _record_statement(n: int) -> Any:
+    """The deliveries of `n` attempts, changed in one UPDATE ... FROM (VALUES ...), fenced on the lease."""
+    outcomes = value_rows("outcomes", _OUTCOME_SHAPE, n)
+    return (
+        update(_deliveries)
+        .where(_deliveries.c.id == outcomes.c.id, _deliveries.c.lease_owner == bindparam("b_owner"))
+        .values(lease_owner=None, lease_expires_at=None, **{name: outcomes.c[name] for name in _STATE_FIELDS})
+        .returning(_deliveries.c.id)
+    )
 
 
 @dataclass(frozen=True)
@@ -246,24 +266,12 @@ class Dispatcher:
         for attempt in batch:
             first.setdefault(attempt.delivery.id, attempt)
         states = [(attempt, *self._next_state(attempt)) for attempt in first.values()]
-        outcomes = (
-            value_rows(*_OUTCOME_COLUMNS, name="outcomes")
-            .data([(attempt.delivery.id, *(new[name] for name in _STATE_FIELDS)) for attempt, _, new in states])
-            .cte("outcomes")
-        )  # a CTE: SQLite has no column list on a VALUES alias
+        rows = [(attempt.delivery.id, *(new[name] for name in _STATE_FIELDS)) for attempt, _, new in states]
         async with transaction(self.runtime.sessions) as session:
-            # PostgreSQL types a VALUES column that is NULL in every row as text: cast it back.
-            typed = session.get_bind().dialect.name == "postgresql"
-            new_values = {
-                name: cast(outcomes.c[name], _deliveries.c[name].type) if typed else outcomes.c[name]
-                for name in _STATE_FIELDS
-            }
             stored = set(
                 await session.scalars(
-                    update(_deliveries)
-                    .where(_deliveries.c.id == outcomes.c.id, _deliveries.c.lease_owner == owner)
-                    .values(lease_owner=None, lease_expires_at=None, **new_values)
-                    .returning(_deliveries.c.id)
+                    _record_statement(value_rows_size(len(rows))),
+                    {"b_owner": owner, **value_rows_params("outcomes", _OUTCOME_SHAPE, rows)},
                 )
             )
             for attempt, outcome, new in states:
