@@ -7,12 +7,14 @@ one writer at a time."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.core import clock
@@ -163,3 +165,26 @@ async def test_a_hold_batch_and_a_release_batch_both_commit(live_runtime: Runtim
     assert not isinstance(hold_result, BaseException), hold_result
     assert release_result == {p.id for p, _ in held}
     assert not any(isinstance(r, BaseException) for r in hold_result), hold_result
+
+
+async def test_a_confirm_that_gives_up_on_database_errors_logs_the_reconciliation_line(
+    live_runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not only an outage: a confirm whose batch fails CONFIRM_ATTEMPTS times on other database errors (a
+    deadlock every time, here a charge out of the column's range) leaves a run the vendor billed and the
+    ledger never shows; the operator reconciles it from the same line."""
+    caplog.set_level(logging.WARNING)
+    rt = live_runtime
+    tenants, keys = await two_tenants(rt, a_rate=None)
+    (prediction, estimate), _ = await hold(rt, tenants, keys)
+    upstream_id = new_id("up")
+    submitted = UpstreamSubmitted.model_validate(
+        {"id": upstream_id, "status": "processing", "costCents": 2**40, "estimatedTime": "5s"}
+    )
+    job = predictions_service._ConfirmJob(tenants["a"], keys["a"], prediction, estimate, submitted, None, "http://gw")
+    with pytest.raises(DBAPIError):
+        await predictions_service._confirm_until_recorded(rt, job)
+    (abandoned,) = [r for r in caplog.records if r.getMessage().startswith("confirm abandoned")]
+    assert getattr(abandoned, "prediction_id", None) == prediction.id
+    assert getattr(abandoned, "upstream_id", None) == upstream_id
+    assert getattr(abandoned, "cost_cents", None) == 2**40

@@ -412,18 +412,22 @@ async def _confirm_until_recorded(runtime: Runtime, job: _ConfirmJob) -> dict[st
             failures += 1
             outage = isinstance(exc, DatabaseUnavailable)
             pause = outage_backoff_s(failures, cap_s=1.0)
-            if not outage and failures >= CONFIRM_ATTEMPTS:
-                raise
-            if outage and loop.time() + pause > deadline:
-                # The operator reconciles from this line: the vendor billed a run the ledger will not show.
+            given_up = failures >= CONFIRM_ATTEMPTS if not outage else loop.time() + pause > deadline
+            if given_up:
+                # The operator reconciles from this line, whatever the error: the vendor billed a run the
+                # ledger will not show (recovery releases its hold).
                 log.error(
                     "confirm abandoned: the upstream accepted a prediction the database could not record",
                     extra={
                         "prediction_id": prediction.id,
                         "upstream_id": submitted.id,
                         "cost_cents": submitted.cost_cents,
+                        "error_type": type(exc).__name__,
                     },
                 )
+            if given_up and not outage:
+                raise
+            if given_up:
                 raise DatabaseUnavailable(
                     f"The video provider accepted prediction {prediction.id} and billed it, but the gateway's "
                     "database stayed unreachable, so recording it could not be confirmed. GET it later: if it "
