@@ -121,3 +121,16 @@ def test_the_final_cache_is_bounded_and_drops_the_least_recently_used() -> None:
     cache.put("ten_1", "c", b"C")
     assert cache.get("ten_1", "b") is None and cache.get("ten_1", "a") == b"A" and len(cache) == 2
     assert cache.get("ten_2", "a") is None  # keyed by tenant too
+
+
+def test_the_final_cache_is_bounded_by_bytes_too() -> None:
+    cache = FinalPredictions(max_predictions=100, max_bytes=64)
+    cache.put("ten_1", "a", b"x" * 4)
+    cache.put("ten_1", "big", b"x" * 5)  # above a sixteenth of the bytes: not kept
+    assert cache.get("ten_1", "big") is None and len(cache) == 1
+    for name in "bcdefghijklmnopq":
+        cache.put("ten_1", name, b"x" * 4)
+    # 17 bodies of 4 bytes do not fit in 64: the least recently used went.
+    assert cache.get("ten_1", "a") is None and cache.get("ten_1", "q") == b"xxxx" and len(cache) == 16
+    cache.put("ten_1", "q", b"y" * 4)  # replacing a body counts its bytes once
+    assert len(cache) == 16 and cache.get("ten_1", "b") == b"xxxx"

@@ -105,3 +105,11 @@ def test_dashboard_charts_every_metric_family() -> None:
     assert families
     missing = {name for name in families if name not in exprs}
     assert not missing, f"dashboard has no panel for {missing}"
+
+
+async def test_a_client_chosen_method_is_counted_as_other(api: Api) -> None:
+    """The method label takes a client's value only if it is a known method: the label set stays finite."""
+    await api.http.request("BREW-COFFEE", "/v1/predictions")
+    samples = await scrape(api)
+    methods = {dict(key).get("method") for key in samples.get("vidgate_http_requests_total", {})}
+    assert "OTHER" in methods and "BREW-COFFEE" not in methods

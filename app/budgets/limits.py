@@ -100,11 +100,17 @@ async def set_slots(session: AsyncSession, tenant: Tenant, in_flight: int) -> No
     await session.flush()
 
 
-async def add_slot(session: AsyncSession, tenant_id: str) -> None:
-    """Count a slot whatever the limit: a prediction the vendor already runs is in flight regardless."""
-    await session.execute(
-        update(table_of(Tenant)).where(_tenants.id == tenant_id).values(in_flight=_tenants.in_flight + 1)
-    )
+_ADD_SLOTS = (
+    update(table_of(Tenant)).where(_tenants.id == bindparam("b_tenant")).values(in_flight=_tenants.in_flight + _N)
+)
+
+
+async def add_slots_many(session: AsyncSession, slots: dict[str, int]) -> None:
+    """Count slots whatever the limit (tenant id -> n; one UPDATE, executemany, in tenant order): predictions
+    the vendor already runs are in flight regardless."""
+    params = [{"b_tenant": tenant_id, "b_n": n} for tenant_id, n in sorted(slots.items()) if n]
+    if params:
+        await session.execute(_ADD_SLOTS, params)
 
 
 async def acquire_slot(session: AsyncSession, tenant: Tenant, retry_after_s: int) -> None:

@@ -4,6 +4,22 @@ database applies atomically, plus one append-only ledger row in the same transac
 Scopes: every movement updates the tenant's counter ("tenant:<id>") and the key's ("key:<id>"), so a
 key can carry a smaller budget of its own. Counters are per budget period; a hold is settled or
 released in the period it was taken in.
+
+Lock order. Every writer (holds, settles, releases, terminal transitions, late charges; one connection
+each, several processes) takes the rows it changes phase by phase, each phase sorted by tenant id, so
+that no two transactions wait for each other in a cycle (PostgreSQL would abort one after
+deadlock_timeout; SQLite has one writer at a time):
+  0. the batch's own rows: its idempotency keys (by tenant, key), its predictions, the price points
+     (sorted); rows no other writer takes at the same time but by a race the fences settle.
+  1. rate windows (rate_windows, holds only);
+  2. slots (tenants.in_flight);
+  3. budget counters: each tenant's own, then its keys' (sorted), in tenant order;
+  4. daily rollup rows (daily_usage).
+Inserts of new rows (ledger, notices, deliveries) and the idempotency answer (a row the batch claimed)
+come anywhere after. A conditional UPDATE that refuses locks nothing, and giving back what the
+transaction took touches rows it holds already: neither changes the order. So reserve_many goes phase
+by phase over all its tenants (not tenant by tenant), refusals are counted on the days after every
+counter, and a late charge is settled with its batch (settle_many), after the batch's slots.
 """
 
 from __future__ import annotations
@@ -11,10 +27,10 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from functools import cache
+from functools import cache, partial
 from typing import Any, Protocol
 
 from sqlalchemy import (
@@ -397,19 +413,6 @@ async def _move_many(
     return spent_after
 
 
-async def _add_to_day(
-    session: AsyncSession, tenant_id: str, at: datetime, *, spent: int = 0, predictions: int = 0, refusals: int = 0
-) -> None:
-    params = {
-        "b_tenant": tenant_id,
-        "b_day": at.date(),
-        "b_spent": spent,
-        "b_predictions": predictions,
-        "b_refusals": refusals,
-    }
-    await session.execute(_DAILY_UPSERT[session.get_bind().dialect.name], params)
-
-
 async def daily_usage(session: AsyncSession, tenant_id: str, first: date, last: date) -> list[DailyUsage]:
     """The rollup rows of one tenant between two UTC days (inclusive): a range of its primary key."""
     rows = await session.scalars(
@@ -490,36 +493,88 @@ _UNHOLD = (
 async def reserve_many(session: AsyncSession, requests: list[HoldRequest]) -> list[AppError | None]:
     """Admit a batch of submits in one transaction: for each one None (held) or the refusal.
 
-    Per tenant (in sorted order, so the counter rows of concurrent batches are locked in one order),
-    the whole group is tried first: one conditional UPDATE each for its rate units, its slots and the
-    sum of its holds on the tenant's and every key's counter. If any of them would cross a limit,
-    what was taken is given back and the group goes one by one in arrival order, so exactly the
-    requests that fit are admitted, as if they had come one at a time. Ledger rows are written for
-    the admitted ones in one statement; refusals are counted on the tenant's day.
+    Phase by phase, in the lock order (top of this module): every tenant's rate units, then every
+    tenant's slots, then the counters, then the refusals on the tenants' days. Each tenant takes as
+    many rate units, then slots, as fit, up to one per request, so that a later phase never locks a
+    row an earlier one skipped; then its requests are held on the counters, the whole group in one
+    conditional UPDATE per counter if it fits, else one by one in arrival order, and the units and
+    slots left over are given back (rows this transaction already holds). So exactly the requests
+    that fit are admitted, as if they had come one at a time: the n-th admitted of a tenant needs
+    n rate units and n slots, whichever of its predecessors were refused. Ledger rows are written
+    for the admitted ones in one statement.
     """
     now = clock.now()
     outcome: dict[int, AppError | None] = {}
     groups: dict[str, list[int]] = {}
     for index, request in enumerate(requests):
         groups.setdefault(request.tenant.id, []).append(index)
-    for tenant_id in sorted(groups):
+    order = sorted(groups)
+    rates: dict[str, int] = {}
+    for tenant_id in order:
+        tenant = requests[groups[tenant_id][0]].tenant
+        rates[tenant_id] = await _take_up_to(len(groups[tenant_id]), partial(_take_rate, session, tenant, now))
+    slots: dict[str, int] = {}
+    for tenant_id in order:
+        wanted = min(rates[tenant_id], sum(requests[i].takes_slot for i in groups[tenant_id]))
+        slots[tenant_id] = await _take_up_to(wanted, partial(budget_limits.take_slots, session, tenant_id))
+    refusals: dict[str, int] = {}
+    for tenant_id in order:
         members = [requests[i] for i in groups[tenant_id]]
-        if len(members) > 1 and await _take_all(session, members, now):
+        rate, slot = rates[tenant_id], slots[tenant_id]
+        admitted = taking = 0
+        everything = rate == len(members) and slot == sum(m.takes_slot for m in members)
+        if len(members) > 1 and everything and await _hold_all(session, members):
             outcome.update(dict.fromkeys(groups[tenant_id]))
             continue
-        refused = 0
-        for index in groups[tenant_id]:
-            outcome[index] = await _take_one(session, requests[index], now)
-            refused += outcome[index] is not None
-        if refused:
-            await _add_to_day(session, tenant_id, now, refusals=refused)
-    admitted = [r for i, r in enumerate(requests) if outcome[i] is None]
-    if admitted:
+        for index, request in zip(groups[tenant_id], members, strict=True):
+            refusal: AppError | None
+            if admitted >= rate:
+                refusal = budget_limits.rate_limited(request.tenant, now)
+            elif request.takes_slot and taking >= slot:
+                refusal = budget_limits.concurrency_limited(request.tenant, request.slot_retry_after_s)
+            else:
+                refusal = await _hold_one(session, request)
+            outcome[index] = refusal
+            if refusal is None:
+                admitted += 1
+                taking += request.takes_slot
+            else:
+                refusals[tenant_id] = refusals.get(tenant_id, 0) + 1
+        await budget_limits.give_rate(session, members[0].tenant, rate - admitted, now)
+        await budget_limits.give_slots(session, tenant_id, slot - taking)
+    admitted_requests = [r for i, r in enumerate(requests) if outcome[i] is None]
+    if admitted_requests:
         # After the counters, as in reserve(): the rows others wait for are locked for one more statement.
         await session.execute(
-            _LEDGER_INSERT, [_ledger_row(r.hold, "reserve", r.amount, 0, None, now) for r in admitted]
+            _LEDGER_INSERT, [_ledger_row(r.hold, "reserve", r.amount, 0, None, now) for r in admitted_requests]
+        )
+    if refusals:
+        # The days last, after every counter: the lock order.
+        await session.execute(
+            _DAILY_UPSERT[session.get_bind().dialect.name],
+            [
+                {"b_tenant": t, "b_day": now.date(), "b_spent": 0, "b_predictions": 0, "b_refusals": n}
+                for t, n in sorted(refusals.items())
+            ],
         )
     return [outcome[i] for i in range(len(requests))]
+
+
+async def _take_rate(session: AsyncSession, tenant: Tenant, now: datetime, n: int) -> bool:
+    return await budget_limits.take_rate(session, tenant, n, now)
+
+
+async def _take_up_to(n: int, take: Callable[[int], Awaitable[bool]]) -> int:
+    """How many of `n` units a conditional take grants: all in one statement, else one at a time until
+    one is refused (the limit is then exactly reached: what was taken is the group's capacity)."""
+    if n == 0:
+        return 0
+    if await take(n):
+        return n
+    taken = 0
+    while taken < n - 1 and await take(1):
+        taken += 1
+    return taken
 
 
 def _hold_scopes(members: list[HoldRequest]) -> list[tuple[str, Any, str, int]]:
@@ -534,44 +589,28 @@ def _hold_scopes(members: list[HoldRequest]) -> list[tuple[str, Any, str, int]]:
     return scopes
 
 
-async def _take_all(session: AsyncSession, members: list[HoldRequest], now: datetime) -> bool:
-    """Take the whole group's rate units, slots and holds, or nothing (what was taken is given back)."""
-    tenant = members[0].tenant
+async def _hold_all(session: AsyncSession, members: list[HoldRequest]) -> bool:
+    """Hold the whole group's amounts on its counters, or nothing (what was held is given back)."""
     period = members[0].hold.period_start
-    slots = sum(m.takes_slot for m in members)
-    if not await budget_limits.take_rate(session, tenant, len(members), now):
-        return False
-    if slots and not await budget_limits.take_slots(session, tenant.id, slots):
-        await budget_limits.give_rate(session, tenant, len(members), now)
-        return False
     taken: list[tuple[str, int]] = []
     for scope, statement, owner_id, amount in _hold_scopes(members):
         if not await _hold_or_create(session, scope, statement, owner_id, period, amount):
             for done_scope, done_amount in taken:
                 await session.execute(_UNHOLD, {"b_scope": done_scope, "b_period": period, "b_amount": done_amount})
-            await budget_limits.give_slots(session, tenant.id, slots)
-            await budget_limits.give_rate(session, tenant, len(members), now)
             return False
         taken.append((scope, amount))
     return True
 
 
-async def _take_one(session: AsyncSession, request: HoldRequest, now: datetime) -> AppError | None:
-    """One request of a group that did not fit as a whole: the same checks, in the same order, as alone."""
+async def _hold_one(session: AsyncSession, request: HoldRequest) -> BudgetExceeded | None:
+    """One request of a group that did not fit as a whole, on its counters (tenant's, then key's)."""
     tenant, key, period, amount = request.tenant, request.key, request.hold.period_start, request.amount
-    if not await budget_limits.take_rate(session, tenant, 1, now):
-        return budget_limits.rate_limited(tenant, now)
-    if request.takes_slot and not await budget_limits.take_slots(session, tenant.id, 1):
-        await budget_limits.give_rate(session, tenant, 1, now)
-        return budget_limits.concurrency_limited(tenant, request.slot_retry_after_s)
     taken: list[str] = []
     for scope, statement, owner_id in _scopes(tenant, key):
         if not await _hold_or_create(session, scope, statement, owner_id, period, amount):
             refusal = await _budget_exceeded(session, tenant, key, scope, period, amount)
             for done in taken:
                 await session.execute(_UNHOLD, {"b_scope": done, "b_period": period, "b_amount": amount})
-            await budget_limits.give_slots(session, tenant.id, int(request.takes_slot))
-            await budget_limits.give_rate(session, tenant, 1, now)
             return refusal
         taken.append(scope)
     return None
@@ -652,6 +691,10 @@ class Settle:
     held: int
     cost: int
     prediction: Charged
+    # A late confirm: its hold was released already (held is 0) and the caller's UPDATE did not charge its
+    # row; it takes its slot back (if it held one) whatever the limit: the vendor runs it.
+    late: bool = False
+    late_slot: bool = False
 
 
 def settle_charge(cost: ColumnElement[int]) -> dict[str, ColumnElement[int]]:
@@ -667,6 +710,14 @@ async def settle_many(session: AsyncSession, settles: list[Settle]) -> list[tupl
     the budget lines (tenant, percent) the batch made tenants reach, each reported once a period."""
     if not settles:
         return []
+    late = [s for s in settles if s.late]
+    if late:
+        # In the lock order: the predictions' rows (the caller's own), then the slots, then the counters.
+        await _charge(session, [(s.prediction, s.cost) for s in late])
+        slots: dict[str, int] = {}
+        for s in late:
+            slots[s.hold.tenant_id] = slots.get(s.hold.tenant_id, 0) + s.late_slot
+        await budget_limits.add_slots_many(session, slots)
     for s in settles:
         set_committed_value(s.prediction, "charged_cents", s.cost)  # what the row says now
     tenants = {s.tenant.id: s.tenant for s in settles}
@@ -684,15 +735,6 @@ async def settle_many(session: AsyncSession, settles: list[Settle]) -> list[tupl
         tenant = tenants[tenant_id]
         crossed += [(tenant, p) for p in await newly_crossed_thresholds(session, tenant, period_start, before, after)]
     return crossed
-
-
-async def charge_late(session: AsyncSession, hold: Hold, cost: int, *, holds_slot: bool, prediction: Charged) -> None:
-    """A confirm that found its hold already released: the vendor billed the run, so the charge is recorded
-    all the same (nothing held any more), and it takes its slot whatever the limit: it is in flight."""
-    if holds_slot:
-        await budget_limits.add_slot(session, hold.tenant_id)
-    await _charge(session, [(prediction, cost)])
-    await _move_many(session, [_Move(hold, "settle", 0, cost)])
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from app.core.logging import request_id_var, tenant_id_var
 access_log = logging.getLogger("vidgate.access")
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# The method is the client's to choose: any other is counted as "OTHER", so the label set stays finite.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class RequestContextMiddleware:
@@ -54,12 +56,13 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
-            counted = (path, scope["method"], status)
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+            counted = (path, method, status)
             children = self._metrics.get(counted)
             if children is None:
                 # labels() hashes and validates its arguments on every call: look each child up once.
                 children = (
-                    metrics.REQUESTS.labels(route=path, method=scope["method"], status=str(status)),
+                    metrics.REQUESTS.labels(route=path, method=method, status=str(status)),
                     metrics.REQUEST_LATENCY.labels(route=path),
                 )
                 self._metrics[counted] = children
@@ -68,7 +71,7 @@ class RequestContextMiddleware:
             # The route template, never the raw path or query string: those can carry ids and tokens.
             access_log.info(
                 "request",
-                extra={"method": scope["method"], "route": path, "status": status, "ms": round(elapsed * 1000, 1)},
+                extra={"method": method, "route": path, "status": status, "ms": round(elapsed * 1000, 1)},
             )
             timing.stop(timing_token)
             tenant_id_var.reset(tenant_token)

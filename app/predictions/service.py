@@ -412,18 +412,22 @@ async def _confirm_until_recorded(runtime: Runtime, job: _ConfirmJob) -> dict[st
             failures += 1
             outage = isinstance(exc, DatabaseUnavailable)
             pause = outage_backoff_s(failures, cap_s=1.0)
-            if not outage and failures >= CONFIRM_ATTEMPTS:
-                raise
-            if outage and loop.time() + pause > deadline:
-                # The operator reconciles from this line: the vendor billed a run the ledger will not show.
+            given_up = failures >= CONFIRM_ATTEMPTS if not outage else loop.time() + pause > deadline
+            if given_up:
+                # The operator reconciles from this line, whatever the error: the vendor billed a run the
+                # ledger will not show (recovery releases its hold).
                 log.error(
                     "confirm abandoned: the upstream accepted a prediction the database could not record",
                     extra={
                         "prediction_id": prediction.id,
                         "upstream_id": submitted.id,
                         "cost_cents": submitted.cost_cents,
+                        "error_type": type(exc).__name__,
                     },
                 )
+            if given_up and not outage:
+                raise
+            if given_up:
                 raise DatabaseUnavailable(
                     f"The video provider accepted prediction {prediction.id} and billed it, but the gateway's "
                     "database stayed unreachable, so recording it could not be confirmed. GET it later: if it "
@@ -512,9 +516,14 @@ async def _hold_batch(
     settings = runtime.settings
     now = clock.now()
     results: dict[int, _Held | SubmitResult | BaseException] = {}
-    for index, job in enumerate(jobs):
-        if job.idempotency_key is None:
-            continue
+    # By (tenant, key): two batches claiming the same keys wait for each other in one order (lock order:
+    # app/budgets/service.py); the same key twice in a batch keeps its arrival order.
+    claims = sorted(
+        (job.tenant.id, job.idempotency_key, index) for index, job in enumerate(jobs) if job.idempotency_key
+    )
+    for _, _, index in claims:
+        job = jobs[index]
+        assert job.idempotency_key is not None
         try:
             replay = await _claim_idempotency_key(
                 session, runtime, job.tenant, job.idempotency_key, job.fingerprint, job.prediction_id
@@ -615,7 +624,9 @@ async def _confirm_many(session: AsyncSession, runtime: Runtime, jobs: list[_Con
     learnt: dict[tuple[str, str, int], int] = {}
     for job in jobs:
         if job.prediction.id not in changed:
-            confirmed.append(await _confirm_late(session, job, states[job.prediction.id]))
+            late, late_settle = await _confirm_late(session, job, states[job.prediction.id])
+            confirmed.append(late)
+            settles += [late_settle] if late_settle is not None else []
             continue
         prediction, cost = job.prediction, job.submitted.cost_cents
         for name, value in states[prediction.id].items():
@@ -657,13 +668,16 @@ async def _confirm(
     return prediction
 
 
-async def _confirm_late(session: AsyncSession, job: _ConfirmJob, state: dict[str, Any]) -> Prediction:
-    """A confirm whose prediction is no longer "submitting"."""
+async def _confirm_late(
+    session: AsyncSession, job: _ConfirmJob, state: dict[str, Any]
+) -> tuple[Prediction, budgets_service.Settle | None]:
+    """A confirm whose prediction is no longer "submitting": the prediction, and its charge if it is to be
+    recorded (settled with the batch's, so that its slot and counters are locked in the one order)."""
     held, submitted = job.prediction, job.submitted
     prediction = await session.get(Prediction, held.id, populate_existing=True)
     assert prediction is not None
     if prediction.upstream_id == submitted.id:
-        return prediction  # a retried confirm whose first COMMIT did land: charged once already
+        return prediction, None  # a retried confirm whose first COMMIT did land: charged once already
     # Unreachable while submit_recovery_s exceeds the upstream timeout (settings enforce it);
     # if it happens anyway, the vendor billed us, so the charge is recorded all the same.
     log.error("late upstream confirmation", extra={"prediction_id": held.id})
@@ -671,10 +685,10 @@ async def _confirm_late(session: AsyncSession, job: _ConfirmJob, state: dict[str
     prediction.status = PredictionStatus.PROCESSING
     prediction.next_poll_at = state["next_poll_at"]
     await session.flush()
-    await budgets_service.charge_late(
-        session, _hold(prediction), submitted.cost_cents, holds_slot=prediction.holds_slot, prediction=prediction
+    charge = budgets_service.Settle(
+        job.tenant, _hold(prediction), 0, submitted.cost_cents, prediction, late=True, late_slot=prediction.holds_slot
     )
-    return prediction
+    return prediction, charge
 
 
 async def _release_many(session: AsyncSession, held: list[tuple[Prediction, str, ApiKey | None]]) -> set[str]:
