@@ -110,9 +110,11 @@ async def test_the_listener_drops_on_notify_and_flushes_on_reconnect(database_ur
     listener = asyncio.create_task(key_cache.listen(make_url(database_url), stop))
     conn = await asyncpg.connect(make_url(database_url).set(drivername="postgresql").render_as_string(False))
     try:
+        # pg_stat_activity spans the cluster: other tests' gateways listen too, in their own databases.
+        ours = "WHERE datname = current_database() AND application_name = $1"
 
         async def listening() -> bool:
-            return bool(await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'"))
+            return bool(await conn.fetchval(f"SELECT count(*) FROM pg_stat_activity {ours}", key_cache.LISTENER_NAME))
 
         await until(listening, 10, "the listener to LISTEN")
         key_cache.CACHE.put("heard", tenant, tenant, LONG_TTL_S)
@@ -120,7 +122,7 @@ async def test_the_listener_drops_on_notify_and_flushes_on_reconnect(database_ur
         await until(lambda: key_cache.CACHE.get("heard") is None, 10, "the notification to drop the entry")
 
         # The listener's connection is cut: whatever was sent meanwhile is lost, so it flushes all.
-        pid = await conn.fetchval("SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN%' LIMIT 1")
+        pid = await conn.fetchval(f"SELECT pid FROM pg_stat_activity {ours}", key_cache.LISTENER_NAME)
         key_cache.CACHE.put("kept", tenant, tenant, LONG_TTL_S)
         await conn.execute("SELECT pg_terminate_backend($1)", pid)
         await until(lambda: key_cache.CACHE.get("kept") is None, 30, "the listener to flush on reconnect")

@@ -39,6 +39,7 @@ log = logging.getLogger("vidgate.tenants")
 CHANNEL = "vidgate_tenants"
 _CHANGED = "vidgate_tenants_changed"  # session.info: tenants this transaction changed
 MAX_KEYS = 10_000
+LISTENER_NAME = "vidgate-key-cache"  # how an operator (or a test) tells the listener in pg_stat_activity
 LISTENER_PING_S = 5.0  # how often the listener checks its connection is still there
 
 
@@ -125,7 +126,7 @@ async def listen(url: URL, stop: asyncio.Event) -> None:
     while not stop.is_set():
         conn = None
         try:
-            conn = await asyncpg.connect(dsn, timeout=5)
+            conn = await asyncpg.connect(dsn, timeout=5, server_settings={"application_name": LISTENER_NAME})
             await conn.add_listener(CHANNEL, _on_notify)
             CACHE.clear()  # whatever was sent while nobody listened is lost
             while not stop.is_set():
