@@ -99,6 +99,9 @@ def create_app(
         version="0.1.0",
         summary="A gateway in front of the VibeDream video-generation API: budgets, signed webhooks.",
         lifespan=lifespan,
+        # No OpenTelemetry here (metrics are Prometheus): FastAPI's native telemetry would otherwise look
+        # up the global providers on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.runtime = runtime
