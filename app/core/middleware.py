@@ -10,8 +10,8 @@ this only calls them in order.
 from __future__ import annotations
 
 import logging
+import random
 import re
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -83,7 +83,8 @@ class RequestMiddleware:
             if name == b"x-request-id":
                 given = value  # the last one wins, as a dict of the headers would have it
         given_id = given.decode("latin-1")
-        request_id = given_id if _VALID_REQUEST_ID.match(given_id) else secrets.token_hex(12)
+        # A correlation id, not a secret: the process's PRNG, not a getrandom() system call per request.
+        request_id = given_id if _VALID_REQUEST_ID.match(given_id) else f"{random.getrandbits(96):024x}"
         token = request_id_var.set(request_id)
         tenant_token = tenant_id_var.set(None)
         started = time.perf_counter()
