@@ -12,13 +12,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.admin.router import router as admin_router
-from app.budgets.headers import BudgetHeadersMiddleware
+from app.budgets.headers import BALANCE_SLOT
 from app.budgets.router import router as usage_router
 from app.core.database import create_engine, create_sessionmaker
 from app.core.errors import install_error_handlers
-from app.core.guard import RequestGuardMiddleware
 from app.core.logging import configure_logging
-from app.core.middleware import RequestContextMiddleware
+from app.core.middleware import RequestMiddleware
 from app.core.migrate import upgrade_to_head
 from app.core.settings import Settings, get_settings
 from app.dashboard.router import router as dashboard_router
@@ -100,14 +99,16 @@ def create_app(
         version="0.1.0",
         summary="A gateway in front of the VibeDream video-generation API: budgets, signed webhooks.",
         lifespan=lifespan,
+        # No OpenTelemetry here (metrics are Prometheus): FastAPI's native telemetry would otherwise look
+        # up the global providers on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.listen_url = listen_url
     install_error_handlers(app)
-    app.add_middleware(BudgetHeadersMiddleware)
-    app.add_middleware(RequestGuardMiddleware)  # inside the context: refusals get a request id and a metric
-    app.add_middleware(RequestContextMiddleware, sandbox=settings.sandbox)
+    # One layer: request id, guard, the balance headers, Server-Timing and metrics (app/core/middleware.py).
+    app.add_middleware(RequestMiddleware, sandbox=settings.sandbox, header_slots=(BALANCE_SLOT,))
     routers = (predictions_router, usage_router, webhooks_router, admin_router, outputs_router)
     for router in (*routers, ops_router, dashboard_router):
         app.include_router(router)

@@ -7,13 +7,11 @@ money can adjust the snapshot with its own charge before the answer goes out.
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 from app.core import clock
+from app.core.middleware import HeaderSlot
 
 
 @dataclass
@@ -30,20 +28,12 @@ class Balance:
         return max(self.budget_cents - self.spent_cents - self.reserved_cents, 0)
 
 
-# One mutable slot per request, set by the middleware: a value set inside a dependency that ran in a
-# copied context still reaches the middleware through the shared slot.
-_slot: ContextVar[list[Balance] | None] = ContextVar("budget_balance", default=None)
-
-
 def note_balance(balance: Balance) -> None:
-    slot = _slot.get()
-    if slot is not None:
-        slot[:] = [balance]
+    BALANCE_SLOT.note(balance)
 
 
 def current_balance() -> Balance | None:
-    slot = _slot.get()
-    return slot[0] if slot else None
+    return BALANCE_SLOT.current()
 
 
 def note_charge(cents: int) -> None:
@@ -63,26 +53,8 @@ def budget_headers(balance: Balance) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-class BudgetHeadersMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        slot: list[Balance] = []
-        token = _slot.set(slot)
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start" and slot:
-                message["headers"] = list(message.get("headers", [])) + budget_headers(slot[0])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_headers)
-        finally:
-            _slot.reset(token)
+# Opened per request by the middleware (app/core/middleware.py), which adds the headers to the app's answer.
+BALANCE_SLOT: HeaderSlot[Balance] = HeaderSlot("budget_balance", budget_headers)
 
 
 # OpenAPI: the headers above, declared on the tenant routers' answers.

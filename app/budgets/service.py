@@ -56,7 +56,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from app.budgets import limits as budget_limits
 from app.budgets.models import BudgetCounter, DailyUsage, LedgerEntry, PricePoint, ThresholdNotice
-from app.core import clock
+from app.core import clock, prebuilt
 from app.core.database import (
     RowShape,
     UTCDateTime,
@@ -159,9 +159,10 @@ async def price_estimate(
     resolution: str,
     duration_s: int,
 ) -> Estimate:
-    seen = await session.scalar(
-        _PRICE_SEEN, {"b_model": model_id, "b_resolution": resolution, "b_duration": duration_s}
+    rows = await prebuilt.fetch(
+        session, _PRICE_SEEN, {"b_model": model_id, "b_resolution": resolution, "b_duration": duration_s}
     )
+    seen: int | None = rows[0].max_seen_cents if rows else None
     return Estimate(max(table_estimate(price_table, model_id, resolution, duration_s), seen or 0), seen)
 
 
@@ -337,7 +338,7 @@ async def _hold_within(
     session: AsyncSession, scope: str, statement: Any, owner_id: str, period_start: datetime, amount: int
 ) -> bool:
     params = {"b_scope": scope, "b_period": period_start, "b_amount": amount, "b_owner": owner_id}
-    return (await session.execute(statement, params)).first() is not None
+    return bool(await prebuilt.fetch(session, statement, params))
 
 
 @dataclass(frozen=True)
@@ -366,8 +367,10 @@ async def _move_many(
     if not moves:
         return {}
     at = clock.now()  # one moment for the ledger rows and the rollup day they count in
-    await session.execute(
-        _LEDGER_INSERT, [_ledger_row(m.hold, m.kind, m.reserved_delta, m.spent_delta, m.note, at) for m in moves]
+    await prebuilt.execute_many(
+        session,
+        _LEDGER_INSERT,
+        [_ledger_row(m.hold, m.kind, m.reserved_delta, m.spent_delta, m.note, at) for m in moves],
     )
     # (tenant, 0 for its own counter / 1 for a key's, scope, period) -> [reserved, spent]: sorted, this is
     # the order holds lock counters in (tenants in order, each tenant's row before its keys').
@@ -395,7 +398,8 @@ async def _move_many(
     spent_after: dict[tuple[str, datetime], int] = {}
     if shifts:
         lock_in_order = len(shifts) > 1 and session.get_bind().dialect.name == "postgresql"
-        rows = await session.execute(
+        rows = await prebuilt.fetch(
+            session,
             _shift_statement(value_rows_size(len(shifts)), lock_in_order),
             value_rows_params("shift", _SHIFT_SHAPE, [(ord_, *shift) for ord_, shift in enumerate(shifts)]),
         )
@@ -403,7 +407,8 @@ async def _move_many(
         spent_after = {(t, p): found.get((_tenant_scope(t), p), 0) for t, p in sorted(wanted)}
     if days:
         # After the counters, as every movement does: one lock order.
-        await session.execute(
+        await prebuilt.execute_many(
+            session,
             _DAILY_UPSERT[session.get_bind().dialect.name],
             [
                 {"b_tenant": t, "b_day": at.date(), "b_spent": spent, "b_predictions": count, "b_refusals": 0}
@@ -545,12 +550,13 @@ async def reserve_many(session: AsyncSession, requests: list[HoldRequest]) -> li
     admitted_requests = [r for i, r in enumerate(requests) if outcome[i] is None]
     if admitted_requests:
         # After the counters, as in reserve(): the rows others wait for are locked for one more statement.
-        await session.execute(
-            _LEDGER_INSERT, [_ledger_row(r.hold, "reserve", r.amount, 0, None, now) for r in admitted_requests]
+        await prebuilt.execute_many(
+            session, _LEDGER_INSERT, [_ledger_row(r.hold, "reserve", r.amount, 0, None, now) for r in admitted_requests]
         )
     if refusals:
         # The days last, after every counter: the lock order.
-        await session.execute(
+        await prebuilt.execute_many(
+            session,
             _DAILY_UPSERT[session.get_bind().dialect.name],
             [
                 {"b_tenant": t, "b_day": now.date(), "b_spent": 0, "b_predictions": 0, "b_refusals": n}

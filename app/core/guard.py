@@ -4,12 +4,14 @@
   it is read, and while a chunked body streams in as soon as the limit is passed. The answer closes the
   connection, so the server does not read (and discard) the rest either.
 - Headers of absurd length answer 431 `headers_too_large`, naming the header.
+
+The rules live here; app/core/middleware.py applies them (to the headers, and to the body as it streams in).
 """
 
 from __future__ import annotations
 
 import orjson
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Send
 
 from app.core.errors import AppError, InvalidRequest
 
@@ -31,11 +33,11 @@ class HeadersTooLarge(AppError):
     title = "Request headers too large"
 
 
-def _too_large(limit: int) -> PayloadTooLarge:
+def too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"A request body may hold at most {limit} bytes.", limit=limit, field="body")
 
 
-def _check_headers(headers: list[tuple[bytes, bytes]], body_limit: int) -> AppError | None:
+def check_headers(headers: list[tuple[bytes, bytes]], body_limit: int) -> AppError | None:
     if len(headers) > MAX_HEADERS:
         return HeadersTooLarge(f"Send at most {MAX_HEADERS} headers.", field="headers", limit=MAX_HEADERS)
     total = 0
@@ -59,11 +61,11 @@ def _check_headers(headers: list[tuple[bytes, bytes]], body_limit: int) -> AppEr
             if not value.isdigit():
                 return InvalidRequest("Content-Length must be a number of bytes.", field="Content-Length")
             if int(value) > body_limit:
-                return _too_large(body_limit)
+                return too_large(body_limit)
     return None
 
 
-async def _refuse(send: Send, error: AppError) -> None:
+async def refuse(send: Send, error: AppError) -> None:
     body = orjson.dumps(error.body())
     await send(
         {
@@ -78,47 +80,3 @@ async def _refuse(send: Send, error: AppError) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
-
-
-class RequestGuardMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int = MAX_BODY_BYTES) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        refusal = _check_headers(scope["headers"], self.max_body_bytes)
-        if refusal is not None:
-            await _refuse(send, refusal)
-            return
-        received = 0
-        refused = False
-        started = False
-
-        async def guarded_receive() -> Message:
-            nonlocal received, refused
-            if refused:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    # A chunked body (or one longer than its Content-Length) passed the limit: answer now
-                    # and tell the app the client is gone, so it stops reading and its answer is dropped.
-                    refused = True
-                    if not started:
-                        await _refuse(send, _too_large(self.max_body_bytes))
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            if refused and not started:
-                return
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        await self.app(scope, guarded_receive, guarded_send)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import aiohttp
 
 from app.core.ssrf import GuardedResolver
-from app.core.timing import upstream_trace
 
 
 def upstream_session(*, concurrency: int, timeout_s: float) -> aiohttp.ClientSession:
@@ -19,7 +18,6 @@ def upstream_session(*, concurrency: int, timeout_s: float) -> aiohttp.ClientSes
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=timeout_s, connect=min(timeout_s, 5.0)),
         raise_for_status=False,
-        trace_configs=[upstream_trace()],  # Server-Timing's `upstream`
     )
 
 

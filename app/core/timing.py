@@ -1,7 +1,7 @@
 """`Server-Timing` on every answer: how long the request spent in the database, upstream and in the app.
 
-A request's middleware opens a slot; every SQL statement (an engine event) and every upstream call (an
-aiohttp trace) run on the request's behalf add their duration to it. Outside a request (the poller,
+A request's middleware opens a slot; every SQL statement (an engine event) and every upstream call (timed by the
+upstream client) run on the request's behalf add their duration to it. Outside a request (the poller,
 the dispatcher) there is no slot and nothing is counted. Two clock reads per statement: cheap enough to
 stay on in production, and it lets a user of the gateway see where their latency goes.
 """
@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import time
 from contextvars import ContextVar
-from types import SimpleNamespace
 from typing import Any
 
-import aiohttp
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
@@ -61,20 +59,9 @@ def _after(conn: Any, _cursor: Any, _statement: Any, _params: Any, _context: Any
         spent.db_s += time.perf_counter() - started
 
 
-async def _request_start(_session: Any, ctx: SimpleNamespace, _params: Any) -> None:
-    ctx.vidgate_started = time.perf_counter()
-
-
-async def _request_done(_session: Any, ctx: SimpleNamespace, _params: Any) -> None:
+def add_upstream(seconds: float) -> None:
+    """An upstream call made on the request's behalf took `seconds` (timed by the caller, app/upstream/client.py:
+    an aiohttp TraceConfig would build and await eight signal objects per call, for two clock reads)."""
     spent = _spent.get()
-    started = getattr(ctx, "vidgate_started", None)
-    if spent is not None and started is not None:
-        spent.upstream_s += time.perf_counter() - started
-
-
-def upstream_trace() -> aiohttp.TraceConfig:
-    trace = aiohttp.TraceConfig()
-    trace.on_request_start.append(_request_start)
-    trace.on_request_end.append(_request_done)
-    trace.on_request_exception.append(_request_done)
-    return trace
+    if spent is not None:
+        spent.upstream_s += seconds

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets import service as budgets_service
 from app.budgets.models import BudgetCounter
-from app.core import clock, metrics
+from app.core import clock, metrics, prebuilt
 from app.core.batching import Batcher
 from app.core.database import (
     Reads,
@@ -568,7 +568,7 @@ async def _hold_batch(
             await _forget_idempotency_key(session, jobs[index].tenant.id, jobs[index].idempotency_key or "")
     if admitted:
         # A Core INSERT of many rows (no unit of work): the objects stay in memory for their requests.
-        await session.execute(_INSERT, admitted)
+        await prebuilt.execute_many(session, _INSERT, admitted)
     return [results[i] for i in range(len(jobs))]
 
 
@@ -614,11 +614,12 @@ async def _confirm_many(session: AsyncSession, runtime: Runtime, jobs: list[_Con
         (id_, state["upstream_id"], state["estimated_time"], state["next_poll_at"], costs[id_])
         for id_, state in sorted(states.items())
     ]
-    changed = set(
-        await session.scalars(
-            _confirm_statement(value_rows_size(len(rows))), value_rows_params("confirm", _CONFIRM_SHAPE, rows)
+    changed = {
+        row.id
+        for row in await prebuilt.fetch(
+            session, _confirm_statement(value_rows_size(len(rows))), value_rows_params("confirm", _CONFIRM_SHAPE, rows)
         )
-    )
+    }
     confirmed: list[Prediction] = []
     settles: list[budgets_service.Settle] = []
     learnt: dict[tuple[str, str, int], int] = {}
@@ -813,7 +814,7 @@ async def read_with_balance(
     """The GET representation with its current links, when the gateway polls it next, and the tenant's
     counter (`scope`, `period_start`) in one statement; None: no such prediction for this tenant."""
     params = {"b_id": prediction_id, "b_tenant_id": tenant_id, "b_scope": scope, "b_period_start": period_start}
-    rows = (await session.execute(_READ_WITH_BALANCE, params)).all()
+    rows = await prebuilt.fetch(session, _READ_WITH_BALANCE, params)
     if not rows:
         return None
     row = rows[0]
