@@ -116,8 +116,8 @@ class Copier:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     room: asyncio.Event = field(default_factory=asyncio.Event)
     outcomes: asyncio.Queue[Outcome] = field(default_factory=asyncio.Queue)
-    # Claimed jobs whose outcome is not written yet: bounds the work in flight, and a job of ours
-    # waiting for the writer is never claimed a second time.
+    # Claimed jobs whose outcome is not written yet: a job of ours waiting for the writer is never
+    # claimed a second time, and no more wait than one batch holds.
     unwritten: set[str] = field(default_factory=set)
     _http: aiohttp.ClientSession | None = None
 
@@ -143,7 +143,9 @@ class Copier:
     # ------------------------------------------------------------ claiming
 
     async def run_once(self) -> int:
-        free = self.runtime.settings.output_copy_concurrency - len(self.unwritten)
+        # VIDGATE_OUTPUT_COPY_CONCURRENCY bounds the downloads (connections, memory), not the outcomes
+        # waiting for the writer: a slot is free again as soon as its bytes are stored.
+        free = min(self.runtime.settings.output_copy_concurrency - len(self.tasks), WRITE_BATCH - len(self.unwritten))
         if free <= 0:
             return 0
         claimed = await self._claim(free)
@@ -151,8 +153,12 @@ class Copier:
             self.unwritten.add(job.prediction_id)
             task = asyncio.create_task(self._run(job, done))
             self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            task.add_done_callback(self._done)
         return len(claimed)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.room.set()
 
     async def run_round(self) -> int:
         """Claim and copy one round to the end, and write it as one batch (tests and one-off tools)."""
