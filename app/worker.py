@@ -32,7 +32,7 @@ log = logging.getLogger("vidgate.worker")
 
 IDLE_POLL_S = 0.1  # with nothing due: how long a row that comes due may wait for its claim
 IDLE_DISPATCH_S = 0.1
-IDLE_COPY_S = 0.5
+IDLE_COPY_S = 0.1  # a copy waits for its claim like a poll: part of the notification lag
 HOUSEKEEPING_S = 10.0
 RETENTION_SWEEP_S = 300.0
 SHUTDOWN_GRACE_S = 10.0
@@ -46,25 +46,31 @@ class Worker:
         self.dispatcher = Dispatcher(runtime)
         self.copier = Copier(runtime, finish=self._finish_copied)
 
-    async def _finish_copied(self, session: AsyncSession, result: outputs_service.CopyResult) -> bool:
-        """The copier's ending goes through the one terminal transition: slot, charge policy, webhook."""
-        done = await predictions_service.finish(
+    async def _finish_copied(self, session: AsyncSession, results: list[outputs_service.CopyResult]) -> set[str]:
+        """The copier's endings go through the one terminal transition: slots, charge policy, webhooks."""
+        done = await predictions_service.finish_many(
             session,
             self.runtime,
-            result.prediction_id,
+            [
+                predictions_service.Finish(
+                    r.prediction_id,
+                    PredictionStatus(r.status),
+                    outputs=r.outputs,
+                    error=r.error,
+                    completed_at=r.completed_at,
+                    model_name=r.model_name,
+                )
+                for r in results
+            ],
             lease_owner=None,
-            status=PredictionStatus(result.status),
-            outputs=result.outputs,
-            error=result.error,
-            completed_at=result.completed_at,
-            model_name=result.model_name,
         )
-        return done is not None
+        return set(done)
 
     async def run(self) -> None:
         log.info("worker started", extra={"worker_id": self.runtime.worker_id})
         writer = asyncio.create_task(self.poller.write_loop(self.stopping))
         recorder = asyncio.create_task(self.dispatcher.write_loop(self.stopping))
+        copies = asyncio.create_task(self.copier.write_loop(self.stopping))
         await asyncio.gather(
             self._loop(self.poller.run_once, IDLE_POLL_S, self.poller.room),
             self._loop(self.dispatcher.run_once, IDLE_DISPATCH_S, self.dispatcher.room),
@@ -72,7 +78,7 @@ class Worker:
             self._loop(self.sweep_outputs, RETENTION_SWEEP_S, always_sleep=True),
             self._loop(self.housekeeping, HOUSEKEEPING_S, always_sleep=True),
         )
-        await self._drain(writer, recorder)
+        await self._drain(writer, recorder, copies)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -121,7 +127,9 @@ class Worker:
             for waiter in waits:
                 waiter.cancel()
 
-    async def _drain(self, writer: asyncio.Task[None], recorder: asyncio.Task[None]) -> None:
+    async def _drain(
+        self, writer: asyncio.Task[None], recorder: asyncio.Task[None], copies: asyncio.Task[None]
+    ) -> None:
         """Graceful stop: let in-flight polls and deliveries finish and be stored, then hand back every
         lease still held, so other processes need not wait for it to expire."""
         loop = asyncio.get_running_loop()
@@ -142,8 +150,10 @@ class Worker:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(recorder, left())
         # A copy in progress is not waited for (it may be gigabytes): its lease is handed back and
-        # another process starts that output again.
+        # another process starts that output again. Copies that ended are written first.
         await self.copier.drain(0.1)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(copies, left())
         with contextlib.suppress(Exception):
             await poller.release_leases(self.runtime)
             await self.dispatcher.release_leases()

@@ -5,7 +5,7 @@ file, and the worker's resident memory while it copies.
     .venv/bin/python -m bench.outputs [--size-mb 200] [--runs 3] [--out bench/outputs_results.md]
 
 The copy is timed from the commit of its job to the prediction becoming `completed` (what a caller
-waits for), so it includes the copier's claim delay (at most its idle wait, 0.5 s). Until the poller
+waits for), so it includes the copier's claim delay (at most its idle wait, 0.1 s). Until the poller
 hands completed predictions to the copier (issue 13's rewrite of the terminal transition), the job
 is queued here the way the poller will queue it."""
 

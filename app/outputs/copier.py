@@ -5,6 +5,12 @@ so any number of processes copy side by side, no two copy one job at once, and a
 job is resumed by another when its lease runs out. Long copies renew their lease while bytes flow;
 a copier that lost its lease stops and writes nothing.
 
+Batched like the poller: one statement claims many jobs, their downloads run concurrently, and the
+jobs that ended are written together by one writer, one transaction per batch: the stored files in
+one INSERT, each kind of ending in one statement, and the predictions made terminal with their
+webhooks through one terminal transition (`FinishCopies`). A stored file is recorded only in that
+transaction; a crash before it means the file is copied again, never that a prediction is lost.
+
 Each output is streamed from the vendor into the store chunk by chunk (the store uploads parts of
 a bounded size), checked on the way: status 200, a video/audio/image Content-Type, at most
 VIDGATE_OUTPUT_MAX_BYTES. Only hosts in VIDGATE_OUTPUT_HOSTS are fetched, redirects are followed by
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import mimetypes
@@ -24,15 +31,15 @@ import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
-from sqlalchemy import delete, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import bindparam, delete, select, update
 from yarl import URL
 
 from app.core import clock, metrics
-from app.core.database import transaction
+from app.core.batching import batches
+from app.core.database import insert_ignore, store_until_done, transaction
 from app.core.http import outputs_session
 from app.core.settings import Settings
 from app.core.ssrf import ForbiddenTarget, check_url
@@ -48,6 +55,7 @@ REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 MEDIA_TYPES: Final = ("video/", "audio/", "image/")
 MAX_BACKOFF_S: Final = 60.0
 USER_AGENT: Final = "vidgate-outputs/1"
+WRITE_BATCH: Final = 500
 
 
 class Refused(Exception):
@@ -83,13 +91,34 @@ def extension(content_type: str) -> str:
     return guessed if len(guessed) <= 8 else ""
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt at a job ended, for the writer: `files` are the outputs this attempt stored
+    (recorded whatever the ending, so a retry resumes after them); `status` is STORED (every output
+    is in the store), COPYING (retry at `due`) or FAILED (with the gateway's `error`)."""
+
+    job: OutputCopy
+    status: str
+    files: list[dict[str, Any]]
+    error: str | None = None
+    due: datetime | None = None
+
+
 @dataclass
 class Copier:
+    """Claims due jobs in batches, copies them concurrently (at most VIDGATE_OUTPUT_COPY_CONCURRENCY at
+    once) and writes how they ended in batches: one transaction stores the files of many jobs, ends
+    them, and makes their predictions terminal with their webhooks (the FinishCopies callback)."""
+
     runtime: Runtime
-    finish: service.FinishCopy
+    finish: service.FinishCopies
     store: OutputStore | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     room: asyncio.Event = field(default_factory=asyncio.Event)
+    outcomes: asyncio.Queue[Outcome] = field(default_factory=asyncio.Queue)
+    # Claimed jobs whose outcome is not written yet: a job of ours waiting for the writer is never
+    # claimed a second time, and no more wait than one batch holds.
+    unwritten: set[str] = field(default_factory=set)
     _http: aiohttp.ClientSession | None = None
 
     def __post_init__(self) -> None:
@@ -114,12 +143,15 @@ class Copier:
     # ------------------------------------------------------------ claiming
 
     async def run_once(self) -> int:
-        free = self.runtime.settings.output_copy_concurrency - len(self.tasks)
+        # VIDGATE_OUTPUT_COPY_CONCURRENCY bounds the downloads (connections, memory), not the outcomes
+        # waiting for the writer: a slot is free again as soon as its bytes are stored.
+        free = min(self.runtime.settings.output_copy_concurrency - len(self.tasks), WRITE_BATCH - len(self.unwritten))
         if free <= 0:
             return 0
         claimed = await self._claim(free)
-        for job in claimed:
-            task = asyncio.create_task(self._run(job))
+        for job, done in claimed:
+            self.unwritten.add(job.prediction_id)
+            task = asyncio.create_task(self._run(job, done))
             self.tasks.add(task)
             task.add_done_callback(self._done)
         return len(claimed)
@@ -129,12 +161,18 @@ class Copier:
         self.room.set()
 
     async def run_round(self) -> int:
-        """Claim and copy one round to the end (tests and one-off tools)."""
+        """Claim and copy one round to the end, and write it as one batch (tests and one-off tools)."""
         started = await self.run_once()
         await asyncio.gather(*self.tasks)
+        batch: list[Outcome] = []
+        while not self.outcomes.empty():
+            batch.append(self.outcomes.get_nowait())
+        await self._store(batch)
         return started
 
-    async def _claim(self, limit: int) -> list[OutputCopy]:
+    async def _claim(self, limit: int) -> list[tuple[OutputCopy, set[int]]]:
+        """Lease up to `limit` due jobs in one statement, with the outputs each one already stored (a
+        job resumed after a crash or a retry copies only the rest)."""
         now = clock.now()
         due = (
             select(OutputCopy.prediction_id)
@@ -147,15 +185,28 @@ class Copier:
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
+        if self.unwritten:
+            due = due.where(OutputCopy.prediction_id.not_in(sorted(self.unwritten)))
         async with transaction(self.runtime.sessions) as session:
-            rows = await session.scalars(
-                update(OutputCopy)
-                .where(OutputCopy.prediction_id.in_(due.scalar_subquery()))
-                .values(lease_owner=self.runtime.worker_id, lease_expires_at=now + self._lease())
-                .returning(OutputCopy)
-                .execution_options(synchronize_session=False)
+            jobs = list(
+                await session.scalars(
+                    update(OutputCopy)
+                    .where(OutputCopy.prediction_id.in_(due.scalar_subquery()))
+                    .values(lease_owner=self.runtime.worker_id, lease_expires_at=now + self._lease())
+                    .returning(OutputCopy)
+                    .execution_options(synchronize_session=False)
+                )
             )
-            return list(rows)
+            done: dict[str, set[int]] = {job.prediction_id: set() for job in jobs}
+            if jobs:
+                stored = await session.execute(
+                    select(StoredOutput.prediction_id, StoredOutput.position).where(
+                        StoredOutput.prediction_id.in_(list(done))
+                    )
+                )
+                for prediction_id, position in stored:
+                    done[prediction_id].add(position)
+        return [(job, done[job.prediction_id]) for job in jobs]
 
     def _lease(self) -> timedelta:
         return timedelta(seconds=self.runtime.settings.lease_s)
@@ -184,39 +235,42 @@ class Copier:
     def _deadline(self, job: OutputCopy) -> datetime:
         return job.started_at + timedelta(seconds=self.runtime.settings.output_copy_max_s)
 
-    async def _run(self, job: OutputCopy) -> None:
+    async def _run(self, job: OutputCopy, done: set[int]) -> None:
+        files: list[dict[str, Any]] = []
         try:
-            await self._copy_all(job)
+            outcome: Outcome | None = await self._copy_all(job, done, files)
         except LeaseLost:
             metrics.OUTPUT_COPIES.labels(outcome="lease_lost").inc()
             log.warning("output copy lease lost", extra={"prediction_id": job.prediction_id})
+            outcome = None
         except Refused as exc:
-            await self._fail(job, f"vidgate refused to copy the output: {exc}")
+            outcome = Outcome(job, FAILED, files, f"vidgate refused to copy the output: {exc}")
         except (Transient, aiohttp.ClientError, TimeoutError, OSError) as exc:
-            await self._retry_or_give_up(job, _describe(exc))
+            outcome = self._retry_or_give_up(job, files, _describe(exc))
+        except asyncio.CancelledError:
+            self.unwritten.discard(job.prediction_id)  # shutting down: the lease is handed back
+            raise
         except Exception as exc:
             # A bug or a store outage: the job stays queued and is retried within its bound.
             log.error(
                 "output copy failed", extra={"prediction_id": job.prediction_id, "error_type": type(exc).__name__}
             )
-            with contextlib.suppress(Exception):
-                await self._retry_or_give_up(job, f"internal error ({type(exc).__name__})")
+            outcome = self._retry_or_give_up(job, files, f"internal error ({type(exc).__name__})")
+        if outcome is None:
+            self._written([job.prediction_id])
+        else:
+            self.outcomes.put_nowait(outcome)
 
-    async def _copy_all(self, job: OutputCopy) -> None:
+    async def _copy_all(self, job: OutputCopy, done: set[int], files: list[dict[str, Any]]) -> Outcome:
         if clock.now() >= self._deadline(job):
             raise Transient(job.last_error or "the copy did not finish in time")
-        async with transaction(self.runtime.sessions, readonly=True) as session:
-            done = set(
-                await session.scalars(
-                    select(StoredOutput.position).where(StoredOutput.prediction_id == job.prediction_id)
-                )
-            )
         for position, source in enumerate(job.sources):
             if position not in done:
-                await self._copy_one(job, position, source)
-        await self._complete(job)
+                files.append(await self._copy_one(job, position, source))
+        return Outcome(job, STORED, files)
 
-    async def _copy_one(self, job: OutputCopy, position: int, source: str) -> None:
+    async def _copy_one(self, job: OutputCopy, position: int, source: str) -> dict[str, Any]:
+        """Stream one output into the store; returns its `stored_outputs` row, for the writer."""
         settings = self.runtime.settings
         assert self.store is not None
         response = await self._open(source)
@@ -271,23 +325,19 @@ class Copier:
                 raise
         finally:
             response.release()
-        async with transaction(self.runtime.sessions) as session:
-            await self._fence(session, job)
-            session.add(
-                StoredOutput(
-                    prediction_id=job.prediction_id,
-                    position=position,
-                    name=name,
-                    source_url=source,
-                    key=key,
-                    content_type=content_type,
-                    size_bytes=size,
-                    sha256=digest.hexdigest(),
-                    stored_at=clock.now(),
-                )
-            )
         metrics.OUTPUT_BYTES.inc(size)
         log.info("output stored", extra={"prediction_id": job.prediction_id, "position": position, "bytes": size})
+        return dict(
+            prediction_id=job.prediction_id,
+            position=position,
+            name=name,
+            source_url=source,
+            key=key,
+            content_type=content_type,
+            size_bytes=size,
+            sha256=digest.hexdigest(),
+            stored_at=clock.now(),
+        )
 
     async def _open(self, source: str) -> aiohttp.ClientResponse:
         """GET `source`, following redirects by hand so that every hop is checked."""
@@ -319,121 +369,159 @@ class Copier:
             url = url.join(URL(location))
         raise Refused(f"more than {MAX_REDIRECTS} redirects")
 
-    # ------------------------------------------------------------ endings
-
-    async def _fence(self, session: AsyncSession, job: OutputCopy) -> None:
-        held = await session.scalar(
-            select(OutputCopy.prediction_id)
-            .where(OutputCopy.prediction_id == job.prediction_id, OutputCopy.lease_owner == self.runtime.worker_id)
-            .with_for_update()
-        )
-        if held is None:
-            raise LeaseLost(job.prediction_id)
-
-    async def _complete(self, job: OutputCopy) -> None:
-        """Every output is stored: the prediction becomes completed with our links, and its webhook is
-        written, in one transaction with the job's own end."""
-        now = clock.now()
-        async with transaction(self.runtime.sessions) as session:
-            files = list(
-                await session.scalars(select(StoredOutput).where(StoredOutput.prediction_id == job.prediction_id))
-            )
-            ended = await session.scalar(
-                update(OutputCopy)
-                .where(
-                    OutputCopy.prediction_id == job.prediction_id,
-                    OutputCopy.lease_owner == self.runtime.worker_id,
-                    OutputCopy.status == COPYING,
-                )
-                .values(
-                    status=STORED,
-                    stored_at=now,
-                    stored_bytes=sum(f.size_bytes for f in files),
-                    attempts=OutputCopy.attempts + 1,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    next_attempt_at=None,
-                    last_error=None,
-                )
-                .returning(OutputCopy)
-                .execution_options(populate_existing=True)
-            )
-            if ended is None:
-                raise LeaseLost(job.prediction_id)
-            outputs = service.links(self.runtime.settings, ended, files, now)
-            await self.finish(
-                session,
-                service.CopyResult(
-                    job.prediction_id, "completed", outputs, None, job.vendor_completed_at, job.model_name
-                ),
-            )
-        metrics.OUTPUT_COPIES.labels(outcome="stored").inc()
-        log.info("outputs rehosted", extra={"prediction_id": job.prediction_id, "files": len(files)})
-
-    async def _retry_or_give_up(self, job: OutputCopy, error: str) -> None:
+    def _retry_or_give_up(self, job: OutputCopy, files: list[dict[str, Any]], error: str) -> Outcome:
         now = clock.now()
         settings = self.runtime.settings
         if now >= self._deadline(job):
-            await self._fail(
+            return Outcome(
                 job,
+                FAILED,
+                files,
                 f"vidgate could not copy the output from the provider within {settings.output_copy_max_s:g} s "
                 f"(last error: {error})",
             )
-            return
         delay = min(2.0**job.attempts, MAX_BACKOFF_S) * random.uniform(0.8, 1.2)
-        due = min(now + timedelta(seconds=delay), self._deadline(job))
-        async with transaction(self.runtime.sessions) as session:
-            await session.execute(
-                update(OutputCopy)
-                .where(OutputCopy.prediction_id == job.prediction_id, OutputCopy.lease_owner == self.runtime.worker_id)
-                .values(
-                    attempts=OutputCopy.attempts + 1,
-                    last_error=error[:500],
-                    next_attempt_at=due,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                )
-            )
-        metrics.OUTPUT_COPIES.labels(outcome="retried").inc()
-        log.warning("output copy retried", extra={"prediction_id": job.prediction_id, "error": error[:200]})
+        return Outcome(job, COPYING, files, error, due=min(now + timedelta(seconds=delay), self._deadline(job)))
 
-    async def _fail(self, job: OutputCopy, message: str) -> None:
-        """End the job and the prediction `failed` with the gateway's message (the charge is handled by
-        the terminal transition, as for any failed prediction). Stored files of it are removed."""
-        assert self.store is not None
-        async with transaction(self.runtime.sessions) as session:
-            keys = list(
-                await session.scalars(select(StoredOutput.key).where(StoredOutput.prediction_id == job.prediction_id))
-            )
-            ended = await session.scalar(
-                update(OutputCopy)
-                .where(
-                    OutputCopy.prediction_id == job.prediction_id,
-                    OutputCopy.lease_owner == self.runtime.worker_id,
-                    OutputCopy.status == COPYING,
-                )
-                .values(
-                    status=FAILED,
-                    attempts=OutputCopy.attempts + 1,
-                    last_error=message[:500],
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    next_attempt_at=None,
-                )
-                .returning(OutputCopy.prediction_id)
-            )
-            if ended is None:
+    # ------------------------------------------------------------ writing outcomes
+
+    async def write_loop(self, stopping: asyncio.Event) -> None:
+        """Write outcomes as they arrive, many per transaction. Runs until stopped and drained."""
+
+        def done() -> bool:
+            return stopping.is_set() and not self.tasks
+
+        async for batch in batches(self.outcomes, done=done, max_size=WRITE_BATCH):
+            await self._store(batch)
+
+    async def _store(self, batch: list[Outcome]) -> None:
+        """Waits out a database outage. If the batch fails otherwise, each outcome is tried alone, so
+        one bad row costs only its own job; what still fails is left to its lease (copied again)."""
+        try:
+            if not batch or await store_until_done(functools.partial(self.write, batch), "output copies"):
                 return
-            await session.execute(delete(StoredOutput).where(StoredOutput.prediction_id == job.prediction_id))
-            await self.finish(
-                session,
-                service.CopyResult(job.prediction_id, "failed", None, message, job.vendor_completed_at, job.model_name),
+            if len(batch) > 1:
+                for outcome in batch:
+                    await store_until_done(functools.partial(self.write, [outcome]), "output copy")
+        finally:
+            self._written([o.job.prediction_id for o in batch])
+
+    def _written(self, prediction_ids: list[str]) -> None:
+        self.unwritten.difference_update(prediction_ids)
+        self.room.set()
+
+    async def write(self, batch: list[Outcome]) -> None:
+        """One transaction for the batch: fenced on our leases (a job taken over is left to its new
+        holder), the stored files in one INSERT, each kind of ending in one statement, and the
+        predictions made terminal with their webhooks in one terminal transition."""
+        owner = self.runtime.worker_id
+        now = clock.now()
+        by_id = {o.job.prediction_id: o for o in batch}  # a job appears once: it is leased once
+        removed: list[str] = []
+        async with transaction(self.runtime.sessions) as session:
+            held = set(
+                await session.scalars(
+                    select(OutputCopy.prediction_id)
+                    .where(
+                        OutputCopy.prediction_id.in_(sorted(by_id)),
+                        OutputCopy.lease_owner == owner,
+                        OutputCopy.status == COPYING,
+                    )
+                    .order_by(OutputCopy.prediction_id)
+                    .with_for_update()
+                )
             )
-        for key in keys:
+            live = [by_id[pid] for pid in sorted(held)]
+            stored = [o for o in live if o.status == STORED]
+            failed = [o for o in live if o.status == FAILED]
+            retried = [o for o in live if o.status == COPYING]
+            await insert_ignore(session, StoredOutput, [f for o in stored + retried for f in o.files])
+            files: dict[str, list[StoredOutput]] = {o.job.prediction_id: [] for o in stored + failed}
+            if files:
+                for item in await session.scalars(
+                    select(StoredOutput).where(StoredOutput.prediction_id.in_(list(files)))
+                ):
+                    files[item.prediction_id].append(item)
+            results: list[service.CopyResult] = []
+            if stored:
+                await session.execute(
+                    _STORED,
+                    [
+                        {
+                            "b_id": o.job.prediction_id,
+                            "b_owner": owner,
+                            "b_now": now,
+                            "b_bytes": sum(f.size_bytes for f in files[o.job.prediction_id]),
+                        }
+                        for o in stored
+                    ],
+                )
+                results += [
+                    service.CopyResult(
+                        o.job.prediction_id,
+                        "completed",
+                        service.stored_links(
+                            self.runtime.settings, o.job.prediction_id, o.job.link_base, files[o.job.prediction_id], now
+                        ),
+                        None,
+                        o.job.vendor_completed_at,
+                        o.job.model_name,
+                    )
+                    for o in stored
+                ]
+            if failed:
+                await session.execute(
+                    _FAILED,
+                    [{"b_id": o.job.prediction_id, "b_owner": owner, "b_error": (o.error or "")[:500]} for o in failed],
+                )
+                ids = [o.job.prediction_id for o in failed]
+                # What earlier attempts recorded and what this one stored: a failed job keeps no file.
+                removed = sorted(
+                    {f.key for pid in ids for f in files[pid]} | {f["key"] for o in failed for f in o.files}
+                )
+                await session.execute(delete(StoredOutput).where(StoredOutput.prediction_id.in_(ids)))
+                results += [
+                    service.CopyResult(
+                        o.job.prediction_id, "failed", None, o.error, o.job.vendor_completed_at, o.job.model_name
+                    )
+                    for o in failed
+                ]
+            if retried:
+                await session.execute(
+                    _RETRIED,
+                    [
+                        {
+                            "b_id": o.job.prediction_id,
+                            "b_owner": owner,
+                            "b_error": (o.error or "")[:500],
+                            "b_due": o.due,
+                        }
+                        for o in retried
+                    ],
+                )
+            if results:
+                await self.finish(session, sorted(results, key=lambda r: r.prediction_id))
+        assert self.store is not None
+        for o in batch:
+            if o.job.prediction_id not in held:
+                metrics.OUTPUT_COPIES.labels(outcome="lease_lost").inc()
+                log.warning("output copy lease lost", extra={"prediction_id": o.job.prediction_id})
+        for key in removed:
             with contextlib.suppress(Exception):
                 await self.store.delete(key)
-        metrics.OUTPUT_COPIES.labels(outcome="failed").inc()
-        log.warning("output copy failed", extra={"prediction_id": job.prediction_id, "error": message[:200]})
+        for o in stored:
+            metrics.OUTPUT_COPIES.labels(outcome="stored").inc()
+            log.info("outputs rehosted", extra={"prediction_id": o.job.prediction_id, "files": len(o.job.sources)})
+        for o in retried:
+            metrics.OUTPUT_COPIES.labels(outcome="retried").inc()
+            log.warning(
+                "output copy retried", extra={"prediction_id": o.job.prediction_id, "error": (o.error or "")[:200]}
+            )
+        for o in failed:
+            metrics.OUTPUT_COPIES.labels(outcome="failed").inc()
+            log.warning(
+                "output copy failed", extra={"prediction_id": o.job.prediction_id, "error": (o.error or "")[:200]}
+            )
 
     async def drain(self, timeout_s: float) -> None:
         if self.tasks:
@@ -441,6 +529,38 @@ class Copier:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+# The endings, one statement each for a whole batch (executemany), fenced on the lease like the claim.
+_copies: Any = OutputCopy.__table__
+_FENCED = (
+    _copies.c.prediction_id == bindparam("b_id"),
+    _copies.c.lease_owner == bindparam("b_owner"),
+    _copies.c.status == COPYING,
+)
+_ENDED = dict(lease_owner=None, lease_expires_at=None, attempts=_copies.c.attempts + 1)
+_STORED = (
+    update(_copies)
+    .where(*_FENCED)
+    .values(
+        status=STORED,
+        stored_at=bindparam("b_now"),
+        stored_bytes=bindparam("b_bytes"),
+        next_attempt_at=None,
+        last_error=None,
+        **_ENDED,
+    )
+)
+_FAILED = (
+    update(_copies)
+    .where(*_FENCED)
+    .values(status=FAILED, last_error=bindparam("b_error"), next_attempt_at=None, **_ENDED)
+)
+_RETRIED = (
+    update(_copies)
+    .where(*_FENCED)
+    .values(last_error=bindparam("b_error"), next_attempt_at=bindparam("b_due"), **_ENDED)
+)
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,7 +1,7 @@
 """Rehosted outputs: enqueueing a copy, the links handed out, what operators see, and retention.
 
 The predictions domain calls into this one, never the other way: the terminal transition stays in
-app/predictions, and the copier is handed it as a callback (`FinishCopy`)."""
+app/predictions, and the copier is handed it as a callback (`FinishCopies`)."""
 
 from __future__ import annotations
 
@@ -69,8 +69,9 @@ class CopyResult:
     model_name: str | None
 
 
-# Called by the copier in its own transaction; returns False if the prediction was no longer in flight.
-FinishCopy = Callable[[AsyncSession, CopyResult], Awaitable[bool]]
+# Called by the copier in its own transaction with a batch of endings (one terminal transition for all
+# of them); returns the ids it finished (a prediction no longer in flight is left out).
+FinishCopies = Callable[[AsyncSession, list[CopyResult]], Awaitable[set[str]]]
 
 
 def rehosting(settings: Settings) -> bool:
@@ -99,7 +100,7 @@ async def enqueue_copy(
 ) -> bool:
     """The vendor said `completed`: with VIDGATE_REHOST_OUTPUTS on, queue the copy in the caller's
     transaction (the poller's terminal transition) instead of finishing; the prediction then stays
-    `processing`, not due for polling, and the copier finishes it through its FinishCopy callback.
+    `processing`, not due for polling, and the copier finishes it through its FinishCopies callback.
     Returns False when nothing was queued (rehosting off, or no outputs): finish it as before.
     Idempotent: a second call for the same prediction changes nothing."""
     if not rehosting(settings) or not sources:
@@ -134,6 +135,16 @@ def links(settings: Settings, copy: OutputCopy, files: Sequence[StoredOutput], n
     """The links valid at `now` (None once retention deleted the files, or before they are stored)."""
     named = [(f.position, f.name) for f in files]
     return _links(settings, copy.prediction_id, copy.status, copy.stored_at, copy.link_base, named, now)
+
+
+def stored_links(
+    settings: Settings, prediction_id: str, link_base: str, files: Sequence[StoredOutput], stored_at: datetime
+) -> list[str]:
+    """The links of a copy that becomes `stored` at `stored_at`: what its webhook carries."""
+    named = [(f.position, f.name) for f in files]
+    found = _links(settings, prediction_id, STORED, stored_at, link_base, named, stored_at)
+    assert found is not None
+    return found
 
 
 def _links(

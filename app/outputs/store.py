@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import secrets
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
 from app.core.settings import Settings
 
@@ -32,6 +34,20 @@ WRITE_BYTES = 1024 * 1024  # local writes are gathered to this size: one thread 
 PART_BYTES = 8 * 1024 * 1024
 PARTS_IN_FLIGHT = 2
 STAGING_SUFFIX = ".partial"
+# Writes and fsyncs run in threads of their own: a slow disk then holds up other copies at most,
+# never the default executor that the rest of the process (DNS, serving reads) shares.
+WRITER_THREADS = 8
+
+T = TypeVar("T")
+
+
+@functools.cache
+def _writers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="vidgate-store")
+
+
+async def _off_loop(fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(_writers(), functools.partial(fn, *args))
 
 
 class OutputStore(Protocol):
@@ -48,17 +64,22 @@ class OutputStore(Protocol):
         ...
 
 
-def _prepare(target: Path) -> None:
+def _open_staging(target: Path, staging: Path) -> IO[bytes]:
     target.parent.mkdir(parents=True, exist_ok=True)
     # A copy killed half way left its staging file: the new holder of the job clears it.
     for stale in target.parent.glob(f".{target.name}.*{STAGING_SUFFIX}"):
         stale.unlink(missing_ok=True)
+    return staging.open("wb")
 
 
-def _finish(handle: IO[bytes]) -> None:
+def _commit(handle: IO[bytes], rest: bytes | bytearray, staging: Path, target: Path) -> None:
+    """The last bytes, the fsync and the rename in one hop to a thread: a small output costs two."""
+    if rest:
+        handle.write(rest)
     handle.flush()
     os.fsync(handle.fileno())
     handle.close()
+    os.replace(staging, target)
 
 
 class LocalStore:
@@ -73,20 +94,16 @@ class LocalStore:
 
     async def put(self, key: str, chunks: AsyncIterable[bytes]) -> None:
         target = self._path(key)
-        await asyncio.to_thread(_prepare, target)
         staging = target.with_name(f".{target.name}.{secrets.token_hex(6)}{STAGING_SUFFIX}")
-        handle = await asyncio.to_thread(staging.open, "wb")
+        handle = await _off_loop(_open_staging, target, staging)
         try:
             buffer = bytearray()
             async for chunk in chunks:
                 buffer += chunk
                 if len(buffer) >= WRITE_BYTES:
-                    await asyncio.to_thread(handle.write, buffer)
+                    await _off_loop(handle.write, buffer)
                     buffer = bytearray()
-            if buffer:
-                await asyncio.to_thread(handle.write, buffer)
-            await asyncio.to_thread(_finish, handle)
-            await asyncio.to_thread(os.replace, staging, target)
+            await _off_loop(_commit, handle, buffer, staging, target)
         except BaseException:
             handle.close()
             staging.unlink(missing_ok=True)
