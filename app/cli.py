@@ -170,6 +170,7 @@ class WorkerChild:
         self.nice = nice
         self.log = logging.getLogger("vidgate.serve")
         self.stopping = threading.Event()
+        self.lock = threading.Lock()  # a restart and the stop never cross: no child starts after the stop
         self.process: subprocess.Popen[bytes] | None = None
         # Both ends stay open in serve (the write end is not inherited by any child): every child, first
         # or restarted, gets the read end and sees EOF only when serve is gone.
@@ -210,11 +211,15 @@ class WorkerChild:
             )
             if self.stopping.wait(delay):
                 return
-            self.process = self._spawn()
+            with self.lock:
+                if self.stopping.is_set():
+                    return
+                self.process = self._spawn()
 
     def stop(self) -> None:
-        self.stopping.set()
-        process = self.process
+        with self.lock:
+            self.stopping.set()
+            process = self.process
         if process is not None and process.poll() is None:
             process.terminate()
             try:
