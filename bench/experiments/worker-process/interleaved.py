@@ -22,6 +22,32 @@ from typing import Any
 import aiohttp
 
 from bench import run as bench_run
+from bench.cellmeter import CellMeter, Snapshot
+
+_snapshot = CellMeter._snapshot
+_close = CellMeter.close
+
+
+async def _kept_snapshot(self: CellMeter, *, cpu_and_statements: bool, database: bool) -> Snapshot:
+    snap = await _snapshot(self, cpu_and_statements=cpu_and_statements, database=database)
+    if cpu_and_statements:
+        self.last = snap  # type: ignore[attr-defined]
+    return snap
+
+
+async def _close_with_serving_cpu(self: CellMeter, requests: int) -> dict[str, Any]:
+    """Also the CPU of the serving process alone (the tree's root: not serve's worker child), per request."""
+    before = self.before
+    out = await _close(self, requests)
+    after = self.last  # type: ignore[attr-defined]
+    pid = self.server_pid
+    if pid is not None and pid in after.server_cpu and pid in before.server_cpu and requests:
+        out["serving_cpu_ms"] = (after.server_cpu[pid] - before.server_cpu[pid]) * 1000 / requests
+    return out
+
+
+CellMeter._snapshot = _kept_snapshot  # type: ignore[method-assign]
+CellMeter.close = _close_with_serving_cpu  # type: ignore[method-assign]
 
 SETUPS = ("vidgate-postgresql", "vidgate-sqlite")
 
@@ -43,8 +69,19 @@ async def rounds(bench: bench_run.Bench, n: int, sides: dict[str, str]) -> list[
             for setup in SETUPS:
                 for op, phase in (("submit", "submit"), ("get", "reads")):
                     q = bench.results[phase][setup]["32"]
-                    cells.append(dict(round=number, side="quiet", setup=setup, op=op, p99=q["p99"], rps=q["rps"],
-                                      foreign=q["foreign_cores"]))
+                    cells.append(
+                        dict(
+                            round=number,
+                            side="quiet",
+                            setup=setup,
+                            op=op,
+                            p99=q["p99"],
+                            rps=q["rps"],
+                            foreign=q["foreign_cores"],
+                            cpu_ms=q.get("cost", {}).get("server_cpu_ms"),
+                            serving_cpu_ms=q.get("cost", {}).get("serving_cpu_ms"),
+                        )
+                    )
             order = ("A", "B") if number % 2 == 0 else ("B", "A")
             for side in order:
                 bench.vidgate_bin = sides[side]
@@ -54,9 +91,20 @@ async def rounds(bench: bench_run.Bench, n: int, sides: dict[str, str]) -> list[
                 for setup, cell in bench.results["busy"]["cells"].items():
                     for op in ("submit", "get"):
                         c = cell[op]
-                        cells.append(dict(round=number, side=side, setup=setup, op=op, p99=c["p99"], rps=c["rps"],
-                                          foreign=c["foreign_cores"], polls_per_s=c.get("upstream_polls_per_s"),
-                                          cpu_ms=c.get("cost", {}).get("server_cpu_ms")))
+                        cells.append(
+                            dict(
+                                round=number,
+                                side=side,
+                                setup=setup,
+                                op=op,
+                                p99=c["p99"],
+                                rps=c["rps"],
+                                foreign=c["foreign_cores"],
+                                polls_per_s=c.get("upstream_polls_per_s"),
+                                cpu_ms=c.get("cost", {}).get("server_cpu_ms"),
+                                serving_cpu_ms=c.get("cost", {}).get("serving_cpu_ms"),
+                            )
+                        )
     return cells
 
 
@@ -79,8 +127,14 @@ def main() -> int:
             quiet = median(c["p99"] for c in cells if c["setup"] == setup and c["op"] == op and c["side"] == "quiet")
             for side in ("A", "B"):
                 busy = [c["p99"] for c in cells if c["setup"] == setup and c["op"] == op and c["side"] == side]
+                serving = [
+                    c["serving_cpu_ms"]
+                    for c in cells
+                    if c["setup"] == setup and c["op"] == op and c["side"] == side and c.get("serving_cpu_ms")
+                ]
                 print(
-                    f"{setup:20} {op:6} {side}: busy p99 median {median(busy):7.1f} ms / quiet median {quiet:7.1f} ms"
+                    f"{setup:20} {op:6} {side}: serving process CPU ms/req median "
+                    f"{median(serving) if serving else float('nan'):.2f};  busy p99 median {median(busy):7.1f} ms / quiet median {quiet:7.1f} ms"
                     f" = {median(busy) / quiet:.2f}   (busy p99s {', '.join(f'{p:.0f}' for p in busy)})"
                 )
     return 0
