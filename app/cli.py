@@ -8,9 +8,11 @@ import contextlib
 import functools
 import os
 import signal
+import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Coroutine
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
@@ -79,9 +81,6 @@ def serve(
     ] = False,
 ) -> None:
     """Run the API (and, unless VIDGATE_RUN_WORKER=false, the poller and webhook dispatcher)."""
-    from app.core.metrics import MULTIPROC_DIR_ENV
-    from app.main import app_from_environment
-
     settings = get_settings()
     if sandbox:
         settings = settings.model_copy(update={"sandbox": True})
@@ -92,18 +91,146 @@ def serve(
     if workers > 1 and settings.sandbox:
         typer.echo("error: sandbox mode runs one server process (the simulator lives in it); drop --workers.", err=True)
         raise typer.Exit(2)
-    # One process gets these settings as they are (with --sandbox); several re-read the environment.
-    app: Any = "app.main:app_from_environment"
-    if workers == 1:
-        app = functools.partial(app_from_environment, settings, _listen_url(host, port))
-    with contextlib.ExitStack() as stack:
-        if workers > 1:
-            # Set before the workers start (they inherit it): each writes its metrics there and any of
-            # them answers a scrape with all of them (app/core/metrics.py). Fresh: a previous run's
-            # files would add its counts to ours.
+    # The worker runs in a child process of its own (bench/experiments/worker-process): as tasks in the
+    # serving process, each poll burst held the event loop and the CPU that requests wait for. The
+    # sandbox keeps it in-process: its simulator lives in the serving process, on a port chosen at start.
+    child_worker = settings.run_worker and settings.worker_process and not settings.sandbox
+    with _die_by_signal_after_cleanup(), contextlib.ExitStack() as stack:
+        if workers > 1 or child_worker:
+            # Set before prometheus_client is imported here and before any process starts (they inherit
+            # it): each process writes its metrics there and the one answering a scrape reads all of them
+            # (app/core/metrics.py). Fresh: a previous run's files would add its counts to ours.
             directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="vidgate-metrics-"))
-            os.environ[MULTIPROC_DIR_ENV] = directory
+            os.environ[PROMETHEUS_MULTIPROC_DIR] = directory
+        from app.core.logging import configure_logging
+        from app.main import app_from_environment
+
+        configure_logging(settings.log_level, settings.log_json)
+        if child_worker:
+            stack.enter_context(WorkerChild(dict(os.environ), settings.worker_nice))
+            # The serving processes run no worker of their own (several re-read the environment).
+            os.environ["VIDGATE_RUN_WORKER"] = "false"
+            settings = settings.model_copy(update={"run_worker": False})
+        # One process gets these settings as they are (with --sandbox); several re-read the environment.
+        app: Any = "app.main:app_from_environment"
+        if workers == 1:
+            app = functools.partial(app_from_environment, settings, _listen_url(host, port))
         _run_uvicorn(app, host, port, workers)
+
+
+class _Stopped(BaseException):
+    def __init__(self, number: int) -> None:
+        super().__init__(number)
+        self.number = number
+
+
+@contextlib.contextmanager
+def _die_by_signal_after_cleanup() -> Iterator[None]:
+    """A uvicorn server stopped by SIGTERM or SIGINT raises that signal again on its way out, to die by
+    it. Here that second delivery (or one that comes before the server runs) unwinds `serve` instead,
+    so its worker child is stopped and its metrics directory removed; then the process dies by it."""
+
+    def stopped(number: int, _frame: object) -> None:
+        raise _Stopped(number)
+
+    previous = {sig: signal.signal(sig, stopped) for sig in SERVE_SIGNALS}
+    try:
+        yield
+    except _Stopped as caught:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        signal.raise_signal(caught.number)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# prometheus_client's own variable; app/core/metrics.py reads it too (not imported here: importing
+# prometheus_client fixes the process's metrics mode, so the variable must be set first).
+PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+SERVE_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+WORKER_RESTART_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # a child that keeps dying is restarted ever more slowly
+WORKER_HEALTHY_S = 60.0  # a child that ran this long starts the backoff from the beginning again
+WORKER_STOP_S = 20.0  # its own drain takes at most app.worker.SHUTDOWN_GRACE_S (10 s)
+
+
+class WorkerChild:
+    """`vidgate worker` as a child of `serve`, at a lower CPU priority, so the kernel hands the cores to
+    request handling first and the poller's bursts never hold a request's event loop.
+
+    It lives as long as `serve`: stopped (SIGTERM, then SIGKILL) when serve's server returns, and
+    restarted, with a growing delay, if it dies on its own (its work is leased rows, so a restart loses
+    nothing). If `serve` itself is killed, the child sees the end of a pipe only `serve` holds open and
+    stops, so no orphan keeps polling."""
+
+    def __init__(self, env: dict[str, str], nice: int) -> None:
+        import logging
+
+        self.env = env
+        self.nice = nice
+        self.log = logging.getLogger("vidgate.serve")
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()  # a restart and the stop never cross: no child starts after the stop
+        self.process: subprocess.Popen[bytes] | None = None
+        # Both ends stay open in serve (the write end is not inherited by any child): every child, first
+        # or restarted, gets the read end and sees EOF only when serve is gone.
+        self.parent_r, self.parent_w = os.pipe()
+        self.watcher = threading.Thread(target=self._watch, name="vidgate-worker-child", daemon=True)
+
+    def __enter__(self) -> WorkerChild:
+        self.process = self._spawn()
+        self.watcher.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "app.cli", "worker", "--parent-fd", str(self.parent_r), "--nice", str(self.nice)]
+        process = subprocess.Popen(argv, env=self.env, pass_fds=(self.parent_r,), stdin=subprocess.DEVNULL)  # noqa: S603
+        self.log.info("worker process started", extra={"pid": process.pid, "nice": self.nice})
+        return process
+
+    def _watch(self) -> None:
+        import time
+
+        failures = 0
+        while not self.stopping.is_set():
+            assert self.process is not None
+            began = time.monotonic()
+            code = self.process.wait()
+            if self.stopping.is_set():
+                return
+            if time.monotonic() - began >= WORKER_HEALTHY_S:
+                failures = 0
+            delay = WORKER_RESTART_S[min(failures, len(WORKER_RESTART_S) - 1)]
+            failures += 1
+            self.log.error(
+                "worker process exited; restarting it",
+                extra={"pid": self.process.pid, "returncode": code, "restart_in_s": delay, "failures": failures},
+            )
+            if self.stopping.wait(delay):
+                return
+            with self.lock:
+                if self.stopping.is_set():
+                    return
+                self.process = self._spawn()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping.set()
+            process = self.process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(WORKER_STOP_S)
+            except subprocess.TimeoutExpired:
+                self.log.error("worker process did not stop; killing it", extra={"pid": process.pid})
+                process.kill()
+                process.wait()
+        self.watcher.join(5)
+        os.close(self.parent_r)
+        os.close(self.parent_w)
 
 
 def _run_uvicorn(app: Any, host: str, port: int, workers: int) -> None:
@@ -139,7 +266,12 @@ def _listen_url(host: str, port: int) -> str:
 
 
 @cli.command()
-def worker() -> None:
+def worker(
+    parent_fd: Annotated[
+        int | None, typer.Option(hidden=True, help="Stop when this pipe closes (serve's child).")
+    ] = None,
+    nice: Annotated[int, typer.Option(hidden=True, help="Lower this process's CPU priority by this much.")] = 0,
+) -> None:
     """Run only the poller and the webhook dispatcher (no HTTP API)."""
     from app.core.database import create_engine, create_sessionmaker
     from app.core.logging import configure_logging
@@ -156,6 +288,8 @@ def worker() -> None:
         )
         raise typer.Exit(2)
     configure_logging(settings.log_level, settings.log_json)
+    if nice:
+        os.nice(nice)
 
     async def run() -> None:
         engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
@@ -164,6 +298,8 @@ def worker() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, process.stop)
+        if parent_fd is not None:
+            _stop_when_closed(loop, parent_fd, process.stop)
         try:
             await process.run()
         finally:
@@ -171,6 +307,22 @@ def worker() -> None:
             await engine.dispose()
 
     run_loop(run())
+
+
+def _stop_when_closed(loop: asyncio.AbstractEventLoop, fd: int, stop: Callable[[], None]) -> None:
+    """`serve` holds the only write end of this pipe: it reads as closed the moment serve is gone, even
+    killed with SIGKILL, and the worker then drains and stops instead of polling on as an orphan."""
+    import logging
+
+    def closed() -> None:
+        if os.read(fd, 1):
+            return  # nothing is ever written; only the end of the pipe counts
+        loop.remove_reader(fd)
+        logging.getLogger("vidgate.worker").warning("serve went away; stopping")
+        stop()
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, closed)
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import signal
 import statistics
 import time
@@ -182,7 +183,9 @@ async def submit_all(
         await asyncio.sleep(POLL_STALL_S - BURST_LEAD_S)
         burst = [asyncio.create_task(one(index, prefer_a=True)) for index in range(COUNT - BURST, COUNT)]
         await asyncio.sleep(BURST_LEAD_S)
-        gw_a.proc.send(signal.SIGKILL)
+        # The whole server at once, as a crash of its host or container would: serve and its worker child
+        # (serve alone killed, the child would drain and stop cleanly: tests/test_worker_process.py).
+        os.killpg(gw_a.proc.pid, signal.SIGKILL)
         done.killed_at = time.time()
         done.in_flight_to_a_at_kill = set(done.in_flight_to_a)
         await sim.faults(poll_delay_s=0)

@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     allowed_models: Annotated[list[str], NoDecode] = ["ltx-2-19b"]
 
     run_worker: bool = True
+    # `serve` runs its worker as a child process (`vidgate worker`) at this much lower CPU priority, so
+    # poll bursts never hold the requests' event loop or CPU (bench/experiments/worker-process). False:
+    # as tasks in the serving process, as before. Sandbox mode always keeps it in-process.
+    worker_process: bool = True
+    worker_nice: int = Field(default=10, ge=0, le=19)
     worker_concurrency: int = 256  # bench/FINDINGS.md: 64 capped polling at ~320/s
     poll_interval_s: float = 1.5
     poll_batch_size: int = 200
