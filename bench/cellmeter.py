@@ -30,6 +30,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.procs import proc_status_kb
 from bench.stats import parse_prometheus
 
 _CLK = os.sysconf("SC_CLK_TCK")
@@ -74,6 +75,14 @@ def tree_cpu_s(root: int, processes: dict[int, tuple[int, float]] | None = None)
                 ours.add(pid)
                 grew = True
     return {pid: procs[pid][1] for pid in ours if pid in procs}
+
+
+def tree_status_kb(root: int, field: str) -> int | None:
+    """A /proc status field (VmHWM, VmRSS) summed over `root` and its descendants: `vidgate serve` runs its
+    worker as a child process, and the gateway's memory is both. A sum of peaks bounds the joint peak."""
+    values = [proc_status_kb(pid, field) for pid in tree_cpu_s(root)]
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 def postgres_cpu_s(database: str, exclude: set[int]) -> tuple[dict[int, float], dict[int, float]]:

@@ -29,10 +29,10 @@ from typing import Any
 import aiohttp
 
 from bench import httpclients, profiling, report
-from bench.cellmeter import CellMeter
+from bench.cellmeter import CellMeter, tree_cpu_s, tree_status_kb
 from bench.loadgen import Load, have_wrk, run_load
 from bench.ports import free_port
-from bench.procs import CpuMeter, Proc, Processes, cpu_seconds, proc_status_kb, wait_http
+from bench.procs import CpuMeter, Proc, Processes, proc_status_kb, wait_http
 from bench.stats import histogram, histogram_quantile, median, parse_prometheus, percentile, share_above
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -942,10 +942,10 @@ class Bench:
             metrics_text = await self._text(base + "/metrics", {"Authorization": f"Bearer {self.admin_token}"})
             sim_stats = await self._json(sim_url + "/_sim/stats")
             rec_stats = await self._json(rec_url + "/_stats")
-            hwm_kb = proc_status_kb(server.pid, "VmHWM")
+            hwm_kb = tree_status_kb(server.pid, "VmHWM")  # serve and its worker child
             foreign = meter.foreign_cores()
             self.note_foreign(foreign)
-            cpu = cpu_seconds(server.pid)
+            cpu = sum(tree_cpu_s(server.pid).values())
         finally:
             self.procs.stop(server)
         self.procs.stop(sim)
@@ -1043,8 +1043,8 @@ class Bench:
     async def _sample(self, server: Proc, sim_url: str, rec_url: str, out: list[dict[str, float]], t0: float) -> None:
         tick = 0
         while True:
-            row: dict[str, float] = {"t": time.time() - t0, "rss_mb": (proc_status_kb(server.pid, "VmRSS") or 0) / 1024}
-            row["cpu_s"] = cpu_seconds(server.pid) or 0.0
+            row: dict[str, float] = {"t": time.time() - t0, "rss_mb": (tree_status_kb(server.pid, "VmRSS") or 0) / 1024}
+            row["cpu_s"] = sum(tree_cpu_s(server.pid).values())
             if tick % 2 == 0:
                 try:
                     stats = await self._json(sim_url + "/_sim/stats")
