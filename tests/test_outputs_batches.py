@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, select, update
@@ -287,3 +288,32 @@ async def test_thousands_of_stored_files_are_written_in_one_transaction(setup: S
     for prediction_id in ids:
         assert await positions(setup, prediction_id) == list(range(per_job))
         assert (await setup.job(prediction_id)).attempts == 1
+
+
+async def test_files_stored_under_a_lost_lease_are_deleted_once_the_job_has_failed(
+    setup: Setup, sim_url: str, tmp_path: Path
+) -> None:
+    taken = await setup.prediction([f"{sim_url}/sandbox/outputs/taken.mp4"])
+    ended = await setup.prediction([f"{sim_url}/sandbox/outputs/ended.mp4"])
+    copier = setup.copier
+    claimed = await copier._claim(10)
+    # While we copy, another process takes one job over, and ends the other as failed.
+    async with transaction(setup.runtime.sessions) as session:
+        await session.execute(
+            update(OutputCopy).where(OutputCopy.prediction_id == taken).values(lease_owner="other-process")
+        )
+        await session.execute(
+            update(OutputCopy).where(OutputCopy.prediction_id == ended).values(status="failed", lease_owner=None)
+        )
+    await asyncio.gather(*(copier._run(job, done) for job, done in claimed))
+    batch = [copier.outcomes.get_nowait() for _ in range(copier.outcomes.qsize())]
+    assert sorted(len(o.files) for o in batch) == [1, 1]
+    await copier._store(batch)
+
+    root = tmp_path / "outputs"
+    # The job taken over may record the same keys: its file stays. The failed one keeps no file.
+    assert [p.name for p in (root / taken).iterdir()] == ["0.mp4"]
+    assert not (root / ended).exists()
+    assert (await positions(setup, taken), await positions(setup, ended)) == ([], [])
+    assert ((await setup.job(taken)).lease_owner, (await setup.job(ended)).status) == ("other-process", "failed")
+    assert copier.unwritten == set()

@@ -251,13 +251,11 @@ class Copier:
     async def _run(self, job: OutputCopy, done: set[int]) -> None:
         files: list[dict[str, Any]] = []
         try:
-            outcome: Outcome | None = await self._copy_all(job, done, files)
+            outcome = await self._copy_all(job, done, files)
         except LeaseLost:
-            # What this attempt stored is not recorded: the write is fenced on our lease, so it would
-            # write nothing. The keys are fixed per output, so the new holder overwrites these files.
-            metrics.OUTPUT_COPIES.labels(outcome="lease_lost").inc()
-            log.warning("output copy lease lost", extra={"prediction_id": job.prediction_id})
-            outcome = None
+            # The writer records nothing for it (fenced on our lease) and says so; it deletes the files
+            # this attempt stored if the job has ended meanwhile (see `write`).
+            outcome = Outcome(job, COPYING, files, "the lease was lost", due=clock.now())
         except Refused as exc:
             outcome = Outcome(job, FAILED, files, f"vidgate refused to copy the output: {exc}")
         except (Transient, aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -278,10 +276,7 @@ class Copier:
                 "output copy failed", extra={"prediction_id": job.prediction_id, "error_type": type(exc).__name__}
             )
             outcome = self._retry_or_give_up(job, files, f"internal error ({type(exc).__name__})")
-        if outcome is None:
-            self._written([job.prediction_id])
-        else:
-            self.outcomes.put_nowait(outcome)
+        self.outcomes.put_nowait(outcome)
 
     async def _copy_all(self, job: OutputCopy, done: set[int], files: list[dict[str, Any]]) -> Outcome:
         if clock.now() >= self._deadline(job):
@@ -506,7 +501,7 @@ class Copier:
                 )
                 ids = [o.job.prediction_id for o in failed]
                 # What earlier attempts recorded and what this one stored: a failed job keeps no file.
-                removed = sorted(
+                removed += sorted(
                     {f.key for pid in ids for f in files[pid]} | {f["key"] for o in failed for f in o.files}
                 )
                 await session.execute(delete(StoredOutput).where(StoredOutput.prediction_id.in_(ids)))
@@ -531,6 +526,20 @@ class Copier:
                 )
             if results:
                 await self.finish(session, sorted(results, key=lambda r: r.prediction_id))
+            # Files stored under a lease that was lost: while another holder copies the job or has
+            # stored it, they are its files too (the keys are fixed per output) and stay. Once the job
+            # failed, was deleted by retention or is gone, nobody records them: deleted here, or never.
+            lost = [o for o in batch if o.job.prediction_id not in held and o.files]
+            if lost:
+                kept = set(
+                    await session.scalars(
+                        select(OutputCopy.prediction_id).where(
+                            OutputCopy.prediction_id.in_(sorted(o.job.prediction_id for o in lost)),
+                            OutputCopy.status.in_((COPYING, STORED)),
+                        )
+                    )
+                )
+                removed += sorted(f["key"] for o in lost if o.job.prediction_id not in kept for f in o.files)
         assert self.store is not None
         for o in batch:
             if o.job.prediction_id not in held:
