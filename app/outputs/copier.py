@@ -3,13 +3,15 @@
 Jobs are rows (`output_copies`) with a due time and a lease, claimed with SKIP LOCKED on PostgreSQL,
 so any number of processes copy side by side, no two copy one job at once, and a killed process's
 job is resumed by another when its lease runs out. Long copies renew their lease while bytes flow;
-a copier that lost its lease stops and writes nothing.
+a copier that lost its lease stops and records nothing (the files it stored are deleted if the job
+has failed meanwhile).
 
 Batched like the poller: one statement claims many jobs, their downloads run concurrently, and the
 jobs that ended are written together by one writer, one transaction per batch: the stored files in
-a few multi-row INSERTs, each kind of ending in one statement, and the predictions made terminal with their
+multi-row INSERTs, each kind of ending in one statement, and the predictions made terminal with their
 webhooks through one terminal transition (`FinishCopies`). A stored file is recorded only in that
-transaction; a crash before it means the file is copied again, never that a prediction is lost.
+transaction; a crash before it means the file is copied again, never that a prediction is lost. A
+graceful stop records the files of the copies it interrupts, so those resume after them.
 
 Each output is streamed from the vendor into the store chunk by chunk (the store uploads parts of
 a bounded size), checked on the way: status 200, a video/audio/image Content-Type, at most
@@ -429,8 +431,8 @@ class Copier:
 
     async def write(self, batch: list[Outcome]) -> None:
         """One transaction for the batch: fenced on our leases (a job taken over is left to its new
-        holder), the stored files in INSERTs of INSERT_ROWS rows, each kind of ending in one statement, and the
-        predictions made terminal with their webhooks in one terminal transition.
+        holder), the stored files in INSERTs of INSERT_ROWS rows, each kind of ending in one statement,
+        and the predictions made terminal with their webhooks in one terminal transition.
 
         A lease is not renewed while its outcome waits for this writer. The wait is normally one
         batch's transaction; it is long only in a database outage, when no renewal could land either.
