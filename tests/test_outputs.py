@@ -34,7 +34,7 @@ from app.outputs.copier import Copier, allowed_host
 from app.outputs.models import OutputCopy, StoredOutput
 from app.outputs.service import RangeNotSatisfiable, parse_range
 from app.outputs.signing import window_expiry
-from app.outputs.store import open_store
+from app.outputs.store import LocalStore, open_store
 from app.predictions.models import Prediction
 from app.runtime import Runtime
 from app.upstream.simulator import SANDBOX_MP4, SimState, generated_chunks
@@ -588,6 +588,32 @@ async def test_s3_store_round_trip(setup: Setup, sim_url: str, s3_overrides: dic
     part = await fetch(setup.api, links[0], Range="bytes=-100")
     assert part.status_code == 206
     assert part.content == whole.content[-100:]
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECTORY"), reason="POSIX directory fsync")
+async def test_the_local_store_syncs_the_directories_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "outputs"
+    root.mkdir()
+    target = root / "prediction" / "0.mp4"
+    synced: list[tuple[int, bool]] = []  # (inode, the file there yet)
+    fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append((os.fstat(fd).st_ino, target.exists()))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"x" * 1000
+
+    await LocalStore(root).put("prediction/0.mp4", chunks())
+    assert target.read_bytes() == b"x" * 1000
+    # The new directory's entry, the file's bytes, then its rename: each on disk before the file is
+    # recorded as stored.
+    assert synced == [(root.stat().st_ino, False), (target.stat().st_ino, False), (target.parent.stat().st_ino, True)]
 
 
 # ---------------------------------------------------------------- memory

@@ -3,13 +3,15 @@
 Jobs are rows (`output_copies`) with a due time and a lease, claimed with SKIP LOCKED on PostgreSQL,
 so any number of processes copy side by side, no two copy one job at once, and a killed process's
 job is resumed by another when its lease runs out. Long copies renew their lease while bytes flow;
-a copier that lost its lease stops and writes nothing.
+a copier that lost its lease stops and records nothing (the files it stored are deleted if the job
+has failed meanwhile).
 
 Batched like the poller: one statement claims many jobs, their downloads run concurrently, and the
 jobs that ended are written together by one writer, one transaction per batch: the stored files in
-one INSERT, each kind of ending in one statement, and the predictions made terminal with their
+multi-row INSERTs, each kind of ending in one statement, and the predictions made terminal with their
 webhooks through one terminal transition (`FinishCopies`). A stored file is recorded only in that
-transaction; a crash before it means the file is copied again, never that a prediction is lost.
+transaction; a crash before it means the file is copied again, never that a prediction is lost. A
+graceful stop records the files of the copies it interrupts, so those resume after them.
 
 Each output is streamed from the vendor into the store chunk by chunk (the store uploads parts of
 a bounded size), checked on the way: status 200, a video/audio/image Content-Type, at most
@@ -34,12 +36,12 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 import aiohttp
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import Select, bindparam, delete, select, update
 from yarl import URL
 
 from app.core import clock, metrics
 from app.core.batching import batches
-from app.core.database import insert_ignore, store_until_done, transaction
+from app.core.database import insert_ignore, read_connection, store_until_done, transaction
 from app.core.http import outputs_session
 from app.core.settings import Settings
 from app.core.ssrf import ForbiddenTarget, check_url
@@ -56,6 +58,9 @@ MEDIA_TYPES: Final = ("video/", "audio/", "image/")
 MAX_BACKOFF_S: Final = 60.0
 USER_AGENT: Final = "vidgate-outputs/1"
 WRITE_BATCH: Final = 500
+# Stored-file rows per INSERT: 9 parameters a row, well under the 32,767 bound parameters asyncpg
+# (and SQLite) take in one statement, however many outputs the jobs of a batch have.
+INSERT_ROWS: Final = 1000
 
 
 class Refused(Exception):
@@ -119,6 +124,10 @@ class Copier:
     # Claimed jobs whose outcome is not written yet: a job of ours waiting for the writer is never
     # claimed a second time, and no more wait than one batch holds.
     unwritten: set[str] = field(default_factory=set)
+    # The last claim emptied the queue of due jobs: the next one first reads whether anything is due,
+    # so an idle copier takes no write transaction (on SQLite, BEGIN IMMEDIATE against the submits)
+    # per tick; a busy one, whose claims fill up, claims straight away.
+    idle: bool = True
     _http: aiohttp.ClientSession | None = None
 
     def __post_init__(self) -> None:
@@ -148,7 +157,10 @@ class Copier:
         free = min(self.runtime.settings.output_copy_concurrency - len(self.tasks), WRITE_BATCH - len(self.unwritten))
         if free <= 0:
             return 0
+        if self.idle and not await self._any_due():
+            return 0
         claimed = await self._claim(free)
+        self.idle = len(claimed) < free  # nothing more was due: read first next time
         for job, done in claimed:
             self.unwritten.add(job.prediction_id)
             task = asyncio.create_task(self._run(job, done))
@@ -170,23 +182,26 @@ class Copier:
         await self._store(batch)
         return started
 
+    def _due(self, now: datetime) -> Select[Any]:
+        """Jobs due and not leased, bar ours that wait for the writer."""
+        due = select(OutputCopy.prediction_id).where(
+            OutputCopy.status == COPYING,
+            OutputCopy.next_attempt_at <= now,
+            (OutputCopy.lease_expires_at.is_(None)) | (OutputCopy.lease_expires_at < now),
+        )
+        if self.unwritten:
+            due = due.where(OutputCopy.prediction_id.not_in(sorted(self.unwritten)))
+        return due
+
+    async def _any_due(self) -> bool:
+        async with read_connection(self.runtime.sessions) as connection:
+            return await connection.scalar(self._due(clock.now()).limit(1)) is not None
+
     async def _claim(self, limit: int) -> list[tuple[OutputCopy, set[int]]]:
         """Lease up to `limit` due jobs in one statement, with the outputs each one already stored (a
         job resumed after a crash or a retry copies only the rest)."""
         now = clock.now()
-        due = (
-            select(OutputCopy.prediction_id)
-            .where(
-                OutputCopy.status == COPYING,
-                OutputCopy.next_attempt_at <= now,
-                (OutputCopy.lease_expires_at.is_(None)) | (OutputCopy.lease_expires_at < now),
-            )
-            .order_by(OutputCopy.next_attempt_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        if self.unwritten:
-            due = due.where(OutputCopy.prediction_id.not_in(sorted(self.unwritten)))
+        due = self._due(now).order_by(OutputCopy.next_attempt_at).limit(limit).with_for_update(skip_locked=True)
         async with transaction(self.runtime.sessions) as session:
             jobs = list(
                 await session.scalars(
@@ -238,17 +253,24 @@ class Copier:
     async def _run(self, job: OutputCopy, done: set[int]) -> None:
         files: list[dict[str, Any]] = []
         try:
-            outcome: Outcome | None = await self._copy_all(job, done, files)
+            outcome = await self._copy_all(job, done, files)
         except LeaseLost:
-            metrics.OUTPUT_COPIES.labels(outcome="lease_lost").inc()
-            log.warning("output copy lease lost", extra={"prediction_id": job.prediction_id})
-            outcome = None
+            # The writer records nothing for it (fenced on our lease) and says so; it deletes the files
+            # this attempt stored if the job has ended meanwhile (see `write`).
+            outcome = Outcome(job, COPYING, files, "the lease was lost", due=clock.now())
         except Refused as exc:
             outcome = Outcome(job, FAILED, files, f"vidgate refused to copy the output: {exc}")
         except (Transient, aiohttp.ClientError, TimeoutError, OSError) as exc:
             outcome = self._retry_or_give_up(job, files, _describe(exc))
         except asyncio.CancelledError:
-            self.unwritten.discard(job.prediction_id)  # shutting down: the lease is handed back
+            # Shutting down: the lease is handed back, but the outputs already stored are recorded
+            # (the worker drains the writer after cancelling the copies), so the next holder copies
+            # only the rest instead of starting a long multi-output copy over, maybe past its bound.
+            if files:
+                error = job.last_error or "interrupted: the copying process stopped"
+                self.outcomes.put_nowait(Outcome(job, COPYING, files, error, due=clock.now()))
+            else:
+                self.unwritten.discard(job.prediction_id)
             raise
         except Exception as exc:
             # A bug or a store outage: the job stays queued and is retried within its bound.
@@ -256,10 +278,7 @@ class Copier:
                 "output copy failed", extra={"prediction_id": job.prediction_id, "error_type": type(exc).__name__}
             )
             outcome = self._retry_or_give_up(job, files, f"internal error ({type(exc).__name__})")
-        if outcome is None:
-            self._written([job.prediction_id])
-        else:
-            self.outcomes.put_nowait(outcome)
+        self.outcomes.put_nowait(outcome)
 
     async def _copy_all(self, job: OutputCopy, done: set[int], files: list[dict[str, Any]]) -> Outcome:
         if clock.now() >= self._deadline(job):
@@ -412,8 +431,14 @@ class Copier:
 
     async def write(self, batch: list[Outcome]) -> None:
         """One transaction for the batch: fenced on our leases (a job taken over is left to its new
-        holder), the stored files in one INSERT, each kind of ending in one statement, and the
-        predictions made terminal with their webhooks in one terminal transition."""
+        holder), the stored files in INSERTs of INSERT_ROWS rows, each kind of ending in one statement,
+        and the predictions made terminal with their webhooks in one terminal transition.
+
+        A lease is not renewed while its outcome waits for this writer. The wait is normally one
+        batch's transaction; it is long only in a database outage, when no renewal could land either.
+        It is safe all the same: the fence is on the owner, not the expiry, so a lease that ran out
+        but was not taken is still written; one another process took over is left to it (the bytes
+        copied here are wasted, and the keys being fixed per output, overwritten by its copy)."""
         owner = self.runtime.worker_id
         now = clock.now()
         by_id = {o.job.prediction_id: o for o in batch}  # a job appears once: it is leased once
@@ -435,7 +460,9 @@ class Copier:
             stored = [o for o in live if o.status == STORED]
             failed = [o for o in live if o.status == FAILED]
             retried = [o for o in live if o.status == COPYING]
-            await insert_ignore(session, StoredOutput, [f for o in stored + retried for f in o.files])
+            rows = [f for o in stored + retried for f in o.files]
+            for start in range(0, len(rows), INSERT_ROWS):
+                await insert_ignore(session, StoredOutput, rows[start : start + INSERT_ROWS])
             files: dict[str, list[StoredOutput]] = {o.job.prediction_id: [] for o in stored + failed}
             if files:
                 for item in await session.scalars(
@@ -476,7 +503,7 @@ class Copier:
                 )
                 ids = [o.job.prediction_id for o in failed]
                 # What earlier attempts recorded and what this one stored: a failed job keeps no file.
-                removed = sorted(
+                removed += sorted(
                     {f.key for pid in ids for f in files[pid]} | {f["key"] for o in failed for f in o.files}
                 )
                 await session.execute(delete(StoredOutput).where(StoredOutput.prediction_id.in_(ids)))
@@ -501,6 +528,20 @@ class Copier:
                 )
             if results:
                 await self.finish(session, sorted(results, key=lambda r: r.prediction_id))
+            # Files stored under a lease that was lost: while another holder copies the job or has
+            # stored it, they are its files too (the keys are fixed per output) and stay. Once the job
+            # failed, was deleted by retention or is gone, nobody records them: deleted here, or never.
+            lost = [o for o in batch if o.job.prediction_id not in held and o.files]
+            if lost:
+                kept = set(
+                    await session.scalars(
+                        select(OutputCopy.prediction_id).where(
+                            OutputCopy.prediction_id.in_(sorted(o.job.prediction_id for o in lost)),
+                            OutputCopy.status.in_((COPYING, STORED)),
+                        )
+                    )
+                )
+                removed += sorted(f["key"] for o in lost if o.job.prediction_id not in kept for f in o.files)
         assert self.store is not None
         for o in batch:
             if o.job.prediction_id not in held:

@@ -1,9 +1,10 @@
 """Where rehosted outputs live: a local directory (the default) or an S3-compatible bucket. Both are
 streamed in and out in chunks; neither ever holds a whole file.
 
-Atomic writes: the local store writes a staging file beside the target, fsyncs it and renames it over
-the target; an S3 object (single PUT or multipart upload, by obstore) only appears once its upload
-completes. A reader never sees half a file, and an interrupted copy leaves nothing under the key.
+Atomic writes: the local store writes a staging file beside the target, fsyncs it, renames it over
+the target and fsyncs the directory (so the rename is on disk before the file is recorded as stored);
+an S3 object (single PUT or multipart upload, by obstore) only appears once its upload completes. A
+reader never sees half a file, and an interrupted copy leaves nothing under the key.
 
 The local store is plain Python file I/O in threads rather than obstore's local store: obstore runs a
 Tokio runtime whose threads can abort the interpreter at exit (SIGABRT after the work is done), and
@@ -64,8 +65,22 @@ class OutputStore(Protocol):
         ...
 
 
+def _fsync_dir(path: Path) -> None:
+    """A rename or a new entry is durable only once its directory is synced (POSIX; Windows has no
+    directory handles to sync)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _open_staging(target: Path, staging: Path) -> IO[bytes]:
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.parent.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(target.parent.parent)  # the new directory's entry (one per prediction)
     # A copy killed half way left its staging file: the new holder of the job clears it.
     for stale in target.parent.glob(f".{target.name}.*{STAGING_SUFFIX}"):
         stale.unlink(missing_ok=True)
@@ -80,6 +95,8 @@ def _commit(handle: IO[bytes], rest: bytes | bytearray, staging: Path, target: P
     os.fsync(handle.fileno())
     handle.close()
     os.replace(staging, target)
+    # Recorded as stored once this returns: without it a power loss could lose the rename.
+    _fsync_dir(target.parent)
 
 
 class LocalStore:
