@@ -4,22 +4,30 @@ and failing with SQLAlchemy's errors. On SQLite they are SQLAlchemy's execution.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import bindparam, event, insert, select
+from sqlalchemy import bindparam, event, func, insert, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.budgets.models import PricePoint
 from app.core import prebuilt
-from app.core.database import create_sessionmaker, table_of, transaction
+from app.core.database import create_engine, create_sessionmaker, table_of, transaction
+from tests.conftest import TEST_DB
 
 _points = table_of(PricePoint)
 _INSERT = insert(_points)
 _READ = select(_points).where(_points.c.model_id == bindparam("b_model")).order_by(_points.c.duration_s)
+# A bind name SQLAlchemy escapes for the paramstyles that name parameters in the SQL.
+_READ_DOTTED = select(_points).where(_points.c.model_id == bindparam("b.model")).order_by(_points.c.duration_s)
+_READ_CENTS = select(_points.c.max_seen_cents).where(_points.c.model_id == bindparam("b_model"))
+_SLEEP = select(func.pg_sleep(bindparam("b_s")).label("slept"))
+
+postgresql_only = pytest.mark.skipif(TEST_DB != "postgresql", reason="statements run on the driver on PostgreSQL")
 
 
 def _row(model: str, duration: int, cents: int) -> dict[str, Any]:
@@ -87,3 +95,71 @@ async def test_a_failing_statement_raises_sqlalchemys_error_and_the_pool_goes_on
     async with transaction(sessions) as session:
         rows = await prebuilt.fetch(session, _READ, {"b_model": model})
     assert [r.max_seen_cents for r in rows] == [10]
+
+
+async def test_a_write_on_a_bare_connection_is_committed_by_its_commit(engine: AsyncEngine) -> None:
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    async with engine.connect() as connection:
+        await prebuilt.execute_many(connection, _INSERT, [_row(model, 5, 10)])
+        await connection.commit()
+    async with transaction(create_sessionmaker(engine)) as session:
+        rows = await prebuilt.fetch(session, _READ, {"b_model": model})
+    assert [r.max_seen_cents for r in rows] == [10]
+
+
+async def test_bind_names_that_sqlalchemy_escapes(engine: AsyncEngine) -> None:
+    sessions = create_sessionmaker(engine)
+    model = f"m-{uuid.uuid4().hex[:8]}"
+    async with transaction(sessions) as session:
+        await prebuilt.execute_many(session, _INSERT, [_row(model, 5, 10)])
+        rows = await prebuilt.fetch(session, _READ_DOTTED, {"b.model": model})
+    assert [r.max_seen_cents for r in rows] == [10]
+
+
+@postgresql_only
+async def test_a_task_cancelled_mid_statement_gives_up_its_connection(engine: AsyncEngine) -> None:
+    """As SQLAlchemy does on an exit exception: the connection is invalidated (its state is unknown), the
+    cancellation goes on unchanged, and the pool serves the next unit of work."""
+    sessions = create_sessionmaker(engine)
+    sleeping = asyncio.Event()
+    invalidated: list[BaseException | None] = []
+
+    def on_statement(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "pg_sleep" in statement:
+            sleeping.set()
+
+    def on_invalidate(_dbapi_connection: Any, _record: Any, error: BaseException | None) -> None:
+        invalidated.append(error)
+
+    async def sleep() -> None:
+        async with transaction(sessions) as session:
+            await prebuilt.fetch(session, _SLEEP, {"b_s": 600})
+
+    event.listen(engine.sync_engine, "before_cursor_execute", on_statement)
+    event.listen(engine.sync_engine.pool, "invalidate", on_invalidate)
+    try:
+        task = asyncio.create_task(sleep())
+        await sleeping.wait()  # set just before the statement is sent: the task is now waiting inside it
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", on_statement)
+        event.remove(engine.sync_engine.pool, "invalidate", on_invalidate)
+    assert len(invalidated) == 1
+    assert isinstance(invalidated[0], asyncio.CancelledError)
+    async with transaction(sessions) as session:
+        assert await prebuilt.fetch(session, _READ, {"b_model": "none"}) == []
+
+
+@postgresql_only
+async def test_a_plan_is_compiled_for_the_dialect_that_runs_it(engine: AsyncEngine, database_url: str) -> None:
+    other = create_engine(database_url, pool_size=1)
+    try:
+        for each in (engine, other):
+            async with transaction(create_sessionmaker(each)) as session:
+                assert await prebuilt.fetch(session, _READ_CENTS, {"b_model": "none"}) == []
+    finally:
+        await other.dispose()
+    dialects = {id(entry[-1].compiled.dialect) for entry in prebuilt._plans.values() if entry[0] is _READ_CENTS}
+    assert dialects == {id(engine.dialect), id(other.dialect)}

@@ -9,8 +9,12 @@ processors; only the execution skips the ORM session, the execution context and 
 What stays as SQLAlchemy does it: the transaction (the statement runs inside the caller's, begun first if
 it is not yet), `before_cursor_execute`/`after_cursor_execute` events (Server-Timing, the tests' statement
 counts), and errors (wrapped as SQLAlchemy wraps them, the connection invalidated on a disconnect, so that
-`is_outage` still tells an outage from a bug). SQLite, and any statement that cannot be run this way
+`is_outage` still tells an outage from a bug; a task cancelled mid-statement loses its connection, as
+SQLAlchemy invalidates it on any exit exception). SQLite, and any statement that cannot be run this way
 (expanding parameters), go through SQLAlchemy unchanged.
+
+Bypassed: the adapter's execute mutex (sound while a connection serves one task at a time, as sessions do).
+Bypassed: SQLAlchemy's prepared-statement cache; asyncpg's own per-connection statement cache prepares these.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import keyword
 from collections import namedtuple
 from collections.abc import Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, NoReturn, cast
 
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -36,17 +40,19 @@ class _Plan(NamedTuple):
 
 
 _NOT_PREBUILT: Any = object()
-# (statement, parameter names) -> the statement and its plan for PostgreSQL (or _NOT_PREBUILT). Statements are
-# module constants (or cached per batch size), so this stays small.
-_plans: dict[tuple[int, tuple[str, ...]], tuple[Any, Any]] = {}
+# (statement, parameter names, dialect) -> the statement, the dialect and the plan compiled for that dialect (or
+# _NOT_PREBUILT). Statements are module constants (or cached per batch size) and engines few, so this stays
+# small; holding the statement and the dialect keeps their ids from being reused by others.
+_plans: dict[tuple[int, tuple[str, ...], int], tuple[Any, Dialect, Any]] = {}
 
 
 def _plan(statement: Any, keys: tuple[str, ...], dialect: Dialect) -> _Plan | None:
-    cached = _plans.get((id(statement), keys))
-    if cached is not None and cached[0] is statement:
-        return None if cached[1] is _NOT_PREBUILT else cast(_Plan, cached[1])
+    key = (id(statement), keys, id(dialect))
+    cached = _plans.get(key)
+    if cached is not None and cached[0] is statement and cached[1] is dialect:
+        return None if cached[2] is _NOT_PREBUILT else cast(_Plan, cached[2])
     plan = _build(statement, keys, dialect)
-    _plans[(id(statement), keys)] = (statement, _NOT_PREBUILT if plan is None else plan)
+    _plans[key] = (statement, dialect, _NOT_PREBUILT if plan is None else plan)
     return plan
 
 
@@ -94,20 +100,26 @@ async def fetch(runner: AsyncSession | AsyncConnection, statement: Any, params: 
         # Revalidating needs SQLAlchemy's own path (a reconnect runs in a greenlet): let it do this one.
         result = await connection.execute(statement, params)
         return list(result.all()) if result.returns_rows else []
-    values = plan.compiled.construct_params(params)
+    # Keyed by the bind names as written, as positiontup is (SQLAlchemy's execution context does the same):
+    # escaped names ("b.x" -> "b_x") are for paramstyles that put names in the SQL, not asyncpg's $n.
+    values = plan.compiled.construct_params(params, escape_names=False)
     args = [
         value if processor is None else processor(value)
         for value, processor in zip((values[name] for name in plan.names), plan.processors, strict=True)
     ]
+    adapter: Any = fairy.dbapi_connection
+    if adapter._transaction is None and adapter.isolation_level != "autocommit" and not sync.in_transaction():
+        # A bare connection before its first statement: SQLAlchemy begins (its autobegin), so that its commit
+        # and rollback end the driver's transaction begun below rather than skip it as never begun.
+        await connection.begin()
     events = sync._has_events or sync.engine._has_events
     if events:
         sync.dispatch.before_cursor_execute(sync, None, plan.sql, args, None, False)
-    adapter: Any = fairy.dbapi_connection
     try:
         if adapter._transaction is None:
             await adapter._start_transaction()  # as the adapter does before its first statement
         records = await adapter._connection.fetch(plan.sql, *args)
-    except Exception as error:
+    except BaseException as error:  # exit exceptions too (a cancelled task): SQLAlchemy invalidates on those
         await _raise_wrapped(sync, adapter, error, plan.sql, args)
     if events:
         sync.dispatch.after_cursor_execute(sync, None, plan.sql, args, None, False)
@@ -130,11 +142,24 @@ async def execute_many(runner: AsyncSession | AsyncConnection, statement: Any, r
         await (await _connection(runner)).execute(statement, rows)
 
 
-async def _raise_wrapped(sync: Connection, adapter: Any, error: Exception, sql: str, args: list[Any]) -> None:
+async def _raise_wrapped(sync: Connection, adapter: Any, error: BaseException, sql: str, args: list[Any]) -> NoReturn:
     """Raise `error` as SQLAlchemy would have: the adapter's DBAPI error, wrapped in a DBAPIError, the
-    connection invalidated when it is a disconnect (which closes the driver connection: in a greenlet)."""
+    connection invalidated when it is a disconnect or an exit exception such as CancelledError, which is
+    re-raised as it is (invalidating closes the driver connection: in a greenlet)."""
+    translated = error
+    if isinstance(error, Exception):  # the adapter translates what its statements raise, not exit exceptions
+        try:
+            adapter._handle_exception(error)
+        except Exception as raised:
+            translated = raised
+    await greenlet_spawn(_handle_in_greenlet, sync, translated, sql, args)
+    raise translated  # not reached: the handler raises
+
+
+def _handle_in_greenlet(sync: Connection, error: BaseException, sql: str, args: list[Any]) -> NoReturn:
+    # Raised here so that sys.exc_info(), which SQLAlchemy's handler reads (it re-raises an exit exception
+    # from it), holds `error`: a greenlet starts with none of its parent's.
     try:
-        adapter._handle_exception(error)
-    except Exception as translated:
-        await greenlet_spawn(sync._handle_dbapi_exception, translated, sql, args, None, None)
-    raise error  # not reached: both calls above raise
+        raise error
+    except BaseException as raised:
+        sync._handle_dbapi_exception(raised, sql, args, None, None)
