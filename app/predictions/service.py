@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import cache
+from functools import cache, partial
 from typing import Any, TypeVar
 
 import orjson
@@ -260,8 +261,10 @@ async def submit(
 
     # Hold: claim the idempotency key, pass the limits and hold the estimate, in the ledger writer's
     # next batch. Committed before the upstream call, so concurrent requests and other replicas see it.
+    # A caller that goes away meanwhile (its task cancelled) gets its hold given back as soon as it commits.
     job = _HoldJob(tenant, key, model_id, request, prediction_id, idempotency_key, fingerprint, public_base_url)
-    held: _Held | SubmitResult = await _writer(runtime, "hold", _apply_holds).submit(job)
+    abandoned = partial(_abandoned_hold, runtime, key, idempotency_key)
+    held: _Held | SubmitResult = await _writer(runtime, "hold", _apply_holds).submit(job, on_abandoned=abandoned)
     if isinstance(held, SubmitResult):
         return held  # a replay of an earlier answer
     prediction, estimate = held
@@ -271,8 +274,19 @@ async def submit(
         submitted = await runtime.upstream.submit(model_id, prediction.params)
     except (UpstreamRefused, UpstreamUnavailable) as exc:
         reason = f"upstream did not accept the prediction: {exc}"
-        await _writer(runtime, "release", _apply_releases).submit(_ReleaseJob(prediction, key, reason, idempotency_key))
+        await _writer(runtime, "release", _apply_releases).submit(
+            _ReleaseJob(prediction, key, reason, idempotency_key), on_abandoned=_ignore
+        )
         raise _upstream_problem(exc) from exc
+    except asyncio.CancelledError:
+        # The caller went away (a client gone, a shutdown): give the hold and the Idempotency-Key back now
+        # rather than when recovery finds the row, submit_recovery_s later. The release runs in a task of
+        # its own, which this cancellation does not reach; waited for here, so that it is done when the
+        # request's task is.
+        release = _release_abandoned(runtime, prediction, key, idempotency_key)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(release)
+        raise
 
     # Settle: the hold becomes the vendor's price, together with the upstream id, in the writer's next
     # batch. The vendor has billed by now, so a database that is away is waited for rather than the
@@ -393,6 +407,40 @@ async def _apply_releases(runtime: Runtime, session: AsyncSession, jobs: list[_R
     return [job.prediction.id in released for job in jobs]
 
 
+ABANDONED = "the client went away before the upstream confirmed the prediction"
+# Releases of abandoned holds in flight: a task needs a strong reference until it is done.
+_releasing: set[asyncio.Task[None]] = set()
+
+
+def _ignore(_result: object) -> None:
+    """on_abandoned for a writer job that needs nothing more once applied (its caller is gone)."""
+
+
+def _abandoned_hold(runtime: Runtime, key: ApiKey, idempotency_key: str | None, held: _Held | SubmitResult) -> None:
+    """A hold committed for a caller that went away while its batch ran: give it back."""
+    if not isinstance(held, SubmitResult):
+        _release_abandoned(runtime, held[0], key, idempotency_key)
+
+
+def _release_abandoned(
+    runtime: Runtime, prediction: Prediction, key: ApiKey, idempotency_key: str | None
+) -> asyncio.Task[None]:
+    task = asyncio.create_task(_release_quietly(runtime, _ReleaseJob(prediction, key, ABANDONED, idempotency_key)))
+    _releasing.add(task)
+    task.add_done_callback(_releasing.discard)
+    return task
+
+
+async def _release_quietly(runtime: Runtime, job: _ReleaseJob) -> None:
+    try:
+        await _writer(runtime, "release", _apply_releases).submit(job, on_abandoned=_ignore)
+    except Exception as exc:  # recovery releases it later (submit_recovery_s)
+        log.warning(
+            "abandoned hold not released yet",
+            extra={"prediction_id": job.prediction.id, "error_type": type(exc).__name__},
+        )
+
+
 async def _confirm_until_recorded(runtime: Runtime, job: _ConfirmJob) -> dict[str, Any]:
     """Record what the vendor accepted, trying again through a database outage for as long as it is
     safe: until half of `submit_recovery_s` after the hold, so recovery (which releases holds older
@@ -404,7 +452,8 @@ async def _confirm_until_recorded(runtime: Runtime, job: _ConfirmJob) -> dict[st
     failures = 0
     while True:
         try:
-            body: dict[str, Any] = await _writer(runtime, "settle", _apply_confirms).submit(job)
+            # The vendor has billed: recorded even if the caller goes away before the batch is taken.
+            body: dict[str, Any] = await _writer(runtime, "settle", _apply_confirms).submit(job, on_abandoned=_ignore)
             return body
         except (DatabaseUnavailable, DBAPIError) as exc:
             failures += 1

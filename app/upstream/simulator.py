@@ -61,6 +61,10 @@ class Faults:
     poll_status: int = 500
     poll_count: int = 0
     poll_delay_s: float = 0.0
+    # Submits (in-process simulator only): each sets `submit_arrived`, then waits for `submit_gate`, so a
+    # test can act while the gateway's upstream call is in flight.
+    submit_arrived: asyncio.Event | None = None
+    submit_gate: asyncio.Event | None = None
     # Outputs: answer the next N downloads with this status (0 = drop the connection); `output_gone`
     # answers 404 for good (the vendor deleted its files); `output_stall_s` sends half the file and
     # then nothing for that long; `output_content_type` overrides the type; `output_redirect`
@@ -105,6 +109,10 @@ def _error(status: int, message: str) -> web.Response:
 async def _generate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     state.submits += 1
+    if state.faults.submit_arrived is not None:
+        state.faults.submit_arrived.set()
+    if state.faults.submit_gate is not None:
+        await state.faults.submit_gate.wait()
     if not request.headers.get("Authorization", "").startswith("Bearer "):
         return _error(401, "missing API key")
     if state.faults.submit_count > 0:
