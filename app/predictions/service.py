@@ -139,6 +139,12 @@ def first_poll_delay_s(estimated_time: str | None, default_s: float) -> float:
     return min(seconds, 600.0)
 
 
+def first_poll_at(confirmed_at: datetime, estimated_time: str | None, default_s: float) -> datetime:
+    """When the gateway first polls a prediction the vendor accepted at `confirmed_at`: the one place
+    this is computed, for the poll queue and for the submit answer's Retry-After alike."""
+    return confirmed_at + timedelta(seconds=first_poll_delay_s(estimated_time, default_s))
+
+
 _predictions = table_of(Prediction)
 _INSERT = insert(_predictions)
 # A confirm batch in one statement: the rows still "submitting" (the fence) start processing; RETURNING
@@ -227,6 +233,8 @@ class SubmitResult:
     body: dict[str, Any]
     replayed: bool
     prediction_id: str
+    # When the gateway polls it next, as the poll queue has it (None: not known, or no longer scheduled).
+    next_poll_at: datetime | None = None
 
 
 def request_fingerprint(model_id: str, request: GenerateRequest) -> str:
@@ -294,7 +302,7 @@ async def submit(
     confirm = _ConfirmJob(tenant, key, prediction, estimate, submitted, idempotency_key, status_url_base)
     body = await _confirm_until_recorded(runtime, confirm)
     log.info("prediction submitted", extra={"prediction_id": prediction.id, "cost_cents": submitted.cost_cents})
-    return SubmitResult(body=body, replayed=False, prediction_id=prediction.id)
+    return SubmitResult(body=body, replayed=False, prediction_id=prediction.id, next_poll_at=prediction.next_poll_at)
 
 
 # ---------------------------------------------------------------- the ledger writers
@@ -528,7 +536,10 @@ async def _claim_idempotency_key(
             "A request with this Idempotency-Key is still in flight. Retry in a moment to get its answer.",
             headers={"Retry-After": retry_after_value(1)},
         )
-    return SubmitResult(body=existing.response, replayed=True, prediction_id=existing.prediction_id or "")
+    scheduled = await session.scalar(select(Prediction.next_poll_at).where(Prediction.id == existing.prediction_id))
+    return SubmitResult(
+        existing.response, replayed=True, prediction_id=existing.prediction_id or "", next_poll_at=scheduled
+    )
 
 
 async def _forget_idempotency_key(session: AsyncSession, tenant_id: str, idempotency_key: str) -> None:
@@ -632,8 +643,7 @@ async def _confirm_many(session: AsyncSession, runtime: Runtime, jobs: list[_Con
             upstream_id=job.submitted.id,
             status=PredictionStatus.PROCESSING,
             estimated_time=job.submitted.estimated_time,
-            next_poll_at=now
-            + timedelta(seconds=first_poll_delay_s(job.submitted.estimated_time, runtime.settings.poll_interval_s)),
+            next_poll_at=first_poll_at(now, job.submitted.estimated_time, runtime.settings.poll_interval_s),
         )
         for job in jobs
     }
@@ -653,6 +663,7 @@ async def _confirm_many(session: AsyncSession, runtime: Runtime, jobs: list[_Con
     for job in jobs:
         if job.prediction.id not in changed:
             late, late_settle = await _confirm_late(session, job, states[job.prediction.id])
+            job.prediction.next_poll_at = late.next_poll_at  # the caller's copy shows the poll queue's
             confirmed.append(late)
             settles += [late_settle] if late_settle is not None else []
             continue
