@@ -24,6 +24,7 @@ from app.dashboard.router import router as dashboard_router
 from app.ops import router as ops_router
 from app.outputs.router import router as outputs_router
 from app.predictions.router import router as predictions_router
+from app.providers import config as providers_config
 from app.runtime import Runtime, build_runtime
 from app.tenants import cache as key_cache
 from app.upstream import sandbox
@@ -39,7 +40,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield  # tests hand in a ready runtime
         return
     settings: Settings = app.state.settings
-    refusal = settings.startup_refusal("serve")
+    refusal = settings.startup_refusal("serve") or providers_config.startup_refusal(settings)
     if refusal is not None:
         raise SystemExit(refusal)
     engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
