@@ -125,7 +125,7 @@ class ProviderConfig(BaseModel):
         if per_second is None:
             return None
         # Round the product in decimal first, so 1.8 x 5 is 9 and not ceil(9.000000000000002) = 10.
-        return int(math.ceil(round(per_second * duration_s, 6)))
+        return math.ceil(round(per_second * duration_s, 6))
 
     def public(self) -> dict[str, Any]:
         """The settings an operator may see: everything but the key."""
