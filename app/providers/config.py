@@ -121,7 +121,8 @@ class ProviderConfig(BaseModel):
 
     def file_price_cents(self, resolution: str, duration_s: int) -> int | None:
         """cents_per_second x duration rounded up to a whole cent; None when the file sets no price."""
-        per_second: float | None = dict(self.cents_per_second).get(resolution)
+        prices: dict[str, float] = dict(self.cents_per_second)
+        per_second = prices.get(resolution)
         if per_second is None:
             return None
         # Round the product in decimal first, so 1.8 x 5 is 9 and not ceil(9.000000000000002) = 10.
