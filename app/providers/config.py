@@ -121,8 +121,7 @@ class ProviderConfig(BaseModel):
 
     def file_price_cents(self, resolution: str, duration_s: int) -> int | None:
         """cents_per_second x duration rounded up to a whole cent; None when the file sets no price."""
-        prices: dict[str, float] = dict(self.cents_per_second)
-        per_second = prices.get(resolution)
+        per_second = next((c for r, c in self.cents_per_second.items() if r == resolution), None)
         if per_second is None:
             return None
         # Round the product in decimal first, so 1.8 x 5 is 9 and not ceil(9.000000000000002) = 10.
