@@ -18,8 +18,17 @@ from app.upstream.client import UpstreamRefused, UpstreamUnavailable
 from app.upstream.fal import fal_input
 from app.upstream.simulator import STATE, SimConfig, SimState, start_simulator
 
-BODY: dict[str, object] = {"image": "https://example.com/cat.png", "prompt": "a cat waves", "resolution": "480p", "duration": 5}
-MODELS = {"vibedream": "", "wavespeed": "wavespeed-ai/ltx-2-19b/image-to-video", "fal": "fal-ai/ltx-2-19b/image-to-video"}
+BODY: dict[str, object] = {
+    "image": "https://example.com/cat.png",
+    "prompt": "a cat waves",
+    "resolution": "480p",
+    "duration": 5,
+}
+MODELS = {
+    "vibedream": "",
+    "wavespeed": "wavespeed-ai/ltx-2-19b/image-to-video",
+    "fal": "fal-ai/ltx-2-19b/image-to-video",
+}
 KINDS = list(MODELS)
 
 
@@ -262,7 +271,14 @@ def documented_answers(kind: str, url: str, outcome: str) -> dict[tuple[str, str
         ("POST", "/fal-ai/ltx-2-19b/image-to-video"): (
             200,
             {},
-            j({"request_id": "req_1", "response_url": base, "status_url": f"{base}/status", "cancel_url": f"{base}/cancel"}),
+            j(
+                {
+                    "request_id": "req_1",
+                    "response_url": base,
+                    "status_url": f"{base}/status",
+                    "cancel_url": f"{base}/cancel",
+                }
+            ),
         ),
         ("GET", "/fal-ai/ltx-2-19b/requests/req_1/status"): (
             200,
@@ -287,7 +303,11 @@ async def test_documented_success_and_failure(
     if outcome == "completed":
         assert seen.outputs and seen.outputs[0].endswith("1.mp4")
     else:
-        assert seen.error in ("Content moderation: flagged", "NSFW content detected", "The image could not be downloaded")
+        assert seen.error in (
+            "Content moderation: flagged",
+            "NSFW content detected",
+            "The image could not be downloaded",
+        )
     # Polls went where the answer said, with this provider's own key.
     assert {auth for _, _, auth in canned.seen} == {"Key doc-key" if kind == "fal" else "Bearer doc-key"}
 
