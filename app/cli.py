@@ -253,7 +253,9 @@ def _run_uvicorn(app: Any, host: str, port: int, workers: int) -> None:
 
 
 def _refuse_to_start(settings: Settings, role: Literal["serve", "worker"]) -> None:
-    refusal = settings.startup_refusal(role)
+    from app.providers import config as providers_config
+
+    refusal = settings.startup_refusal(role) or providers_config.startup_refusal(settings)
     if refusal is not None:
         typer.echo(f"error: {refusal}", err=True)
         raise typer.Exit(2)

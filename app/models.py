@@ -3,6 +3,7 @@
 from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, RateWindow, ThresholdNotice
 from app.outputs.models import OutputCopy, StoredOutput
 from app.predictions.models import IdempotencyKey, Prediction
+from app.providers.models import ProviderState
 from app.tenants.models import ApiKey, Tenant
 from app.webhooks.models import WebhookAttempt, WebhookDelivery
 
@@ -14,6 +15,7 @@ __all__ = [
     "OutputCopy",
     "Prediction",
     "PricePoint",
+    "ProviderState",
     "RateWindow",
     "StoredOutput",
     "Tenant",
