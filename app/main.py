@@ -9,8 +9,9 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
+from app.admin.deps import require_admin
 from app.admin.router import router as admin_router
 from app.budgets.headers import BALANCE_SLOT
 from app.budgets.router import router as usage_router
@@ -25,6 +26,8 @@ from app.ops import router as ops_router
 from app.outputs.router import router as outputs_router
 from app.predictions.router import router as predictions_router
 from app.providers import config as providers_config
+from app.providers import stats as provider_stats
+from app.providers.router import router as providers_router
 from app.runtime import Runtime, build_runtime
 from app.tenants import cache as key_cache
 from app.upstream import sandbox
@@ -63,6 +66,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine.dialect.name == "postgresql"
         else None
     )
+    # Each process adds its upstream call tallies to the providers' daily rows (the dashboard's figures).
+    stats_stop = asyncio.Event()
+    stats_task = asyncio.create_task(provider_stats.flush_loop(sessions, stats_stop))
     worker_task = None
     worker = Worker(runtime)
     if settings.run_worker:
@@ -84,6 +90,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if worker_task is not None:
             with contextlib.suppress(Exception):
                 await worker_task
+        stats_stop.set()
+        with contextlib.suppress(Exception):
+            await stats_task
         await runtime.close()
         if simulator is not None:
             await simulator.cleanup()
@@ -113,6 +122,7 @@ def create_app(
     routers = (predictions_router, usage_router, webhooks_router, admin_router, outputs_router)
     for router in (*routers, ops_router, dashboard_router):
         app.include_router(router)
+    app.include_router(providers_router, dependencies=[Depends(require_admin)])  # /admin/v1/providers
     return app
 
 

@@ -115,7 +115,7 @@ class Poller:
             seen = await self.runtime.upstream.get_prediction(prediction.upstream_id or "")
         except (UpstreamUnavailable, UpstreamRefused) as exc:
             kind = "refused" if isinstance(exc, UpstreamRefused) else "unavailable"
-            metrics.UPSTREAM_ERRORS.labels(op="poll", kind=kind).inc()
+            metrics.UPSTREAM_ERRORS.labels(provider=self.runtime.upstream.provider, op="poll", kind=kind).inc()
             retry_after = exc.retry_after_s if isinstance(exc, UpstreamUnavailable) else None
             self.outcomes.put_nowait(Outcome(prediction, retry_after_s=retry_after))
             return

@@ -32,7 +32,10 @@ class UpstreamUnavailable(Exception):
 
 
 class UpstreamClient:
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, base_url: str, api_key: str, provider: str = "vibedream"
+    ) -> None:
+        self.provider = provider  # its name in metrics (SPEC §11)
         self._session = session
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
@@ -90,7 +93,7 @@ class UpstreamClient:
         finally:
             elapsed = time.perf_counter() - started
             timing.add_upstream(elapsed)  # Server-Timing's `upstream`, when a request made the call
-            metrics.UPSTREAM_LATENCY.labels(op=op, outcome=outcome).observe(elapsed)
+            metrics.observe_upstream(self.provider, op, outcome, elapsed)
 
 
 def _message(payload: object, status: int) -> str:
