@@ -73,7 +73,8 @@ async def test_list_shows_settings_and_state_never_a_key(api: Api) -> None:
     assert [p["name"] for p in body["data"]] == ["vibedream", "wavespeed", "fal"]  # the file's order
     assert [p["kind"] for p in body["data"]] == ["vibedream", "wavespeed", "fal"]
     vd, ws, fal = body["data"]
-    assert vd["apiKeyEnv"] == "VD_KEY" and vd["maxConcurrent"] == 200 and vd["model"] == "ltx-2-19b"
+    # vibedream without a model sends the gateway's modelId as it is.
+    assert vd["apiKeyEnv"] == "VD_KEY" and vd["maxConcurrent"] == 200 and vd["model"] == ""
     assert ws["ratePerMinute"] == 600 and ws["model"] == "wavespeed-ai/ltx-2-19b/image-to-video"
     assert fal["resolutions"] == ["480p", "720p"] and fal["maxDuration"] == 10
     assert fal["centsPerSecond"] == {"480p": 2.0, "720p": 4.0}

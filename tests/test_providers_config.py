@@ -47,7 +47,7 @@ def test_a_good_file_gives_every_provider_with_its_defaults_and_keys() -> None:
     assert registry.routing == "cheapest"
     assert registry.names == ["vibedream", "wavespeed", "fal"]
     vibedream, wavespeed, fal = registry.providers
-    assert vibedream.model == "ltx-2-19b" and vibedream.serves == ["ltx-2-19b"]
+    assert vibedream.model == "" and vibedream.serves == ["ltx-2-19b"]  # the gateway's modelId as it is
     assert wavespeed.model == "wavespeed-ai/ltx-2-19b/image-to-video"
     assert fal.model == "fal-ai/ltx-2-19b/image-to-video"
     assert fal.host == "queue.fal.run"

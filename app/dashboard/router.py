@@ -32,7 +32,6 @@ from app.dashboard import service as dashboard_service
 from app.dashboard import session as sessions
 from app.deps import RuntimeDep
 from app.providers import admin as providers_admin
-from app.providers.config import load_registry
 from app.runtime import Runtime
 from app.tenants import service as tenants_service
 from app.tenants.schemas import KeyCreate, TenantCreate, TenantUpdate
@@ -606,7 +605,7 @@ async def _providers(
     request: Request, runtime: Runtime, *, notice: str | None = None, error: AppError | None = None
 ) -> Response:
     async with transaction(runtime.sessions, readonly=True) as session:
-        listing = await providers_admin.list_providers(session, load_registry(runtime.settings))
+        listing = await providers_admin.list_providers(session, runtime.providers.registry)
     return render(
         request, "providers.html", status=error.status if error else 200, listing=listing, notice=notice, error=error
     )
@@ -615,7 +614,7 @@ async def _providers(
 async def _switch_provider(request: Request, runtime: Runtime, name: str, *, enabled: bool) -> Response:
     try:
         async with transaction(runtime.sessions) as session:
-            await providers_admin.set_enabled(session, load_registry(runtime.settings), name, enabled=enabled)
+            await providers_admin.set_enabled(session, runtime.providers.registry, name, enabled=enabled)
     except AppError as exc:
         return await _providers(request, runtime, error=exc)
     done = "enabled: new submits may go there again" if enabled else "disabled: no new submit goes there"

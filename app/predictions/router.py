@@ -21,6 +21,7 @@ from app.core.retry_after import retry_after_value
 from app.core.types import Line
 from app.deps import PublicBaseUrlDep, ReadSessionDep, RuntimeDep
 from app.outputs import service as outputs_service
+from app.predictions import failover
 from app.predictions import service as predictions_service
 from app.predictions.cache import FINAL
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, PublicStatus, SubmitOut
@@ -71,7 +72,7 @@ async def generate(
 ) -> Response:
     if idempotency_key is not None and not (0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX):
         raise InvalidRequest(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters.", field="Idempotency-Key")
-    result = await predictions_service.submit(
+    result = await failover.submit(
         runtime,
         caller.tenant,
         caller.key,

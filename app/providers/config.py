@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from app.budgets import service as budgets_service
 from app.core.settings import Settings, secret_given
 
 Kind = Literal["vibedream", "wavespeed", "fal"]
@@ -32,9 +33,10 @@ NAME_PATTERN = r"^[a-z0-9-]{1,32}$"
 MIN_DURATION_S = 5
 MAX_DURATION_S = 20
 
-# Each kind's own model or app id when the file names none (SPEC §11).
+# Each kind's own model or app id when the file names none (SPEC §11); vibedream's ids are the
+# gateway's own, so without one the gateway's modelId is sent as it is (as before providers).
 DEFAULT_MODELS: dict[str, str] = {
-    "vibedream": "ltx-2-19b",
+    "vibedream": "",
     "wavespeed": "wavespeed-ai/ltx-2-19b/image-to-video",
     "fal": "fal-ai/ltx-2-19b/image-to-video",
 }
@@ -124,8 +126,7 @@ class ProviderConfig(BaseModel):
         per_second = next((c for r, c in self.cents_per_second.items() if r == resolution), None)
         if per_second is None:
             return None
-        # Round the product in decimal first, so 1.8 x 5 is 9 and not ceil(9.000000000000002) = 10.
-        return math.ceil(round(per_second * duration_s, 6))
+        return budgets_service.per_second_cents(per_second, duration_s)
 
     def public(self) -> dict[str, Any]:
         """The settings an operator may see: everything but the key."""

@@ -14,7 +14,7 @@ from app.core.types import Line
 from app.deps import ReadSessionDep, RuntimeDep, SessionDep
 from app.providers import admin as providers_admin
 from app.providers.admin_schemas import ProviderList, ProviderOut
-from app.providers.config import Registry, load_registry
+from app.providers.config import Registry
 from app.runtime import Runtime
 
 router = APIRouter(prefix="/admin/v1", tags=["admin"])  # auth: see above
@@ -30,7 +30,7 @@ _DISABLE_LINKS = links(
 
 def registry_of(runtime: Runtime) -> Registry:
     """The providers this process routes by (validated when it started)."""
-    return load_registry(runtime.settings)
+    return runtime.providers.registry
 
 
 @router.get(

@@ -48,12 +48,17 @@ def upgrade() -> None:
         batch_op.create_unique_constraint("uq_predictions_provider_upstream_id", ["provider", "upstream_id"])
     with op.batch_alter_table("ledger_entries", schema=None) as batch_op:
         batch_op.add_column(sa.Column("provider", sa.String(length=32), nullable=True))
+    with op.batch_alter_table("output_copies", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("provider", sa.String(length=32), nullable=True))
+    op.execute("UPDATE output_copies SET provider = 'vibedream'")
     op.execute(
         "UPDATE ledger_entries SET provider = 'vibedream' WHERE kind IN ('settle', 'refund') AND prediction_id IS NOT NULL"
     )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("output_copies", schema=None) as batch_op:
+        batch_op.drop_column("provider")
     with op.batch_alter_table("ledger_entries", schema=None) as batch_op:
         batch_op.drop_column("provider")
     with op.batch_alter_table("predictions", schema=None) as batch_op:
