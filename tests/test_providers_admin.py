@@ -236,3 +236,18 @@ async def test_a_failed_flush_keeps_its_tallies_for_the_next(runtime: Runtime, t
     async with transaction(runtime.sessions, readonly=True) as session:
         day = (await stats.today(session))["fal"]
     assert day.submits == 2 and day.accepted == 2
+
+
+def test_the_example_providers_file_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/providers.example.toml, as an operator copies it, passes the check `serve` makes at start."""
+    from app.providers.config import parse_registry
+
+    path = Path(__file__).resolve().parents[1] / "deploy" / "providers.example.toml"
+    environ = {"VIBEDREAM_API_KEY": "a", "WAVESPEED_API_KEY": "b", "FAL_KEY": "c"}
+    registry = parse_registry(path.read_text(), str(path), environ)
+    assert [(p.name, p.kind) for p in registry.providers] == [
+        ("vibedream", "vibedream"),
+        ("wavespeed", "wavespeed"),
+        ("fal", "fal"),
+    ]
+    assert all(p.api_key_env and p.output_hosts for p in registry.providers)
