@@ -238,7 +238,7 @@ async def test_a_failed_flush_keeps_its_tallies_for_the_next(runtime: Runtime, t
     assert day.submits == 2 and day.accepted == 2
 
 
-def test_the_example_providers_file_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_example_providers_file_is_valid() -> None:
     """deploy/providers.example.toml, as an operator copies it, passes the check `serve` makes at start."""
     from app.providers.config import parse_registry
 
