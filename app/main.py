@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from aiohttp import web
 from fastapi import Depends, FastAPI
 
 from app.admin.deps import require_admin
@@ -26,6 +27,7 @@ from app.ops import router as ops_router
 from app.outputs.router import router as outputs_router
 from app.predictions.router import router as predictions_router
 from app.providers import config as providers_config
+from app.providers import sandbox as providers_sandbox
 from app.providers import stats as provider_stats
 from app.providers.router import router as providers_router
 from app.runtime import Runtime, build_runtime
@@ -51,13 +53,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # The sandbox's simulator writes output links before any request says where callers reach us:
     # the address `serve` listens on stands in for it.
     sandbox_base_url = settings.public_base_url or app.state.listen_url or "http://127.0.0.1:8000"
-    simulator = None
-    upstream_url = None
+    simulators: list[web.AppRunner] = []
+    registry = None
     if settings.sandbox:
         await upgrade_to_head(engine)
-        simulator, upstream_url = await sandbox.start(settings, sandbox_base_url)
         settings = sandbox.with_own_outputs(settings, sandbox_base_url)
-    runtime = build_runtime(settings, engine, sessions, upstream_url)
+        simulators, registry = await providers_sandbox.start(settings, sandbox_base_url)
+    runtime = build_runtime(settings, engine, sessions, registry=registry)
     app.state.runtime = runtime
     # PostgreSQL: every process hears of key revokes and tenant changes at once (app/tenants/cache.py).
     listener_stop = asyncio.Event()
@@ -94,7 +96,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with contextlib.suppress(Exception):
             await stats_task
         await runtime.close()
-        if simulator is not None:
+        for simulator in simulators:
             await simulator.cleanup()
         await engine.dispose()
         app.state.runtime = None

@@ -95,6 +95,8 @@ class SimState:
     output_fetches: int = 0
     output_bytes_sent: int = 0
     submits_by_format: dict[str, int] = field(default_factory=dict)
+    # Every Authorization header the provider API was called with, counted (which key reached it).
+    auths: dict[str, int] = field(default_factory=dict)
     accepted: int = 0
     max_in_flight: int = 0
 
@@ -478,6 +480,7 @@ async def _get_stats(request: web.Request) -> web.StreamResponse:
         "accepted": state.accepted,
         "inFlight": state.in_flight(),
         "maxInFlight": state.max_in_flight,
+        "auths": state.auths,
     }
     if request.query.get("detail"):
         body["pollTimes"] = state.poll_times
@@ -512,8 +515,18 @@ async def _finish(request: web.Request) -> web.StreamResponse:
     return web.json_response({"ok": True})
 
 
+@web.middleware
+async def _count_auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    if not request.path.startswith(("/_sim", "/sandbox")):
+        auths = request.app[STATE].auths
+        header = request.headers.get("Authorization", "")
+        auths[header] = auths.get(header, 0) + 1
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
 def create_simulator(config: SimConfig | None = None) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[_count_auth])
     app[STATE] = SimState(config=config or SimConfig())
     app.router.add_get("/", _root)
     app.router.add_post("/api/v1/models/{model_id}/generate", _generate)
