@@ -674,6 +674,19 @@ def providers_list(as_json: JsonOpt = False) -> None:
     )
 
 
+@providers_cli.command("show")
+def providers_show(name: str, as_json: JsonOpt = False) -> None:
+    """One provider: settings, live state and today's figures."""
+    from app.providers import admin as providers_admin
+
+    registry = _registry()
+
+    async def work(session: Any) -> dict[str, Any]:
+        return await providers_admin.get_provider(session, registry, name)
+
+    _emit(_with_session(work), as_json, _provider_text)
+
+
 def _switch(name: str, enabled: bool, as_json: bool) -> None:
     from app.providers import admin as providers_admin
 

@@ -158,6 +158,7 @@ async def test_openapi_declares_the_routes_behind_the_bearer_scheme(api: Api) ->
         ("/admin/v1/providers/{name}/enable", "post"),
     ):
         assert paths[path][method]["security"] == [{"AdminToken": []}], path
+        assert paths[path][method]["x-cli"].startswith("providers "), path  # the command that does the same
 
 
 async def _ledger(runtime: Runtime, tenant_id: str, rows: list[tuple[str | None, str, int]]) -> None:

@@ -74,13 +74,18 @@ def test_list_disable_enable(db: None) -> None:
     assert "in flight 0 / 5" in out and "in flight 0 / no cap" in out
     assert "secret" not in out
 
+    code, out, _ = run("providers", "show", "second", "--json")
+    assert code == 0 and json.loads(out)["name"] == "second" and json.loads(out)["state"]["enabled"] is False
+    code, out, _ = run("providers", "show", "second")
+    assert code == 0 and out.startswith("second  (wavespeed") and "DISABLED" in out
+
     code, out, _ = run("providers", "enable", "second")
     assert code == 0 and out.strip() == "second enabled"
     code, out, _ = run("providers", "list", "--json")
     assert [p["state"]["enabled"] for p in json.loads(out)["data"]] == [True, True]
 
 
-@pytest.mark.parametrize("verb", ["disable", "enable"])
+@pytest.mark.parametrize("verb", ["show", "disable", "enable"])
 def test_unknown_provider_is_a_readable_error(db: None, verb: str) -> None:
     code, out, err = run("providers", verb, "third")
     assert code == 2

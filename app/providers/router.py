@@ -28,6 +28,11 @@ _DISABLE_LINKS = links(
 )
 
 
+def _cli(command: str) -> dict[str, Any]:
+    """The `vidgate` command that does what the route does (`x-cli` in the OpenAPI document)."""
+    return {"x-cli": command}
+
+
 def registry_of(runtime: Runtime) -> Registry:
     """The providers this process routes by (validated when it started)."""
     return runtime.providers.registry
@@ -38,12 +43,18 @@ def registry_of(runtime: Runtime) -> Registry:
     response_model=ProviderList,
     responses=_LIST_LINKS,
     summary="Every provider: its settings (never its key), live state across replicas and today's figures",
+    openapi_extra=_cli("providers list"),
 )
 async def list_providers(session: ReadSessionDep, runtime: RuntimeDep) -> dict[str, Any]:
     return await providers_admin.list_providers(session, registry_of(runtime))
 
 
-@router.get("/providers/{name}", response_model=ProviderOut, summary="One provider, as in the list")
+@router.get(
+    "/providers/{name}",
+    response_model=ProviderOut,
+    summary="One provider, as in the list",
+    openapi_extra=_cli("providers show"),
+)
 async def get_provider(session: ReadSessionDep, runtime: RuntimeDep, name: Name) -> dict[str, Any]:
     return await providers_admin.get_provider(session, registry_of(runtime), name)
 
@@ -53,11 +64,17 @@ async def get_provider(session: ReadSessionDep, runtime: RuntimeDep, name: Name)
     response_model=ProviderOut,
     responses=_DISABLE_LINKS,
     summary="Stop routing new submits there (every replica, within 5 s); predictions in flight there go on",
+    openapi_extra=_cli("providers disable"),
 )
 async def disable_provider(session: SessionDep, runtime: RuntimeDep, name: Name) -> dict[str, Any]:
     return await providers_admin.set_enabled(session, registry_of(runtime), name, enabled=False)
 
 
-@router.post("/providers/{name}/enable", response_model=ProviderOut, summary="Route new submits there again")
+@router.post(
+    "/providers/{name}/enable",
+    response_model=ProviderOut,
+    summary="Route new submits there again",
+    openapi_extra=_cli("providers enable"),
+)
 async def enable_provider(session: SessionDep, runtime: RuntimeDep, name: Name) -> dict[str, Any]:
     return await providers_admin.set_enabled(session, registry_of(runtime), name, enabled=True)
