@@ -14,6 +14,7 @@ and one simulator, measured in interleaved repetitions so drift hits every setup
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 from typing import TYPE_CHECKING, Any
 
@@ -64,13 +65,18 @@ async def phase(bench: Bench) -> None:
     servers: dict[str, Any] = {}
     try:
         bases: dict[str, str] = {}
-        for name, text in setups(sim_url, refused_url, sim_url.removeprefix("http://")).items():
+
+        async def start(name: str, text: str) -> None:
             path = bench.workdir / f"providers-{name}.toml"
             path.write_text(text)
             db = VidgateDb(f"providers-{name}", url)
             servers[name], bases[name] = await bench.start_vidgate(
                 db, sim_url, run_worker=False, env={"VIDGATE_PROVIDERS_FILE": str(path), **KEYS}
             )
+
+        # Side by side: the processes' start-up is most of this phase's time in a smoke run.
+        files = setups(sim_url, refused_url, sim_url.removeprefix("http://"))
+        await asyncio.gather(*(start(name, text) for name, text in files.items()))
         _, key = await bench.make_tenant(bases["one"], "bench-providers", budget_cents=10**9)
         auth = f"Bearer {key}"
         for name in servers:  # the failover setup answers too (through its second provider)
