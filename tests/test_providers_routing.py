@@ -581,3 +581,38 @@ async def test_rate_per_minute_holds(engine: AsyncEngine, database_url: str, sim
         assert served == ["a", "a", "a", "b", "b"]
         clock.shift_to(clock.now() + timedelta(minutes=1))
         assert (await tenant.submit(valid_body())).json()["provider"] == "a"
+
+
+async def test_the_hold_is_the_highest_candidate_price_and_the_settle_the_servers(
+    engine: AsyncEngine, database_url: str, sims: list[Sim]
+) -> None:
+    a, b, _ = sims
+    registry = Registry(
+        providers=[
+            provider("a", "vibedream", a.url, priority=1),  # charged its costCents: 9 for 480p, 5 s
+            provider("b", "fal", b.url, priority=2, cents_per_second={"480p": 3.0, "720p": 6.0, "1080p": 12.0}),
+        ],
+        source="test",
+    )
+    async with gateway(engine, database_url, registry) as api:
+        tenant = await api.tenant(budgetCents=24, budgetPeriod="total")
+        first = await tenant.submit(valid_body())
+        assert first.status_code == 200 and (first.json()["provider"], first.json()["costCents"]) == ("a", 9)
+        entries = await ledger(api, first.json()["id"])
+        assert [(e.kind, e.reserved_delta, e.spent_delta, e.provider) for e in entries] == [
+            ("reserve", 15, 0, None),  # b's price: whichever serves, the budget holds
+            ("settle", -15, 9, "a"),
+        ]
+        # 15 left: exactly one more hold of 15 fits; after its settle 6 are left, and no hold fits.
+        second = await tenant.submit(valid_body())
+        assert second.status_code == 200 and second.json()["costCents"] == 9
+        third = await tenant.submit(valid_body())
+        assert third.status_code == 402 and third.json()["code"] == "budget_exceeded"
+        usage = (await tenant.get("/api/v1/usage")).json()
+        assert (usage["spentCents"], usage["reservedCents"], usage["remainingCents"]) == (18, 0, 6)
+        # The other way round: served by b, charged b's price.
+        a.state.faults.submit_status, a.state.faults.submit_count = 503, 1
+        tenant2 = await api.tenant(name="second", budgetCents=15, budgetPeriod="total")
+        served_by_b = await tenant2.submit(valid_body())
+        assert (served_by_b.json()["provider"], served_by_b.json()["costCents"]) == ("b", 15)
+        assert (await tenant2.get("/api/v1/usage")).json()["remainingCents"] == 0

@@ -889,13 +889,20 @@ async def quote(
     model_id: str,
     resolution: str | None,
     duration_s: int | None,
+    provider_prices: list[int] | None = None,
+    answer_priced: bool = True,
 ) -> Quote:
-    """What a submit now would hold, and whether it would pass the budget, concurrency and rate checks.
-    Reads only: nothing is held, nothing counted."""
+    """What a submit now would hold (hold_cents of the candidates), and whether it would pass the budget,
+    concurrency and rate checks. Reads only: nothing is held, nothing counted."""
     now = clock.now()
-    estimate = await estimate_cents(
-        session, price_table, model_id, resolution or DEFAULT_RESOLUTION, duration_s or DEFAULT_DURATION_S
+    estimated = (
+        await estimate_cents(
+            session, price_table, model_id, resolution or DEFAULT_RESOLUTION, duration_s or DEFAULT_DURATION_S
+        )
+        if answer_priced
+        else None
     )
+    estimate = hold_cents(estimated, provider_prices or [])
     period = period_of(tenant.budget_period, now)
     fits = await budget_limits.would_admit(session, tenant, now)
     remaining: int | None = None

@@ -22,6 +22,7 @@ from app.core.types import Line
 from app.deps import PublicBaseUrlDep, ReadSessionDep, RuntimeDep
 from app.outputs import service as outputs_service
 from app.predictions import failover
+from app.providers import routing
 from app.predictions import service as predictions_service
 from app.predictions.cache import FINAL
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, PublicStatus, SubmitOut
@@ -127,8 +128,23 @@ async def quote(
     model_id: Annotated[Line, Path(alias="modelId", max_length=100)],
 ) -> Response:
     predictions_service.check_submittable(runtime, model_id, body)
+    resolution = body.resolution or budgets_service.DEFAULT_RESOLUTION
+    duration = body.duration or budgets_service.DEFAULT_DURATION_S
+    # What a submit would hold: the highest price among the providers it would try now (or could at all).
+    plan = await routing.plan(runtime.providers, model_id, resolution, duration)
+    if not plan.candidates:
+        served = routing.served(runtime.providers.registry, model_id, resolution, duration)
+        plan = routing.Plan([routing.Candidate(p, p.file_price_cents(resolution, duration)) for p in served])
     answer = await budgets_service.quote(
-        session, runtime.settings.price_table, caller.tenant, caller.key, model_id, body.resolution, body.duration
+        session,
+        runtime.settings.price_table,
+        caller.tenant,
+        caller.key,
+        model_id,
+        body.resolution,
+        body.duration,
+        plan.prices,
+        plan.answer_priced,
     )
     return json_response(
         {

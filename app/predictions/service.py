@@ -554,7 +554,7 @@ async def _hold_batch(
             tenant=jobs[i].tenant,
             key=jobs[i].key,
             hold=_hold(predictions[i][0], jobs[i].key),
-            amount=predictions[i][1].cents,
+            amount=predictions[i][0].estimate_cents,
             takes_slot=predictions[i][0].holds_slot,
             slot_retry_after_s=retry_after_s,
         )
