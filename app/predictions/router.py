@@ -22,10 +22,10 @@ from app.core.types import Line
 from app.deps import PublicBaseUrlDep, ReadSessionDep, RuntimeDep
 from app.outputs import service as outputs_service
 from app.predictions import failover
-from app.providers import routing
 from app.predictions import service as predictions_service
 from app.predictions.cache import FINAL
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, PublicStatus, SubmitOut
+from app.providers import routing
 from app.tenants.deps import Credentials, cached_caller
 
 router = APIRouter(prefix="/api/v1", tags=["predictions"], responses=tenant_responses())
