@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from aiohttp import web
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from app.admin.deps import require_admin
 from app.admin.router import router as admin_router
@@ -29,7 +29,7 @@ from app.predictions.router import router as predictions_router
 from app.providers import config as providers_config
 from app.providers import sandbox as providers_sandbox
 from app.providers import stats as provider_stats
-from app.providers.router import router as providers_router
+from app.providers.router import build_router as build_providers_router
 from app.runtime import Runtime, build_runtime
 from app.tenants import cache as key_cache
 from app.upstream import sandbox
@@ -124,7 +124,7 @@ def create_app(
     routers = (predictions_router, usage_router, webhooks_router, admin_router, outputs_router)
     for router in (*routers, ops_router, dashboard_router):
         app.include_router(router)
-    app.include_router(providers_router, dependencies=[Depends(require_admin)])  # /admin/v1/providers
+    app.include_router(build_providers_router(require_admin))  # /admin/v1/providers
     return app
 
 

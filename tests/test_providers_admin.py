@@ -252,3 +252,27 @@ def test_the_example_providers_file_is_valid() -> None:
         ("fal", "fal"),
     ]
     assert all(p.api_key_env and p.output_hosts for p in registry.providers)
+
+
+async def test_the_switch_records_the_operator_the_check_names(runtime: Runtime) -> None:
+    """build_router takes the operator check from app/main.py; the actor it names is who disabled."""
+    import httpx
+    from fastapi import FastAPI
+
+    from app.core.errors import install_error_handlers
+    from app.providers.router import build_router
+
+    class Named:
+        actor = "operator:night-shift"
+
+    async def check() -> Named:
+        return Named()
+
+    app = FastAPI()
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    app.include_router(build_router(check))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway.test") as http:
+        answer = await http.post("/admin/v1/providers/fal/disable")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["state"]["disabledBy"] == "operator:night-shift"

@@ -614,7 +614,9 @@ async def _providers(
 async def _switch_provider(request: Request, runtime: Runtime, name: str, *, enabled: bool) -> Response:
     try:
         async with transaction(runtime.sessions) as session:
-            await providers_admin.set_enabled(session, runtime.providers.registry, name, enabled=enabled)
+            # The signed-in operator, where the session names one (else the admin token's `admin`).
+            actor = providers_admin.actor_of(getattr(request.state, "operator", None))
+            await providers_admin.set_enabled(session, runtime.providers.registry, name, enabled=enabled, actor=actor)
     except AppError as exc:
         return await _providers(request, runtime, error=exc)
     done = "enabled: new submits may go there again" if enabled else "disabled: no new submit goes there"

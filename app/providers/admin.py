@@ -27,6 +27,12 @@ class ProviderNotFound(NotFound):
     title = "No such provider"
 
 
+def actor_of(operator: object) -> str:
+    """Who switches: the operator's `actor` where the caller's authentication names one, else `admin`
+    (the admin token's actor, SPEC §13)."""
+    return str(getattr(operator, "actor", None) or "admin")
+
+
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part.title() for part in rest)
