@@ -3,6 +3,8 @@
 from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, RateWindow, ThresholdNotice
 from app.outputs.models import OutputCopy, StoredOutput
 from app.predictions.models import IdempotencyKey, Prediction
+from app.providers.models import ProviderState
+from app.providers.stats import ProviderDay
 from app.tenants.models import ApiKey, Tenant
 from app.webhooks.models import WebhookAttempt, WebhookDelivery
 
@@ -14,6 +16,8 @@ __all__ = [
     "OutputCopy",
     "Prediction",
     "PricePoint",
+    "ProviderDay",
+    "ProviderState",
     "RateWindow",
     "StoredOutput",
     "Tenant",

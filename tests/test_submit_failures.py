@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from app.budgets.models import LedgerEntry
 from app.core.database import transaction
 from app.core.ids import new_id
+from app.predictions import failover
 from app.predictions import service as predictions_service
 from app.predictions.models import Prediction
 from app.predictions.schemas import GenerateRequest
@@ -75,7 +76,7 @@ async def test_a_hold_committed_for_a_caller_gone_meanwhile_is_given_back(live_a
     try:
         request = GenerateRequest.model_validate(valid_body())
         caller = asyncio.create_task(
-            predictions_service.submit(
+            failover.submit(
                 rt, tenant_row, key_row, MODEL, request, idempotency_key="gone", status_url_base="http://gw/p"
             )
         )

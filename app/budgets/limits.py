@@ -123,6 +123,19 @@ async def take_rate(session: AsyncSession, tenant: Tenant, n: int, now: datetime
     return (await session.execute(_TAKE_RATE, params)).first() is not None
 
 
+async def take_scope_rate(session: AsyncSession, scope: str, limit: int, now: datetime) -> bool:
+    """Count one submit in `scope`'s current minute if it fits under `limit` (a provider's rate_per_minute)."""
+    params = {"b_scope": scope, "b_window": _window(now), "b_n": 1, "b_limit": limit}
+    if (await session.execute(_TAKE_RATE, params)).first() is not None:
+        return True
+    await insert_ignore(session, RateWindow, [dict(scope=scope, window_start=params["b_window"], count=0)])
+    return (await session.execute(_TAKE_RATE, params)).first() is not None
+
+
+async def give_scope_rate(session: AsyncSession, scope: str, now: datetime) -> None:
+    await session.execute(_GIVE_RATE, {"b_scope": scope, "b_window": _window(now), "b_n": 1})
+
+
 async def give_rate(session: AsyncSession, tenant: Tenant, n: int, now: datetime) -> None:
     """Give back submits counted by take_rate in this transaction (a batch that did not fit)."""
     if tenant.rate_per_minute is not None and n:
