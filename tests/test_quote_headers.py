@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from app.core import clock
+from app.core.database import transaction
+from app.predictions.models import Prediction
 from app.upstream.simulator import SimState
 from tests.conftest import Api, eventually, valid_body
 
@@ -127,3 +132,27 @@ async def test_openapi_documents_quote_and_headers(api: Api) -> None:
     for path, method in (("/api/v1/predictions/{predictionId}", "get"), ("/api/v1/models/{modelId}/generate", "post")):
         headers = spec["paths"][path][method]["responses"]["200"]["headers"]
         assert {"Retry-After", "X-Budget-Remaining-Cents", "X-Budget-Resets-At"} <= set(headers)
+
+
+async def test_retry_after_counts_from_the_confirm_not_from_the_hold(api: Api, sim: SimState) -> None:
+    """The first poll is due the estimate's lower bound after the vendor accepted the prediction. An
+    upstream call that took 20 s (the clock moved while it was in flight) must not shorten the submit's
+    Retry-After: it says when the poll queue will poll, no earlier, and a replay of the answer too."""
+    sim.config.estimated_time = "30-60s"
+    sim.faults.submit_arrived, sim.faults.submit_gate = asyncio.Event(), asyncio.Event()
+    tenant = await api.tenant()
+    submitting = asyncio.create_task(tenant.submit(**{"Idempotency-Key": "slow"}))
+    await sim.faults.submit_arrived.wait()
+    clock.shift_to(clock.now() + timedelta(seconds=20))
+    sim.faults.submit_gate.set()
+    submitted = await submitting
+    assert submitted.status_code == 200, submitted.text
+    async with transaction(api.runtime.sessions) as session:
+        row = await session.get(Prediction, submitted.json()["id"])
+        assert row is not None and row.next_poll_at is not None
+        due_in = (row.next_poll_at - clock.now()).total_seconds()
+    assert int(submitted.headers["retry-after"]) in (math.floor(due_in), math.ceil(due_in))
+    assert int(submitted.headers["retry-after"]) > 20  # 30 s after the confirm; the hold was 20 s before
+    replayed = await tenant.submit(**{"Idempotency-Key": "slow"})
+    assert replayed.headers["idempotent-replayed"] == "true"
+    assert int(replayed.headers["retry-after"]) in (math.floor(due_in), math.ceil(due_in))

@@ -15,6 +15,7 @@ gives both back). Then, by what the provider answered:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from sqlalchemy import bindparam, update
@@ -120,6 +121,29 @@ async def submit(
         return held  # a replay of an earlier answer
     prediction, estimate = held
 
+    try:
+        submitted, provider, candidate = await _attempts(runtime, key, model_id, plan, prediction, idempotency_key)
+    except asyncio.CancelledError:
+        # The caller went away before any provider accepted it: the hold comes back now, not at recovery.
+        await service.abandon(runtime, prediction, key, idempotency_key)
+        raise
+    # Accepted, and billed there: from here on a caller going away does not stop the charge being recorded.
+    await runtime.providers.health.succeeded(provider)
+    return await _settle(
+        runtime, tenant, key, prediction, estimate, submitted, provider, candidate, idempotency_key, status_url_base
+    )
+
+
+async def _attempts(
+    runtime: Runtime,
+    key: ApiKey,
+    model_id: str,
+    plan: routing.Plan,
+    prediction: Prediction,
+    idempotency_key: str | None,
+) -> tuple[UpstreamSubmitted, ProviderConfig, routing.Candidate]:
+    """The candidates in the routing order, until one accepts (what it answered, it and its candidacy)
+    or none is left (the hold released, the refusal raised)."""
     health = runtime.providers.health
     skipped = dict(plan.skipped)
     last: UpstreamRefused | UpstreamUnavailable | None = None
@@ -166,10 +190,7 @@ async def submit(
                 raise service.upstream_problem(exc) from exc
             skipped[provider.name], last = exc.reason, exc
             continue
-        await health.succeeded(provider)
-        return await _settle(
-            runtime, tenant, key, prediction, estimate, submitted, provider, candidate, idempotency_key, status_url_base
-        )
+        return submitted, provider, candidate
 
     await service.release(
         runtime, prediction, key, f"no provider accepted the prediction: {last or 'none had room'}", idempotency_key
@@ -219,4 +240,6 @@ async def _settle(
         "prediction submitted",
         extra={"prediction_id": prediction.id, "provider": provider.name, "cost_cents": confirm.cost},
     )
-    return service.SubmitResult(body=body, replayed=False, prediction_id=prediction.id)
+    return service.SubmitResult(
+        body=body, replayed=False, prediction_id=prediction.id, next_poll_at=prediction.next_poll_at
+    )

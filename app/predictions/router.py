@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Response
@@ -88,7 +88,7 @@ async def generate(
     if not result.replayed:
         note_charge(content.get("costCents") or 0)
     wait_s = _prefer_wait(prefer, runtime.settings.prefer_wait_max_s)
-    next_poll_at: datetime | None = _first_poll_due(content, runtime.settings.poll_interval_s)
+    next_poll_at = result.next_poll_at
     if wait_s is not None:
         prediction = await predictions_service.wait_until_terminal(
             runtime, caller.tenant.id, result.prediction_id, wait_s
@@ -106,13 +106,6 @@ async def generate(
     if content["status"] == "processing":
         headers["Retry-After"] = _retry_after(next_poll_at)
     return json_response(content, headers=headers)
-
-
-def _first_poll_due(submitted: dict[str, Any], default_s: float) -> datetime:
-    """When the gateway first polls a just-submitted prediction: createdAt plus the estimate's lower bound."""
-    created = datetime.fromisoformat(submitted["createdAt"])
-    delay = predictions_service.first_poll_delay_s(submitted.get("estimatedTime"), default_s)
-    return created + timedelta(seconds=delay)
 
 
 @router.post(
