@@ -25,7 +25,9 @@ from app.ops import router as ops_router
 from app.outputs.router import router as outputs_router
 from app.predictions.router import router as predictions_router
 from app.runtime import Runtime, build_runtime
+from app.selfservice.router import router as selfservice_router
 from app.tenants import cache as key_cache
+from app.tenants import last_used
 from app.upstream import sandbox
 from app.webhooks.router import router as webhooks_router
 from app.worker import Worker
@@ -62,6 +64,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine.dialect.name == "postgresql"
         else None
     )
+    # Keys' lastUsedAt, noted in memory by each key check, written every few seconds in one statement.
+    last_used_task = asyncio.create_task(last_used.flush_loop(sessions, settings.key_last_used_flush_s, listener_stop))
     worker_task = None
     worker = Worker(runtime)
     if settings.run_worker:
@@ -80,6 +84,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if listener is not None:
             with contextlib.suppress(Exception):
                 await listener
+        with contextlib.suppress(Exception):
+            await last_used_task
         if worker_task is not None:
             with contextlib.suppress(Exception):
                 await worker_task
@@ -109,7 +115,7 @@ def create_app(
     install_error_handlers(app)
     # One layer: request id, guard, the balance headers, Server-Timing and metrics (app/core/middleware.py).
     app.add_middleware(RequestMiddleware, sandbox=settings.sandbox, header_slots=(BALANCE_SLOT,))
-    routers = (predictions_router, usage_router, webhooks_router, admin_router, outputs_router)
+    routers = (predictions_router, usage_router, webhooks_router, selfservice_router, admin_router, outputs_router)
     for router in (*routers, ops_router, dashboard_router):
         app.include_router(router)
     return app

@@ -42,6 +42,7 @@ from app.outputs import service as outputs_service
 from app.predictions.models import PUBLIC_STATUSES, TERMINAL_STATUSES, IdempotencyKey, Prediction, PredictionStatus
 from app.predictions.schemas import GenerateRequest
 from app.runtime import Runtime
+from app.tenants import service as tenants_service
 from app.tenants.models import ApiKey, Tenant
 from app.upstream.client import UpstreamRefused, UpstreamUnavailable
 from app.upstream.schemas import UpstreamPrediction, UpstreamSubmitted
@@ -257,6 +258,7 @@ async def submit(
     public_base_url: str | None = None,
 ) -> SubmitResult:
     check_submittable(runtime, model_id, request)
+    tenants_service.require_model(key, model_id)
     prediction_id = new_id("pred")
     fingerprint = request_fingerprint(model_id, request) if idempotency_key is not None else ""
 
