@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, CheckConstraint, ForeignKey, String, text
+from sqlalchemy import JSON, CheckConstraint, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.core import clock
@@ -52,7 +52,7 @@ class ApiKey(Base):
     budget_cents: Mapped[int | None]
     # What the key may do (generate, read, manage) and on which models (null: every model the tenant
     # may use); read from the key cache on every request, so no statement per request checks them.
-    scopes: Mapped[list[str]] = mapped_column(JSON, server_default=text('\'["generate", "read"]\''))
+    scopes: Mapped[list[str]] = mapped_column(JSON, default=lambda: ["generate", "read"])
     models: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     expires_at: Mapped[datetime | None]
     # Kept from memory by app/tenants/last_used.py: at most a flush interval behind.

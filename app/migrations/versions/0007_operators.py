@@ -49,12 +49,13 @@ def upgrade() -> None:
     # Keys made before scopes existed keep what they could do to callers (generate and read); managing
     # the tenant is new, and given only to keys made for it.
     with op.batch_alter_table("api_keys", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column("scopes", sa.JSON(), nullable=False, server_default=sa.text('\'["generate", "read"]\''))
-        )
+        batch_op.add_column(sa.Column("scopes", sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column("models", sa.JSON(none_as_null=True), nullable=True))
         batch_op.add_column(sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True))
+    op.execute("""UPDATE api_keys SET scopes = '["generate", "read"]'""")
+    with op.batch_alter_table("api_keys", schema=None) as batch_op:
+        batch_op.alter_column("scopes", existing_type=sa.JSON(), nullable=False)
     with op.batch_alter_table("tenants", schema=None) as batch_op:
         batch_op.add_column(sa.Column("webhook_events_filter", sa.JSON(none_as_null=True), nullable=True))
 
