@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from app.cli_common import JsonOpt, as_operator, with_session
+from app.cli_common import JsonOpt, as_operator
 from app.cli_common import emit as _emit
 from app.cli_operators import register_operator_commands
 from app.core.settings import Settings, get_settings
@@ -32,8 +32,6 @@ cli.add_typer(tenants_cli, name="tenants")
 cli.add_typer(keys_cli, name="keys")
 cli.add_typer(ledger_cli, name="ledger")
 cli.add_typer(deliveries_cli, name="deliveries")
-
-_with_session = with_session
 
 
 # ---------------------------------------------------------------- running
@@ -448,10 +446,12 @@ def tenants_update(
 def tenants_list(as_json: JsonOpt = False) -> None:
     from app.tenants import service
 
-    async def work(session: Any) -> list[dict[str, Any]]:
+    async def work(session: Any, _op: Any) -> list[dict[str, Any]]:
         return [_tenant_dict(t) for t in await service.list_tenants(session)]
 
-    _emit(_with_session(work), as_json, lambda rows: "\n".join(_tenant_text(t) for t in rows) or "no tenants")
+    _emit(
+        as_operator(work, writes=False), as_json, lambda rows: "\n".join(_tenant_text(t) for t in rows) or "no tenants"
+    )
 
 
 @tenants_cli.command("show")
@@ -459,7 +459,7 @@ def tenants_show(tenant_id: str, as_json: JsonOpt = False) -> None:
     from app.budgets import service as budgets_service
     from app.tenants import service
 
-    async def work(session: Any) -> dict[str, Any]:
+    async def work(session: Any, _op: Any) -> dict[str, Any]:
         tenant = await service.get_tenant(session, tenant_id)
         usage = await budgets_service.tenant_usage(session, tenant)
         return {
@@ -468,7 +468,7 @@ def tenants_show(tenant_id: str, as_json: JsonOpt = False) -> None:
         }
 
     _emit(
-        _with_session(work),
+        as_operator(work, writes=False),
         as_json,
         lambda t: (
             _tenant_text(t) + f"\n  this period: {t['usage']['spentCents']} spent, {t['usage']['reservedCents']} held"
@@ -494,13 +494,13 @@ def usage(
         typer.echo("error: --group-by must be tenant, model or day", err=True)
         raise typer.Exit(2)
 
-    async def work(session: Any) -> list[dict[str, Any]]:
+    async def work(session: Any, _op: Any) -> list[dict[str, Any]]:
         start = _parse_moment(from_, "from", end=False)
         end = _parse_moment(to, "to", end=True)
         return await admin_service.usage_rows(session, start, end, group_by)
 
     _emit(
-        _with_session(work),
+        as_operator(work, writes=False),
         as_json,
         lambda rows: (
             "\n".join(f"{r[group_by]:<40} {r['spentCents']:>10} cents {r['predictions']:>8} predictions" for r in rows)
@@ -514,7 +514,7 @@ def ledger_verify(as_json: JsonOpt = False) -> None:
     """Recompute every balance from the ledger; exits 1 on any mismatch."""
     from app.budgets import service as budgets_service
 
-    mismatches = _with_session(budgets_service.verify_ledger)
+    mismatches = as_operator(lambda session, _op: budgets_service.verify_ledger(session), writes=False)
     _emit(
         {"ok": not mismatches, "mismatches": [m.__dict__ for m in mismatches]},
         as_json,
@@ -533,14 +533,14 @@ def deliveries_list(
 ) -> None:
     from app.webhooks import service as webhooks_service
 
-    async def work(session: Any) -> list[dict[str, Any]]:
+    async def work(session: Any, _op: Any) -> list[dict[str, Any]]:
         rows, _ = await webhooks_service.list_deliveries(
             session, tenant_id=tenant, status=status, limit=limit, cursor=None
         )
         return [webhooks_service.present(d) for d in rows]
 
     _emit(
-        _with_session(work),
+        as_operator(work, writes=False),
         as_json,
         lambda rows: (
             "\n".join(
