@@ -43,7 +43,10 @@ def test_every_operator_route_has_a_command_with_json() -> None:
         name = operation.get("x-cli")
         command = find_command(name.split()) if name else None
         if command is None or hasattr(command, "commands"):
-            missing.append(f"{method} {path}: x-cli={name!r} names no vidgate command")
+            missing.append(
+                f"{method} {path}: x-cli={name!r} names no vidgate command "
+                "(write the command, and name it on the route: openapi_extra=cli('group command'))"
+            )
             continue
         options = {opt for param in command.params for opt in getattr(param, "opts", [])}
         if "--json" not in options:

@@ -15,6 +15,7 @@ from app.core.settings import SANDBOX_ADMIN_TOKEN, Settings
 from app.deps import RuntimeDep
 from app.operators import service as operators_service
 from app.operators.service import Operator
+from app.runtime import Runtime
 
 bearer = HTTPBearer(
     auto_error=False, scheme_name="AdminToken", description="VIDGATE_ADMIN_TOKEN or an operator token (vgo_...)"
@@ -43,16 +44,21 @@ def is_admin_token(settings: Settings, given: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
+async def operator_of(runtime: Runtime, given: str) -> Operator | None:
+    """Who `given` is: the admin token, an active operator token (one lookup by its hash), or nobody."""
+    if is_admin_token(runtime.settings, given):
+        return operators_service.ADMIN
+    if given.startswith(operators_service.TOKEN_PREFIX):
+        async with transaction(runtime.sessions, readonly=True) as session:
+            return await operators_service.authenticate(session, given)
+    return None
+
+
 async def require_admin(
     request: Request, runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> Operator:
     given = credentials.credentials if credentials else ""
-    operator: Operator | None = None
-    if is_admin_token(runtime.settings, given):
-        operator = operators_service.ADMIN
-    elif given.startswith(operators_service.TOKEN_PREFIX):
-        async with transaction(runtime.sessions, readonly=True) as session:
-            operator = await operators_service.authenticate(session, given)
+    operator = await operator_of(runtime, given)
     if operator is None:
         raise InvalidAdminToken(
             "Send the operator token as 'Authorization: Bearer <VIDGATE_ADMIN_TOKEN>' or an operator token (vgo_...).",

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
 from app.admin import service as admin_service
-from app.admin.deps import InvalidAdminToken, admin_token, is_admin_token
+from app.admin.deps import InvalidAdminToken, admin_token, operator_of
 from app.audit import service as audit_service
 from app.budgets import service as budgets_service
 from app.core.database import transaction
@@ -250,17 +250,13 @@ async def login(request: Request, runtime: RuntimeDep) -> Response:
     if not sessions.csrf_matches(pre, form.get("csrf")):
         raise CsrfRejected("The login form has no valid CSRF token. Reload the page and sign in again.")
     request.state.dashboard_session = pre
-    given = form.get("token", "")
-    token_id: str | None = None
-    if not is_admin_token(runtime.settings, given):
-        async with transaction(runtime.sessions, readonly=True) as db:
-            signed_in = await operators_service.authenticate(db, given)
-        if signed_in is None:
-            error = InvalidAdminToken(
-                "That is not the operator token (VIDGATE_ADMIN_TOKEN), nor an active operator token (vgo_...)."
-            )
-            return render(request, "login.html", status=401, next=_safe_next(form.get("next", "")), error=error)
-        token_id = signed_in.token_id
+    signed_in = await operator_of(runtime, form.get("token", ""))
+    if signed_in is None:
+        error = InvalidAdminToken(
+            "That is not the operator token (VIDGATE_ADMIN_TOKEN), nor an active operator token (vgo_...)."
+        )
+        return render(request, "login.html", status=401, next=_safe_next(form.get("next", "")), error=error)
+    token_id = signed_in.token_id
     response = RedirectResponse(_safe_next(form.get("next", "/dashboard")), status_code=303)
     session = sessions.new_session(authenticated=True, ttl_s=runtime.settings.session_ttl_s, token_id=token_id)
     sessions.set_cookie(response, key, session, secure=_secure(request))
