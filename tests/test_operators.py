@@ -239,3 +239,17 @@ async def test_operator_token_names_are_one_word(api: Api) -> None:
         headers={"Authorization": "Bearer test-admin-token"},
     )
     assert answer.status_code == 422
+
+
+async def test_the_dashboard_makes_keys_with_scopes_and_an_expiry(api: Api) -> None:
+    tenant = await api.tenant()
+    csrf = await dashboard_login(api, "test-admin-token")
+    path = f"/dashboard/tenants/{tenant.id}/keys"
+    made = await api.http.post(path, data={"csrf": csrf, "scope_manage": "1", "expiresAt": "2999-01-01T00:00"})
+    assert made.status_code == 200 and 'id="new-key"' in made.text, made.text
+    keys = (await api.admin("GET", f"/admin/v1/tenants/{tenant.id}/keys")).json()["data"]
+    newest = max(keys, key=lambda k: k["id"])
+    assert newest["scopes"] == ["manage"] and newest["expiresAt"] == "2999-01-01T00:00:00.000Z"
+    past = await api.http.post(path, data={"csrf": csrf, "expiresAt": "2001-01-01T00:00"})
+    assert past.status_code == 422 and "expiresAt" in past.text
+    assert {r["actor"] for r in await audit(api, action="key.create")} == {"admin"}

@@ -458,10 +458,19 @@ async def update_settings(request: Request, runtime: RuntimeDep, form: Form, ten
 async def create_key(request: Request, runtime: RuntimeDep, form: Form, tenant_id: str) -> Response:
     async def action(session: Any) -> dict[str, Any]:
         tenant = await tenants_service.get_tenant(session, tenant_id)
-        name = (form.get("name") or "").strip() or None
-        _key, raw = await admin_service.create_key(
-            session, runtime.settings, tenant, KeyCreate(name=name), form.operator.actor
-        )
+        fields: dict[str, Any] = {"name": (form.get("name") or "").strip() or None}
+        # One checkbox per scope (the form reader keeps one value per name); none ticked: the default.
+        scopes = [scope for scope in ("generate", "read", "manage") if form.get(f"scope_{scope}")]
+        if scopes:
+            fields["scopes"] = scopes
+        expires = (form.get("expiresAt") or "").strip()
+        if expires:
+            fields["expiresAt"] = _moment(expires, "expiresAt", end=False)
+        try:
+            data = KeyCreate.model_validate(fields)
+        except ValidationError as exc:
+            raise validation_problem(exc.errors()) from exc
+        _key, raw = await admin_service.create_key(session, runtime.settings, tenant, data, form.operator.actor)
         return {"notice": "Key created. Copy it now: it is not shown again.", "new_key": raw}
 
     return await _tenant_action(request, runtime, tenant_id, action)
