@@ -35,7 +35,9 @@ def key_view(key: ApiKey) -> dict[str, Any]:
 async def create_tenant(session: AsyncSession, settings: Settings, data: TenantCreate, actor: str) -> Tenant:
     webhooks_service.check_webhook_url(settings, data.webhook_url, "webhookUrl")
     tenant = await tenants_service.create_tenant(session, data)
-    await audit_service.record(session, actor, "tenant.create", f"tenant:{tenant.id}", None, tenant_view(tenant))
+    await audit_service.record(
+        session, actor, "tenant.create", audit_service.target("tenant", tenant.id), None, tenant_view(tenant)
+    )
     return tenant
 
 
@@ -55,7 +57,9 @@ async def update_tenant(
     tenant = await tenants_service.update_tenant(session, tenant, data)
     if tenant.max_concurrent is not None and not was_counting:
         await predictions_service.start_counting_slots(session, tenant)
-    await audit_service.record(session, actor, "tenant.update", f"tenant:{tenant.id}", before, tenant_view(tenant))
+    await audit_service.record(
+        session, actor, "tenant.update", audit_service.target("tenant", tenant.id), before, tenant_view(tenant)
+    )
     return tenant
 
 
@@ -63,7 +67,7 @@ async def delete_tenant(session: AsyncSession, tenant_id: str, actor: str) -> No
     tenant = await tenants_service.get_tenant(session, tenant_id)
     before = tenant_view(tenant)
     await tenants_service.delete_tenant(session, tenant)
-    await audit_service.record(session, actor, "tenant.delete", f"tenant:{tenant.id}", before, None)
+    await audit_service.record(session, actor, "tenant.delete", audit_service.target("tenant", tenant.id), before, None)
 
 
 async def create_key(
@@ -71,7 +75,7 @@ async def create_key(
 ) -> tuple[ApiKey, str]:
     tenants_service.check_key_fields(data, settings.allowed_models)
     key, raw = await tenants_service.create_key(session, tenant, data)
-    await audit_service.record(session, actor, "key.create", f"key:{key.id}", None, key_view(key))
+    await audit_service.record(session, actor, "key.create", audit_service.target("key", key.id), None, key_view(key))
     return key, raw
 
 
@@ -81,7 +85,7 @@ async def revoke_key(session: AsyncSession, tenant: Tenant, key_id: str, actor: 
         return key
     before = key_view(key)
     key = await tenants_service.revoke_key(session, tenant, key_id)
-    await audit_service.record(session, actor, "key.revoke", f"key:{key.id}", before, key_view(key))
+    await audit_service.record(session, actor, "key.revoke", audit_service.target("key", key.id), before, key_view(key))
     return key
 
 
@@ -89,7 +93,9 @@ async def rotate_webhook_secret(session: AsyncSession, settings: Settings, tenan
     before = {"previousSecretExpiresAt": tenant.webhook_secret_previous_expires_at}
     tenant = await tenants_service.rotate_webhook_secret(session, tenant, settings.webhook_secret_grace_s)
     after = {"previousSecretExpiresAt": tenant.webhook_secret_previous_expires_at}
-    await audit_service.record(session, actor, "webhook_secret.rotate", f"tenant:{tenant.id}", before, after)
+    await audit_service.record(
+        session, actor, "webhook_secret.rotate", audit_service.target("tenant", tenant.id), before, after
+    )
     return tenant
 
 
@@ -101,7 +107,12 @@ async def redeliver(
     delivery = await webhooks_service.redeliver(session, delivery)
     after = {"status": delivery.status, "attempts": delivery.attempts}
     await audit_service.record(
-        session, actor, "webhook_delivery.redeliver", f"webhook_delivery:{delivery.id}", before, after
+        session,
+        actor,
+        "webhook_delivery.redeliver",
+        audit_service.target("webhook_delivery", delivery.id),
+        before,
+        after,
     )
     return delivery
 

@@ -19,6 +19,11 @@ from app.core.ids import new_id
 from app.core.logging import request_id_var
 
 
+def target(noun: str, ident: str) -> str:
+    """How a row names what it is about (`tenant:ten_...`), and an actor a tenant's key (`key:vg_...`)."""
+    return f"{noun}:{ident}"
+
+
 async def record(
     session: AsyncSession,
     actor: str,

@@ -93,7 +93,12 @@ async def create_token(
     session.add(token)
     await session.flush()
     await audit_service.record(
-        session, operator.actor, "operator_token.create", f"operator_token:{token.id}", None, _audited(token)
+        session,
+        operator.actor,
+        "operator_token.create",
+        audit_service.target("operator_token", token.id),
+        None,
+        _audited(token),
     )
     return token, raw
 
@@ -113,7 +118,12 @@ async def revoke_token(session: AsyncSession, operator: Operator, token_id: str)
         await session.flush()
         after = {**_audited(token), "revokedAt": clock.iso(token.revoked_at)}
         await audit_service.record(
-            session, operator.actor, "operator_token.revoke", f"operator_token:{token.id}", before, after
+            session,
+            operator.actor,
+            "operator_token.revoke",
+            audit_service.target("operator_token", token.id),
+            before,
+            after,
         )
     return token
 

@@ -10,6 +10,7 @@ import orjson
 from fastapi import APIRouter, Depends, Path
 
 from app.admin import service as admin_service
+from app.audit import service as audit_service
 from app.budgets.deps import authenticate
 from app.budgets.headers import tenant_responses
 from app.core import clock
@@ -62,7 +63,7 @@ DeliveryId = Annotated[Line, Path(alias="deliveryId", max_length=40)]
 
 
 def actor_of(key: ApiKey) -> str:
-    return f"key:{key.prefix}"
+    return audit_service.target("key", key.prefix)
 
 
 def _endpoint(tenant: Tenant) -> dict[str, Any]:
