@@ -1,6 +1,8 @@
 """Imports every domain's models so Alembic and tests see the whole schema."""
 
+from app.audit.models import AuditEntry
 from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, RateWindow, ThresholdNotice
+from app.operators.models import OperatorToken
 from app.outputs.models import OutputCopy, StoredOutput
 from app.predictions.models import IdempotencyKey, Prediction
 from app.providers.models import ProviderState
@@ -10,9 +12,11 @@ from app.webhooks.models import WebhookAttempt, WebhookDelivery
 
 __all__ = [
     "ApiKey",
+    "AuditEntry",
     "BudgetCounter",
     "IdempotencyKey",
     "LedgerEntry",
+    "OperatorToken",
     "OutputCopy",
     "Prediction",
     "PricePoint",

@@ -51,6 +51,7 @@ from tests.conftest import (
 
 SEED = 20261129
 MAX_EXAMPLES = 30  # per operation and generation mode
+VIEWER_EXAMPLES = 10  # the viewer's pass over the operator routes
 STATEFUL_EXAMPLES = 40
 STATEFUL_STEPS = 10
 CHECKS = ("not_a_server_error", "ignored_auth", "negative_data_rejection")
@@ -72,6 +73,7 @@ CONFIG = {
 class Gateway:
     base_url: str
     tenant_key: str = ""
+    viewer_token: str = ""  # an operator token with the viewer role (made once; a reset keeps it working)
     # Set by the server thread once its engine exists: `reset` runs on that loop, with that engine.
     loop: asyncio.AbstractEventLoop | None = None
     engine: AsyncEngine | None = None
@@ -91,8 +93,16 @@ class Gateway:
         with httpx.Client(base_url=self.base_url, timeout=60) as http:
             tenant = http.post("/admin/v1/tenants", json={"name": "fuzz"}, headers=admin)
             assert tenant.status_code == 201, tenant.text
-            key = http.post(f"/admin/v1/tenants/{tenant.json()['id']}/keys", json={}, headers=admin)
+            # A key with every scope: the self-service routes (SPEC §13) are fuzzed as well as the rest.
+            scopes = {"scopes": ["generate", "read", "manage"]}
+            key = http.post(f"/admin/v1/tenants/{tenant.json()['id']}/keys", json=scopes, headers=admin)
             assert key.status_code == 201, key.text
+            if not self.viewer_token:
+                viewer = http.post(
+                    "/admin/v1/operator-tokens", json={"name": "fuzz-viewer", "role": "viewer"}, headers=admin
+                )
+                assert viewer.status_code == 201, viewer.text
+                self.viewer_token = viewer.json()["token"]
         self.tenant_key = key.json()["key"]
 
 
@@ -158,7 +168,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     assert not failure, failure
 
 
-def load_schema(gateway: Gateway, mode: str) -> Any:
+def load_schema(gateway: Gateway, mode: str, *, operator: str = "admin") -> Any:
     config = {**CONFIG, "generation": {**CONFIG["generation"], "mode": mode}}
     schema = schemathesis.openapi.from_url(
         gateway.base_url + "/openapi.json", config=schemathesis.Config.from_dict(config)
@@ -168,7 +178,9 @@ def load_schema(gateway: Gateway, mode: str) -> Any:
     @schema.auth(refresh_interval=None)
     class _Bearer:
         def get(self, case: Any, _ctx: Any) -> str:
-            return ADMIN_TOKEN if case.path.startswith("/admin/") else gateway.tenant_key
+            if case.path.startswith("/admin/"):
+                return gateway.viewer_token if operator == "viewer" else ADMIN_TOKEN
+            return gateway.tenant_key
 
         def set(self, case: Any, data: str, _ctx: Any) -> None:
             case.headers = {**(case.headers or {}), "Authorization": f"Bearer {data}"}
@@ -211,6 +223,38 @@ def test_every_operation(api_schema: Any) -> None:
             except (Exception, schemathesis.errors.FailureGroup) as exc:  # FailureGroup: a BaseExceptionGroup
                 failures.append(f"{operation.label} ({mode.value}): {exc}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_operator_routes_as_a_viewer(gateway: Gateway) -> None:
+    """A viewer's token on every operator route (SPEC §13): reads answer, writes are refused, nothing is 5xx."""
+    schema = load_schema(gateway, "all", operator="viewer")
+    failures: list[str] = []
+    statuses: Counter[tuple[str, int]] = Counter()
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if not operation.path.startswith("/admin/"):
+            continue
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            strategy = operation.as_strategy(mode, auth_storage=schema.auth)
+
+            @hypothesis.settings(SETTINGS, max_examples=VIEWER_EXAMPLES)
+            @hypothesis.given(case=strategy)
+            def fuzz(case: Any) -> None:
+                response = case.call_and_validate()
+                statuses[(case.method, response.status_code)] += 1
+                # Never a success: 403 once the token is read; a body that is not JSON at all is refused (400,
+                # 422) while it is read, before any dependency runs.
+                if case.method not in ("GET", "HEAD") and response.status_code < 400:
+                    raise AssertionError(f"a viewer's {case.method} {case.path} answered {response.status_code}")
+
+            try:
+                fuzz()
+            except hypothesis.errors.Unsatisfiable:
+                assert mode is GenerationMode.NEGATIVE
+            except (Exception, schemathesis.errors.FailureGroup) as exc:
+                failures.append(f"{operation.label} ({mode.value}): {exc}")
+    assert not failures, "\n\n".join(failures)
+    assert statuses[("GET", 200)] and statuses[("POST", 403)] and statuses[("DELETE", 403)], statuses
 
 
 def test_stateful_links(gateway: Gateway) -> None:

@@ -158,3 +158,42 @@ async def test_a_key_revoked_on_one_server_is_refused_by_the_other(
 
             await until(refused_by_b, 10, "server B to refuse the revoked key")
             assert (await gw_b.submit(key)).status_code == 401
+
+
+@pg_only
+@pytest.mark.slow
+async def test_a_key_expiry_takes_effect_on_both_servers_without_a_restart(
+    procs: Procs, tmp_path_factory: pytest.TempPathFactory, sim: Any
+) -> None:
+    """Both servers hold the key in their cache for an hour; its expiry is checked against the clock on
+    each request, so it takes effect everywhere at its moment, with no notification and no restart."""
+    from datetime import timedelta
+
+    from app.core import clock
+    from tests.procs import TENANT_KEYS
+
+    async with fresh_database(procs, tmp_path_factory, "vidgate_keyexpiry") as db:
+        env = gateway_env(db, sim, VIDGATE_KEY_CACHE_TTL_S=f"{LONG_TTL_S:g}", VIDGATE_RUN_WORKER="false")
+        gw_a, gw_b = await asyncio.gather(procs.serve(env, "serve-A"), procs.serve(env, "serve-B"))
+        async with gw_a.http, gw_b.http:
+            tenant, _key = await gw_a.tenant()
+            expires = clock.now() + timedelta(seconds=4)
+            made = await gw_a.admin(
+                "POST", f"/admin/v1/tenants/{tenant['id']}/keys", json={"expiresAt": clock.iso(expires)}
+            )
+            assert made.status_code == 201, made.text
+            key = made.json()["key"]
+            TENANT_KEYS.add(key)
+            for gw in (gw_a, gw_b):  # each fills its key cache
+                assert (await gw.submit(key)).status_code == 200
+
+            async def expired_on(gw: Any) -> bool:
+                answer = await gw.submit(key)
+                if answer.status_code == 200:
+                    return False
+                assert answer.status_code == 401 and answer.json()["code"] == "api_key_expired", answer.text
+                return True
+
+            await until(lambda: expired_on(gw_a), 30, "server A to refuse the expired key")
+            await until(lambda: expired_on(gw_b), 30, "server B to refuse the expired key")
+            assert clock.now() >= expires

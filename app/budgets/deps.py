@@ -3,6 +3,7 @@ budget headers (app/budgets/headers.py), read together."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends
@@ -14,6 +15,7 @@ from app.core.database import Reads, transaction
 from app.core.logging import tenant_id_var
 from app.deps import ReadSessionDep, RuntimeDep
 from app.runtime import Runtime
+from app.tenants import service as tenants_service
 from app.tenants.deps import Caller, Credentials, cached_caller, raw_key
 
 
@@ -34,12 +36,15 @@ async def authenticate(
 
 
 async def current_caller(runtime: RuntimeDep, credentials: Credentials) -> Caller:
-    """For routes that do slow work (submit): the key check from the cache, else its own short
-    transaction. The balance for the headers is the process's snapshot (at most balance_ttl_s old)."""
+    """For the submit (scope `generate`): the key check from the cache, else its own short transaction.
+    The balance for the headers is the process's snapshot (at most balance_ttl_s old)."""
     caller = cached_caller(credentials)
     if caller is None:
         async with transaction(runtime.sessions, readonly=True) as session:
-            return await authenticate(session, credentials, runtime=runtime)
+            caller = await authenticate(session, credentials, runtime=runtime)
+        tenants_service.require_scope(caller.key, "generate")
+        return caller
+    tenants_service.require_scope(caller.key, "generate")
     balance = balances.BALANCES.get(caller.tenant.id)
     if balance is None:
         async with transaction(runtime.sessions, readonly=True) as session:
@@ -50,10 +55,20 @@ async def current_caller(runtime: RuntimeDep, credentials: Credentials) -> Calle
     return caller
 
 
-async def current_reader(session: ReadSessionDep, credentials: Credentials) -> Caller:
-    """For read routes: the key check shares the request's read transaction (one round trip less)."""
-    return await authenticate(session, credentials)
+def reader_with(*scopes: str) -> Callable[..., Awaitable[Caller]]:
+    """For routes that read: the key check shares the request's read transaction (one round trip less), and
+    the key must carry one of `scopes` (SPEC §13)."""
+
+    async def current_reader(session: ReadSessionDep, credentials: Credentials) -> Caller:
+        caller = await authenticate(session, credentials)
+        tenants_service.require_scope(caller.key, *scopes)
+        return caller
+
+    return current_reader
 
 
 CallerDep = Annotated[Caller, Depends(current_caller)]
-ReaderDep = Annotated[Caller, Depends(current_reader)]
+ReaderDep = Annotated[Caller, Depends(reader_with("read"))]
+QuoterDep = Annotated[Caller, Depends(reader_with("generate"))]
+# A tenant's own deliveries: a read, and what a `manage` key looks after.
+DeliveryReaderDep = Annotated[Caller, Depends(reader_with("read", "manage"))]

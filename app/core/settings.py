@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # every PostgreSQL process at once through NOTIFY; this TTL is the backstop (and, on SQLite, what
     # bounds a change made by another process, e.g. the CLI).
     key_cache_ttl_s: float = Field(default=5.0, ge=0)
+    # How often a serving process writes its keys' lastUsedAt (noted in memory per request).
+    key_last_used_flush_s: float = Field(default=30.0, gt=0)
     # How old the balance behind X-Budget-Remaining-Cents on a submit's answer may be (other processes'
     # charges and refunds show up after at most this long; this process's own charges at once).
     balance_ttl_s: float = Field(default=1.0, ge=0)

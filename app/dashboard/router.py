@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as day_time
 from pathlib import Path
@@ -24,13 +25,16 @@ from pydantic import ValidationError
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
 from app.admin import service as admin_service
-from app.admin.deps import InvalidAdminToken, admin_token, is_admin_token
+from app.admin.deps import InvalidAdminToken, admin_token, operator_of
+from app.audit import service as audit_service
 from app.budgets import service as budgets_service
 from app.core.database import transaction
 from app.core.errors import AppError, InvalidRequest, NotFound, ServiceUnavailable, validation_problem
 from app.dashboard import service as dashboard_service
 from app.dashboard import session as sessions
 from app.deps import RuntimeDep
+from app.operators import service as operators_service
+from app.operators.service import Operator
 from app.providers import admin as providers_admin
 from app.runtime import Runtime
 from app.tenants import service as tenants_service
@@ -88,8 +92,15 @@ class CsrfRejected(AppError):
 
 def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
     page_session: sessions.Session | None = getattr(request.state, "dashboard_session", None)
+    # A viewer's pages carry no form that changes anything (SPEC §13): the templates ask `can_write`.
+    signed_in: Operator | None = getattr(request.state, "operator", None)
     html = templates.get_template(name).render(
-        request=request, csrf=page_session.csrf if page_session else "", htmx=HTMX, **context
+        request=request,
+        csrf=page_session.csrf if page_session else "",
+        htmx=HTMX,
+        can_write=signed_in is not None and signed_in.can_write,
+        actor=signed_in.actor if signed_in else "",
+        **context,
     )
     return HTMLResponse(html, status_code=status)
 
@@ -150,15 +161,26 @@ def _current(request: Request, runtime: Runtime) -> sessions.Session | None:
     return None if key is None else sessions.decode(key, request.cookies.get(sessions.COOKIE))
 
 
-async def operator(request: Request, runtime: RuntimeDep) -> sessions.Session:
+async def _signed_in(request: Request, runtime: Runtime) -> tuple[sessions.Session, Operator]:
     current = _current(request, runtime)
     if current is None or not current.authenticated:
         raise LoginRequired
+    signed_in: Operator | None = operators_service.ADMIN
+    if current.token_id is not None:
+        async with transaction(runtime.sessions, readonly=True) as session:
+            signed_in = await operators_service.is_active(session, current.token_id)
+    if signed_in is None:  # its operator token was revoked
+        raise LoginRequired
     request.state.dashboard_session = current
-    return current
+    request.state.operator = signed_in
+    return current, signed_in
 
 
-Operator = Annotated[sessions.Session, Depends(operator)]
+async def operator(request: Request, runtime: RuntimeDep) -> Operator:
+    return (await _signed_in(request, runtime))[1]
+
+
+SignedIn = Annotated[Operator, Depends(operator)]
 
 
 async def read_form(request: Request) -> dict[str, str]:
@@ -171,19 +193,30 @@ async def read_form(request: Request) -> dict[str, str]:
     return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
 
 
-async def checked_form(request: Request, runtime: RuntimeDep) -> dict[str, str]:
-    """The form of a state-changing request, only if it carries this session's CSRF token."""
+@dataclass(frozen=True)
+class Posted:
+    """A state-changing form, its CSRF token checked, and who posted it."""
+
+    fields: dict[str, str]
+    operator: Operator
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self.fields.get(name, default)
+
+
+async def checked_form(request: Request, runtime: RuntimeDep) -> Posted:
+    """The form of a state-changing request, only if it carries this session's CSRF token; a viewer may
+    only log out."""
     form = await read_form(request)
-    current = _current(request, runtime)
-    if current is None or not current.authenticated:
-        raise LoginRequired
-    request.state.dashboard_session = current
+    current, signed_in = await _signed_in(request, runtime)
     if not sessions.csrf_matches(current, form.get("csrf")):
         raise CsrfRejected("This form has no valid CSRF token. Reload the page and submit it again.")
-    return form
+    if request.url.path != "/dashboard/logout":
+        operators_service.require_write(signed_in)
+    return Posted(form, signed_in)
 
 
-Form = Annotated[dict[str, str], Depends(checked_form)]
+Form = Annotated[Posted, Depends(checked_form)]
 
 
 @router.get("/static/{name}")
@@ -224,11 +257,15 @@ async def login(request: Request, runtime: RuntimeDep) -> Response:
     if not sessions.csrf_matches(pre, form.get("csrf")):
         raise CsrfRejected("The login form has no valid CSRF token. Reload the page and sign in again.")
     request.state.dashboard_session = pre
-    if not is_admin_token(runtime.settings, form.get("token", "")):
-        error = InvalidAdminToken("That is not the operator token (VIDGATE_ADMIN_TOKEN).")
+    signed_in = await operator_of(runtime, form.get("token", ""))
+    if signed_in is None:
+        error = InvalidAdminToken(
+            "That is not the operator token (VIDGATE_ADMIN_TOKEN), nor an active operator token (vgo_...)."
+        )
         return render(request, "login.html", status=401, next=_safe_next(form.get("next", "")), error=error)
+    token_id = signed_in.token_id
     response = RedirectResponse(_safe_next(form.get("next", "/dashboard")), status_code=303)
-    session = sessions.new_session(authenticated=True, ttl_s=runtime.settings.session_ttl_s)
+    session = sessions.new_session(authenticated=True, ttl_s=runtime.settings.session_ttl_s, token_id=token_id)
     sessions.set_cookie(response, key, session, secure=_secure(request))
     return response
 
@@ -247,7 +284,7 @@ async def logout(request: Request, _form: Form) -> Response:
 async def overview_page(
     request: Request,
     runtime: RuntimeDep,
-    _op: Operator,
+    _op: SignedIn,
     q: Annotated[str | None, Query(max_length=200)] = None,
     sort: Annotated[str, Query(pattern="^(name|spent|used|refusals)$")] = "used",
     order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
@@ -331,11 +368,11 @@ def _validated(model: type[M], fields: dict[str, Any]) -> M:
 @router.post("/tenants")
 async def create_tenant(request: Request, runtime: RuntimeDep, form: Form) -> Response:
     try:
-        data = _validated(TenantCreate, _settings_fields(form))
+        data = _validated(TenantCreate, _settings_fields(form.fields))
         async with transaction(runtime.sessions) as session:
-            tenant = await admin_service.create_tenant(session, runtime.settings, data)
+            tenant = await admin_service.create_tenant(session, runtime.settings, data, form.operator.actor)
     except AppError as exc:
-        return await _overview(request, runtime, error=exc, form=form)
+        return await _overview(request, runtime, error=exc, form=form.fields)
     page = await _tenant(request, runtime, tenant.id, notice="Tenant created.", secret=tenant.webhook_secret)
     page.headers["HX-Push-Url"] = f"/dashboard/tenants/{tenant.id}"  # the secret is shown here, once: no redirect
     return page
@@ -345,7 +382,7 @@ async def create_tenant(request: Request, runtime: RuntimeDep, form: Form) -> Re
 
 
 @router.get("/tenants/{tenant_id}")
-async def tenant_page(request: Request, runtime: RuntimeDep, _op: Operator, tenant_id: str) -> Response:
+async def tenant_page(request: Request, runtime: RuntimeDep, _op: SignedIn, tenant_id: str) -> Response:
     return await _tenant(request, runtime, tenant_id)
 
 
@@ -417,39 +454,50 @@ async def _tenant_action(
 @router.post("/tenants/{tenant_id}/settings")
 async def update_settings(request: Request, runtime: RuntimeDep, form: Form, tenant_id: str) -> Response:
     async def action(session: Any) -> dict[str, Any]:
-        data = _validated(TenantUpdate, _settings_fields(form))
-        await admin_service.update_tenant(session, tenant_id, data, runtime.settings)
+        data = _validated(TenantUpdate, _settings_fields(form.fields))
+        await admin_service.update_tenant(session, tenant_id, data, runtime.settings, form.operator.actor)
         return {"notice": "Settings saved."}
 
-    return await _tenant_action(request, runtime, tenant_id, action, form)
+    return await _tenant_action(request, runtime, tenant_id, action, form.fields)
 
 
 @router.post("/tenants/{tenant_id}/keys")
 async def create_key(request: Request, runtime: RuntimeDep, form: Form, tenant_id: str) -> Response:
     async def action(session: Any) -> dict[str, Any]:
         tenant = await tenants_service.get_tenant(session, tenant_id)
-        name = form.get("name", "").strip() or None
-        _key, raw = await tenants_service.create_key(session, tenant, KeyCreate(name=name))
+        fields: dict[str, Any] = {"name": (form.get("name") or "").strip() or None}
+        # One checkbox per scope (the form reader keeps one value per name); none ticked: the default.
+        scopes = [scope for scope in ("generate", "read", "manage") if form.get(f"scope_{scope}")]
+        if scopes:
+            fields["scopes"] = scopes
+        expires = (form.get("expiresAt") or "").strip()
+        if expires:
+            fields["expiresAt"] = _moment(expires, "expiresAt", end=False)
+        try:
+            data = KeyCreate.model_validate(fields)
+        except ValidationError as exc:
+            raise validation_problem(exc.errors()) from exc
+        _key, raw = await admin_service.create_key(session, runtime.settings, tenant, data, form.operator.actor)
         return {"notice": "Key created. Copy it now: it is not shown again.", "new_key": raw}
 
     return await _tenant_action(request, runtime, tenant_id, action)
 
 
 @router.post("/tenants/{tenant_id}/keys/{key_id}/revoke")
-async def revoke_key(request: Request, runtime: RuntimeDep, _form: Form, tenant_id: str, key_id: str) -> Response:
+async def revoke_key(request: Request, runtime: RuntimeDep, form: Form, tenant_id: str, key_id: str) -> Response:
     async def action(session: Any) -> dict[str, Any]:
         tenant = await tenants_service.get_tenant(session, tenant_id)
-        key = await tenants_service.revoke_key(session, tenant, key_id)
+        key = await admin_service.revoke_key(session, tenant, key_id, form.operator.actor)
         return {"notice": f"Key {key.prefix}… revoked."}
 
     return await _tenant_action(request, runtime, tenant_id, action)
 
 
 @router.post("/tenants/{tenant_id}/webhook-secret/rotate")
-async def rotate_secret(request: Request, runtime: RuntimeDep, _form: Form, tenant_id: str) -> Response:
+async def rotate_secret(request: Request, runtime: RuntimeDep, form: Form, tenant_id: str) -> Response:
     async def action(session: Any) -> dict[str, Any]:
         tenant = await tenants_service.get_tenant(session, tenant_id)
-        tenant = await tenants_service.rotate_webhook_secret(session, tenant, runtime.settings.webhook_secret_grace_s)
+        tenant = await admin_service.rotate_webhook_secret(session, runtime.settings, tenant, form.operator.actor)
         until = _when(tenant.webhook_secret_previous_expires_at)
         return {
             "notice": f"Webhook secret rotated; the previous one is also signed until {until} UTC.",
@@ -499,7 +547,7 @@ def _next_link(path: str, request: Request, cursor: str | None) -> str | None:
 async def predictions_page(
     request: Request,
     runtime: RuntimeDep,
-    _op: Operator,
+    _op: SignedIn,
     tenant: Text = None,
     status: Annotated[str | None, Query(pattern="^(|submitting|processing|completed|failed|rejected)$")] = None,
     from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
@@ -525,7 +573,7 @@ async def predictions_page(
 async def deliveries_page(
     request: Request,
     runtime: RuntimeDep,
-    _op: Operator,
+    _op: SignedIn,
     tenant: Text = None,
     status: Annotated[str | None, Query(pattern="^(|pending|succeeded|dead)$")] = None,
     from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
@@ -566,8 +614,7 @@ async def redeliver(request: Request, runtime: RuntimeDep, form: Form, delivery_
     filters = dashboard_service.ListFilters(tenant=form.get("tenant") or None, status=form.get("status") or None)
     try:
         async with transaction(runtime.sessions) as session:
-            delivery = await webhooks_service.get_delivery(session, delivery_id)
-            await webhooks_service.redeliver(session, delivery)
+            await admin_service.redeliver(session, delivery_id, form.operator.actor)
     except AppError as exc:
         return await _deliveries(request, runtime, filters, error=exc)
     return await _deliveries(request, runtime, filters, notice=f"Delivery {delivery_id} queued again.")
@@ -576,7 +623,7 @@ async def redeliver(request: Request, runtime: RuntimeDep, form: Form, delivery_
 @router.get("/usage.csv")
 async def usage_csv(
     runtime: RuntimeDep,
-    _op: Operator,
+    _op: SignedIn,
     from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
     to: Annotated[str | None, Query(max_length=40)] = None,
     group_by: Annotated[str, Query(alias="groupBy", pattern="^(tenant|model|provider|day)$")] = "tenant",
@@ -631,3 +678,43 @@ async def disable_provider(request: Request, runtime: RuntimeDep, _form: Form, n
 @router.post("/providers/{name}/enable")
 async def enable_provider(request: Request, runtime: RuntimeDep, _form: Form, name: str) -> Response:
     return await _switch_provider(request, runtime, name, enabled=True)
+
+
+# ---------------------------------------------------------------- audit log
+
+
+@router.get("/audit")
+async def audit_page(
+    request: Request,
+    runtime: RuntimeDep,
+    _op: SignedIn,
+    target: Annotated[str | None, Query(max_length=120)] = None,
+    actor: Annotated[str | None, Query(max_length=120)] = None,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
+    to: Annotated[str | None, Query(max_length=40)] = None,
+    cursor: Text = None,
+) -> Response:
+    filters = audit_service.AuditFilters(
+        target=(target or "").strip() or None,
+        actor=(actor or "").strip() or None,
+        action=(action or "").strip() or None,
+        start=_moment(from_, "from", end=False),
+        end=_moment(to, "to", end=True),
+        cursor=cursor or None,
+    )
+    async with transaction(runtime.sessions, readonly=True) as session:
+        rows, next_cursor = await audit_service.list_entries(session, filters, 50)
+    return render(
+        request,
+        "audit.html",
+        rows=rows,
+        filters={
+            "target": target or "",
+            "actor": actor or "",
+            "action": action or "",
+            "from": from_ or "",
+            "to": to or "",
+        },
+        next_link=_next_link("/dashboard/audit", request, next_cursor),
+    )

@@ -32,6 +32,9 @@ class Session:
     authenticated: bool
     csrf: str
     expires_at: float
+    # The operator token signed in with (None: the admin token). Its name and role are read from the
+    # database on each page, so a revoked token's sessions end at once.
+    token_id: str | None = None
 
 
 def signing_key(settings: Settings, admin_token: str | None) -> bytes | None:
@@ -51,7 +54,10 @@ def _unb64(text: str) -> bytes:
 
 
 def encode(key: bytes, session: Session) -> str:
-    payload = _b64(orjson.dumps({"a": session.authenticated, "c": session.csrf, "e": session.expires_at}))
+    fields = {"a": session.authenticated, "c": session.csrf, "e": session.expires_at}
+    if session.token_id is not None:
+        fields["o"] = session.token_id
+    payload = _b64(orjson.dumps(fields))
     signature = _b64(hmac.new(key, payload.encode(), hashlib.sha256).digest())
     return f"{payload}.{signature}"
 
@@ -66,14 +72,17 @@ def decode(key: bytes, value: str | None) -> Session | None:
         return None
     try:
         data = orjson.loads(_unb64(payload))
-        session = Session(bool(data["a"]), str(data["c"]), float(data["e"]))
+        token_id = data.get("o")
+        session = Session(
+            bool(data["a"]), str(data["c"]), float(data["e"]), None if token_id is None else str(token_id)
+        )
     except (ValueError, KeyError, TypeError):
         return None
     return session if session.expires_at > time.time() else None
 
 
-def new_session(*, authenticated: bool, ttl_s: float) -> Session:
-    return Session(authenticated, secrets.token_urlsafe(24), time.time() + ttl_s)
+def new_session(*, authenticated: bool, ttl_s: float, token_id: str | None = None) -> Session:
+    return Session(authenticated, secrets.token_urlsafe(24), time.time() + ttl_s, token_id)
 
 
 def set_cookie(response: Response, key: bytes, session: Session, *, secure: bool) -> None:

@@ -31,6 +31,7 @@ from app.providers import health as provider_health
 from app.providers import routing
 from app.providers.config import ProviderConfig
 from app.runtime import Runtime
+from app.tenants import service as tenants_service
 from app.tenants.models import ApiKey, Tenant
 from app.upstream.client import UpstreamRefused, UpstreamUnavailable
 from app.upstream.schemas import UpstreamSubmitted
@@ -93,6 +94,7 @@ async def submit(
     public_base_url: str | None = None,
 ) -> service.SubmitResult:
     service.check_submittable(runtime, model_id, request)
+    tenants_service.require_model(key, model_id)
     resolution = request.resolution or budgets_service.DEFAULT_RESOLUTION
     duration = request.duration or budgets_service.DEFAULT_DURATION_S
     # Not served at all: 422 before anything is held. Served, but no candidate now: refused here too.

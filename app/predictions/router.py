@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Path, Query, Response
 
 from app.budgets import balances
 from app.budgets import service as budgets_service
-from app.budgets.deps import CallerDep, ReaderDep, authenticate
+from app.budgets.deps import CallerDep, QuoterDep, ReaderDep, authenticate
 from app.budgets.headers import RETRY_AFTER_DOC, note_balance, note_charge, tenant_responses
 from app.budgets.schemas import QuoteOut
 from app.core import clock
@@ -26,6 +26,7 @@ from app.predictions import service as predictions_service
 from app.predictions.cache import FINAL
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, PublicStatus, SubmitOut
 from app.providers import routing
+from app.tenants import service as tenants_service
 from app.tenants.deps import Credentials, cached_caller
 
 router = APIRouter(prefix="/api/v1", tags=["predictions"], responses=tenant_responses())
@@ -116,11 +117,12 @@ async def generate(
 async def quote(
     runtime: RuntimeDep,
     session: ReadSessionDep,
-    caller: ReaderDep,
+    caller: QuoterDep,
     body: GenerateRequest,
     model_id: Annotated[Line, Path(alias="modelId", max_length=100)],
 ) -> Response:
     predictions_service.check_submittable(runtime, model_id, body)
+    tenants_service.require_model(caller.key, model_id)
     resolution = body.resolution or budgets_service.DEFAULT_RESOLUTION
     duration = body.duration or budgets_service.DEFAULT_DURATION_S
     # What a submit would hold: the highest price among the providers it would try now (or could at all).
@@ -164,6 +166,7 @@ async def get_prediction(
     # links and the balance for the headers (on a bare connection: no ORM session).
     caller = cached_caller(credentials)
     if caller is not None:
+        tenants_service.require_scope(caller.key, "read")
         final = FINAL.get(caller.tenant.id, prediction_id)
         snapshot = balances.BALANCES.get(caller.tenant.id) if final is not None else None
         if final is not None and snapshot is not None:
@@ -172,6 +175,7 @@ async def get_prediction(
     async with read_connection(runtime.sessions) as connection:
         if caller is None:
             caller = await authenticate(connection, credentials, runtime=runtime)
+            tenants_service.require_scope(caller.key, "read")
         tenant = caller.tenant
         now = clock.now()
         period_start = budgets_service.period_of(tenant.budget_period, now).start

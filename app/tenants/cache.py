@@ -9,6 +9,9 @@ What keeps it honest:
 - Each entry also expires after `key_cache_ttl_s`: the backstop for a lost notification and, on SQLite,
   for a change made by another process (the CLI). The listener flushes everything when it (re)connects,
   since notifications sent while it was away are gone.
+- The cached key is the whole row, so every check reads it from here (SPEC §13: scopes, models, expiresAt;
+  its own budget is held in the database like the tenant's). An expiry needs no notification: it is
+  compared with the clock on every request, cached or not, so it takes effect on every replica at once.
 - Money never trusts the cached tenant: the hold's conditional UPDATE reads the budget from the tenant
   row in the same statement, so a stale entry can refuse a submit but never overspend.
 - Whatever else a process keeps per tenant (the balance snapshot, app/budgets/balances.py) subscribes
