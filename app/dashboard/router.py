@@ -644,7 +644,7 @@ async def usage_csv(
 
 
 @router.get("/providers")
-async def providers_page(request: Request, runtime: RuntimeDep, _op: Operator) -> Response:
+async def providers_page(request: Request, runtime: RuntimeDep, _op: SignedIn) -> Response:
     return await _providers(request, runtime)
 
 
