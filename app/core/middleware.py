@@ -1,4 +1,4 @@
-"""The one ASGI middleware: request id, sandbox header, the request guard, headers a domain notes for the
+"""The one ASGI middleware: request id, sandbox and nosniff headers, the request guard, headers a domain notes for the
 answer (the budget's), `Server-Timing`, metrics and the access log.
 
 One plain ASGI layer rather than one per concern: each layer costs a coroutine and a wrapped `send` per
@@ -91,7 +91,8 @@ class RequestMiddleware:
         spent, timing_token = timing.start()
         opened = [(slot, *slot.open()) for slot in self.header_slots]
         status = 500
-        extra = [(b"x-request-id", request_id.encode())]
+        # nosniff on every answer (JSON, problems, outputs, pages): a browser never reads one as another type.
+        extra = [(b"x-request-id", request_id.encode()), (b"x-content-type-options", b"nosniff")]
         if self.sandbox:
             extra.append((b"x-vidgate-sandbox", b"true"))
         max_body = self.max_body_bytes

@@ -263,7 +263,9 @@ async def servable(
 ) -> Servable:
     """Check a link and find its file. A bad signature and an expired link are both 403, with different
     codes; a good link to a file retention deleted is 410."""
-    verdict = signing.verify(signing.signing_key(settings), prediction_id, name, expires, sig, clock.now())
+    verdict = signing.verify(
+        signing.signing_key(settings), prediction_id, name, expires, sig, clock.now(), settings.output_url_ttl_s
+    )
     if verdict == "invalid":
         raise OutputLinkInvalid("This output link is not valid. Use the link from the prediction as given.")
     if verdict == "expired":
@@ -284,6 +286,15 @@ async def servable(
         raise OutputDeleted("This output was deleted after its retention period.")
     assert expires is not None
     return Servable(item.key, item.content_type, item.size_bytes, f'"{item.sha256[:32]}"', int(expires))
+
+
+def etag_matches(header: str | None, etag: str) -> bool:
+    """If-None-Match (RFC 9110 13.1.2): `*` or a list of tags, weak ones compared weakly."""
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag for tag in header.split(","))
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
