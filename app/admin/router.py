@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
@@ -11,10 +10,9 @@ from app.admin import service as admin_service
 from app.admin.deps import require_admin
 from app.budgets import service as budgets_service
 from app.budgets.schemas import UsageOut
-from app.core.errors import InvalidRequest
 from app.core.openapi import link, links
 from app.core.responses import json_response
-from app.core.types import Line
+from app.core.types import Line, moment_bound
 from app.deps import ReadSessionDep, RuntimeDep, SessionDep
 from app.outputs import service as outputs_service
 from app.outputs.schemas import PredictionOutputsOut
@@ -143,21 +141,6 @@ async def rotate_secret(session: SessionDep, runtime: RuntimeDep, tenant_id: Ten
     }
 
 
-def _parse_moment(value: str | None, field: str, *, end: bool) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        if len(value) == 10:
-            day = date.fromisoformat(value)
-            # A bare `to` date includes that whole day.
-            return datetime.combine(day + timedelta(days=1 if end else 0), time(), UTC)
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        # In UTC here, where a year-1 moment with an offset overflows as a 422, not in the query.
-        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
-    except (ValueError, OverflowError) as exc:  # OverflowError: the day after 9999-12-31
-        raise InvalidRequest(f"{field} must be a date (2026-11-01) or an ISO 8601 timestamp.", field=field) from exc
-
-
 @router.get("/usage", summary="Spending from the ledger, grouped by tenant, model or day; JSON or CSV")
 async def usage_report(
     session: SessionDep,
@@ -167,8 +150,8 @@ async def usage_report(
     group_by: Annotated[str, Query(alias="groupBy", pattern="^(tenant|model|day)$")] = "tenant",
     format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
 ) -> Response:
-    start = _parse_moment(from_, "from", end=False)
-    end = _parse_moment(to, "to", end=True)
+    start = moment_bound(from_, "from", end=False)
+    end = moment_bound(to, "to", end=True)
     rows = await admin_service.usage_rows(session, start, end, group_by)
     wants_csv = format == "csv" or (format is None and "text/csv" in request.headers.get("accept", ""))
     if wants_csv:
@@ -213,7 +196,7 @@ async def redeliver(session: SessionDep, delivery_id: DeliveryId) -> dict[str, A
     summary="A prediction's rehosted outputs: the vendor's original URLs and what is stored",
 )
 async def prediction_outputs(
-    session: ReadSessionDep, prediction_id: Annotated[str, Path(alias="predictionId", max_length=40)]
+    session: ReadSessionDep, prediction_id: Annotated[Line, Path(alias="predictionId", max_length=40)]
 ) -> Response:
     view = await outputs_service.operator_view(session, prediction_id)
     return json_response(view.model_dump(mode="json", by_alias=True))

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from datetime import UTC, date, datetime, timedelta
-from datetime import time as day_time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -28,6 +28,7 @@ from app.admin.deps import InvalidAdminToken, admin_token, is_admin_token
 from app.budgets import service as budgets_service
 from app.core.database import transaction
 from app.core.errors import AppError, InvalidRequest, NotFound, ServiceUnavailable, validation_problem
+from app.core.types import Line, moment_bound
 from app.dashboard import service as dashboard_service
 from app.dashboard import session as sessions
 from app.deps import RuntimeDep
@@ -52,6 +53,12 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+
+
+# Every parameter has the shared types (app/core/types.py): what the database cannot hold is a 422 page.
+Text = Annotated[Line | None, Query(max_length=64)]
+Moment = Annotated[Line | None, Query(max_length=40)]
+Id = Annotated[Line, PathParam(max_length=40)]
 
 
 def _when(value: datetime | None) -> str:
@@ -180,7 +187,7 @@ Form = Annotated[dict[str, str], Depends(checked_form)]
 
 
 @router.get("/static/{name}")
-async def static(name: str) -> Response:
+async def static(name: Annotated[Line, PathParam(max_length=100)]) -> Response:
     path = STATIC / name
     if "/" in name or name.startswith(".") or not path.is_file():
         raise NotFound(f"There is no dashboard file {name!r}.")
@@ -241,7 +248,7 @@ async def overview_page(
     request: Request,
     runtime: RuntimeDep,
     _op: Operator,
-    q: Annotated[str | None, Query(max_length=200)] = None,
+    q: Annotated[Line | None, Query(max_length=200)] = None,
     sort: Annotated[str, Query(pattern="^(name|spent|used|refusals)$")] = "used",
     order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
     page: Annotated[int, Query(ge=0, le=10_000)] = 0,
@@ -338,7 +345,7 @@ async def create_tenant(request: Request, runtime: RuntimeDep, form: Form) -> Re
 
 
 @router.get("/tenants/{tenant_id}")
-async def tenant_page(request: Request, runtime: RuntimeDep, _op: Operator, tenant_id: str) -> Response:
+async def tenant_page(request: Request, runtime: RuntimeDep, _op: Operator, tenant_id: Id) -> Response:
     return await _tenant(request, runtime, tenant_id)
 
 
@@ -408,7 +415,7 @@ async def _tenant_action(
 
 
 @router.post("/tenants/{tenant_id}/settings")
-async def update_settings(request: Request, runtime: RuntimeDep, form: Form, tenant_id: str) -> Response:
+async def update_settings(request: Request, runtime: RuntimeDep, form: Form, tenant_id: Id) -> Response:
     async def action(session: Any) -> dict[str, Any]:
         data = _validated(TenantUpdate, _settings_fields(form))
         await admin_service.update_tenant(session, tenant_id, data, runtime.settings)
@@ -418,7 +425,7 @@ async def update_settings(request: Request, runtime: RuntimeDep, form: Form, ten
 
 
 @router.post("/tenants/{tenant_id}/keys")
-async def create_key(request: Request, runtime: RuntimeDep, form: Form, tenant_id: str) -> Response:
+async def create_key(request: Request, runtime: RuntimeDep, form: Form, tenant_id: Id) -> Response:
     async def action(session: Any) -> dict[str, Any]:
         tenant = await tenants_service.get_tenant(session, tenant_id)
         name = form.get("name", "").strip() or None
@@ -429,7 +436,7 @@ async def create_key(request: Request, runtime: RuntimeDep, form: Form, tenant_i
 
 
 @router.post("/tenants/{tenant_id}/keys/{key_id}/revoke")
-async def revoke_key(request: Request, runtime: RuntimeDep, _form: Form, tenant_id: str, key_id: str) -> Response:
+async def revoke_key(request: Request, runtime: RuntimeDep, _form: Form, tenant_id: Id, key_id: Id) -> Response:
     async def action(session: Any) -> dict[str, Any]:
         tenant = await tenants_service.get_tenant(session, tenant_id)
         key = await tenants_service.revoke_key(session, tenant, key_id)
@@ -439,7 +446,7 @@ async def revoke_key(request: Request, runtime: RuntimeDep, _form: Form, tenant_
 
 
 @router.post("/tenants/{tenant_id}/webhook-secret/rotate")
-async def rotate_secret(request: Request, runtime: RuntimeDep, _form: Form, tenant_id: str) -> Response:
+async def rotate_secret(request: Request, runtime: RuntimeDep, _form: Form, tenant_id: Id) -> Response:
     async def action(session: Any) -> dict[str, Any]:
         tenant = await tenants_service.get_tenant(session, tenant_id)
         tenant = await tenants_service.rotate_webhook_secret(session, tenant, runtime.settings.webhook_secret_grace_s)
@@ -455,28 +462,12 @@ async def rotate_secret(request: Request, runtime: RuntimeDep, _form: Form, tena
 # ---------------------------------------------------------------- lists
 
 
-def _moment(value: str | None, field: str, *, end: bool) -> datetime | None:
-    """A `datetime-local` or date input, read as UTC; a bare end date includes that day."""
-    if not value:
-        return None
-    try:
-        if len(value) == 10:
-            return datetime.combine(date.fromisoformat(value) + timedelta(days=1 if end else 0), day_time(), UTC)
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-    except ValueError as exc:
-        raise InvalidRequest(f"{field} must be a date (2026-11-01) or a date and time.", field=field) from exc
-
-
-Text = Annotated[str | None, Query(max_length=64)]
-
-
 def _filters(tenant: str | None, status: str | None, from_: str | None, to: str | None, cursor: str | None) -> Any:
     return dashboard_service.ListFilters(
         tenant=tenant or None,
         status=status or None,
-        start=_moment(from_, "from", end=False),
-        end=_moment(to, "to", end=True),
+        start=moment_bound(from_, "from", end=False),
+        end=moment_bound(to, "to", end=True),
         cursor=cursor or None,
     )
 
@@ -495,8 +486,8 @@ async def predictions_page(
     _op: Operator,
     tenant: Text = None,
     status: Annotated[str | None, Query(pattern="^(|submitting|processing|completed|failed|rejected)$")] = None,
-    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
-    to: Annotated[str | None, Query(max_length=40)] = None,
+    from_: Annotated[Line | None, Query(alias="from", max_length=40)] = None,
+    to: Moment = None,
     cursor: Text = None,
 ) -> Response:
     filters = _filters(tenant, status, from_, to, cursor)
@@ -521,8 +512,8 @@ async def deliveries_page(
     _op: Operator,
     tenant: Text = None,
     status: Annotated[str | None, Query(pattern="^(|pending|succeeded|dead)$")] = None,
-    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
-    to: Annotated[str | None, Query(max_length=40)] = None,
+    from_: Annotated[Line | None, Query(alias="from", max_length=40)] = None,
+    to: Moment = None,
     cursor: Text = None,
 ) -> Response:
     return await _deliveries(request, runtime, _filters(tenant, status, from_, to, cursor), from_, to)
@@ -555,7 +546,7 @@ async def _deliveries(
 
 
 @router.post("/deliveries/{delivery_id}/redeliver")
-async def redeliver(request: Request, runtime: RuntimeDep, form: Form, delivery_id: str) -> Response:
+async def redeliver(request: Request, runtime: RuntimeDep, form: Form, delivery_id: Id) -> Response:
     filters = dashboard_service.ListFilters(tenant=form.get("tenant") or None, status=form.get("status") or None)
     try:
         async with transaction(runtime.sessions) as session:
@@ -570,12 +561,12 @@ async def redeliver(request: Request, runtime: RuntimeDep, form: Form, delivery_
 async def usage_csv(
     runtime: RuntimeDep,
     _op: Operator,
-    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
-    to: Annotated[str | None, Query(max_length=40)] = None,
+    from_: Annotated[Line | None, Query(alias="from", max_length=40)] = None,
+    to: Moment = None,
     group_by: Annotated[str, Query(alias="groupBy", pattern="^(tenant|model|day)$")] = "tenant",
 ) -> Response:
-    start = _moment(from_, "from", end=False)
-    end = _moment(to, "to", end=True)
+    start = moment_bound(from_, "from", end=False)
+    end = moment_bound(to, "to", end=True)
     async with transaction(runtime.sessions, readonly=True) as session:
         rows = await admin_service.usage_rows(session, start, end, group_by)
     stamp = time.strftime("%Y%m%d", time.gmtime())
