@@ -5,10 +5,11 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.admin import throttle
 from app.admin.deps import is_admin_token
 from app.core import metrics as app_metrics
 from app.core.database import transaction
@@ -59,7 +60,9 @@ metrics_bearer = HTTPBearer(auto_error=False, scheme_name="MetricsToken", descri
 
 
 async def require_metrics_reader(
-    runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(metrics_bearer)]
+    request: Request,
+    runtime: RuntimeDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(metrics_bearer)],
 ) -> None:
     # The families carry every tenant id with its spend: open only in sandbox mode.
     settings = runtime.settings
@@ -67,9 +70,14 @@ async def require_metrics_reader(
         return
     given = credentials.credentials if credentials else ""
     metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else ""
-    if metrics_token and hmac.compare_digest(given.encode(), metrics_token.encode()):
-        return
-    if given and is_admin_token(settings, given):
+
+    def accepts(token: str) -> bool:
+        if metrics_token and hmac.compare_digest(token.encode(), metrics_token.encode()):
+            return True
+        return bool(token) and is_admin_token(settings, token)
+
+    # The admin token opens /metrics too: guesses here count with those at /admin (app/admin/throttle.py).
+    if throttle.checked(request, settings, given, accepts):
         return
     raise InvalidMetricsToken(
         "Send 'Authorization: Bearer <VIDGATE_METRICS_TOKEN>' (or the operator token).",

@@ -1,13 +1,15 @@
-"""Operator authentication: `Authorization: Bearer <VIDGATE_ADMIN_TOKEN>`."""
+"""Operator authentication: `Authorization: Bearer <VIDGATE_ADMIN_TOKEN>`, failures throttled per address
+(app/admin/throttle.py)."""
 
 from __future__ import annotations
 
 import hmac
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.admin import throttle
 from app.core.errors import AppError
 from app.core.settings import SANDBOX_ADMIN_TOKEN, Settings
 from app.deps import RuntimeDep
@@ -36,10 +38,13 @@ def is_admin_token(settings: Settings, given: str) -> bool:
 
 
 async def require_admin(
-    runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    request: Request,
+    runtime: RuntimeDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> None:
     given = credentials.credentials if credentials else ""
-    if not is_admin_token(runtime.settings, given):
+    settings = runtime.settings
+    if not throttle.checked(request, settings, given, lambda token: is_admin_token(settings, token)):
         raise InvalidAdminToken(
             "Send the operator token as 'Authorization: Bearer <VIDGATE_ADMIN_TOKEN>'.",
             headers={"WWW-Authenticate": "Bearer"},

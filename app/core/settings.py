@@ -24,6 +24,9 @@ def default_data_dir() -> Path:
 
 
 SANDBOX_ADMIN_TOKEN = "sandbox-admin-token"  # noqa: S105 - only ever accepted in sandbox mode
+# Operator and metrics tokens shorter than this are refused at start: a token is guessed offline-fast
+# only if short, and the throttle (app/admin/throttle.py) is per process.
+MIN_TOKEN_LENGTH = 32
 
 
 def secret_given(value: SecretStr | None) -> bool:
@@ -202,6 +205,13 @@ class Settings(BaseSettings):
     def startup_refusal(self, role: Literal["serve", "worker"]) -> str | None:
         """Why a `serve` or `worker` process must not start with these settings (one line), or None.
         Fail closed: a forgotten variable stops the process instead of opening it up."""
+        for name, token in (("ADMIN", self.admin_token), ("METRICS", self.metrics_token)):
+            value = token.get_secret_value() if token is not None else ""
+            if value and len(value) < MIN_TOKEN_LENGTH and not (self.sandbox and value == SANDBOX_ADMIN_TOKEN):
+                return (
+                    f"VIDGATE_{name}_TOKEN is {len(value)} characters: use at least {MIN_TOKEN_LENGTH} random ones "
+                    "(e.g. `openssl rand -hex 32`)."
+                )
         if self.sandbox:
             return None
         if not secret_given(self.upstream_api_key):

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
 from app.admin import service as admin_service
+from app.admin import throttle
 from app.admin.deps import InvalidAdminToken, admin_token, is_admin_token
 from app.budgets import service as budgets_service
 from app.core.database import transaction
@@ -224,7 +225,8 @@ async def login(request: Request, runtime: RuntimeDep) -> Response:
     if not sessions.csrf_matches(pre, form.get("csrf")):
         raise CsrfRejected("The login form has no valid CSRF token. Reload the page and sign in again.")
     request.state.dashboard_session = pre
-    if not is_admin_token(runtime.settings, form.get("token", "")):
+    settings = runtime.settings
+    if not throttle.checked(request, settings, form.get("token", ""), lambda token: is_admin_token(settings, token)):
         error = InvalidAdminToken("That is not the operator token (VIDGATE_ADMIN_TOKEN).")
         return render(request, "login.html", status=401, next=_safe_next(form.get("next", "")), error=error)
     response = RedirectResponse(_safe_next(form.get("next", "/dashboard")), status_code=303)
