@@ -1,6 +1,7 @@
 """Imports every domain's models so Alembic and tests see the whole schema."""
 
-from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, RateWindow, ThresholdNotice
+from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, RateLimit, ThresholdNotice
+from app.dashboard.models import DashboardSession
 from app.outputs.models import OutputCopy, StoredOutput
 from app.predictions.models import IdempotencyKey, Prediction
 from app.tenants.models import ApiKey, Tenant
@@ -9,12 +10,13 @@ from app.webhooks.models import WebhookAttempt, WebhookDelivery
 __all__ = [
     "ApiKey",
     "BudgetCounter",
+    "DashboardSession",
     "IdempotencyKey",
     "LedgerEntry",
     "OutputCopy",
     "Prediction",
     "PricePoint",
-    "RateWindow",
+    "RateLimit",
     "StoredOutput",
     "Tenant",
     "ThresholdNotice",
