@@ -29,6 +29,7 @@ from app.admin.deps import InvalidAdminToken, admin_token, is_admin_token
 from app.budgets import service as budgets_service
 from app.core.database import transaction
 from app.core.errors import AppError, InvalidRequest, NotFound, ServiceUnavailable, validation_problem
+from app.core.public_url import via_tls
 from app.core.types import Line, moment_bound
 from app.dashboard import service as dashboard_service
 from app.dashboard import session as sessions
@@ -142,17 +143,23 @@ def _key(runtime: Runtime) -> bytes | None:
     return sessions.signing_key(runtime.settings, admin_token(runtime.settings))
 
 
-def _secure(request: Request) -> bool:
-    return request.url.scheme == "https"
+def _secure(request: Request, runtime: Runtime) -> bool:
+    return via_tls(request, runtime.settings)
 
 
-def _current(request: Request, runtime: Runtime) -> sessions.Session | None:
+async def _current(request: Request, runtime: Runtime) -> sessions.Session | None:
+    """The cookie's session: a login form's, or a signed-in one that logout has not ended."""
     key = _key(runtime)
-    return None if key is None else sessions.decode(key, request.cookies.get(sessions.COOKIE))
+    current = None if key is None else sessions.decode(key, request.cookies.get(sessions.COOKIE))
+    if current is not None and current.authenticated:
+        async with transaction(runtime.sessions, readonly=True) as session:
+            if not await sessions.is_live(session, current):
+                return None
+    return current
 
 
 async def operator(request: Request, runtime: RuntimeDep) -> sessions.Session:
-    current = _current(request, runtime)
+    current = await _current(request, runtime)
     if current is None or not current.authenticated:
         raise LoginRequired
     request.state.dashboard_session = current
@@ -175,7 +182,7 @@ async def read_form(request: Request) -> dict[str, str]:
 async def checked_form(request: Request, runtime: RuntimeDep) -> dict[str, str]:
     """The form of a state-changing request, only if it carries this session's CSRF token."""
     form = await read_form(request)
-    current = _current(request, runtime)
+    current = await _current(request, runtime)
     if current is None or not current.authenticated:
         raise LoginRequired
     request.state.dashboard_session = current
@@ -198,14 +205,14 @@ async def static(name: Annotated[Line, PathParam(max_length=100)]) -> Response:
 @router.get("/login")
 async def login_page(request: Request, runtime: RuntimeDep, next: str = "/dashboard") -> Response:
     key = _key(runtime)
-    current = _current(request, runtime)
+    current = await _current(request, runtime)
     if current is not None and current.authenticated:
         return RedirectResponse("/dashboard", status_code=303)
     pre = sessions.new_session(authenticated=False, ttl_s=sessions.PRE_LOGIN_TTL_S)
     request.state.dashboard_session = pre
     response = render(request, "login.html", next=_safe_next(next), disabled=key is None)
     if key is not None:
-        sessions.set_cookie(response, key, pre, secure=_secure(request))
+        sessions.set_cookie(response, key, pre, secure=_secure(request, runtime))
     return response
 
 
@@ -219,7 +226,7 @@ async def login(request: Request, runtime: RuntimeDep) -> Response:
     form = await read_form(request)
     key = _key(runtime)
     expected = admin_token(runtime.settings)
-    pre = _current(request, runtime)
+    pre = await _current(request, runtime)
     if key is None or expected is None:
         raise ServiceUnavailable("The dashboard is disabled: set VIDGATE_ADMIN_TOKEN.")
     if not sessions.csrf_matches(pre, form.get("csrf")):
@@ -230,15 +237,20 @@ async def login(request: Request, runtime: RuntimeDep) -> Response:
         error = InvalidAdminToken("That is not the operator token (VIDGATE_ADMIN_TOKEN).")
         return render(request, "login.html", status=401, next=_safe_next(form.get("next", "")), error=error)
     response = RedirectResponse(_safe_next(form.get("next", "/dashboard")), status_code=303)
-    session = sessions.new_session(authenticated=True, ttl_s=runtime.settings.session_ttl_s)
-    sessions.set_cookie(response, key, session, secure=_secure(request))
+    signed_in = sessions.new_session(authenticated=True, ttl_s=runtime.settings.session_ttl_s)
+    async with transaction(runtime.sessions) as session:
+        await sessions.begin(session, signed_in)
+    sessions.set_cookie(response, key, signed_in, secure=_secure(request, runtime))
     return response
 
 
 @router.post("/logout")
-async def logout(request: Request, _form: Form) -> Response:
+async def logout(request: Request, runtime: RuntimeDep, _form: Form) -> Response:
+    # Ended on the server: the cookie (and any copy of it) opens nothing from here on.
+    async with transaction(runtime.sessions) as session:
+        await sessions.end(session, request.state.dashboard_session)
     response = RedirectResponse("/dashboard/login", status_code=303)
-    sessions.clear_cookie(response, secure=_secure(request))
+    sessions.clear_cookie(response, secure=_secure(request, runtime))
     return response
 
 
