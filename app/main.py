@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.admin.router import router as admin_router
+from app.budgets import deps as budgets_deps
 from app.budgets.headers import BALANCE_SLOT
 from app.budgets.router import router as usage_router
 from app.core.database import create_engine, create_sessionmaker
@@ -108,7 +109,12 @@ def create_app(
     app.state.listen_url = listen_url
     install_error_handlers(app)
     # One layer: request id, guard, the balance headers, Server-Timing and metrics (app/core/middleware.py).
-    app.add_middleware(RequestMiddleware, sandbox=settings.sandbox, header_slots=(BALANCE_SLOT,))
+    app.add_middleware(
+        RequestMiddleware,
+        sandbox=settings.sandbox,
+        header_slots=(BALANCE_SLOT,),
+        unnoted=budgets_deps.unnoted_headers,
+    )
     routers = (predictions_router, usage_router, webhooks_router, admin_router, outputs_router)
     for router in (*routers, ops_router, dashboard_router):
         app.include_router(router)
