@@ -56,13 +56,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings = sandbox.with_own_outputs(settings, sandbox_base_url)
     runtime = build_runtime(settings, engine, sessions, upstream_url)
     app.state.runtime = runtime
-    # PostgreSQL: every process hears of key revokes and tenant changes at once (app/tenants/cache.py).
+    # Every process hears of key revokes and tenant changes at once (app/tenants/cache.py): NOTIFY on
+    # PostgreSQL, a marker file beside the database on SQLite.
     listener_stop = asyncio.Event()
     listener = (
         asyncio.create_task(key_cache.listen(engine.url, listener_stop))
         if engine.dialect.name == "postgresql"
         else None
     )
+    key_cache.CACHE.watch(engine.url)  # SQLite: the marker other processes (the CLI) append to
     worker_task = None
     worker = Worker(runtime)
     if settings.run_worker:

@@ -54,8 +54,7 @@ class Settings(BaseSettings):
     # connections churn exactly when load is highest). Processes x this must stay under max_connections.
     database_pool_size: int = Field(default=40, ge=1, le=1000)
     # The key check is served from memory (app/tenants/cache.py). A key revoke or tenant change reaches
-    # every PostgreSQL process at once through NOTIFY; this TTL is the backstop (and, on SQLite, what
-    # bounds a change made by another process, e.g. the CLI).
+    # every process at once (NOTIFY on PostgreSQL, a marker file on SQLite); this TTL is the backstop.
     key_cache_ttl_s: float = Field(default=5.0, ge=0)
     # How old the balance behind X-Budget-Remaining-Cents on a submit's answer may be (other processes'
     # charges and refunds show up after at most this long; this process's own charges at once).
