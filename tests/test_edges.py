@@ -472,5 +472,25 @@ async def test_dashboard_forms_refuse_unstorable_path_parameters(api: Api) -> No
         assert answer.status_code in (404, 422), (path, answer.status_code, answer.text[:500])
 
 
+@pytest.mark.parametrize("value", ["a\x00b", "a\x01b"], ids=["nul", "control"])
+async def test_dashboard_form_fields_the_database_cannot_take_are_refused(api: Api, value: str) -> None:
+    from tests.test_dashboard import login
+
+    csrf = await login(api)
+    tenant = await api.tenant(name="forms")
+    for path in (
+        f"/dashboard/tenants/{tenant.id}/keys",
+        f"/dashboard/tenants/{tenant.id}/settings",
+        "/dashboard/tenants",
+    ):
+        answer = await api.http.post(path, data={"csrf": csrf, "name": value})
+        assert answer.status_code == 422, (path, answer.text[:500])
+    # The list filters a redeliver form carries back are dropped when the list could not take them.
+    answer = await api.http.post(
+        "/dashboard/deliveries/dlv_x/redeliver", data={"csrf": csrf, "tenant": value, "status": value}
+    )
+    assert answer.status_code == 404, answer.text[:500]
+
+
 async def test_operator_outputs_path_with_nul_is_refused(api: Api) -> None:
     assert_problem(await api.admin("GET", "/admin/v1/predictions/" + quote("p\x00") + "/outputs"), "predictionId")

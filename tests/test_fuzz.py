@@ -315,7 +315,10 @@ def dashboard_spec() -> dict[str, Any]:
         "type": "object",
         "properties": {
             name: {"type": "string"}
-            for name in ("csrf", "name", "budgetCents", "budgetPeriod", "maxConcurrent", "ratePerMinute", "webhookUrl")
+            for name in (
+                *("csrf", "name", "budgetCents", "budgetPeriod", "maxConcurrent", "ratePerMinute", "webhookUrl"),
+                *("tenant", "status"),
+            )
         },
         "required": ["csrf"],
     }

@@ -30,7 +30,7 @@ from app.budgets import service as budgets_service
 from app.core.database import transaction
 from app.core.errors import AppError, InvalidRequest, NotFound, ServiceUnavailable, validation_problem
 from app.core.public_url import via_tls
-from app.core.types import Line, moment_bound
+from app.core.types import Line, check_line, moment_bound
 from app.dashboard import service as dashboard_service
 from app.dashboard import session as sessions
 from app.deps import RuntimeDep
@@ -332,7 +332,7 @@ def _settings_fields(form: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
-M = TypeVar("M", TenantCreate, TenantUpdate)
+M = TypeVar("M", TenantCreate, TenantUpdate, KeyCreate)
 
 
 def _validated(model: type[M], fields: dict[str, Any]) -> M:
@@ -443,7 +443,7 @@ async def create_key(request: Request, runtime: RuntimeDep, form: Form, tenant_i
     async def action(session: Any) -> dict[str, Any]:
         tenant = await tenants_service.get_tenant(session, tenant_id)
         name = form.get("name", "").strip() or None
-        _key, raw = await tenants_service.create_key(session, tenant, KeyCreate(name=name))
+        _key, raw = await tenants_service.create_key(session, tenant, _validated(KeyCreate, {"name": name}))
         return {"notice": "Key created. Copy it now: it is not shown again.", "new_key": raw}
 
     return await _tenant_action(request, runtime, tenant_id, action)
@@ -484,6 +484,13 @@ def _filters(tenant: str | None, status: str | None, from_: str | None, to: str 
         end=moment_bound(to, "to", end=True),
         cursor=cursor or None,
     )
+
+
+def _line_or_none(value: str) -> str | None:
+    try:
+        return check_line(value) or None
+    except ValueError:
+        return None
 
 
 def _next_link(path: str, request: Request, cursor: str | None) -> str | None:
@@ -561,7 +568,13 @@ async def _deliveries(
 
 @router.post("/deliveries/{delivery_id}/redeliver")
 async def redeliver(request: Request, runtime: RuntimeDep, form: Form, delivery_id: Id) -> Response:
-    filters = dashboard_service.ListFilters(tenant=form.get("tenant") or None, status=form.get("status") or None)
+    # The list to show again afterwards: filters the form carried back, if they are ones the list takes.
+    tenant = form.get("tenant", "")[:64]
+    status = form.get("status", "")
+    filters = dashboard_service.ListFilters(
+        tenant=_line_or_none(tenant),
+        status=status if status in dashboard_service.DELIVERY_STATUSES else None,
+    )
     try:
         async with transaction(runtime.sessions) as session:
             delivery = await webhooks_service.get_delivery(session, delivery_id)
