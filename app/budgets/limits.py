@@ -16,7 +16,7 @@ from sqlalchemy import BigInteger, Integer, bindparam, case, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets.models import RateLimit
-from app.core import clock
+from app.budgets.scopes import tenant_scope
 from app.core.database import insert_ignore, table_of
 from app.core.errors import AppError
 from app.core.retry_after import retry_after_value
@@ -101,12 +101,6 @@ async def give_slots_many(session: AsyncSession, slots: dict[str, int]) -> None:
         await session.execute(_GIVE_SLOTS, params)
 
 
-async def set_slots(session: AsyncSession, tenant: Tenant, in_flight: int) -> None:
-    """Start counting a tenant's slots from the predictions it has in flight (a maxConcurrent just set)."""
-    tenant.in_flight = in_flight
-    await session.flush()
-
-
 _ADD_SLOTS = (
     update(table_of(Tenant)).where(_tenants.id == bindparam("b_tenant")).values(in_flight=_tenants.in_flight + _N)
 )
@@ -118,15 +112,6 @@ async def add_slots_many(session: AsyncSession, slots: dict[str, int]) -> None:
     params = [{"b_tenant": tenant_id, "b_n": n} for tenant_id, n in sorted(slots.items()) if n]
     if params:
         await session.execute(_ADD_SLOTS, params)
-
-
-async def acquire_slot(session: AsyncSession, tenant: Tenant, retry_after_s: int) -> None:
-    if not await take_slots(session, tenant.id, 1):
-        raise concurrency_limited(tenant, retry_after_s)
-
-
-async def release_slot(session: AsyncSession, tenant_id: str) -> None:
-    await give_slots(session, tenant_id, 1)
 
 
 def _micros(now: datetime) -> int:
@@ -143,7 +128,7 @@ async def take_rate(session: AsyncSession, tenant: Tenant, n: int, now: datetime
     limit = tenant.rate_per_minute
     if limit is None or n == 0:
         return True
-    scope = f"tenant:{tenant.id}"
+    scope = tenant_scope(tenant.id)
     params = {"b_scope": scope, "b_now": _micros(now), "b_n": n, "b_interval": _interval_us(limit)}
     if (await session.execute(_TAKE_RATE, params)).first() is not None:
         return True
@@ -155,7 +140,7 @@ async def take_rate(session: AsyncSession, tenant: Tenant, n: int, now: datetime
 async def give_rate(session: AsyncSession, tenant: Tenant, n: int, now: datetime) -> None:
     """Give back submits counted by take_rate in this transaction (a batch that did not fit)."""
     if tenant.rate_per_minute is not None and n:
-        params = {"b_scope": f"tenant:{tenant.id}", "b_n": n, "b_interval": _interval_us(tenant.rate_per_minute)}
+        params = {"b_scope": tenant_scope(tenant.id), "b_n": n, "b_interval": _interval_us(tenant.rate_per_minute)}
         await session.execute(_GIVE_RATE, params)
 
 
@@ -172,19 +157,13 @@ def rate_limited(tenant: Tenant, now: datetime) -> TooManyRequests:
     )
 
 
-async def consume_rate(session: AsyncSession, tenant: Tenant) -> None:
-    now = clock.now()
-    if not await take_rate(session, tenant, 1, now):
-        raise rate_limited(tenant, now)
-
-
 async def would_admit(session: AsyncSession, tenant: Tenant, now: datetime) -> bool:
-    """Whether acquire_slot and consume_rate would pass now, without taking anything (for quotes).
+    """Whether a submit would get a slot and a rate unit now, without taking anything (for quotes).
     `tenant` must have been read in this transaction (the key check does): its in_flight is current."""
     if tenant.max_concurrent is not None and tenant.in_flight >= tenant.max_concurrent:
         return False
     if tenant.rate_per_minute is not None:
-        tat = await session.scalar(select(RateLimit.tat_us).where(RateLimit.scope == f"tenant:{tenant.id}"))
+        tat = await session.scalar(select(RateLimit.tat_us).where(RateLimit.scope == tenant_scope(tenant.id)))
         now_us = _micros(now)
         if max(tat or 0, now_us) + _interval_us(tenant.rate_per_minute) > now_us + WINDOW_US:
             return False
