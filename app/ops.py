@@ -6,7 +6,7 @@ import hmac
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.admin import throttle
@@ -15,7 +15,7 @@ from app.core import metrics as app_metrics
 from app.core.database import transaction
 from app.core.errors import AppError, DatabaseUnavailable, NotFound
 from app.core.migrate import current_revision, head_revision
-from app.core.responses import json_response
+from app.core.responses import file_response, json_response
 from app.deps import RuntimeDep
 from app.upstream.simulator import SANDBOX_MP4
 
@@ -97,7 +97,7 @@ async def metrics() -> Response:
 
 
 @router.get("/sandbox/outputs/{name}", include_in_schema=False)
-async def sandbox_output(runtime: RuntimeDep, name: str) -> Response:
+async def sandbox_output(request: Request, runtime: RuntimeDep, name: str) -> Response:
     if not runtime.settings.sandbox:
         raise NotFound("Sandbox outputs exist only in sandbox mode.")
-    return FileResponse(SANDBOX_MP4, media_type="video/mp4")
+    return file_response(request, SANDBOX_MP4, media_type="video/mp4")

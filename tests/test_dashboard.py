@@ -339,6 +339,12 @@ async def test_static_files_are_served_from_the_package(api: Api, path: str) -> 
     assert "immutable" in answer.headers["cache-control"]
     assert answer.headers["content-security-policy"].startswith("default-src 'self'")
     assert (await api.http.get("/dashboard/static/..%2Fsession.py")).status_code == 404
+    # The ETag it serves is honoured, and so is `*` (issue 24 B8).
+    for tag in (answer.headers["etag"], "*", f'"other", {answer.headers["etag"]}'):
+        again = await api.http.get(path, headers={"If-None-Match": tag})
+        assert again.status_code == 304 and again.content == b"", tag
+        assert again.headers["etag"] == answer.headers["etag"]
+    assert (await api.http.get(path, headers={"If-None-Match": '"other"'})).status_code == 200
 
 
 async def test_ledger_verify_checks_the_rollup(api: Api) -> None:

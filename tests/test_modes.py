@@ -140,6 +140,14 @@ async def test_metrics_needs_a_token_outside_sandbox(api: Api) -> None:
         assert allowed.status_code == 200 and "vidgate_http_requests_total" in allowed.text
 
 
+async def test_the_sandbox_clip_honours_if_none_match(api: Api) -> None:
+    use_settings(api, sandbox=True)
+    clip = await api.http.get("/sandbox/outputs/clip.mp4")
+    assert clip.status_code == 200 and clip.headers["content-type"] == "video/mp4"
+    for tag in (clip.headers["etag"], "*"):
+        assert (await api.http.get("/sandbox/outputs/clip.mp4", headers={"If-None-Match": tag})).status_code == 304
+
+
 async def test_metrics_open_only_in_sandbox(api: Api) -> None:
     use_settings(api, metrics_token=None)
     assert (await api.http.get("/metrics")).status_code == 401

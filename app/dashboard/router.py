@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
-from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from app.admin import service as admin_service
 from app.admin import throttle
@@ -30,6 +30,7 @@ from app.budgets import service as budgets_service
 from app.core.database import transaction
 from app.core.errors import AppError, InvalidRequest, NotFound, ServiceUnavailable, validation_problem
 from app.core.public_url import via_tls
+from app.core.responses import file_response
 from app.core.types import Line, check_line, moment_bound
 from app.dashboard import service as dashboard_service
 from app.dashboard import session as sessions
@@ -195,11 +196,11 @@ Form = Annotated[dict[str, str], Depends(checked_form)]
 
 
 @router.get("/static/{name}")
-async def static(name: Annotated[Line, PathParam(max_length=100)]) -> Response:
+async def static(request: Request, name: Annotated[Line, PathParam(max_length=100)]) -> Response:
     path = STATIC / name
     if "/" in name or name.startswith(".") or not path.is_file():
         raise NotFound(f"There is no dashboard file {name!r}.")
-    return FileResponse(path, headers={"Cache-Control": "public, max-age=31536000, immutable"})
+    return file_response(request, path, headers={"Cache-Control": "public, max-age=31536000, immutable"})
 
 
 @router.get("/login")

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app.core import clock
+from app.core.responses import etag_matches
 from app.deps import ReadSessionDep, RuntimeDep
 from app.outputs import service
 from app.outputs.store import open_store
@@ -46,7 +47,7 @@ async def serve_output(
         "Content-Security-Policy": "sandbox; default-src 'none'",
         "Content-Disposition": f'inline; filename="{name}"',
     }
-    if service.etag_matches(request.headers.get("if-none-match"), item.etag):
+    if etag_matches(request.headers.get("if-none-match"), item.etag):
         return Response(status_code=304, headers=headers)
     wanted = service.parse_range(request.headers.get("range"), item.size)
     if_range = request.headers.get("if-range")

@@ -288,15 +288,6 @@ async def servable(
     return Servable(item.key, item.content_type, item.size_bytes, f'"{item.sha256[:32]}"', int(expires))
 
 
-def etag_matches(header: str | None, etag: str) -> bool:
-    """If-None-Match (RFC 9110 13.1.2): `*` or a list of tags, weak ones compared weakly."""
-    if not header:
-        return False
-    if header.strip() == "*":
-        return True
-    return any(tag.strip().removeprefix("W/") == etag for tag in header.split(","))
-
-
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """One byte range [start, end) from a Range header, or None for the whole file. Several ranges or a
     unit other than bytes are ignored (RFC 9110 lets a server answer 200 with everything); a range
