@@ -9,8 +9,10 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from aiohttp import web
 from fastapi import FastAPI
 
+from app.admin.deps import require_admin
 from app.admin.router import router as admin_router
 from app.budgets import deps as budgets_deps
 from app.budgets.headers import BALANCE_SLOT
@@ -25,6 +27,10 @@ from app.dashboard.router import router as dashboard_router
 from app.ops import router as ops_router
 from app.outputs.router import router as outputs_router
 from app.predictions.router import router as predictions_router
+from app.providers import config as providers_config
+from app.providers import sandbox as providers_sandbox
+from app.providers import stats as provider_stats
+from app.providers.router import build_router as build_providers_router
 from app.runtime import Runtime, build_runtime
 from app.tenants import cache as key_cache
 from app.upstream import sandbox
@@ -40,7 +46,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield  # tests hand in a ready runtime
         return
     settings: Settings = app.state.settings
-    refusal = settings.startup_refusal("serve")
+    refusal = settings.startup_refusal("serve") or providers_config.startup_refusal(settings)
     if refusal is not None:
         raise SystemExit(refusal)
     engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
@@ -48,13 +54,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # The sandbox's simulator writes output links before any request says where callers reach us:
     # the address `serve` listens on stands in for it.
     sandbox_base_url = settings.public_base_url or app.state.listen_url or "http://127.0.0.1:8000"
-    simulator = None
-    upstream_url = None
+    simulators: list[web.AppRunner] = []
+    registry = None
     if settings.sandbox:
         await upgrade_to_head(engine)
-        simulator, upstream_url = await sandbox.start(settings, sandbox_base_url)
         settings = sandbox.with_own_outputs(settings, sandbox_base_url)
-    runtime = build_runtime(settings, engine, sessions, upstream_url)
+        simulators, registry = await providers_sandbox.start(settings, sandbox_base_url)
+    runtime = build_runtime(settings, engine, sessions, registry=registry)
     app.state.runtime = runtime
     # Every process hears of key revokes and tenant changes at once (app/tenants/cache.py): NOTIFY on
     # PostgreSQL, a marker file beside the database on SQLite.
@@ -65,6 +71,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         else None
     )
     key_cache.CACHE.watch(engine.url)  # SQLite: the marker other processes (the CLI) append to
+    # Each process adds its upstream call tallies to the providers' daily rows (the dashboard's figures).
+    stats_stop = asyncio.Event()
+    stats_task = asyncio.create_task(provider_stats.flush_loop(sessions, stats_stop))
     worker_task = None
     worker = Worker(runtime)
     if settings.run_worker:
@@ -86,8 +95,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if worker_task is not None:
             with contextlib.suppress(Exception):
                 await worker_task
+        stats_stop.set()
+        with contextlib.suppress(Exception):
+            await stats_task
         await runtime.close()
-        if simulator is not None:
+        for simulator in simulators:
             await simulator.cleanup()
         await engine.dispose()
         app.state.runtime = None
@@ -120,6 +132,7 @@ def create_app(
     routers = (predictions_router, usage_router, webhooks_router, admin_router, outputs_router)
     for router in (*routers, ops_router, dashboard_router):
         app.include_router(router)
+    app.include_router(build_providers_router(require_admin))  # /admin/v1/providers
     return app
 
 

@@ -4,6 +4,8 @@ from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, RateLimit
 from app.dashboard.models import DashboardSession
 from app.outputs.models import OutputCopy, StoredOutput
 from app.predictions.models import IdempotencyKey, Prediction
+from app.providers.models import ProviderState
+from app.providers.stats import ProviderDay
 from app.tenants.models import ApiKey, Tenant
 from app.webhooks.models import WebhookAttempt, WebhookDelivery
 
@@ -16,6 +18,8 @@ __all__ = [
     "OutputCopy",
     "Prediction",
     "PricePoint",
+    "ProviderDay",
+    "ProviderState",
     "RateLimit",
     "StoredOutput",
     "Tenant",

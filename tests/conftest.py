@@ -112,6 +112,10 @@ def sim(simulator: tuple[str, SimState]) -> SimState:
     state.polls = 0
     state.output_fetches = 0
     state.output_bytes_sent = 0
+    state.submits_by_format.clear()
+    state.auths.clear()
+    state.accepted = 0
+    state.max_in_flight = 0
     return state
 
 

@@ -136,8 +136,17 @@ async def test_predictions_are_private_to_their_tenant(api: Api) -> None:
 async def test_get_prediction_shape(api: Api, sim: SimState) -> None:
     tenant = await api.tenant()
     submitted = (await tenant.submit(valid_body(metadata={"k": "v"}))).json()
-    assert set(submitted) == {"id", "status", "statusUrl", "estimatedTime", "costCents", "createdAt", "metadata"}
-    assert submitted["estimatedTime"] == "0-1s"
+    assert set(submitted) == {
+        "id",
+        "status",
+        "statusUrl",
+        "estimatedTime",
+        "costCents",
+        "createdAt",
+        "metadata",
+        "provider",
+    }
+    assert submitted["estimatedTime"] == "0-1s" and submitted["provider"] == "vibedream"
     got = (await tenant.get(f"/api/v1/predictions/{submitted['id']}")).json()
     assert set(got) == {
         "id",
@@ -150,8 +159,10 @@ async def test_get_prediction_shape(api: Api, sim: SimState) -> None:
         "completedAt",
         "costCents",
         "metadata",
+        "provider",
     }
     assert got["modelId"] == "ltx-2-19b" and got["status"] == "processing" and got["metadata"] == {"k": "v"}
+    assert got["provider"] == "vibedream"
     assert sim.polls == 0  # reads are served from the database
 
 

@@ -141,13 +141,13 @@ async def rotate_secret(session: SessionDep, runtime: RuntimeDep, tenant_id: Ten
     }
 
 
-@router.get("/usage", summary="Spending from the ledger, grouped by tenant, model or day; JSON or CSV")
+@router.get("/usage", summary="Spending from the ledger, grouped by tenant, model, provider or day; JSON or CSV")
 async def usage_report(
     session: SessionDep,
     request: Request,
     from_: Annotated[Line | None, Query(alias="from", max_length=40)] = None,
     to: Annotated[Line | None, Query(max_length=40)] = None,
-    group_by: Annotated[str, Query(alias="groupBy", pattern="^(tenant|model|day)$")] = "tenant",
+    group_by: Annotated[str, Query(alias="groupBy", pattern="^(tenant|model|provider|day)$")] = "tenant",
     format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
 ) -> Response:
     start = moment_bound(from_, "from", end=False)

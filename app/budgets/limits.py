@@ -1,8 +1,8 @@
 """Concurrency and rate limits: conditional UPDATEs, so the caps hold across gateway processes.
 
-The rate limit is GCRA (the generic cell rate algorithm), not calendar minutes: with `ratePerMinute=n`
-a tenant may submit n at once, then one every 60/n s; a burst never gets through twice across a minute
-boundary (calendar windows let 2n through in a few seconds). Its state is one integer per tenant (the
+Rate limits (a tenant's ratePerMinute, a provider's rate_per_minute) are GCRA (the generic cell rate
+algorithm), not calendar minutes: with a limit of n a minute, n may pass at once, then one every 60/n s; a burst never gets through twice across a minute
+boundary (calendar windows let 2n through in a few seconds). Its state is one integer per scope (the
 theoretical arrival time of the next unit), moved by one conditional UPDATE: as cheap as a counter,
 and exact across replicas.
 """
@@ -123,25 +123,33 @@ def _interval_us(limit: int) -> int:
     return max(WINDOW_US // limit, 1)
 
 
-async def take_rate(session: AsyncSession, tenant: Tenant, n: int, now: datetime) -> bool:
-    """Count `n` submits against the tenant's ratePerMinute if they all fit now (GCRA)."""
-    limit = tenant.rate_per_minute
-    if limit is None or n == 0:
-        return True
-    scope = tenant_scope(tenant.id)
+async def take_scope_rate(session: AsyncSession, scope: str, limit: int, now: datetime, n: int = 1) -> bool:
+    """Count `n` units against `scope`'s `limit` a minute if they all fit now (GCRA): a tenant's
+    ratePerMinute, a provider's rate_per_minute."""
     params = {"b_scope": scope, "b_now": _micros(now), "b_n": n, "b_interval": _interval_us(limit)}
     if (await session.execute(_TAKE_RATE, params)).first() is not None:
         return True
-    # Most likely the tenant's row does not exist yet: a state as old as can be (everything fits).
+    # Most likely the scope's row does not exist yet: a state as old as can be (everything fits).
     await insert_ignore(session, RateLimit, [dict(scope=scope, tat_us=0)])
     return (await session.execute(_TAKE_RATE, params)).first() is not None
+
+
+async def give_scope_rate(session: AsyncSession, scope: str, limit: int, n: int = 1) -> None:
+    """Give back units take_scope_rate counted in this transaction."""
+    await session.execute(_GIVE_RATE, {"b_scope": scope, "b_n": n, "b_interval": _interval_us(limit)})
+
+
+async def take_rate(session: AsyncSession, tenant: Tenant, n: int, now: datetime) -> bool:
+    """Count `n` submits against the tenant's ratePerMinute if they all fit now."""
+    if tenant.rate_per_minute is None or n == 0:
+        return True
+    return await take_scope_rate(session, tenant_scope(tenant.id), tenant.rate_per_minute, now, n)
 
 
 async def give_rate(session: AsyncSession, tenant: Tenant, n: int, now: datetime) -> None:
     """Give back submits counted by take_rate in this transaction (a batch that did not fit)."""
     if tenant.rate_per_minute is not None and n:
-        params = {"b_scope": tenant_scope(tenant.id), "b_n": n, "b_interval": _interval_us(tenant.rate_per_minute)}
-        await session.execute(_GIVE_RATE, params)
+        await give_scope_rate(session, tenant_scope(tenant.id), tenant.rate_per_minute, n)
 
 
 def rate_limited(tenant: Tenant, now: datetime) -> TooManyRequests:

@@ -42,6 +42,8 @@ class LedgerEntry(Base):
     api_key_id: Mapped[str | None] = mapped_column(String(40), index=True)
     prediction_id: Mapped[str | None] = mapped_column(String(40), index=True)
     model_id: Mapped[str | None] = mapped_column(String(100))
+    # The provider that served (settle, refund) or was tried (release); None for a hold (not yet chosen).
+    provider: Mapped[str | None] = mapped_column(String(32))
     period_start: Mapped[datetime]
     kind: Mapped[str] = mapped_column(String(16))  # reserve | settle | release | refund
     reserved_delta: Mapped[int] = mapped_column(default=0)

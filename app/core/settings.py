@@ -64,6 +64,8 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("VIDGATE_UPSTREAM_API_KEY", "VIBEDREAM_API_KEY")
     )
     upstream_timeout_s: float = 30.0
+    # SPEC §11: a TOML file of providers; without it the two settings above make the one provider.
+    providers_file: Path | None = None
     admin_token: SecretStr | None = None
     metrics_token: SecretStr | None = None
     # Asked for, never implied (`vidgate serve --sandbox`): a built-in simulator answers instead of the vendor.
@@ -143,6 +145,11 @@ class Settings(BaseSettings):
             return [part.strip().lower() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("providers_file", mode="before")
+    @classmethod
+    def _providers_file(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("outputs_store")
     @classmethod
     def _outputs_store(cls, value: str) -> str:
@@ -213,7 +220,7 @@ class Settings(BaseSettings):
                 )
         if self.sandbox:
             return None
-        if not secret_given(self.upstream_api_key):
+        if self.providers_file is None and not secret_given(self.upstream_api_key):
             return (
                 "VIDGATE_UPSTREAM_API_KEY (or VIBEDREAM_API_KEY) is not set: set the vendor key, "
                 "or run `vidgate serve --sandbox` to try the gateway against its built-in simulator."

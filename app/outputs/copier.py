@@ -307,7 +307,7 @@ class Copier:
         """Stream one output into the store; returns its `stored_outputs` row, for the writer."""
         settings = self.runtime.settings
         assert self.store is not None
-        response = await self._open(source)
+        response = await self._open(source, job.provider)
         try:
             if response.status != 200:
                 raise Transient(f"the provider answered {response.status} for output {position + 1}")
@@ -373,14 +373,17 @@ class Copier:
             stored_at=clock.now(),
         )
 
-    async def _open(self, source: str) -> aiohttp.ClientResponse:
-        """GET `source`, following redirects by hand so that every hop is checked."""
+    async def _open(self, source: str, provider: str | None) -> aiohttp.ClientResponse:
+        """GET `source`, following redirects by hand so that every hop is checked: only on the output hosts
+        of the provider that served it (SPEC §11)."""
         settings = self.runtime.settings
+        hosts = self.runtime.providers.output_hosts(provider)
         url = URL(source)
         for _ in range(MAX_REDIRECTS + 1):
-            if url.scheme not in ("http", "https") or not allowed_host(url, settings.output_hosts):
+            if url.scheme not in ("http", "https") or not allowed_host(url, hosts):
                 raise Refused(
-                    f"{url.host or str(url)!r} is not one of the hosts outputs may come from (VIDGATE_OUTPUT_HOSTS)"
+                    f"{url.host or str(url)!r} is not one of the hosts outputs of provider {provider!r} may come "
+                    "from (its output_hosts, or VIDGATE_OUTPUT_HOSTS)"
                 )
             try:
                 # aiohttp dials IP literals without asking the guarded resolver: those are checked here.

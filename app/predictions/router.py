@@ -21,10 +21,12 @@ from app.core.retry_after import retry_after_value
 from app.core.types import Line
 from app.deps import PublicBaseUrlDep, ReadSessionDep, RuntimeDep
 from app.outputs import service as outputs_service
+from app.predictions import failover
 from app.predictions import service as predictions_service
 from app.predictions.cache import FINAL
 from app.predictions.models import PredictionStatus
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, PublicStatus, SubmitOut
+from app.providers import routing
 from app.tenants.deps import Credentials, cached_caller
 
 router = APIRouter(prefix="/api/v1", tags=["predictions"], responses=tenant_responses())
@@ -72,7 +74,7 @@ async def generate(
 ) -> Response:
     if idempotency_key is not None and not (0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX):
         raise InvalidRequest(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters.", field="Idempotency-Key")
-    result = await predictions_service.submit(
+    result = await failover.submit(
         runtime,
         caller.tenant,
         caller.key,
@@ -127,8 +129,23 @@ async def quote(
     model_id: Annotated[Line, Path(alias="modelId", max_length=100)],
 ) -> Response:
     predictions_service.check_submittable(runtime, model_id, body)
+    resolution = body.resolution or budgets_service.DEFAULT_RESOLUTION
+    duration = body.duration or budgets_service.DEFAULT_DURATION_S
+    # What a submit would hold: the highest price among the providers it would try now (or could at all).
+    plan = await routing.plan(runtime.providers, model_id, resolution, duration)
+    if not plan.candidates:
+        served = routing.served(runtime.providers.registry, model_id, resolution, duration)
+        plan = routing.Plan([routing.Candidate(p, p.file_price_cents(resolution, duration)) for p in served])
     answer = await budgets_service.quote(
-        session, runtime.settings.price_table, caller.tenant, caller.key, model_id, body.resolution, body.duration
+        session,
+        runtime.settings.price_table,
+        caller.tenant,
+        caller.key,
+        model_id,
+        body.resolution,
+        body.duration,
+        plan.prices,
+        plan.answer_priced,
     )
     return json_response(
         {

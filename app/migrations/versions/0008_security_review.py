@@ -1,7 +1,7 @@
 """security review: dashboard sessions ended on the server; the tenant rate limit as GCRA state
 
 Revision ID: 0008
-Revises: 0005
+Revises: 0010
 Create Date: 2026-12-07
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008"
-down_revision: str | None = "0005"
+down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
