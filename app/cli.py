@@ -492,15 +492,15 @@ def usage(
 ) -> None:
     """Spending from the ledger."""
     from app.admin import service as admin_service
-    from app.admin.router import _parse_moment
+    from app.core.types import moment_bound
 
     if group_by not in ("tenant", "model", "provider", "day"):
         typer.echo("error: --group-by must be tenant, model, provider or day", err=True)
         raise typer.Exit(2)
 
     async def work(session: Any, _op: Any) -> list[dict[str, Any]]:
-        start = _parse_moment(from_, "from", end=False)
-        end = _parse_moment(to, "to", end=True)
+        start = moment_bound(from_, "from", end=False)
+        end = moment_bound(to, "to", end=True)
         return await admin_service.usage_rows(session, start, end, group_by)
 
     _emit(

@@ -287,16 +287,16 @@ def register_operator_commands(
         as_json: JsonOpt = False,
     ) -> None:
         """The audit log, newest first: who changed what, before and after."""
-        from app.admin.router import _parse_moment
         from app.audit import service as audit_service
+        from app.core.types import moment_bound
 
         async def work(session: Any, _op: Any) -> dict[str, Any]:
             filters = audit_service.AuditFilters(
                 target=target,
                 actor=actor,
                 action=action,
-                start=_parse_moment(from_, "from", end=False),
-                end=_parse_moment(to, "to", end=True),
+                start=moment_bound(from_, "from", end=False),
+                end=moment_bound(to, "to", end=True),
                 cursor=cursor,
             )
             rows, next_cursor = await audit_service.list_entries(session, filters, limit)

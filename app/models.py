@@ -1,7 +1,8 @@
 """Imports every domain's models so Alembic and tests see the whole schema."""
 
 from app.audit.models import AuditEntry
-from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, RateWindow, ThresholdNotice
+from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, RateLimit, ThresholdNotice
+from app.dashboard.models import DashboardSession
 from app.operators.models import OperatorToken
 from app.outputs.models import OutputCopy, StoredOutput
 from app.predictions.models import IdempotencyKey, Prediction
@@ -14,6 +15,7 @@ __all__ = [
     "ApiKey",
     "AuditEntry",
     "BudgetCounter",
+    "DashboardSession",
     "IdempotencyKey",
     "LedgerEntry",
     "OperatorToken",
@@ -22,7 +24,7 @@ __all__ = [
     "PricePoint",
     "ProviderDay",
     "ProviderState",
-    "RateWindow",
+    "RateLimit",
     "StoredOutput",
     "Tenant",
     "ThresholdNotice",

@@ -15,7 +15,9 @@ upstream simulator: schemathesis' client is synchronous, and the test's own loop
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
+import re
 import socket
 import threading
 from collections import Counter
@@ -34,6 +36,7 @@ from hypothesis import HealthCheck, Phase
 from schemathesis import GenerationMode
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.admin.throttle import FailureThrottle
 from app.core.database import create_engine, create_sessionmaker
 from app.core.migrate import upgrade_to_head
 from app.main import create_app
@@ -119,9 +122,10 @@ async def _serve(
         await upgrade_to_head(engine)
         gateway.loop, gateway.engine = asyncio.get_running_loop(), engine
         runtime = build_runtime(make_settings(url, sim_url), engine, create_sessionmaker(engine))
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(runtime.settings, runtime), http="httptools", lifespan="on", log_level="warning")
-        )
+        app = create_app(runtime.settings, runtime)
+        # `ignored_auth` sends wrong tokens on purpose, from one address: not a guesser to slow down.
+        app.state.operator_failures = FailureThrottle(burst=1_000_000)
+        server = uvicorn.Server(uvicorn.Config(app, http="httptools", lifespan="on", log_level="warning"))
         server_box.append(server)
         try:
             await server.serve(sockets=[listener])
@@ -340,3 +344,92 @@ def test_declared_links(gateway: Gateway) -> None:
         ("POST", "/admin/v1/providers/{name}/enable", 200),
     ]:
         assert (method, path, status) in reached, sorted(reached)
+
+
+# ---------------------------------------------------------------- the dashboard (issue 24 B4)
+
+
+def dashboard_spec() -> dict[str, Any]:
+    """The dashboard's routes as an OpenAPI document (they are left out of /openapi.json: pages, not API),
+    each POST with the url-encoded form it reads (a CSRF token and the fields of the page's forms)."""
+    from fastapi.openapi.utils import get_openapi
+
+    from app.dashboard.router import router as dashboard_router
+
+    routes = []
+    for route in dashboard_router.routes:
+        shown = copy.copy(route)
+        shown.include_in_schema = True  # type: ignore[attr-defined]
+        routes.append(shown)
+    spec = get_openapi(title="vidgate dashboard", version="0", routes=routes)
+    form = {
+        "type": "object",
+        "properties": {
+            name: {"type": "string"}
+            for name in (
+                *("csrf", "name", "budgetCents", "budgetPeriod", "maxConcurrent", "ratePerMinute", "webhookUrl"),
+                *("tenant", "status"),
+            )
+        },
+        "required": ["csrf"],
+    }
+    for path, methods in spec["paths"].items():
+        if "post" in methods and path != "/dashboard/login":
+            methods["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/x-www-form-urlencoded": {"schema": form}},
+            }
+    return spec
+
+
+def dashboard_session(gateway: Gateway) -> tuple[str, str]:
+    """A logged-in session cookie and its CSRF token, through the login form."""
+    pattern = re.compile(r'name="csrf" value="([^"]+)"')
+    with httpx.Client(base_url=gateway.base_url, timeout=60) as http:
+        page = http.get("/dashboard/login")
+        match = pattern.search(page.text)
+        assert match, page.text[:500]
+        done = http.post("/dashboard/login", data={"csrf": match.group(1), "token": ADMIN_TOKEN})
+        assert done.status_code == 303, done.text
+        cookie = http.cookies["vidgate_session"]
+        overview = http.get("/dashboard")
+        found = pattern.search(overview.text)
+        assert found, overview.text[:500]
+        return cookie, found.group(1)
+
+
+def test_every_dashboard_route(gateway: Gateway) -> None:
+    cookie, csrf = dashboard_session(gateway)
+    schema = schemathesis.openapi.from_dict(
+        dashboard_spec(), config=schemathesis.Config.from_dict({**CONFIG, "checks": {"enabled": False}})
+    )
+    schema.config.base_url = gateway.base_url
+    failures: list[str] = []
+    seen: Counter[int] = Counter()
+    with httpx.Client(base_url=gateway.base_url, timeout=60, follow_redirects=False) as http:
+        for result in schema.get_all_operations():
+            operation = result.ok()
+            if operation.path == "/dashboard/logout":
+                continue  # it would end the session every other operation runs in (test_dashboard.py tests it)
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+                @hypothesis.settings(SETTINGS, max_examples=MAX_EXAMPLES)
+                @hypothesis.given(case=operation.as_strategy(mode))
+                def fuzz(case: Any) -> None:
+                    if isinstance(case.body, dict) and case.method == "POST":
+                        case.body = {**case.body, "csrf": csrf}  # the session's own token: the form is read
+                    kwargs = case.as_transport_kwargs(base_url=gateway.base_url)
+                    kwargs.pop("cookies", None)
+                    kwargs["headers"] = {**(kwargs.get("headers") or {}), "Cookie": f"vidgate_session={cookie}"}
+                    response = http.request(**kwargs)
+                    seen[response.status_code] += 1
+                    assert response.status_code < 500, (case.method, case.formatted_path, response.text[:500])
+
+                try:
+                    fuzz()
+                except hypothesis.errors.Unsatisfiable:
+                    assert mode is GenerationMode.NEGATIVE
+                except (Exception, schemathesis.errors.FailureGroup) as exc:
+                    failures.append(f"{operation.label} ({mode.value}): {exc}")
+    assert not failures, "\n\n".join(failures)
+    assert seen[200] and seen[422], seen  # it reached the pages, logged in, and past their validation

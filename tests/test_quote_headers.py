@@ -8,11 +8,14 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from app.core import clock
 from app.core.database import transaction
 from app.predictions.models import Prediction
+from app.tenants import cache as key_cache
 from app.upstream.simulator import SimState
-from tests.conftest import Api, eventually, valid_body
+from tests.conftest import ADMIN_TOKEN, Api, eventually, valid_body
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -93,6 +96,34 @@ async def test_budget_headers_on_every_tenant_answer(api: Api, sim: SimState) ->
     # Not on answers to anyone else.
     assert "x-budget-remaining-cents" not in (await api.admin("GET", "/admin/v1/tenants")).headers
     assert "x-budget-remaining-cents" not in (await api.http.get("/api/v1/usage")).headers
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["key-cached", "key-not-cached"])
+async def test_budget_headers_on_answers_before_the_route(api: Api, sim: SimState, cached: bool) -> None:
+    """Issue 24 B6: a 405, a 413 and a body that is not JSON answer a valid key before any route checks
+    it; they carry its balance all the same. A key that does not check out gets none."""
+    tenant = await api.tenant(budgetCents=20, budgetPeriod="day")
+    if cached:
+        assert (await tenant.get("/api/v1/usage")).headers["x-budget-remaining-cents"] == "20"
+    else:
+        key_cache.CACHE.clear()
+    generate = "/api/v1/models/ltx-2-19b/generate"
+    answers = {
+        "405": await api.http.delete("/api/v1/usage", headers=tenant.headers()),
+        "413": await api.http.post(generate, content=b"x" * (65 * 1024), headers=tenant.headers()),
+        "json": await api.http.post(
+            generate, content=b"{not json", headers=tenant.headers(**{"Content-Type": "application/json"})
+        ),
+        "404": await api.http.get("/api/v1/nope", headers=tenant.headers()),
+    }
+    for what, answer in answers.items():
+        assert answer.status_code in (405, 413, 422, 404), (what, answer.text)
+        assert answer.headers["x-budget-remaining-cents"] == "20", what
+        assert TIMESTAMP.match(answer.headers["x-budget-resets-at"]), what
+    assert sim.submits == 0
+    for headers in ({"Authorization": "Bearer vg_unknown"}, {}, {"Authorization": f"Bearer {ADMIN_TOKEN}"}):
+        answer = await api.http.delete("/api/v1/usage", headers=headers)
+        assert answer.status_code == 405 and "x-budget-remaining-cents" not in answer.headers
 
 
 async def test_unlimited_budget_has_no_remaining_header_and_total_no_reset(api: Api, sim: SimState) -> None:

@@ -1,14 +1,17 @@
 """Operator authentication: `Authorization: Bearer <VIDGATE_ADMIN_TOKEN>` or an operator token (`vgo_...`,
-SPEC §13; its role decides whether it may change anything: app/operators)."""
+SPEC §13; its role decides whether it may change anything: app/operators), failures throttled per
+address (app/admin/throttle.py)."""
 
 from __future__ import annotations
 
 import hmac
+from functools import partial
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.admin import throttle
 from app.core.database import transaction
 from app.core.errors import AppError
 from app.core.settings import SANDBOX_ADMIN_TOKEN, Settings
@@ -58,7 +61,7 @@ async def require_admin(
     request: Request, runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> Operator:
     given = credentials.credentials if credentials else ""
-    operator = await operator_of(runtime, given)
+    operator = await throttle.identified(request, runtime.settings, given, partial(operator_of, runtime))
     if operator is None:
         raise InvalidAdminToken(
             "Send the operator token as 'Authorization: Bearer <VIDGATE_ADMIN_TOKEN>' or an operator token (vgo_...).",

@@ -5,7 +5,6 @@ complete when each has one (tests/test_cli_parity.py)."""
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
@@ -16,10 +15,9 @@ from app.audit import service as audit_service
 from app.audit.schemas import AuditList
 from app.budgets import service as budgets_service
 from app.budgets.schemas import UsageOut
-from app.core.errors import InvalidRequest
 from app.core.openapi import link, links
 from app.core.responses import json_response
-from app.core.types import Line
+from app.core.types import Line, moment_bound
 from app.deps import ReadSessionDep, RuntimeDep, SessionDep
 from app.operators import service as operators_service
 from app.operators.schemas import OperatorTokenCreate, OperatorTokenCreated, OperatorTokenList, OperatorTokenOut
@@ -187,21 +185,6 @@ async def rotate_secret(
     }
 
 
-def _parse_moment(value: str | None, field: str, *, end: bool) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        if len(value) == 10:
-            day = date.fromisoformat(value)
-            # A bare `to` date includes that whole day.
-            return datetime.combine(day + timedelta(days=1 if end else 0), time(), UTC)
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        # In UTC here, where a year-1 moment with an offset overflows as a 422, not in the query.
-        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
-    except (ValueError, OverflowError) as exc:  # OverflowError: the day after 9999-12-31
-        raise InvalidRequest(f"{field} must be a date (2026-11-01) or an ISO 8601 timestamp.", field=field) from exc
-
-
 @router.get(
     "/usage",
     summary="Spending from the ledger, grouped by tenant, model, provider or day; JSON or CSV",
@@ -215,8 +198,8 @@ async def usage_report(
     group_by: Annotated[str, Query(alias="groupBy", pattern="^(tenant|model|provider|day)$")] = "tenant",
     format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
 ) -> Response:
-    start = _parse_moment(from_, "from", end=False)
-    end = _parse_moment(to, "to", end=True)
+    start = moment_bound(from_, "from", end=False)
+    end = moment_bound(to, "to", end=True)
     rows = await admin_service.usage_rows(session, start, end, group_by)
     wants_csv = format == "csv" or (format is None and "text/csv" in request.headers.get("accept", ""))
     if wants_csv:
@@ -266,7 +249,7 @@ async def redeliver(session: SessionDep, op: OperatorDep, delivery_id: DeliveryI
     openapi_extra=cli("predictions outputs"),
 )
 async def prediction_outputs(
-    session: ReadSessionDep, prediction_id: Annotated[str, Path(alias="predictionId", max_length=40)]
+    session: ReadSessionDep, prediction_id: Annotated[Line, Path(alias="predictionId", max_length=40)]
 ) -> Response:
     view = await outputs_service.operator_view(session, prediction_id)
     return json_response(view.model_dump(mode="json", by_alias=True))
@@ -331,8 +314,8 @@ async def audit_log(
         target=target,
         actor=actor,
         action=action,
-        start=_parse_moment(from_, "from", end=False),
-        end=_parse_moment(to, "to", end=True),
+        start=moment_bound(from_, "from", end=False),
+        end=moment_bound(to, "to", end=True),
         cursor=cursor,
     )
     rows, next_cursor = await audit_service.list_entries(session, filters, limit)

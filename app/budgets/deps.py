@@ -8,9 +8,10 @@ from typing import Annotated
 
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials
+from starlette.types import Scope
 
 from app.budgets import balances
-from app.budgets.headers import note_balance
+from app.budgets.headers import budget_headers, note_balance
 from app.core.database import Reads, transaction
 from app.core.logging import tenant_id_var
 from app.deps import ReadSessionDep, RuntimeDep
@@ -65,6 +66,33 @@ def reader_with(*scopes: str) -> Callable[..., Awaitable[Caller]]:
         return caller
 
     return current_reader
+
+
+async def unnoted_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """The budget headers for an answer that came before any route's key check (405, 413, a body that is
+    not JSON, an unknown path): SPEC §2 wants them on every answer to a tenant key. The middleware asks
+    only for such answers (app/core/middleware.py); a key that does not check out gets none."""
+    token = ""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            token = token.strip() if scheme.lower() == "bearer" else ""
+    if not token.startswith(tenants_service.KEY_PREFIX):
+        return []
+    runtime: Runtime | None = getattr(scope["app"].state, "runtime", None)
+    if runtime is None:
+        return []
+    hit = tenants_service.authenticate_cached(token)
+    balance = balances.BALANCES.get(hit[0].id) if hit is not None else None
+    if balance is None:
+        async with transaction(runtime.sessions, readonly=True) as session:
+            if hit is None:
+                _tenant, _key, balance = await balances.authenticate_with_balance(
+                    session, token, cache_ttl_s=runtime.settings.key_cache_ttl_s
+                )
+            else:
+                balance = await balances.read_balance(session, hit[0])
+    return budget_headers(balance)
 
 
 CallerDep = Annotated[Caller, Depends(current_caller)]

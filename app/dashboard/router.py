@@ -11,25 +11,30 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
-from datetime import time as day_time
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
-from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from app.admin import service as admin_service
+from app.admin import throttle
 from app.admin.deps import InvalidAdminToken, admin_token, operator_of
 from app.audit import service as audit_service
 from app.budgets import service as budgets_service
 from app.core.database import transaction
 from app.core.errors import AppError, InvalidRequest, NotFound, ServiceUnavailable, validation_problem
+from app.core.public_url import via_tls
+from app.core.responses import file_response
+from app.core.types import Line, check_line, moment_bound
 from app.dashboard import service as dashboard_service
 from app.dashboard import session as sessions
 from app.deps import RuntimeDep
@@ -50,13 +55,19 @@ CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
 )
+# X-Content-Type-Options: nosniff is on every answer of the gateway (app/core/middleware.py).
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+
+
+# Every parameter has the shared types (app/core/types.py): what the database cannot hold is a 422 page.
+Text = Annotated[Line | None, Query(max_length=64)]
+Moment = Annotated[Line | None, Query(max_length=40)]
+Id = Annotated[Line, PathParam(max_length=40)]
 
 
 def _when(value: datetime | None) -> str:
@@ -152,17 +163,23 @@ def _key(runtime: Runtime) -> bytes | None:
     return sessions.signing_key(runtime.settings, admin_token(runtime.settings))
 
 
-def _secure(request: Request) -> bool:
-    return request.url.scheme == "https"
+def _secure(request: Request, runtime: Runtime) -> bool:
+    return via_tls(request, runtime.settings)
 
 
-def _current(request: Request, runtime: Runtime) -> sessions.Session | None:
+async def _current(request: Request, runtime: Runtime) -> sessions.Session | None:
+    """The cookie's session: a login form's, or a signed-in one that logout has not ended."""
     key = _key(runtime)
-    return None if key is None else sessions.decode(key, request.cookies.get(sessions.COOKIE))
+    current = None if key is None else sessions.decode(key, request.cookies.get(sessions.COOKIE))
+    if current is not None and current.authenticated:
+        async with transaction(runtime.sessions, readonly=True) as session:
+            if not await sessions.is_live(session, current):
+                return None
+    return current
 
 
 async def _signed_in(request: Request, runtime: Runtime) -> tuple[sessions.Session, Operator]:
-    current = _current(request, runtime)
+    current = await _current(request, runtime)
     if current is None or not current.authenticated:
         raise LoginRequired
     signed_in: Operator | None = operators_service.ADMIN
@@ -220,24 +237,24 @@ Form = Annotated[Posted, Depends(checked_form)]
 
 
 @router.get("/static/{name}")
-async def static(name: str) -> Response:
+async def static(request: Request, name: Annotated[Line, PathParam(max_length=100)]) -> Response:
     path = STATIC / name
     if "/" in name or name.startswith(".") or not path.is_file():
         raise NotFound(f"There is no dashboard file {name!r}.")
-    return FileResponse(path, headers={"Cache-Control": "public, max-age=31536000, immutable"})
+    return file_response(request, path, headers={"Cache-Control": "public, max-age=31536000, immutable"})
 
 
 @router.get("/login")
 async def login_page(request: Request, runtime: RuntimeDep, next: str = "/dashboard") -> Response:
     key = _key(runtime)
-    current = _current(request, runtime)
+    current = await _current(request, runtime)
     if current is not None and current.authenticated:
         return RedirectResponse("/dashboard", status_code=303)
     pre = sessions.new_session(authenticated=False, ttl_s=sessions.PRE_LOGIN_TTL_S)
     request.state.dashboard_session = pre
     response = render(request, "login.html", next=_safe_next(next), disabled=key is None)
     if key is not None:
-        sessions.set_cookie(response, key, pre, secure=_secure(request))
+        sessions.set_cookie(response, key, pre, secure=_secure(request, runtime))
     return response
 
 
@@ -251,13 +268,14 @@ async def login(request: Request, runtime: RuntimeDep) -> Response:
     form = await read_form(request)
     key = _key(runtime)
     expected = admin_token(runtime.settings)
-    pre = _current(request, runtime)
+    pre = await _current(request, runtime)
     if key is None or expected is None:
         raise ServiceUnavailable("The dashboard is disabled: set VIDGATE_ADMIN_TOKEN.")
     if not sessions.csrf_matches(pre, form.get("csrf")):
         raise CsrfRejected("The login form has no valid CSRF token. Reload the page and sign in again.")
     request.state.dashboard_session = pre
-    signed_in = await operator_of(runtime, form.get("token", ""))
+    identify = partial(operator_of, runtime)
+    signed_in = await throttle.identified(request, runtime.settings, form.get("token", ""), identify)
     if signed_in is None:
         error = InvalidAdminToken(
             "That is not the operator token (VIDGATE_ADMIN_TOKEN), nor an active operator token (vgo_...)."
@@ -265,15 +283,20 @@ async def login(request: Request, runtime: RuntimeDep) -> Response:
         return render(request, "login.html", status=401, next=_safe_next(form.get("next", "")), error=error)
     token_id = signed_in.token_id
     response = RedirectResponse(_safe_next(form.get("next", "/dashboard")), status_code=303)
-    session = sessions.new_session(authenticated=True, ttl_s=runtime.settings.session_ttl_s, token_id=token_id)
-    sessions.set_cookie(response, key, session, secure=_secure(request))
+    new = sessions.new_session(authenticated=True, ttl_s=runtime.settings.session_ttl_s, token_id=token_id)
+    async with transaction(runtime.sessions) as session:
+        await sessions.begin(session, new)
+    sessions.set_cookie(response, key, new, secure=_secure(request, runtime))
     return response
 
 
 @router.post("/logout")
-async def logout(request: Request, _form: Form) -> Response:
+async def logout(request: Request, runtime: RuntimeDep, _form: Form) -> Response:
+    # Ended on the server: the cookie (and any copy of it) opens nothing from here on.
+    async with transaction(runtime.sessions) as session:
+        await sessions.end(session, request.state.dashboard_session)
     response = RedirectResponse("/dashboard/login", status_code=303)
-    sessions.clear_cookie(response, secure=_secure(request))
+    sessions.clear_cookie(response, secure=_secure(request, runtime))
     return response
 
 
@@ -285,7 +308,7 @@ async def overview_page(
     request: Request,
     runtime: RuntimeDep,
     _op: SignedIn,
-    q: Annotated[str | None, Query(max_length=200)] = None,
+    q: Annotated[Line | None, Query(max_length=200)] = None,
     sort: Annotated[str, Query(pattern="^(name|spent|used|refusals)$")] = "used",
     order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
     page: Annotated[int, Query(ge=0, le=10_000)] = 0,
@@ -355,7 +378,7 @@ def _settings_fields(form: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
-M = TypeVar("M", TenantCreate, TenantUpdate)
+M = TypeVar("M", TenantCreate, TenantUpdate, KeyCreate)
 
 
 def _validated(model: type[M], fields: dict[str, Any]) -> M:
@@ -382,7 +405,7 @@ async def create_tenant(request: Request, runtime: RuntimeDep, form: Form) -> Re
 
 
 @router.get("/tenants/{tenant_id}")
-async def tenant_page(request: Request, runtime: RuntimeDep, _op: SignedIn, tenant_id: str) -> Response:
+async def tenant_page(request: Request, runtime: RuntimeDep, _op: SignedIn, tenant_id: Id) -> Response:
     return await _tenant(request, runtime, tenant_id)
 
 
@@ -452,7 +475,7 @@ async def _tenant_action(
 
 
 @router.post("/tenants/{tenant_id}/settings")
-async def update_settings(request: Request, runtime: RuntimeDep, form: Form, tenant_id: str) -> Response:
+async def update_settings(request: Request, runtime: RuntimeDep, form: Form, tenant_id: Id) -> Response:
     async def action(session: Any) -> dict[str, Any]:
         data = _validated(TenantUpdate, _settings_fields(form.fields))
         await admin_service.update_tenant(session, tenant_id, data, runtime.settings, form.operator.actor)
@@ -462,7 +485,7 @@ async def update_settings(request: Request, runtime: RuntimeDep, form: Form, ten
 
 
 @router.post("/tenants/{tenant_id}/keys")
-async def create_key(request: Request, runtime: RuntimeDep, form: Form, tenant_id: str) -> Response:
+async def create_key(request: Request, runtime: RuntimeDep, form: Form, tenant_id: Id) -> Response:
     async def action(session: Any) -> dict[str, Any]:
         tenant = await tenants_service.get_tenant(session, tenant_id)
         fields: dict[str, Any] = {"name": (form.get("name") or "").strip() or None}
@@ -472,7 +495,7 @@ async def create_key(request: Request, runtime: RuntimeDep, form: Form, tenant_i
             fields["scopes"] = scopes
         expires = (form.get("expiresAt") or "").strip()
         if expires:
-            fields["expiresAt"] = _moment(expires, "expiresAt", end=False)
+            fields["expiresAt"] = moment_bound(expires, "expiresAt", end=False)
         try:
             data = KeyCreate.model_validate(fields)
         except ValidationError as exc:
@@ -484,7 +507,7 @@ async def create_key(request: Request, runtime: RuntimeDep, form: Form, tenant_i
 
 
 @router.post("/tenants/{tenant_id}/keys/{key_id}/revoke")
-async def revoke_key(request: Request, runtime: RuntimeDep, form: Form, tenant_id: str, key_id: str) -> Response:
+async def revoke_key(request: Request, runtime: RuntimeDep, form: Form, tenant_id: Id, key_id: Id) -> Response:
     async def action(session: Any) -> dict[str, Any]:
         tenant = await tenants_service.get_tenant(session, tenant_id)
         key = await admin_service.revoke_key(session, tenant, key_id, form.operator.actor)
@@ -494,7 +517,7 @@ async def revoke_key(request: Request, runtime: RuntimeDep, form: Form, tenant_i
 
 
 @router.post("/tenants/{tenant_id}/webhook-secret/rotate")
-async def rotate_secret(request: Request, runtime: RuntimeDep, form: Form, tenant_id: str) -> Response:
+async def rotate_secret(request: Request, runtime: RuntimeDep, form: Form, tenant_id: Id) -> Response:
     async def action(session: Any) -> dict[str, Any]:
         tenant = await tenants_service.get_tenant(session, tenant_id)
         tenant = await admin_service.rotate_webhook_secret(session, runtime.settings, tenant, form.operator.actor)
@@ -510,30 +533,21 @@ async def rotate_secret(request: Request, runtime: RuntimeDep, form: Form, tenan
 # ---------------------------------------------------------------- lists
 
 
-def _moment(value: str | None, field: str, *, end: bool) -> datetime | None:
-    """A `datetime-local` or date input, read as UTC; a bare end date includes that day."""
-    if not value:
-        return None
-    try:
-        if len(value) == 10:
-            return datetime.combine(date.fromisoformat(value) + timedelta(days=1 if end else 0), day_time(), UTC)
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-    except ValueError as exc:
-        raise InvalidRequest(f"{field} must be a date (2026-11-01) or a date and time.", field=field) from exc
-
-
-Text = Annotated[str | None, Query(max_length=64)]
-
-
 def _filters(tenant: str | None, status: str | None, from_: str | None, to: str | None, cursor: str | None) -> Any:
     return dashboard_service.ListFilters(
         tenant=tenant or None,
         status=status or None,
-        start=_moment(from_, "from", end=False),
-        end=_moment(to, "to", end=True),
+        start=moment_bound(from_, "from", end=False),
+        end=moment_bound(to, "to", end=True),
         cursor=cursor or None,
     )
+
+
+def _line_or_none(value: str) -> str | None:
+    try:
+        return check_line(value) or None
+    except ValueError:
+        return None
 
 
 def _next_link(path: str, request: Request, cursor: str | None) -> str | None:
@@ -550,8 +564,8 @@ async def predictions_page(
     _op: SignedIn,
     tenant: Text = None,
     status: Annotated[str | None, Query(pattern="^(|submitting|processing|completed|failed|rejected)$")] = None,
-    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
-    to: Annotated[str | None, Query(max_length=40)] = None,
+    from_: Annotated[Line | None, Query(alias="from", max_length=40)] = None,
+    to: Moment = None,
     cursor: Text = None,
 ) -> Response:
     filters = _filters(tenant, status, from_, to, cursor)
@@ -576,8 +590,8 @@ async def deliveries_page(
     _op: SignedIn,
     tenant: Text = None,
     status: Annotated[str | None, Query(pattern="^(|pending|succeeded|dead)$")] = None,
-    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
-    to: Annotated[str | None, Query(max_length=40)] = None,
+    from_: Annotated[Line | None, Query(alias="from", max_length=40)] = None,
+    to: Moment = None,
     cursor: Text = None,
 ) -> Response:
     return await _deliveries(request, runtime, _filters(tenant, status, from_, to, cursor), from_, to)
@@ -610,8 +624,14 @@ async def _deliveries(
 
 
 @router.post("/deliveries/{delivery_id}/redeliver")
-async def redeliver(request: Request, runtime: RuntimeDep, form: Form, delivery_id: str) -> Response:
-    filters = dashboard_service.ListFilters(tenant=form.get("tenant") or None, status=form.get("status") or None)
+async def redeliver(request: Request, runtime: RuntimeDep, form: Form, delivery_id: Id) -> Response:
+    # The list to show again afterwards: filters the form carried back, if they are ones the list takes.
+    tenant = form.fields.get("tenant", "")[:64]
+    status = form.fields.get("status", "")
+    filters = dashboard_service.ListFilters(
+        tenant=_line_or_none(tenant),
+        status=status if status in dashboard_service.DELIVERY_STATUSES else None,
+    )
     try:
         async with transaction(runtime.sessions) as session:
             await admin_service.redeliver(session, delivery_id, form.operator.actor)
@@ -624,12 +644,12 @@ async def redeliver(request: Request, runtime: RuntimeDep, form: Form, delivery_
 async def usage_csv(
     runtime: RuntimeDep,
     _op: SignedIn,
-    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
-    to: Annotated[str | None, Query(max_length=40)] = None,
+    from_: Annotated[Line | None, Query(alias="from", max_length=40)] = None,
+    to: Moment = None,
     group_by: Annotated[str, Query(alias="groupBy", pattern="^(tenant|model|provider|day)$")] = "tenant",
 ) -> Response:
-    start = _moment(from_, "from", end=False)
-    end = _moment(to, "to", end=True)
+    start = moment_bound(from_, "from", end=False)
+    end = moment_bound(to, "to", end=True)
     async with transaction(runtime.sessions, readonly=True) as session:
         rows = await admin_service.usage_rows(session, start, end, group_by)
     stamp = time.strftime("%Y%m%d", time.gmtime())
@@ -671,12 +691,12 @@ async def _switch_provider(request: Request, runtime: Runtime, name: str, *, ena
 
 
 @router.post("/providers/{name}/disable")
-async def disable_provider(request: Request, runtime: RuntimeDep, _form: Form, name: str) -> Response:
+async def disable_provider(request: Request, runtime: RuntimeDep, _form: Form, name: Id) -> Response:
     return await _switch_provider(request, runtime, name, enabled=False)
 
 
 @router.post("/providers/{name}/enable")
-async def enable_provider(request: Request, runtime: RuntimeDep, _form: Form, name: str) -> Response:
+async def enable_provider(request: Request, runtime: RuntimeDep, _form: Form, name: Id) -> Response:
     return await _switch_provider(request, runtime, name, enabled=True)
 
 
@@ -688,19 +708,19 @@ async def audit_page(
     request: Request,
     runtime: RuntimeDep,
     _op: SignedIn,
-    target: Annotated[str | None, Query(max_length=120)] = None,
-    actor: Annotated[str | None, Query(max_length=120)] = None,
-    action: Annotated[str | None, Query(max_length=64)] = None,
-    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
-    to: Annotated[str | None, Query(max_length=40)] = None,
+    target: Annotated[Line | None, Query(max_length=120)] = None,
+    actor: Annotated[Line | None, Query(max_length=120)] = None,
+    action: Annotated[Line | None, Query(max_length=64)] = None,
+    from_: Annotated[Line | None, Query(alias="from", max_length=40)] = None,
+    to: Moment = None,
     cursor: Text = None,
 ) -> Response:
     filters = audit_service.AuditFilters(
         target=(target or "").strip() or None,
         actor=(actor or "").strip() or None,
         action=(action or "").strip() or None,
-        start=_moment(from_, "from", end=False),
-        end=_moment(to, "to", end=True),
+        start=moment_bound(from_, "from", end=False),
+        end=moment_bound(to, "to", end=True),
         cursor=cursor or None,
     )
     async with transaction(runtime.sessions, readonly=True) as session:

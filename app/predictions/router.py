@@ -24,6 +24,7 @@ from app.outputs import service as outputs_service
 from app.predictions import failover
 from app.predictions import service as predictions_service
 from app.predictions.cache import FINAL
+from app.predictions.models import PredictionStatus
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, PublicStatus, SubmitOut
 from app.providers import routing
 from app.tenants import service as tenants_service
@@ -208,7 +209,7 @@ async def list_predictions(
     cursor: Annotated[Line | None, Query(max_length=64)] = None,
 ) -> Response:
     rows, next_cursor = await predictions_service.list_for_tenant(
-        session, caller.tenant.id, status=status, limit=limit, cursor=cursor
+        session, caller.tenant.id, status=PredictionStatus(status) if status else None, limit=limit, cursor=cursor
     )
     data = [predictions_service.present(p) for p in rows]
     await outputs_service.show_current_links(session, runtime.settings, data)
