@@ -16,7 +16,7 @@ from app.audit.models import AuditEntry
 from app.core.database import transaction
 from app.runtime import Runtime
 from app.tenants.schemas import TenantCreate
-from tests.conftest import Api
+from tests.conftest import ADMIN_TOKEN, Api
 from tests.test_dashboard import csrf_of
 
 WRITE_METHODS = ("post", "put", "patch", "delete")
@@ -236,14 +236,14 @@ async def test_operator_token_names_are_one_word(api: Api) -> None:
     answer = await api.http.post(
         "/admin/v1/operator-tokens",
         json={"name": "a\u0000b", "role": "admin"},
-        headers={"Authorization": "Bearer test-admin-token"},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
     )
     assert answer.status_code == 422
 
 
 async def test_the_dashboard_makes_keys_with_scopes_and_an_expiry(api: Api) -> None:
     tenant = await api.tenant()
-    csrf = await dashboard_login(api, "test-admin-token")
+    csrf = await dashboard_login(api, ADMIN_TOKEN)
     path = f"/dashboard/tenants/{tenant.id}/keys"
     made = await api.http.post(path, data={"csrf": csrf, "scope_manage": "1", "expiresAt": "2999-01-01T00:00"})
     assert made.status_code == 200 and 'id="new-key"' in made.text, made.text
