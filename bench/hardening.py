@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 
 from bench.ports import free_port
-from bench.procs import Processes, Proc, proc_status_kb
+from bench.procs import Proc, Processes, proc_status_kb
 from bench.stats import percentile
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -324,7 +324,7 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
         for label, runs in overload.items():
             if label == "goals":
                 continue
-            for name, run in runs.items():
+            for run in runs.values():
                 lines.append(
                     f"| {label} | {run['clients']} | {run['admitted_per_s']} | {run['p50_ms']} | {run['p99_ms']} | "
                     f"{run['max_ms']} | {json.dumps(run['outcomes'])} |"
