@@ -51,10 +51,12 @@ class GatedUpstream:
     def __init__(self) -> None:
         self.gate = asyncio.Event()
         self.arrived = asyncio.Event()
+        self.submits = 0
         self.polls = 0
         self.url = ""
 
     async def submit(self, request: web.Request) -> web.Response:
+        self.submits += 1
         self.arrived.set()
         await self.gate.wait()
         return web.json_response(
@@ -136,6 +138,9 @@ async def test_sigterm_drains_then_finishes_what_is_in_flight_and_exits(
         upstream.gate.set()
         await gw.submit_ok(key)
         await until(lambda: upstream.polls > 0, 30, "the worker child to poll")
+        # One caller waiting on its own account (Prefer: wait=60, longer than the stop may take).
+        waiting = asyncio.create_task(gw.submit(key, Prefer="wait=60"))
+        await until(lambda: upstream.submits == 2, 30, "the waiting submit to reach the upstream")
         upstream.gate.clear()
         upstream.arrived.clear()
         # A submit in flight, between its hold and the upstream's answer, when SIGTERM comes.
@@ -157,6 +162,11 @@ async def test_sigterm_drains_then_finishes_what_is_in_flight_and_exits(
         answer = await in_flight
         assert answer.status_code == 200, answer.text
         assert answer.json()["costCents"] == COST
+
+        # The waiting caller is answered with the prediction as it stands, not cut off at the grace.
+        waited = await waiting
+        assert waited.status_code == 200, waited.text
+        assert waited.json()["status"] == "processing"
 
         assert await gw.proc.wait(60) == -signal.SIGTERM
         await until(lambda: gone(child), 30, "the worker child to exit")
