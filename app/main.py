@@ -9,10 +9,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from aiohttp import web
 from fastapi import FastAPI
 from sqlalchemy import make_url
 
+from app.admin.deps import require_admin
 from app.admin.router import router as admin_router
+from app.budgets import deps as budgets_deps
 from app.budgets.headers import BALANCE_SLOT
 from app.budgets.router import router as usage_router
 from app.core import lifecycle
@@ -27,8 +30,14 @@ from app.dashboard.router import router as dashboard_router
 from app.ops import router as ops_router
 from app.outputs.router import router as outputs_router
 from app.predictions.router import router as predictions_router
+from app.providers import config as providers_config
+from app.providers import sandbox as providers_sandbox
+from app.providers import stats as provider_stats
+from app.providers.router import build_router as build_providers_router
 from app.runtime import Runtime, build_runtime
+from app.selfservice.router import router as selfservice_router
 from app.tenants import cache as key_cache
+from app.tenants import last_used
 from app.upstream import sandbox
 from app.webhooks.router import router as webhooks_router
 from app.worker import Worker
@@ -42,7 +51,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield  # tests hand in a ready runtime
         return
     settings: Settings = app.state.settings
-    refusal = settings.startup_refusal("serve")
+    refusal = settings.startup_refusal("serve") or providers_config.startup_refusal(settings)
     if refusal is not None:
         raise SystemExit(refusal)
     engine = create_engine(
@@ -52,15 +61,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # The sandbox's simulator writes output links before any request says where callers reach us:
     # the address `serve` listens on stands in for it.
     sandbox_base_url = settings.public_base_url or app.state.listen_url or "http://127.0.0.1:8000"
-    simulator = None
-    upstream_url = None
+    simulators: list[web.AppRunner] = []
+    registry = None
     if settings.sandbox:
         await upgrade_to_head(engine)
-        simulator, upstream_url = await sandbox.start(settings, sandbox_base_url)
         settings = sandbox.with_own_outputs(settings, sandbox_base_url)
-    runtime = build_runtime(settings, engine, sessions, upstream_url)
+        simulators, registry = await providers_sandbox.start(settings, sandbox_base_url)
+    runtime = build_runtime(settings, engine, sessions, registry=registry)
     app.state.runtime = runtime
-    # PostgreSQL: every process hears of key revokes and tenant changes at once (app/tenants/cache.py).
+    # Every process hears of key revokes and tenant changes at once (app/tenants/cache.py): NOTIFY on
+    # PostgreSQL, a marker file beside the database on SQLite.
     listener_stop = asyncio.Event()
     listener = (
         # LISTEN needs a session of its own: past a transaction pooler, the direct URL.
@@ -68,6 +78,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine.dialect.name == "postgresql"
         else None
     )
+    key_cache.CACHE.watch(engine.url)  # SQLite: the marker other processes (the CLI) append to
+    # Each process adds its upstream call tallies to the providers' daily rows (the dashboard's figures).
+    stats_stop = asyncio.Event()
+    stats_task = asyncio.create_task(provider_stats.flush_loop(sessions, stats_stop))
+    # Keys' lastUsedAt, noted in memory by each key check, written every few seconds in one statement.
+    last_used_task = asyncio.create_task(last_used.flush_loop(sessions, settings.key_last_used_flush_s, listener_stop))
     worker_task = None
     worker = Worker(runtime)
     if settings.run_worker:
@@ -88,11 +104,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if listener is not None:
             with contextlib.suppress(Exception):
                 await listener
+        with contextlib.suppress(Exception):
+            await last_used_task
         if worker_task is not None:
             with contextlib.suppress(Exception):
                 await worker_task
+        stats_stop.set()
+        with contextlib.suppress(Exception):
+            await stats_task
         await runtime.close()
-        if simulator is not None:
+        for simulator in simulators:
             await simulator.cleanup()
         await engine.dispose()
         app.state.runtime = None
@@ -118,11 +139,16 @@ def create_app(
     # One layer: request id, guard, the balance headers, Server-Timing and metrics (app/core/middleware.py).
     app.state.admission = Admission(settings.inflight_limit)
     app.add_middleware(
-        RequestMiddleware, sandbox=settings.sandbox, header_slots=(BALANCE_SLOT,), admission=app.state.admission
+        RequestMiddleware,
+        sandbox=settings.sandbox,
+        header_slots=(BALANCE_SLOT,),
+        unnoted=budgets_deps.unnoted_headers,
+        admission=app.state.admission,
     )
-    routers = (predictions_router, usage_router, webhooks_router, admin_router, outputs_router)
+    routers = (predictions_router, usage_router, webhooks_router, selfservice_router, admin_router, outputs_router)
     for router in (*routers, ops_router, dashboard_router):
         app.include_router(router)
+    app.include_router(build_providers_router(require_admin))  # /admin/v1/providers
     return app
 
 

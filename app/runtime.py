@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from app.core.batching import Batcher
 from app.core.http import upstream_session, webhook_session
 from app.core.settings import Settings
-from app.upstream.client import UpstreamClient
+from app.providers.adapters import Adapter, Providers
+from app.providers.config import Registry, load_registry
 
 
 def new_worker_id() -> str:
@@ -26,9 +27,11 @@ class Runtime:
     settings: Settings
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
-    upstream: UpstreamClient
+    # The first provider's adapter (the only one without a providers file): the readiness ping's target.
+    upstream: Adapter
     upstream_http: aiohttp.ClientSession
     webhook_http: aiohttp.ClientSession
+    providers: Providers = field(repr=False)
     worker_id: str = field(default_factory=new_worker_id)
     # The process's ledger writers by operation (hold, settle, release), made on first use. Not copied
     # by dataclasses.replace: a writer applies its batches with the runtime that made it.
@@ -44,7 +47,10 @@ def build_runtime(
     engine: AsyncEngine,
     sessions: async_sessionmaker[AsyncSession],
     upstream_base_url: str | None = None,
+    registry: Registry | None = None,
 ) -> Runtime:
+    """`upstream_base_url`: where the implicit provider is (the sandbox's simulator); `registry`: the
+    providers to route to (default: VIDGATE_PROVIDERS_FILE, or today's settings as one provider)."""
     upstream_http = upstream_session(
         concurrency=max(settings.worker_concurrency, 32), timeout_s=settings.upstream_timeout_s
     )
@@ -53,11 +59,10 @@ def build_runtime(
         timeout_s=settings.webhook_timeout_s,
         allow_private=settings.webhook_allow_private,
     )
-    # In sandbox mode a simulator answers: the vendor key, if one is set, is never sent to it.
-    key = (
-        settings.upstream_api_key.get_secret_value()
-        if settings.upstream_api_key and not settings.sandbox
-        else "sandbox"
-    )
-    upstream = UpstreamClient(upstream_http, upstream_base_url or settings.upstream_base_url, key)
-    return Runtime(settings, engine, sessions, upstream, upstream_http, webhook_http)
+    if registry is None:
+        registry = load_registry(
+            settings.model_copy(update={"upstream_base_url": upstream_base_url}) if upstream_base_url else settings
+        )
+    providers = Providers(registry, settings, upstream_http, sessions)
+    upstream = providers.adapter(None)
+    return Runtime(settings, engine, sessions, upstream, upstream_http, webhook_http, providers)

@@ -10,13 +10,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets import service as budgets_service
-from app.budgets.models import RateWindow
 from app.core import clock, metrics
 from app.core.database import outage_backoff_s, transaction
 from app.core.errors import DatabaseUnavailable
@@ -25,6 +23,7 @@ from app.outputs.copier import Copier
 from app.predictions import poller
 from app.predictions import service as predictions_service
 from app.predictions.models import IdempotencyKey, Prediction, PredictionStatus
+from app.providers import stats as provider_stats
 from app.runtime import Runtime
 from app.webhooks.dispatcher import Dispatcher
 
@@ -71,6 +70,8 @@ class Worker:
         writer = asyncio.create_task(self.poller.write_loop(self.stopping))
         recorder = asyncio.create_task(self.dispatcher.write_loop(self.stopping))
         copies = asyncio.create_task(self.copier.write_loop(self.stopping))
+        # The polls' tallies per provider (the dashboard's figures); serve's lifespan runs its own.
+        tallies = asyncio.create_task(provider_stats.flush_loop(self.runtime.sessions, self.stopping))
         await asyncio.gather(
             self._loop(self.poller.run_once, IDLE_POLL_S, self.poller.room),
             self._loop(self.dispatcher.run_once, IDLE_DISPATCH_S, self.dispatcher.room),
@@ -79,6 +80,8 @@ class Worker:
             self._loop(self.housekeeping, HOUSEKEEPING_S, always_sleep=True),
         )
         await self._drain(writer, recorder, copies)
+        with contextlib.suppress(Exception):
+            await tallies
 
     def stop(self) -> None:
         self.stopping.set()
@@ -171,7 +174,6 @@ class Worker:
         now = clock.now()
         async with transaction(self.runtime.sessions) as session:
             await session.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at < now))
-            await session.execute(delete(RateWindow).where(RateWindow.window_start < now - timedelta(minutes=5)))
             in_flight = await session.scalar(
                 select(func.count()).select_from(Prediction).where(Prediction.status == PredictionStatus.PROCESSING)
             )

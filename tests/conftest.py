@@ -35,7 +35,7 @@ from app.main import create_app
 from app.runtime import Runtime, build_runtime
 from app.upstream.simulator import STATE, Faults, SimConfig, SimState, start_simulator
 
-ADMIN_TOKEN = "test-admin-token"
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"  # 32 characters, as a real token must have
 PG_SERVER = os.environ.get("VIDGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 TEST_DB = os.environ.get("VIDGATE_TEST_DB", "sqlite")
 
@@ -112,6 +112,10 @@ def sim(simulator: tuple[str, SimState]) -> SimState:
     state.polls = 0
     state.output_fetches = 0
     state.output_bytes_sent = 0
+    state.submits_by_format.clear()
+    state.auths.clear()
+    state.accepted = 0
+    state.max_in_flight = 0
     return state
 
 

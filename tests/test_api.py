@@ -136,8 +136,17 @@ async def test_predictions_are_private_to_their_tenant(api: Api) -> None:
 async def test_get_prediction_shape(api: Api, sim: SimState) -> None:
     tenant = await api.tenant()
     submitted = (await tenant.submit(valid_body(metadata={"k": "v"}))).json()
-    assert set(submitted) == {"id", "status", "statusUrl", "estimatedTime", "costCents", "createdAt", "metadata"}
-    assert submitted["estimatedTime"] == "0-1s"
+    assert set(submitted) == {
+        "id",
+        "status",
+        "statusUrl",
+        "estimatedTime",
+        "costCents",
+        "createdAt",
+        "metadata",
+        "provider",
+    }
+    assert submitted["estimatedTime"] == "0-1s" and submitted["provider"] == "vibedream"
     got = (await tenant.get(f"/api/v1/predictions/{submitted['id']}")).json()
     assert set(got) == {
         "id",
@@ -150,8 +159,10 @@ async def test_get_prediction_shape(api: Api, sim: SimState) -> None:
         "completedAt",
         "costCents",
         "metadata",
+        "provider",
     }
     assert got["modelId"] == "ltx-2-19b" and got["status"] == "processing" and got["metadata"] == {"k": "v"}
+    assert got["provider"] == "vibedream"
     assert sim.polls == 0  # reads are served from the database
 
 
@@ -251,6 +262,31 @@ async def test_logs_are_json_lines_with_ids_and_no_secrets(api: Api) -> None:
     text = stream.getvalue()
     for secret in (tenant.key, ADMIN_TOKEN, "vendor-test-key", "hush", tenant.data["webhookSecret"]):
         assert secret not in text
+
+
+async def test_json_answers_are_nosniff(api: Api) -> None:
+    tenant = await api.tenant()
+    for answer in (
+        await tenant.get("/api/v1/usage"),
+        await tenant.get("/api/v1/predictions/nope"),
+        await api.admin("GET", "/admin/v1/tenants"),
+        await api.http.get("/healthz"),
+        await api.http.get("/api/v1/nope"),
+    ):
+        assert answer.headers["x-content-type-options"] == "nosniff", answer.url
+
+
+async def test_problem_details_name_enum_values_not_their_reprs(api: Api, sim: SimState) -> None:
+    tenant = await api.tenant()
+    answers = [
+        await tenant.get("/api/v1/predictions", params={"status": "bogus"}),
+        await tenant.submit(valid_body(webhookEventsFilter=["bogus"])),
+        await tenant.get("/api/v1/webhook-deliveries", params={"status": "bogus"}),
+    ]
+    for answer in answers:
+        assert answer.status_code == 422, answer.text
+        assert "Status." not in answer.text and "<" not in answer.text, answer.text
+    assert "'processing'" in answers[0].json()["detail"]
 
 
 async def test_status_filters_take_only_the_statuses_a_caller_can_see(api: Api) -> None:

@@ -183,7 +183,7 @@ async def test_a_confirm_that_gives_up_on_database_errors_logs_the_reconciliatio
     )
     job = predictions_service._ConfirmJob(tenants["a"], keys["a"], prediction, estimate, submitted, None, "http://gw")
     with pytest.raises(DBAPIError):
-        await predictions_service._confirm_until_recorded(rt, job)
+        await predictions_service.confirm_until_recorded(rt, job)
     (abandoned,) = [r for r in caplog.records if r.getMessage().startswith("confirm abandoned")]
     assert getattr(abandoned, "prediction_id", None) == prediction.id
     assert getattr(abandoned, "upstream_id", None) == upstream_id

@@ -11,7 +11,7 @@ that no two transactions wait for each other in a cycle (PostgreSQL would abort 
 deadlock_timeout; SQLite has one writer at a time):
   0. the batch's own rows: its idempotency keys (by tenant, key), its predictions, the price points
      (sorted); rows no other writer takes at the same time but by a race the fences settle.
-  1. rate windows (rate_windows, holds only);
+  1. rate limits (rate_limits, holds only);
   2. slots (tenants.in_flight);
   3. budget counters: each tenant's own, then its keys' (sorted), in tenant order;
   4. daily rollup rows (daily_usage).
@@ -102,6 +102,8 @@ class Hold:
     period_start: datetime
     # Whether the key keeps a counter of its own; when unknown (True), its UPDATE simply finds no row.
     key_budgeted: bool = True
+    # The provider that served (settle, refund) or was last tried (release); None before one is chosen.
+    provider: str | None = None
 
 
 def period_of(kind: str, at: datetime) -> Period:
@@ -202,6 +204,29 @@ async def learn_prices(session: AsyncSession, points: dict[tuple[str, str, int],
             for (m, r, d), cents in ordered
         ],
     )
+
+
+def hold_cents(estimate_cents: int | None, provider_prices: list[int]) -> int:
+    """What a submit holds (SPEC §11): the highest price among its candidate providers, so whichever
+    serves it, the budget holds. `estimate_cents`: the estimate for candidates whose answers carry their
+    price (None when there is none); `provider_prices`: the others' cents_per_second x duration."""
+    prices = [*provider_prices, *([estimate_cents] if estimate_cents is not None else [])]
+    return max(prices) if prices else 0
+
+
+def per_second_cents(cents_per_second: float, duration_s: int) -> int:
+    """cents_per_second x duration, rounded up to a whole cent (SPEC §11). The product is rounded to a
+    millionth first, so 1.8 x 5 is 9 and not ceil(9.000000000000002) = 10."""
+    return math.ceil(round(cents_per_second * duration_s, 6))
+
+
+def provider_charge(reported_cents: int | None, price_cents: int | None) -> int:
+    """What the provider that served charges: the cost its answer reports, else its price by the file."""
+    if reported_cents is not None:
+        return reported_cents
+    if price_cents is None:
+        raise ValueError("a provider answered no cost and has no price")
+    return price_cents
 
 
 # ---------------------------------------------------------------- movements
@@ -423,6 +448,7 @@ def _ledger_row(
         api_key_id=hold.api_key_id,
         prediction_id=hold.prediction_id,
         model_id=hold.model_id,
+        provider=hold.provider,
         period_start=hold.period_start,
         kind=kind,
         reserved_delta=reserved_delta,
@@ -848,13 +874,20 @@ async def quote(
     model_id: str,
     resolution: str | None,
     duration_s: int | None,
+    provider_prices: list[int] | None = None,
+    answer_priced: bool = True,
 ) -> Quote:
-    """What a submit now would hold, and whether it would pass the budget, concurrency and rate checks.
-    Reads only: nothing is held, nothing counted."""
+    """What a submit now would hold (hold_cents of the candidates), and whether it would pass the budget,
+    concurrency and rate checks. Reads only: nothing is held, nothing counted."""
     now = clock.now()
-    estimate = await estimate_cents(
-        session, price_table, model_id, resolution or DEFAULT_RESOLUTION, duration_s or DEFAULT_DURATION_S
+    estimated = (
+        await estimate_cents(
+            session, price_table, model_id, resolution or DEFAULT_RESOLUTION, duration_s or DEFAULT_DURATION_S
+        )
+        if answer_priced
+        else None
     )
+    estimate = hold_cents(estimated, provider_prices or [])
     period = period_of(tenant.budget_period, now)
     fits = await budget_limits.would_admit(session, tenant, now)
     remaining: int | None = None
@@ -925,10 +958,12 @@ async def tenant_usage(session: AsyncSession, tenant: Tenant) -> Usage:
 async def usage_report(
     session: AsyncSession, start: datetime | None, end: datetime | None, group_by: str
 ) -> list[dict[str, Any]]:
-    """Spent cents and predictions charged, from the ledger, grouped by tenant, model or UTC day."""
+    """Spent cents and predictions charged, from the ledger, grouped by tenant, model, provider (the one
+    that served) or UTC day."""
     key: Any = {
         "tenant": LedgerEntry.tenant_id,
         "model": LedgerEntry.model_id,
+        "provider": LedgerEntry.provider,
         "day": func.date(LedgerEntry.created_at),
     }[group_by]
     stmt = select(

@@ -24,6 +24,9 @@ def default_data_dir() -> Path:
 
 
 SANDBOX_ADMIN_TOKEN = "sandbox-admin-token"  # noqa: S105 - only ever accepted in sandbox mode
+# Operator and metrics tokens shorter than this are refused at start: a token is guessed offline-fast
+# only if short, and the throttle (app/admin/throttle.py) is per process.
+MIN_TOKEN_LENGTH = 32
 
 
 def secret_given(value: SecretStr | None) -> bool:
@@ -55,9 +58,10 @@ class Settings(BaseSettings):
     # across transactions (README, "Behind PgBouncer").
     database_direct_url: str | None = None
     # The key check is served from memory (app/tenants/cache.py). A key revoke or tenant change reaches
-    # every PostgreSQL process at once through NOTIFY; this TTL is the backstop (and, on SQLite, what
-    # bounds a change made by another process, e.g. the CLI).
+    # every process at once (NOTIFY on PostgreSQL, a marker file on SQLite); this TTL is the backstop.
     key_cache_ttl_s: float = Field(default=5.0, ge=0)
+    # How often a serving process writes its keys' lastUsedAt (noted in memory per request).
+    key_last_used_flush_s: float = Field(default=30.0, gt=0)
     # How old the balance behind X-Budget-Remaining-Cents on a submit's answer may be (other processes'
     # charges and refunds show up after at most this long; this process's own charges at once).
     balance_ttl_s: float = Field(default=1.0, ge=0)
@@ -66,6 +70,8 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("VIDGATE_UPSTREAM_API_KEY", "VIBEDREAM_API_KEY")
     )
     upstream_timeout_s: float = 30.0
+    # SPEC §11: a TOML file of providers; without it the two settings above make the one provider.
+    providers_file: Path | None = None
     admin_token: SecretStr | None = None
     metrics_token: SecretStr | None = None
     # Asked for, never implied (`vidgate serve --sandbox`): a built-in simulator answers instead of the vendor.
@@ -162,6 +168,11 @@ class Settings(BaseSettings):
             return [part.strip().lower() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("providers_file", mode="before")
+    @classmethod
+    def _providers_file(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("outputs_store")
     @classmethod
     def _outputs_store(cls, value: str) -> str:
@@ -237,9 +248,16 @@ class Settings(BaseSettings):
     def startup_refusal(self, role: Literal["serve", "worker"]) -> str | None:
         """Why a `serve` or `worker` process must not start with these settings (one line), or None.
         Fail closed: a forgotten variable stops the process instead of opening it up."""
+        for name, token in (("ADMIN", self.admin_token), ("METRICS", self.metrics_token)):
+            value = token.get_secret_value() if token is not None else ""
+            if value and len(value) < MIN_TOKEN_LENGTH and not (self.sandbox and value == SANDBOX_ADMIN_TOKEN):
+                return (
+                    f"VIDGATE_{name}_TOKEN is {len(value)} characters: use at least {MIN_TOKEN_LENGTH} random ones "
+                    "(e.g. `openssl rand -hex 32`)."
+                )
         if self.sandbox:
             return None
-        if not secret_given(self.upstream_api_key):
+        if self.providers_file is None and not secret_given(self.upstream_api_key):
             return (
                 "VIDGATE_UPSTREAM_API_KEY (or VIBEDREAM_API_KEY) is not set: set the vendor key, "
                 "or run `vidgate serve --sandbox` to try the gateway against its built-in simulator."

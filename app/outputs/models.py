@@ -34,6 +34,8 @@ class OutputCopy(Base):
     # What the vendor said when it reported completed, handed to the terminal transition.
     vendor_completed_at: Mapped[datetime | None]
     model_name: Mapped[str | None] = mapped_column(String(200))
+    # The provider that served it: its outputs are fetched only from that provider's output_hosts.
+    provider: Mapped[str | None] = mapped_column(String(32))
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[datetime | None]
     lease_owner: Mapped[str | None] = mapped_column(String(80))

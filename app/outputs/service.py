@@ -97,6 +97,7 @@ async def enqueue_copy(
     vendor_completed_at: datetime | None,
     model_name: str | None,
     base_url: str | None = None,
+    provider: str | None = None,
 ) -> bool:
     """The vendor said `completed`: with VIDGATE_REHOST_OUTPUTS on, queue the copy in the caller's
     transaction (the poller's terminal transition) instead of finishing; the prediction then stays
@@ -118,6 +119,7 @@ async def enqueue_copy(
                 link_base=link_base(settings, base_url),
                 vendor_completed_at=vendor_completed_at,
                 model_name=model_name,
+                provider=provider,
                 attempts=0,
                 next_attempt_at=now,
                 started_at=now,
@@ -263,7 +265,9 @@ async def servable(
 ) -> Servable:
     """Check a link and find its file. A bad signature and an expired link are both 403, with different
     codes; a good link to a file retention deleted is 410."""
-    verdict = signing.verify(signing.signing_key(settings), prediction_id, name, expires, sig, clock.now())
+    verdict = signing.verify(
+        signing.signing_key(settings), prediction_id, name, expires, sig, clock.now(), settings.output_url_ttl_s
+    )
     if verdict == "invalid":
         raise OutputLinkInvalid("This output link is not valid. Use the link from the prediction as given.")
     if verdict == "expired":

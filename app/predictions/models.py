@@ -4,7 +4,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, String, Text
+from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core import clock
@@ -31,6 +31,8 @@ class Prediction(Base):
         Index("ix_predictions_tenant_id_id", "tenant_id", "id"),
         Index("ix_predictions_next_poll_at", "next_poll_at"),
         Index("ix_predictions_status_created_at", "status", "created_at"),
+        # Ids are each provider's own: unique per provider.
+        UniqueConstraint("provider", "upstream_id", name="uq_predictions_provider_upstream_id"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -38,7 +40,14 @@ class Prediction(Base):
     api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
     model_id: Mapped[str] = mapped_column(String(100))
     model_name: Mapped[str | None] = mapped_column(String(200))
-    upstream_id: Mapped[str | None] = mapped_column(String(200), unique=True)
+    # The provider that accepted it (SPEC §11: polled there only) and that provider's id; while
+    # "submitting", the provider being tried. upstream_ref: what the adapter needs to find it again
+    # besides the id (fal's status and response URLs).
+    provider: Mapped[str | None] = mapped_column(String(32))
+    upstream_id: Mapped[str | None] = mapped_column(String(200))
+    upstream_ref: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    # Counted in its provider's in_flight (only while that provider has a max_concurrent).
+    holds_provider_slot: Mapped[bool] = mapped_column(default=False)
     status: Mapped[str] = mapped_column(String(16))  # a PredictionStatus
     params: Mapped[dict[str, Any]] = mapped_column(JSON(none_as_null=True))
     webhook_url: Mapped[str | None] = mapped_column(String(2048))

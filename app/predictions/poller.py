@@ -26,6 +26,7 @@ from app.core.database import store_until_done, transaction
 from app.outputs import service as outputs_service
 from app.predictions import service as predictions_service
 from app.predictions.models import TERMINAL_STATUSES, Prediction, PredictionStatus
+from app.providers.adapters import UnknownProvider
 from app.runtime import Runtime
 from app.upstream.client import UpstreamRefused, UpstreamUnavailable
 from app.upstream.schemas import UpstreamPrediction
@@ -112,10 +113,16 @@ class Poller:
             self.outcomes.put_nowait(Outcome(prediction, expired=True))
             return
         try:
-            seen = await self.runtime.upstream.get_prediction(prediction.upstream_id or "")
+            # Only at the provider that accepted it, through its adapter (polls never move).
+            adapter = self.runtime.providers.adapter(prediction.provider)
+            seen = await adapter.get_prediction(prediction.upstream_id or "", prediction.upstream_ref)
+        except UnknownProvider as exc:
+            log.error("poll impossible", extra={"prediction_id": prediction.id, "reason": str(exc)})
+            self.outcomes.put_nowait(Outcome(prediction))
+            return
         except (UpstreamUnavailable, UpstreamRefused) as exc:
             kind = "refused" if isinstance(exc, UpstreamRefused) else "unavailable"
-            metrics.UPSTREAM_ERRORS.labels(op="poll", kind=kind).inc()
+            metrics.UPSTREAM_ERRORS.labels(provider=prediction.provider or "", op="poll", kind=kind).inc()
             retry_after = exc.retry_after_s if isinstance(exc, UpstreamUnavailable) else None
             self.outcomes.put_nowait(Outcome(prediction, retry_after_s=retry_after))
             return
@@ -243,6 +250,7 @@ class Poller:
                 vendor_completed_at=final.completed_at,
                 model_name=final.model_name,
                 base_url=prediction.public_base_url,
+                provider=prediction.provider,
             )
 
     def _backoff_s(self, outcome: Outcome) -> float:

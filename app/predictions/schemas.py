@@ -7,12 +7,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.core.clock import Timestamp
 from app.core.types import JsonObject, Line
-from app.predictions.models import PredictionStatus
 from app.upstream.schemas import GenerateParams, check_http_url
 
 METADATA_MAX_BYTES = 4096
-TerminalStatus = Literal[PredictionStatus.COMPLETED, PredictionStatus.FAILED]
-PublicStatus = Literal[PredictionStatus.PROCESSING, TerminalStatus]
+# Plain strings, not the enum's members: a refusal lists the choices, and pydantic names a member by its
+# repr (`<PredictionStatus.PROCESSING: 'processing'>`). PredictionStatus is a StrEnum: its values compare equal.
+TerminalStatus = Literal["completed", "failed"]
+PublicStatus = Literal["processing", TerminalStatus]
 
 
 class GenerateRequest(GenerateParams):
@@ -60,6 +61,9 @@ class PredictionOut(BaseModel):
     completedAt: Timestamp | None
     costCents: int | None
     metadata: dict[str, Any] | None
+    provider: str | None = Field(
+        description="The provider that accepted it (gateway-only; SPEC §11): its name in the operator's registry."
+    )
 
 
 class SubmitOut(BaseModel):
@@ -72,6 +76,8 @@ class SubmitOut(BaseModel):
     costCents: int | None
     createdAt: Timestamp
     metadata: dict[str, Any] | None
+    # Optional: an Idempotency-Key replay of an answer given before providers existed has none.
+    provider: str | None = Field(default=None, description="The provider that accepted it (gateway-only; SPEC §11).")
     outputs: list[str] | None = None
     error: str | None = None
     completedAt: Timestamp | None = None

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import cache
+from functools import cache, partial
 from typing import Any, TypeVar
 
 import orjson
@@ -41,6 +42,7 @@ from app.core.settings import Settings
 from app.outputs import service as outputs_service
 from app.predictions.models import PUBLIC_STATUSES, TERMINAL_STATUSES, IdempotencyKey, Prediction, PredictionStatus
 from app.predictions.schemas import GenerateRequest
+from app.providers import health as provider_health
 from app.runtime import Runtime
 from app.tenants.models import ApiKey, Tenant
 from app.upstream.client import UpstreamRefused, UpstreamUnavailable
@@ -107,6 +109,7 @@ def present(prediction: Prediction | Row[*tuple[Any, ...]]) -> dict[str, Any]:
         "completedAt": clock.iso(prediction.completed_at),
         "costCents": prediction.charged_cents,
         "metadata": prediction.meta,
+        "provider": prediction.provider,
     }
 
 
@@ -119,6 +122,7 @@ def present_submit(prediction: Prediction, status_url: str, *, extended: bool) -
         "costCents": prediction.charged_cents,
         "createdAt": clock.iso(prediction.created_at),
         "metadata": prediction.meta,
+        "provider": prediction.provider,
     }
     if extended:
         body.update(outputs=prediction.outputs, error=prediction.error, completedAt=clock.iso(prediction.completed_at))
@@ -138,6 +142,12 @@ def first_poll_delay_s(estimated_time: str | None, default_s: float) -> float:
     return min(seconds, 600.0)
 
 
+def first_poll_at(confirmed_at: datetime, estimated_time: str | None, default_s: float) -> datetime:
+    """When the gateway first polls a prediction the vendor accepted at `confirmed_at`: the one place
+    this is computed, for the poll queue and for the submit answer's Retry-After alike."""
+    return confirmed_at + timedelta(seconds=first_poll_delay_s(estimated_time, default_s))
+
+
 _predictions = table_of(Prediction)
 _INSERT = insert(_predictions)
 # A confirm batch in one statement: the rows still "submitting" (the fence) start processing; RETURNING
@@ -147,6 +157,7 @@ _CONFIRM_SHAPE: RowShape = (
     ("upstream_id", String()),
     ("estimated_time", String()),
     ("next_poll_at", UTCDateTime()),
+    ("provider", String()),
 )
 
 
@@ -161,6 +172,7 @@ def _confirm_statement(n: int) -> Any:
             status=PredictionStatus.PROCESSING,
             estimated_time=rows.c.estimated_time,
             next_poll_at=rows.c.next_poll_at,
+            provider=rows.c.provider,
         )
         .returning(_predictions.c.id)
     )
@@ -181,9 +193,15 @@ def _reject_statement(n: int) -> Any:
             error=rows.c.error,
             completed_at=bindparam("b_now"),
         )
-        .returning(_predictions.c.id)
+        .returning(_predictions.c.id, _predictions.c.provider, _predictions.c.holds_provider_slot)
     )
 
+
+_SET_REF = (
+    update(_predictions)
+    .where(_predictions.c.id == bindparam("b_id"))
+    .values(upstream_ref=bindparam("b_ref", type_=_predictions.c.upstream_ref.type))
+)
 
 _idempotency = table_of(IdempotencyKey).c
 _REMEMBER_RESPONSE = (
@@ -215,6 +233,7 @@ def _hold(prediction: Prediction, key: ApiKey | None = None) -> budgets_service.
         model_id=prediction.model_id,
         period_start=prediction.period_start,
         key_budgeted=key is None or key.budget_cents is not None,
+        provider=prediction.provider,
     )
 
 
@@ -226,6 +245,8 @@ class SubmitResult:
     body: dict[str, Any]
     replayed: bool
     prediction_id: str
+    # When the gateway polls it next, as the poll queue has it (None: not known, or no longer scheduled).
+    next_poll_at: datetime | None = None
 
 
 def request_fingerprint(model_id: str, request: GenerateRequest) -> str:
@@ -243,44 +264,32 @@ def check_submittable(runtime: Runtime, model_id: str, request: GenerateRequest)
     webhooks_service.check_webhook_url(runtime.settings, request.webhook, "webhook")
 
 
-async def submit(
-    runtime: Runtime,
-    tenant: Tenant,
-    key: ApiKey,
-    model_id: str,
-    request: GenerateRequest,
-    *,
-    idempotency_key: str | None,
-    status_url_base: str,
-    public_base_url: str | None = None,
-) -> SubmitResult:
-    check_submittable(runtime, model_id, request)
-    prediction_id = new_id("pred")
-    fingerprint = request_fingerprint(model_id, request) if idempotency_key is not None else ""
+async def hold(runtime: Runtime, job: _HoldJob) -> _Held | SubmitResult:
+    """Claim the idempotency key, pass the limits and hold the estimate, in the ledger writer's next
+    batch: committed before any provider is called, so concurrent requests and other replicas see it.
+    The prediction held, or a replay of an earlier answer; raises the refusal. A caller that goes away
+    meanwhile (its task cancelled) has its hold given back as soon as it commits."""
+    abandoned = partial(_abandoned_hold, runtime, job.key, job.idempotency_key)
+    result: _Held | SubmitResult = await _writer(runtime, "hold", _apply_holds).submit(job, on_abandoned=abandoned)
+    return result
 
-    # Hold: claim the idempotency key, pass the limits and hold the estimate, in the ledger writer's
-    # next batch. Committed before the upstream call, so concurrent requests and other replicas see it.
-    job = _HoldJob(tenant, key, model_id, request, prediction_id, idempotency_key, fingerprint, public_base_url)
-    held: _Held | SubmitResult = await _writer(runtime, "hold", _apply_holds).submit(job)
-    if isinstance(held, SubmitResult):
-        return held  # a replay of an earlier answer
-    prediction, estimate = held
 
-    # Forward: exactly what was recorded.
-    try:
-        submitted = await runtime.upstream.submit(model_id, prediction.params)
-    except (UpstreamRefused, UpstreamUnavailable) as exc:
-        reason = f"upstream did not accept the prediction: {exc}"
-        await _writer(runtime, "release", _apply_releases).submit(_ReleaseJob(prediction, key, reason, idempotency_key))
-        raise _upstream_problem(exc) from exc
+async def release(
+    runtime: Runtime, prediction: Prediction, key: ApiKey, reason: str, idempotency_key: str | None
+) -> None:
+    """No provider accepted it: the hold and slots back, the Idempotency-Key freed (writer's next batch)."""
+    job = _ReleaseJob(prediction, key, reason, idempotency_key)
+    await _writer(runtime, "release", _apply_releases).submit(job, on_abandoned=_ignore)
 
-    # Settle: the hold becomes the vendor's price, together with the upstream id, in the writer's next
-    # batch. The vendor has billed by now, so a database that is away is waited for rather than the
-    # charge lost; nothing is answered before this is committed.
-    confirm = _ConfirmJob(tenant, key, prediction, estimate, submitted, idempotency_key, status_url_base)
-    body = await _confirm_until_recorded(runtime, confirm)
-    log.info("prediction submitted", extra={"prediction_id": prediction.id, "cost_cents": submitted.cost_cents})
-    return SubmitResult(body=body, replayed=False, prediction_id=prediction.id)
+
+async def abandon(runtime: Runtime, prediction: Prediction, key: ApiKey, idempotency_key: str | None) -> None:
+    """The caller went away (a client gone, a shutdown) before a provider accepted its prediction: give the
+    hold, the slots and the Idempotency-Key back now rather than when recovery finds the row,
+    submit_recovery_s later. The release runs in a task of its own, which the caller's cancellation does
+    not reach; waited for, so that it is done when the request's task is."""
+    release = _release_abandoned(runtime, prediction, key, idempotency_key)
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(release)
 
 
 # ---------------------------------------------------------------- the ledger writers
@@ -300,6 +309,10 @@ class _HoldJob:
     idempotency_key: str | None
     fingerprint: str
     public_base_url: str | None = None
+    # The candidates' prices by the providers file, and whether one is charged the cost its answer
+    # reports (held at the estimate): the hold is the highest (budgets_service.hold_cents).
+    provider_prices: tuple[int, ...] = ()
+    answer_priced: bool = True
 
 
 @dataclass(frozen=True)
@@ -311,6 +324,13 @@ class _ConfirmJob:
     submitted: UpstreamSubmitted
     idempotency_key: str | None
     status_url_base: str
+    # The provider that accepted it, and its price by the file (charged when its answer carries no cost).
+    provider: str = "vibedream"
+    price_cents: int | None = None
+
+    @property
+    def cost(self) -> int:
+        return budgets_service.provider_charge(self.submitted.cost_cents, self.price_cents)
 
 
 @dataclass(frozen=True)
@@ -393,7 +413,41 @@ async def _apply_releases(runtime: Runtime, session: AsyncSession, jobs: list[_R
     return [job.prediction.id in released for job in jobs]
 
 
-async def _confirm_until_recorded(runtime: Runtime, job: _ConfirmJob) -> dict[str, Any]:
+ABANDONED = "the client went away before the upstream confirmed the prediction"
+# Releases of abandoned holds in flight: a task needs a strong reference until it is done.
+_releasing: set[asyncio.Task[None]] = set()
+
+
+def _ignore(_result: object) -> None:
+    """on_abandoned for a writer job that needs nothing more once applied (its caller is gone)."""
+
+
+def _abandoned_hold(runtime: Runtime, key: ApiKey, idempotency_key: str | None, held: _Held | SubmitResult) -> None:
+    """A hold committed for a caller that went away while its batch ran: give it back."""
+    if not isinstance(held, SubmitResult):
+        _release_abandoned(runtime, held[0], key, idempotency_key)
+
+
+def _release_abandoned(
+    runtime: Runtime, prediction: Prediction, key: ApiKey, idempotency_key: str | None
+) -> asyncio.Task[None]:
+    task = asyncio.create_task(_release_quietly(runtime, _ReleaseJob(prediction, key, ABANDONED, idempotency_key)))
+    _releasing.add(task)
+    task.add_done_callback(_releasing.discard)
+    return task
+
+
+async def _release_quietly(runtime: Runtime, job: _ReleaseJob) -> None:
+    try:
+        await _writer(runtime, "release", _apply_releases).submit(job, on_abandoned=_ignore)
+    except Exception as exc:  # recovery releases it later (submit_recovery_s)
+        log.warning(
+            "abandoned hold not released yet",
+            extra={"prediction_id": job.prediction.id, "error_type": type(exc).__name__},
+        )
+
+
+async def confirm_until_recorded(runtime: Runtime, job: _ConfirmJob) -> dict[str, Any]:
     """Record what the vendor accepted, trying again through a database outage for as long as it is
     safe: until half of `submit_recovery_s` after the hold, so recovery (which releases holds older
     than that) never races a confirm still trying. Other database errors get a few quick retries."""
@@ -404,7 +458,8 @@ async def _confirm_until_recorded(runtime: Runtime, job: _ConfirmJob) -> dict[st
     failures = 0
     while True:
         try:
-            body: dict[str, Any] = await _writer(runtime, "settle", _apply_confirms).submit(job)
+            # The vendor has billed: recorded even if the caller goes away before the batch is taken.
+            body: dict[str, Any] = await _writer(runtime, "settle", _apply_confirms).submit(job, on_abandoned=_ignore)
             return body
         except (DatabaseUnavailable, DBAPIError) as exc:
             failures += 1
@@ -479,7 +534,10 @@ async def _claim_idempotency_key(
             "A request with this Idempotency-Key is still in flight. Retry in a moment to get its answer.",
             headers={"Retry-After": retry_after_value(1)},
         )
-    return SubmitResult(body=existing.response, replayed=True, prediction_id=existing.prediction_id or "")
+    scheduled = await session.scalar(select(Prediction.next_poll_at).where(Prediction.id == existing.prediction_id))
+    return SubmitResult(
+        existing.response, replayed=True, prediction_id=existing.prediction_id or "", next_poll_at=scheduled
+    )
 
 
 async def _forget_idempotency_key(session: AsyncSession, tenant_id: str, idempotency_key: str) -> None:
@@ -522,16 +580,22 @@ async def _hold_batch(
         resolution = job.request.resolution or budgets_service.DEFAULT_RESOLUTION
         duration = job.request.duration or budgets_service.DEFAULT_DURATION_S
         point = (job.model_id, resolution, duration)
+        if not job.answer_priced:
+            # Every candidate is priced by the file: nothing to estimate or learn.
+            held = budgets_service.hold_cents(None, list(job.provider_prices))
+            predictions[index] = (_new_prediction(job, held, now), budgets_service.Estimate(held, None))
+            continue
         if point not in estimates:
             estimates[point] = await budgets_service.price_estimate(session, settings.price_table, *point)
-        predictions[index] = (_new_prediction(job, estimates[point].cents, now), estimates[point])
+        held = budgets_service.hold_cents(estimates[point].cents, list(job.provider_prices))
+        predictions[index] = (_new_prediction(job, held, now), estimates[point])
     retry_after_s = max(1, round(settings.poll_interval_s))
     requests = [
         budgets_service.HoldRequest(
             tenant=jobs[i].tenant,
             key=jobs[i].key,
             hold=_hold(predictions[i][0], jobs[i].key),
-            amount=predictions[i][1].cents,
+            amount=predictions[i][0].estimate_cents,
             slot_retry_after_s=retry_after_s,
         )
         for i in pending
@@ -566,6 +630,7 @@ def _new_prediction(job: _HoldJob, estimate_cents: int, now: datetime) -> Predic
         webhook_events=job.request.webhook_events_filter,
         meta=job.request.metadata,
         **budgets_service.new_hold_columns(job.tenant, estimate_cents, now),
+        holds_provider_slot=False,
         created_at=now,
         poll_count=0,
         poll_failures=0,
@@ -583,13 +648,13 @@ async def _confirm_many(session: AsyncSession, runtime: Runtime, jobs: list[_Con
             upstream_id=job.submitted.id,
             status=PredictionStatus.PROCESSING,
             estimated_time=job.submitted.estimated_time,
-            next_poll_at=now
-            + timedelta(seconds=first_poll_delay_s(job.submitted.estimated_time, runtime.settings.poll_interval_s)),
+            next_poll_at=first_poll_at(now, job.submitted.estimated_time, runtime.settings.poll_interval_s),
         )
         for job in jobs
     }
+    providers = {job.prediction.id: job.provider for job in jobs}
     rows = [
-        (id_, state["upstream_id"], state["estimated_time"], state["next_poll_at"])
+        (id_, state["upstream_id"], state["estimated_time"], state["next_poll_at"], providers[id_])
         for id_, state in sorted(states.items())
     ]
     changed = {
@@ -598,23 +663,33 @@ async def _confirm_many(session: AsyncSession, runtime: Runtime, jobs: list[_Con
             session, _confirm_statement(value_rows_size(len(rows))), value_rows_params("confirm", _CONFIRM_SHAPE, rows)
         )
     }
+    refs = [
+        {"b_id": job.prediction.id, "b_ref": job.submitted.ref}
+        for job in jobs
+        if job.submitted.ref is not None and job.prediction.id in changed
+    ]
+    if refs:
+        await session.execute(_SET_REF, refs)
     confirmed: list[Prediction] = []
     settles: list[budgets_service.Settle] = []
     learnt: dict[tuple[str, str, int], int] = {}
     for job in jobs:
         if job.prediction.id not in changed:
             late, late_settle = await _confirm_late(session, job, states[job.prediction.id])
+            job.prediction.next_poll_at = late.next_poll_at  # the caller's copy shows the poll queue's
             confirmed.append(late)
             settles += [late_settle] if late_settle is not None else []
             continue
-        prediction, cost = job.prediction, job.submitted.cost_cents
+        prediction, cost = job.prediction, job.cost
         for name, value in states[prediction.id].items():
             setattr(prediction, name, value)  # the caller's copy, never added to the session: what the row says
+        prediction.provider = job.provider
+        prediction.upstream_ref = job.submitted.ref
         confirmed.append(prediction)
         settles.append(
             budgets_service.Settle(job.tenant, _hold(prediction, job.key), prediction.estimate_cents, cost, prediction)
         )
-        if job.estimate.seen_cents is None or cost > job.estimate.seen_cents:
+        if job.submitted.cost_cents is not None and (job.estimate.seen_cents is None or cost > job.estimate.seen_cents):
             params = prediction.params
             point = (
                 prediction.model_id,
@@ -643,13 +718,15 @@ async def _confirm_late(
         return prediction, None  # a retried confirm whose first COMMIT did land: charged once already
     # Unreachable while submit_recovery_s exceeds the upstream timeout (settings enforce it);
     # if it happens anyway, the vendor billed us, so the charge is recorded all the same.
-    log.error("late upstream confirmation", extra={"prediction_id": held.id})
+    log.error("late upstream confirmation", extra={"prediction_id": held.id, "provider": job.provider})
     prediction.upstream_id = submitted.id
+    prediction.provider = job.provider
+    prediction.upstream_ref = submitted.ref
     prediction.status = PredictionStatus.PROCESSING
     prediction.next_poll_at = state["next_poll_at"]
     await session.flush()
     charge = budgets_service.Settle(
-        job.tenant, _hold(prediction), 0, submitted.cost_cents, prediction, late=True, late_slot=prediction.holds_slot
+        job.tenant, _hold(prediction), 0, job.cost, prediction, late=True, late_slot=prediction.holds_slot
     )
     return prediction, charge
 
@@ -661,12 +738,15 @@ async def _release_many(session: AsyncSession, held: list[tuple[Prediction, str,
         return set()
     now = clock.now()
     rows = [(p.id, reason[:500]) for p, reason, _ in sorted(held, key=lambda h: h[0].id)]
-    released = set(
-        await session.scalars(
+    rejected = (
+        await session.execute(
             _reject_statement(value_rows_size(len(rows))),
             {"b_now": now, **value_rows_params("reject", _REJECT_SHAPE, rows)},
         )
-    )
+    ).all()
+    released = {row.id for row in rejected}
+    # Slots at providers taken for an attempt whose answer never came (a crash mid-submit) come back too.
+    await provider_health.give_slots(session, _count_by_provider(r.provider for r in rejected if r.holds_provider_slot))
     await budgets_service.release_many(
         session,
         [
@@ -678,7 +758,15 @@ async def _release_many(session: AsyncSession, held: list[tuple[Prediction, str,
     return released
 
 
-def _upstream_problem(exc: UpstreamRefused | UpstreamUnavailable) -> AppError:
+def _count_by_provider(names: Iterable[str | None]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name in names:
+        if name is not None:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def upstream_problem(exc: UpstreamRefused | UpstreamUnavailable) -> AppError:
     if isinstance(exc, UpstreamRefused):
         if exc.status in (401, 403):
             return UpstreamError(
@@ -725,6 +813,7 @@ _PUBLIC_COLUMNS = (
     _predictions.c.completed_at,
     _predictions.c.charged_cents,
     _predictions.c.metadata.label("meta"),
+    _predictions.c.provider,
 )
 _READ_WHERE = (
     _predictions.c.id == bindparam("b_id"),
@@ -904,6 +993,7 @@ async def finish_many(
     if not finished:
         return {}
     refund_failed = not runtime.settings.keep_failed_charge
+    await provider_health.give_slots(session, _count_by_provider(p.provider for p in finished if p.holds_provider_slot))
     await budgets_service.end_many(
         session,
         [

@@ -47,8 +47,12 @@ class UpstreamSubmitted(BaseModel):
     status: str
     status_url: str | None = Field(default=None, alias="statusUrl")
     estimated_time: str | None = Field(default=None, alias="estimatedTime")
-    cost_cents: int = Field(alias="costCents", ge=0)
+    # The provider's charge when its answers carry one (vibedream); None: priced by the providers file.
+    cost_cents: int | None = Field(default=None, alias="costCents", ge=0)
     created_at: Timestamp | None = Field(default=None, alias="createdAt")
+    # What polling needs besides the id (fal's status and response URLs); set by the adapter, never
+    # read from an answer (no provider sends this key).
+    ref: dict[str, str] | None = Field(default=None, alias="_vidgateRef", exclude=True)
 
 
 class UpstreamPrediction(BaseModel):

@@ -1,7 +1,9 @@
-"""A simulator of the VibeDream API: sandbox mode, tests and benchmarks talk to it over real HTTP.
+"""A simulator of one provider: sandbox mode, tests and benchmarks talk to it over real HTTP.
 
-It follows the vendor's documented shapes (SPEC section 1) and adds controls under /_sim for fault
-injection and counting, which the real vendor does not have.
+It speaks the three wire formats of SPEC §11 at once (vibedream's /api/v1, wavespeed's /api/v3 and
+fal's queue under any other path), each in the shapes its provider documents, and adds controls under
+/_sim for fault injection and counting (in flight, submits by format), which no provider has. One
+simulator stands for one provider: tests and the sandbox start one per provider.
 """
 
 from __future__ import annotations
@@ -61,6 +63,14 @@ class Faults:
     poll_status: int = 500
     poll_count: int = 0
     poll_delay_s: float = 0.0
+    # Submits: `submit_retry_after` goes with the faulted answers (429s); `submit_delay_s` holds every
+    # submit's answer that long after reading its body (a read timeout on the gateway's side).
+    submit_retry_after: str | None = None
+    submit_delay_s: float = 0.0
+    # VibeDream submits (in-process simulator only): each sets `submit_arrived`, then waits for
+    # `submit_gate`, so a test can act while the gateway's upstream call is in flight.
+    submit_arrived: asyncio.Event | None = None
+    submit_gate: asyncio.Event | None = None
     # Outputs: answer the next N downloads with this status (0 = drop the connection); `output_gone`
     # answers 404 for good (the vendor deleted its files); `output_stall_s` sends half the file and
     # then nothing for that long; `output_content_type` overrides the type; `output_redirect`
@@ -88,6 +98,15 @@ class SimState:
     bodies: list[dict[str, Any]] = field(default_factory=list)
     output_fetches: int = 0
     output_bytes_sent: int = 0
+    submits_by_format: dict[str, int] = field(default_factory=dict)
+    # Every Authorization header the provider API was called with, counted (which key reached it).
+    auths: dict[str, int] = field(default_factory=dict)
+    accepted: int = 0
+    max_in_flight: int = 0
+
+    def in_flight(self) -> int:
+        now = time.time()
+        return sum(1 for p in self.predictions.values() if p.done_at > now)
 
 
 STATE = web.AppKey("state", SimState)
@@ -98,20 +117,67 @@ def price_cents(resolution: str, duration: int, multiplier: float) -> int:
     return math.ceil(9 / 5 * factor * duration * multiplier - 1e-9)
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _submit_fault(state: SimState, fmt: str, error: Any) -> web.Response | None:
+    """Count the submit; the faulted answer, if one is due (`error(status, message, headers)` in the format's shape)."""
+    state.submits += 1
+    state.submits_by_format[fmt] = state.submits_by_format.get(fmt, 0) + 1
+    faults = state.faults
+    if faults.submit_count > 0:
+        faults.submit_count -= 1
+        if faults.submit_status == 0:
+            raise ConnectionResetError("simulated drop")
+        headers = {"Retry-After": faults.submit_retry_after} if faults.submit_retry_after else None
+        response: web.Response = error(faults.submit_status, "simulated failure", headers)
+        return response
+    return None
+
+
+def _accept(state: SimState, pred_id: str) -> SimPrediction:
+    config = state.config
+    now = time.time()
+    pred = SimPrediction(
+        id=pred_id,
+        model_id="ltx-2-19b",
+        created=now,
+        done_at=now + config.completion_s,
+        fails=random.random() < config.failure_ratio,
+    )
+    state.predictions[pred.id] = pred
+    state.accepted += 1
+    state.max_in_flight = max(state.max_in_flight, state.in_flight())
+    return pred
+
+
+def _outcome(state: SimState, request: web.Request, pred: SimPrediction) -> tuple[str, str | None]:
+    """("processing" | "completed" | "failed", its output URL when completed)."""
+    done = time.time() >= pred.done_at
+    status = "processing" if not done else ("failed" if pred.fails else "completed")
+    base = (state.config.output_base_url or f"{request.scheme}://{request.host}").rstrip("/")
+    output = f"{base}/sandbox/outputs/{pred.id}.mp4"
+    if state.config.output_bytes is not None:
+        output = f"{base}/sandbox/generated/{state.config.output_bytes}/{pred.id}.mp4"
+    return status, output if status == "completed" else None
+
+
+FAILURE_MESSAGE = "Content moderation: the prompt was flagged (simulated)"
 
 
 async def _generate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    state.submits += 1
+    if state.faults.submit_arrived is not None:
+        state.faults.submit_arrived.set()
+    if state.faults.submit_gate is not None:
+        await state.faults.submit_gate.wait()
     if not request.headers.get("Authorization", "").startswith("Bearer "):
+        state.submits += 1
         return _error(401, "missing API key")
-    if state.faults.submit_count > 0:
-        state.faults.submit_count -= 1
-        if state.faults.submit_status == 0:
-            raise ConnectionResetError("simulated drop")
-        return _error(state.faults.submit_status, "simulated failure")
+    fault = _submit_fault(state, "vibedream", _error)
+    if fault is not None:
+        return fault
     model_id = request.match_info["model_id"]
     if model_id not in MODEL_NAMES:
         return _error(404, f"model {model_id} not found")
@@ -121,16 +187,12 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     except (ValueError, ValidationError):
         return _error(400, "invalid request body")
     state.bodies.append(body)
+    if state.faults.submit_delay_s:
+        await asyncio.sleep(state.faults.submit_delay_s)
     config = state.config
-    now = time.time()
-    pred = SimPrediction(
-        id="vd_" + secrets.token_hex(8),
-        model_id=model_id,
-        created=now,
-        done_at=now + config.completion_s,
-        fails=random.random() < config.failure_ratio,
-    )
-    state.predictions[pred.id] = pred
+    pred = _accept(state, "vd_" + secrets.token_hex(8))
+    pred.model_id = model_id
+    now = pred.created
     base = f"{request.scheme}://{request.host}"
     cost = price_cents(params.resolution or "720p", params.duration or 5, config.price_multiplier)
     return web.json_response(
@@ -179,6 +241,164 @@ async def _prediction(request: web.Request) -> web.StreamResponse:
             "completedAt": _iso(pred.done_at) if done else None,
         }
     )
+
+
+# ---------------------------------------------------------------- wavespeed (/api/v3)
+
+
+def _ws_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"code": status, "message": message}, status=status, headers=headers)
+
+
+def _ws_data(state: SimState, request: web.Request, pred: SimPrediction) -> dict[str, Any]:
+    status, output = _outcome(state, request, pred)
+    if status == "processing" and time.time() - pred.created < 0.5:
+        status = "created"
+    base = f"{request.scheme}://{request.host}"
+    return {
+        "id": pred.id,
+        "model": "wavespeed-ai/ltx-2-19b/image-to-video",
+        "outputs": [output] if output else [],
+        "urls": {"get": f"{base}/api/v3/predictions/{pred.id}/result"},
+        "has_nsfw_contents": [],
+        "status": status,
+        "created_at": _iso(pred.created),
+        "error": FAILURE_MESSAGE if status == "failed" else "",
+        "timings": {"inference": None},
+    }
+
+
+async def _ws_submit(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    if not request.headers.get("Authorization", "").startswith("Bearer "):
+        state.submits += 1
+        return _ws_error(401, "Unauthorized")
+    fault = _submit_fault(state, "wavespeed", _ws_error)
+    if fault is not None:
+        return fault
+    try:
+        body = await request.json()
+        GenerateParams.model_validate(body)
+    except (ValueError, ValidationError):
+        return _ws_error(400, "invalid request body")
+    state.bodies.append(body)
+    if state.faults.submit_delay_s:
+        await asyncio.sleep(state.faults.submit_delay_s)
+    pred = _accept(state, "ws_" + secrets.token_hex(8))
+    return web.json_response({"code": 200, "message": "success", "data": _ws_data(state, request, pred)})
+
+
+async def _ws_result(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    pred_id = request.match_info["prediction_id"]
+    fault = _poll_fault(state, pred_id)
+    if fault is not None:
+        return _ws_error(fault, "simulated failure")
+    if not request.headers.get("Authorization", "").startswith("Bearer "):
+        return _ws_error(401, "Unauthorized")
+    pred = state.predictions.get(pred_id)
+    if pred is None:
+        return _ws_error(404, "prediction not found")
+    return web.json_response({"code": 200, "message": "success", "data": _ws_data(state, request, pred)})
+
+
+# ---------------------------------------------------------------- fal's queue (any other path)
+
+
+def _fal_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"detail": message}, status=status, headers=headers)
+
+
+def _fal_urls(request: web.Request, app_id: str, request_id: str) -> dict[str, str]:
+    base = f"{request.scheme}://{request.host}/{app_id}/requests/{request_id}"
+    return {"response_url": base, "status_url": f"{base}/status", "cancel_url": f"{base}/cancel"}
+
+
+async def _fal_submit(request: web.Request) -> web.StreamResponse:
+    if request.method != "POST":
+        return _error(404, "not found")
+    state = request.app[STATE]
+    if not request.headers.get("Authorization", "").startswith("Key "):
+        state.submits += 1
+        return _fal_error(401, "No user found for Key ID and Secret")
+    fault = _submit_fault(state, "fal", _fal_error)
+    if fault is not None:
+        return fault
+    try:
+        body = await request.json()
+        assert isinstance(body, dict)
+        assert isinstance(body.get("image_url"), str) and isinstance(body.get("prompt"), str) and body["prompt"]
+        assert 9 <= int(body.get("num_frames", 121)) <= 481
+    except (ValueError, AssertionError, TypeError):
+        return _fal_error(422, "invalid input")
+    state.bodies.append(body)
+    if state.faults.submit_delay_s:
+        await asyncio.sleep(state.faults.submit_delay_s)
+    pred = _accept(
+        state, f"{secrets.token_hex(4)}-{secrets.token_hex(2)}-{secrets.token_hex(2)}-{secrets.token_hex(6)}"
+    )
+    app_id = "/".join(request.match_info["app_path"].split("/")[:2])
+    return web.json_response({"request_id": pred.id, **_fal_urls(request, app_id, pred.id), "queue_position": 0})
+
+
+async def _fal_status(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    pred_id = request.match_info["request_id"]
+    fault = _poll_fault(state, pred_id)
+    if fault is not None:
+        return _fal_error(fault, "simulated failure")
+    if not request.headers.get("Authorization", "").startswith("Key "):
+        return _fal_error(401, "No user found for Key ID and Secret")
+    pred = state.predictions.get(pred_id)
+    if pred is None:
+        return _fal_error(404, "Request not found")
+    status, _ = _outcome(state, request, pred)
+    app_id = f"{request.match_info['owner']}/{request.match_info['app']}"
+    if status == "processing":
+        return web.json_response(
+            {
+                "status": "IN_PROGRESS",
+                "response_url": _fal_urls(request, app_id, pred_id)["response_url"],
+                "logs": None,
+            },
+            status=202,
+        )
+    return web.json_response(
+        {"status": "COMPLETED", "response_url": _fal_urls(request, app_id, pred_id)["response_url"], "logs": None}
+    )
+
+
+async def _fal_response(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    pred_id = request.match_info["request_id"]
+    fault = _poll_fault(state, pred_id)
+    if fault is not None:
+        return _fal_error(fault, "simulated failure")
+    pred = state.predictions.get(pred_id)
+    if pred is None:
+        return _fal_error(404, "Request not found")
+    status, output = _outcome(state, request, pred)
+    if status == "processing":
+        return _fal_error(400, "Request is still in progress")
+    if status == "failed":
+        return _fal_error(422, FAILURE_MESSAGE)
+    return web.json_response(
+        {
+            "video": {"url": output, "content_type": "video/mp4", "file_name": f"{pred_id}.mp4", "file_size": None},
+            "seed": 42,
+        }
+    )
+
+
+def _poll_fault(state: SimState, pred_id: str) -> int | None:
+    """Count a poll (any format); the status of a faulted answer, if one is due."""
+    state.polls += 1
+    state.polls_by_id[pred_id] = state.polls_by_id.get(pred_id, 0) + 1
+    state.poll_times.setdefault(pred_id, []).append(time.time())
+    if state.faults.poll_count > 0:
+        state.faults.poll_count -= 1
+        return state.faults.poll_status
+    return None
 
 
 GENERATED_CHUNK = 64 * 1024
@@ -266,6 +486,11 @@ async def _get_stats(request: web.Request) -> web.StreamResponse:
         "predictions": len(state.predictions),
         "outputFetches": state.output_fetches,
         "outputBytesSent": state.output_bytes_sent,
+        "submitsByFormat": state.submits_by_format,
+        "accepted": state.accepted,
+        "inFlight": state.in_flight(),
+        "maxInFlight": state.max_in_flight,
+        "auths": state.auths,
     }
     if request.query.get("detail"):
         body["pollTimes"] = state.poll_times
@@ -300,8 +525,18 @@ async def _finish(request: web.Request) -> web.StreamResponse:
     return web.json_response({"ok": True})
 
 
+@web.middleware
+async def _count_auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    if not request.path.startswith(("/_sim", "/sandbox")):
+        auths = request.app[STATE].auths
+        header = request.headers.get("Authorization", "")
+        auths[header] = auths.get(header, 0) + 1
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
 def create_simulator(config: SimConfig | None = None) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[_count_auth])
     app[STATE] = SimState(config=config or SimConfig())
     app.router.add_get("/", _root)
     app.router.add_post("/api/v1/models/{model_id}/generate", _generate)
@@ -312,6 +547,14 @@ def create_simulator(config: SimConfig | None = None) -> web.Application:
     app.router.add_post("/_sim/faults", _set_faults)
     app.router.add_post("/_sim/config", _set_config)
     app.router.add_post("/_sim/finish", _finish)
+    app.router.add_post("/api/v3/{model:.+}", _ws_submit)
+    app.router.add_get("/api/v3/predictions/{prediction_id}/result", _ws_result)
+    app.router.add_get("/api/v3/predictions/{prediction_id}", _ws_result)
+    # fal's queue last: its submit path is any app id (owner/app[/sub-path]).
+    app.router.add_get("/{owner}/{app}/requests/{request_id}/status", _fal_status)
+    app.router.add_get("/{owner}/{app}/requests/{request_id}", _fal_response)
+    # Any method: a GET of an unknown path is then a 404 (from the handler), not a 405.
+    app.router.add_route("*", "/{app_path:.+}", _fal_submit)
     return app
 
 
