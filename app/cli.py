@@ -75,12 +75,14 @@ def serve(
             # (app/core/metrics.py). Fresh: a previous run's files would add its counts to ours.
             directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="vidgate-metrics-"))
             os.environ[PROMETHEUS_MULTIPROC_DIR] = directory
+        from app.core import lifecycle
         from app.core.logging import configure_logging
         from app.main import app_from_environment
 
         configure_logging(settings.log_level, settings.log_json)
         if child_worker:
-            stack.enter_context(WorkerChild(dict(os.environ), settings.worker_nice))
+            child = stack.enter_context(WorkerChild(dict(os.environ), settings.worker_nice))
+            lifecycle.at_drain(child.begin_stop)  # its leases go back while requests are still served
             # The serving processes run no worker of their own (several re-read the environment).
             os.environ["VIDGATE_RUN_WORKER"] = "false"
             settings = settings.model_copy(update={"run_worker": False})
@@ -88,7 +90,16 @@ def serve(
         app: Any = "app.main:app_from_environment"
         if workers == 1:
             app = functools.partial(app_from_environment, settings, _listen_url(host, port))
-        _run_uvicorn(app, host, port, workers)
+        from app.core import server
+
+        server.run(
+            app,
+            host=host,
+            port=port,
+            workers=workers,
+            drain_s=settings.shutdown_drain_s,
+            grace_s=settings.shutdown_grace_s,
+        )
 
 
 class _Stopped(BaseException):
@@ -189,6 +200,13 @@ class WorkerChild:
                     return
                 self.process = self._spawn()
 
+    def begin_stop(self) -> None:
+        """Ask the child to stop now (SIGTERM: it drains and hands its leases back); stop() waits for it."""
+        self.stopping.set()
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.terminate()
+
     def stop(self) -> None:
         with self.lock:
             self.stopping.set()
@@ -204,25 +222,6 @@ class WorkerChild:
         self.watcher.join(5)
         os.close(self.parent_r)
         os.close(self.parent_w)
-
-
-def _run_uvicorn(app: Any, host: str, port: int, workers: int) -> None:
-    import uvicorn
-
-    uvicorn.run(
-        app,
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_config=None,
-        access_log=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=15,
-        # Longer than common clients' idle timeout (httpx: 5 s), so the server is never the side that
-        # closes a connection a client is just reusing; load balancers should idle out first too.
-        timeout_keep_alive=75,
-    )
 
 
 def _refuse_to_start(settings: Settings, role: Literal["serve", "worker"]) -> None:
@@ -267,7 +266,9 @@ def worker(
         os.nice(nice)
 
     async def run() -> None:
-        engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
+        engine = create_engine(
+            settings.database_url, pool_size=settings.database_pool_size, pooled=settings.database_pooled
+        )
         runtime = build_runtime(settings, engine, create_sessionmaker(engine))
         process = Worker(runtime)
         loop = asyncio.get_running_loop()
@@ -318,7 +319,8 @@ def migrate() -> None:
     from app.core.migrate import upgrade_to_head
 
     async def run() -> None:
-        engine = create_engine(get_settings().database_url, pool_size=1)
+        # DDL and Alembic's version bookkeeping want a session of their own: past a pooler, the direct URL.
+        engine = create_engine(get_settings().database_session_url, pool_size=1)
         try:
             await upgrade_to_head(engine)
         finally:

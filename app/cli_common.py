@@ -37,7 +37,8 @@ def with_session(work: Callable[[Any], Awaitable[T]]) -> T:
     from app.core.errors import AppError
 
     async def run() -> T:
-        engine = create_engine(get_settings().database_url, pool_size=2)
+        settings = get_settings()
+        engine = create_engine(settings.database_url, pool_size=2, pooled=settings.database_pooled)
         try:
             async with transaction(create_sessionmaker(engine)) as session:
                 return await work(session)

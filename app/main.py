@@ -11,14 +11,17 @@ from contextlib import asynccontextmanager
 
 from aiohttp import web
 from fastapi import FastAPI
+from sqlalchemy import make_url
 
 from app.admin.deps import require_admin
 from app.admin.router import router as admin_router
 from app.budgets import deps as budgets_deps
 from app.budgets.headers import BALANCE_SLOT
 from app.budgets.router import router as usage_router
+from app.core import lifecycle
 from app.core.database import create_engine, create_sessionmaker
 from app.core.errors import install_error_handlers
+from app.core.lifecycle import Admission
 from app.core.logging import configure_logging
 from app.core.middleware import RequestMiddleware
 from app.core.migrate import upgrade_to_head
@@ -51,7 +54,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     refusal = settings.startup_refusal("serve") or providers_config.startup_refusal(settings)
     if refusal is not None:
         raise SystemExit(refusal)
-    engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
+    engine = create_engine(
+        settings.database_url, pool_size=settings.database_pool_size, pooled=settings.database_pooled
+    )
     sessions = create_sessionmaker(engine)
     # The sandbox's simulator writes output links before any request says where callers reach us:
     # the address `serve` listens on stands in for it.
@@ -68,7 +73,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # PostgreSQL, a marker file beside the database on SQLite.
     listener_stop = asyncio.Event()
     listener = (
-        asyncio.create_task(key_cache.listen(engine.url, listener_stop))
+        # LISTEN needs a session of its own: past a transaction pooler, the direct URL.
+        asyncio.create_task(key_cache.listen(make_url(settings.database_session_url), listener_stop))
         if engine.dialect.name == "postgresql"
         else None
     )
@@ -89,7 +95,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.collect()
     gc.freeze()
     try:
-        yield
+        # SIGTERM: out of the balancer while still serving, the worker handing its leases back meanwhile.
+        with lifecycle.drain_on_sigterm(settings.shutdown_drain_s, [worker.stop] if worker_task else []):
+            yield
     finally:
         worker.stop()
         listener_stop.set()
@@ -129,11 +137,13 @@ def create_app(
     app.state.listen_url = listen_url
     install_error_handlers(app)
     # One layer: request id, guard, the balance headers, Server-Timing and metrics (app/core/middleware.py).
+    app.state.admission = Admission(settings.inflight_limit)
     app.add_middleware(
         RequestMiddleware,
         sandbox=settings.sandbox,
         header_slots=(BALANCE_SLOT,),
         unnoted=budgets_deps.unnoted_headers,
+        admission=app.state.admission,
     )
     routers = (predictions_router, usage_router, webhooks_router, selfservice_router, admin_router, outputs_router)
     for router in (*routers, ops_router, dashboard_router):

@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.admin import throttle
 from app.admin.deps import is_admin_token
+from app.core import lifecycle
 from app.core import metrics as app_metrics
 from app.core.database import transaction
 from app.core.errors import AppError, DatabaseUnavailable, NotFound
@@ -29,6 +30,11 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="Database reachable, migrations at head, upstream reachable (or sandbox)")
 async def readyz(runtime: RuntimeDep) -> Response:
+    if lifecycle.draining():
+        # Stopping (SPEC §6): out of the balancer first, while requests are still served.
+        return json_response(
+            {"ready": False, "checks": {"process": "stopping"}}, status_code=503, headers={"Retry-After": "1"}
+        )
     checks: dict[str, str] = {}
     try:
         async with transaction(runtime.sessions, readonly=True) as session:

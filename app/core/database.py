@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any, cast
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, WeakSet
 
 from sqlalchemy import CTE, BigInteger, DateTime, Integer, MetaData, Table, bindparam, column, event, text
 from sqlalchemy import exc as sa_exc
@@ -65,15 +66,27 @@ def table_of(model: type[Base]) -> Table:
     return cast(Table, model.__table__)
 
 
-def create_engine(url: str, *, pool_size: int = 40, sqlite_busy_timeout_s: float = 30.0) -> AsyncEngine:
+def create_engine(
+    url: str, *, pool_size: int = 40, sqlite_busy_timeout_s: float = 30.0, pooled: bool = False
+) -> AsyncEngine:
+    """`pooled`: `url` is a transaction pooler (PgBouncer, VIDGATE_DATABASE_DIRECT_URL given), which may hand
+    each transaction, and each statement outside one, another server connection."""
     if url.startswith("sqlite"):
         return _sqlite_engine(url, sqlite_busy_timeout_s)
-    engine = create_async_engine(
-        url,
-        pool_size=pool_size,
-        max_overflow=0,
-        connect_args={"server_settings": {"timezone": "UTC"}},
-    )
+    connect_args: dict[str, Any] = {"server_settings": {"timezone": "UTC"}}
+    if pooled:
+        connect_args.update(
+            # asyncpg: no statement cache, so its own statements are unnamed and parsed again with each
+            # execution (one round trip with the bind: the server connection cannot change in between).
+            statement_cache_size=0,
+            # SQLAlchemy prepares every statement by name to learn its columns: a name no other client of
+            # the pooler's server connection can have taken, and nothing kept past the statement.
+            prepared_statement_cache_size=0,
+            prepared_statement_name_func=_unique_statement_name,
+        )
+    engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, connect_args=connect_args)
+    if pooled:
+        _pooled_engines.add(engine.sync_engine)
 
     # asyncpg raises a refused, reset or timed-out connect as a bare OSError, which SQLAlchemy passes
     # through unwrapped: make it the driver's OperationalError, so that everything the database layer
@@ -95,6 +108,19 @@ def create_engine(url: str, *, pool_size: int = 40, sqlite_busy_timeout_s: float
             raise sa_exc.DisconnectionError("connection closed by the server")
 
     return engine
+
+
+# Engines whose every unit of work must be a transaction: behind a transaction pooler, an AUTOCOMMIT read's
+# prepare and execute may reach two server connections (and the statement is not on the second).
+_pooled_engines: WeakSet[Engine] = WeakSet()
+
+
+def _unique_statement_name() -> str:
+    return f"__vg_{uuid.uuid4().hex}__"
+
+
+def _autocommit_reads(bind: AsyncEngine) -> bool:
+    return bind.dialect.name == "postgresql" and bind.sync_engine not in _pooled_engines
 
 
 def _sqlite_engine(url: str, busy_timeout_s: float) -> AsyncEngine:
@@ -162,7 +188,7 @@ async def transaction(
         async with lock or nullcontext(), sessions() as session, session.begin():
             if readonly:
                 options: dict[str, Any] = {READONLY_OPTION: True}
-                if isinstance(session.bind, AsyncEngine) and session.bind.dialect.name == "postgresql":
+                if isinstance(session.bind, AsyncEngine) and _autocommit_reads(session.bind):
                     # Reads need no BEGIN/COMMIT round trips: each statement sees committed data.
                     options["isolation_level"] = "AUTOCOMMIT"
                 await session.connection(execution_options=options)
@@ -190,7 +216,7 @@ async def read_connection(sessions: async_sessionmaker[AsyncSession]) -> AsyncIt
             return
         assert isinstance(bind, AsyncEngine), bind
         options: dict[str, Any] = {READONLY_OPTION: True}
-        if bind.dialect.name == "postgresql":
+        if _autocommit_reads(bind):
             options["isolation_level"] = "AUTOCOMMIT"  # as transaction(readonly=True): no BEGIN/COMMIT
         async with bind.connect() as connection:
             await connection.execution_options(**options)

@@ -65,18 +65,15 @@ def check_headers(headers: list[tuple[bytes, bytes]], body_limit: int) -> AppErr
     return None
 
 
-async def refuse(send: Send, error: AppError) -> None:
+async def refuse(send: Send, error: AppError, *, close: bool = True) -> None:
     body = orjson.dumps(error.body())
-    await send(
-        {
-            "type": "http.response.start",
-            "status": error.status,
-            "headers": [
-                (b"content-type", b"application/problem+json"),
-                (b"content-length", str(len(body)).encode()),
-                # The rest of the request is not read: the connection cannot carry another one.
-                (b"connection", b"close"),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode()),
+        *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items()),
+    ]
+    if close:
+        # The rest of the request is not read: the connection cannot carry another one.
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

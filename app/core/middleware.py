@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core import guard, metrics, timing
+from app.core import guard, lifecycle, metrics, timing
 from app.core.logging import request_id_var, tenant_id_var
 
 access_log = logging.getLogger("vidgate.access")
@@ -71,8 +71,10 @@ class RequestMiddleware:
         max_body_bytes: int = guard.MAX_BODY_BYTES,
         header_slots: Sequence[HeaderSlot[Any]] = (),
         unnoted: Callable[[Scope], Awaitable[Headers]] | None = None,
+        admission: lifecycle.Admission | None = None,
     ) -> None:
         self.app = app
+        self.admission = admission
         self.sandbox = sandbox
         self.max_body_bytes = max_body_bytes
         self.header_slots = tuple(header_slots)
@@ -127,6 +129,9 @@ class RequestMiddleware:
             headers += more
             headers += extra
             headers.append((b"server-timing", timing.header(spent, time.perf_counter() - started)))
+            if lifecycle.draining() and not any(name == b"connection" for name, _ in headers):
+                # Leaving: a client keeping this connection comes back through its balancer to another one.
+                headers.append((b"connection", b"close"))
             message["headers"] = headers
 
         async def send_refusal(message: Message) -> None:
@@ -160,13 +165,24 @@ class RequestMiddleware:
                 decorate(message, True, await unnoted_headers(message, True))
             await send(message)
 
+        admission = self.admission if scope["path"] not in lifecycle.OPEN_PATHS else None
+        admitted = False
         try:
+            if admission is not None:
+                admitted = admission.enter()
+                if not admitted:
+                    # Its body, if any, is left to the server to discard: the connection stays usable.
+                    await guard.refuse(send_refusal, lifecycle.Overloaded(admission.limit), close=False)
+                    return
             refusal = guard.check_headers(scope["headers"], max_body)
             if refusal is not None:
                 await guard.refuse(send_refusal, refusal)
             else:
                 await self.app(scope, guarded_receive, app_send)
         finally:
+            if admitted:
+                assert admission is not None
+                admission.leave()
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")

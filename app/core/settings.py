@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     # PostgreSQL connections per process, all opened on demand and kept (no overflow: overflow
     # connections churn exactly when load is highest). Processes x this must stay under max_connections.
     database_pool_size: int = Field(default=40, ge=1, le=1000)
+    # Set when VIDGATE_DATABASE_URL points at a transaction pooler (PgBouncer): what needs a session of its
+    # own (LISTEN, migrations) connects here, and the pooled connections use no named prepared statement
+    # across transactions (README, "Behind PgBouncer").
+    database_direct_url: str | None = None
     # The key check is served from memory (app/tenants/cache.py). A key revoke or tenant change reaches
     # every process at once (NOTIFY on PostgreSQL, a marker file on SQLite); this TTL is the backstop.
     key_cache_ttl_s: float = Field(default=5.0, ge=0)
@@ -125,6 +129,18 @@ class Settings(BaseSettings):
     sandbox_failure_ratio: float = 0.0
     sandbox_estimated_time: str = "5-20s"
 
+    # Graceful stop (SPEC §6): after SIGTERM, /readyz answers 503 and requests are still served for the
+    # drain, so a load balancer takes the process out; everything has ended within the grace.
+    shutdown_drain_s: float = Field(default=5.0, ge=0, le=600)
+    shutdown_grace_s: float = Field(default=30.0, gt=0, le=3600)
+    # API requests in flight at once per process; beyond it, 503 `overloaded` at once. Default: four per
+    # pooled database connection (app/core/lifecycle.py).
+    max_inflight_requests: int | None = Field(default=None, ge=1, le=100_000)
+    # Slow clients (app/core/server.py): a request's head must arrive within this many seconds of its first
+    # byte (or of the connection, for a first request), its body within the body timeout after the head.
+    client_header_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    client_body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+
     log_level: str = "INFO"
     log_json: bool = True
 
@@ -132,6 +148,11 @@ class Settings(BaseSettings):
     @classmethod
     def _driver(cls, value: str) -> str:
         return normalize_database_url(value)
+
+    @field_validator("database_direct_url")
+    @classmethod
+    def _direct_driver(cls, value: str | None) -> str | None:
+        return normalize_database_url(value) if value else None
 
     @field_validator("allowed_models", mode="before")
     @classmethod
@@ -209,6 +230,20 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def database_pooled(self) -> bool:
+        """VIDGATE_DATABASE_URL is a transaction pooler: said by giving the direct URL beside it."""
+        return self.database_direct_url is not None and not self.is_sqlite
+
+    @property
+    def database_session_url(self) -> str:
+        """Where a connection that needs a session of its own (LISTEN, migrations) goes."""
+        return self.database_direct_url or self.database_url
+
+    @property
+    def inflight_limit(self) -> int:
+        return self.max_inflight_requests or 4 * self.database_pool_size
 
     def startup_refusal(self, role: Literal["serve", "worker"]) -> str | None:
         """Why a `serve` or `worker` process must not start with these settings (one line), or None.

@@ -58,7 +58,7 @@ async def _run_async(url: str) -> None:
 
 def run_migrations_offline() -> None:
     context.configure(
-        url=config.get_main_option("sqlalchemy.url") or get_settings().database_url,
+        url=config.get_main_option("sqlalchemy.url") or get_settings().database_session_url,
         target_metadata=target_metadata,
         literal_binds=True,
     )
@@ -71,7 +71,7 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    url = config.get_main_option("sqlalchemy.url") or get_settings().database_url
+    url = config.get_main_option("sqlalchemy.url") or get_settings().database_session_url
     asyncio.run(_run_async(url))
 
 

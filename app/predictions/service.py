@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets import service as budgets_service
 from app.budgets.models import BudgetCounter
-from app.core import clock, metrics, prebuilt
+from app.core import clock, lifecycle, metrics, prebuilt
 from app.core.batching import Batcher
 from app.core.database import (
     Reads,
@@ -903,8 +903,12 @@ async def wait_until_terminal(runtime: Runtime, tenant_id: str, prediction_id: s
         except DatabaseUnavailable:
             pass
         remaining = deadline - asyncio.get_running_loop().time()
-        if (prediction is not None and prediction.status in TERMINAL_STATUSES) or remaining <= 0:
-            return prediction
+        if (
+            (prediction is not None and prediction.status in TERMINAL_STATUSES)
+            or remaining <= 0
+            or lifecycle.stopping()
+        ):
+            return prediction  # a process stopping answers with what it has rather than hold its stop
         await asyncio.sleep(min(0.2, remaining))
 
 
