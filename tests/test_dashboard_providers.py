@@ -88,3 +88,38 @@ async def test_unknown_provider_shows_the_problem(api: Api) -> None:
     assert answer.status_code == 404
     assert "provider_not_found" in answer.text and "There is no provider" in answer.text
     assert 'id="provider-vibedream"' in answer.text  # the page itself, with the problem on it
+
+
+def test_a_viewer_gets_no_switch() -> None:
+    """Where the page is rendered for a viewer (`can_write` false, SPEC §13), it carries no form."""
+    from app.dashboard.router import templates
+
+    state = {
+        "enabled": True,
+        "disabledAt": None,
+        "coolingDownUntil": None,
+        "coolingDownReason": None,
+        "circuit": "closed",
+        "circuitUntil": None,
+        "lastError": None,
+        "lastErrorAt": None,
+        "inFlight": 0,
+    }
+    today = {"submits": 0, "throttled": 0, "errors": 0, "meanSubmitMs": None, "spentCents": 0}
+    provider = {
+        "name": "fal",
+        "kind": "fal",
+        "priority": 1,
+        "weight": 1,
+        "baseUrl": "https://queue.fal.run",
+        "maxConcurrent": None,
+        "centsPerSecond": {},
+        "state": state,
+        "today": today,
+    }
+    listing = {"routing": "priority", "data": [provider]}
+    page = templates.get_template("providers.html")
+    admin = page.render(listing=listing, csrf="c", htmx="h.js")  # today's dashboard: admins only
+    assert "/dashboard/providers/fal/disable" in admin
+    viewer = page.render(listing=listing, csrf="c", htmx="h.js", can_write=False)
+    assert 'id="provider-fal"' in viewer and "/dashboard/providers/fal/disable" not in viewer
