@@ -22,10 +22,10 @@ from app.core.types import Line
 from app.deps import PublicBaseUrlDep, ReadSessionDep, RuntimeDep
 from app.outputs import service as outputs_service
 from app.predictions import failover
-from app.providers import routing
 from app.predictions import service as predictions_service
 from app.predictions.cache import FINAL
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, PublicStatus, SubmitOut
+from app.providers import routing
 from app.tenants.deps import Credentials, cached_caller
 
 router = APIRouter(prefix="/api/v1", tags=["predictions"], responses=tenant_responses())
@@ -189,6 +189,8 @@ async def get_prediction(
             balance = await balances.read_balance(connection, tenant)
         else:
             balance = balances.balance_of(tenant, read.spent_cents, read.reserved_cents, now)
+            if read.body.get("queued") and runtime.queue is not None:
+                read.body["queuePosition"] = await runtime.queue.position(connection, tenant.id, prediction_id)
     balances.BALANCES.put(tenant.id, balance, runtime.settings.balance_ttl_s)
     note_balance(balance)
     if read is None:

@@ -24,6 +24,9 @@ class TenantCreate(CamelModel):
     webhook_url: Line | None = Field(default=None, max_length=2048)
     # Days stored outputs are kept (null: VIDGATE_OUTPUT_RETENTION_DAYS).
     output_retention_days: Int32 | None = Field(default=None, ge=1, le=36500)
+    # The fair queue (SPEC §12): share of dispatches under weighted round robin, and the queue's bound.
+    queue_weight: Int32 = Field(default=1, ge=1, le=1000)
+    max_queued: Int32 = Field(default=1000, ge=0)
 
 
 class TenantUpdate(CamelModel):
@@ -36,6 +39,8 @@ class TenantUpdate(CamelModel):
     rate_per_minute: Int32 | None = Field(default=None, ge=1)
     webhook_url: Line | None = Field(default=None, max_length=2048)
     output_retention_days: Int32 | None = Field(default=None, ge=1, le=36500)
+    queue_weight: Int32 | None = Field(default=None, ge=1, le=1000)
+    max_queued: Int32 | None = Field(default=None, ge=0)
 
 
 class TenantOut(CamelModel):
@@ -49,6 +54,8 @@ class TenantOut(CamelModel):
     rate_per_minute: int | None
     webhook_url: str | None
     output_retention_days: int | None = None
+    queue_weight: int = 1
+    max_queued: int = 1000
     webhook_disabled_at: Timestamp | None
     created_at: Timestamp
 
