@@ -80,6 +80,8 @@ class QueueDispatcher:
             await service.expire(self.runtime)
             await service.recover_sends(self.runtime)
         started = 0
+        if not await service.anything_queued(self.runtime):
+            return 0  # idle: not even the providers' states are read
         probes = await self._claim_probes()
         while len(self.tasks) < self.concurrency:
             claim = await self._claim(probes)

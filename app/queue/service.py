@@ -167,6 +167,12 @@ async def any_waiting(runtime: Runtime, model_id: str) -> bool:
     return found is not None
 
 
+async def anything_queued(runtime: Runtime) -> bool:
+    async with transaction(runtime.sessions, readonly=True) as session:
+        found = await session.scalar(select(_tenants.tenant_id).where(_tenants.depth > 0).limit(1))
+    return found is not None
+
+
 async def position(connection: AsyncConnection | AsyncSession, tenant_id: str, prediction_id: str) -> int | None:
     count = await connection.scalar(_POSITION, {"b_id": prediction_id, "b_tenant": tenant_id})
     return int(count) if count else None

@@ -29,8 +29,9 @@ class Tenant(Base):
     # Days stored outputs are kept; null: VIDGATE_OUTPUT_RETENTION_DAYS.
     output_retention_days: Mapped[int | None]
     # The fair queue (SPEC §12): its share of dispatches (weighted round robin) and how many may wait.
-    queue_weight: Mapped[int] = mapped_column(default=1)
-    max_queued: Mapped[int] = mapped_column(default=1000)
+    # Server defaults: rows written before migration 0012 (or without the fields) get them.
+    queue_weight: Mapped[int] = mapped_column(server_default="1")
+    max_queued: Mapped[int] = mapped_column(server_default="1000")
     webhook_disabled_at: Mapped[datetime | None]
     webhook_secret: Mapped[str] = mapped_column(String(100))
     webhook_secret_previous: Mapped[str | None] = mapped_column(String(100))
