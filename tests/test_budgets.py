@@ -588,9 +588,10 @@ async def _hold_without_forwarding(
                 session, rt, tenant_row, idempotency_key, fingerprint, prediction_id
             )
             assert claimed is None
-        held, estimate = await predictions_service._hold_and_record(
-            session, rt, tenant_row, key_row, MODEL, request, prediction_id
-        )
+        job = predictions_service._HoldJob(tenant_row, key_row, MODEL, request, prediction_id, None, "")
+        (result,) = await predictions_service._hold_batch(session, rt, [job])
+        assert isinstance(result, tuple), result
+        held, estimate = result
         assert estimate.cents == PRICE
         return held, estimate
 
@@ -676,7 +677,8 @@ async def test_crash_between_forward_and_settle_looks_the_same(live_api: Api, si
         tenant_row = await session.get(TenantRow, tenant.id)
         key_row = await session.get(ApiKey, held.api_key_id)
         assert tenant_row is not None and key_row is not None
-        late = await predictions_service._confirm(session, rt, tenant_row, key_row, held, estimate, submitted)
+        job = predictions_service._ConfirmJob(tenant_row, key_row, held, estimate, submitted, None, "")
+        (late,) = await predictions_service._confirm_many(session, rt, [job])
         assert late.status == "processing"
         assert late.charged_cents == PRICE
     assert await ledger_of(rt, held.id) == [("reserve", PRICE, 0), ("release", -PRICE, 0), ("settle", 0, PRICE)]

@@ -10,6 +10,7 @@ from sqlalchemy import event, select
 from app.core import clock
 from app.core.database import transaction
 from app.predictions import service as predictions_service
+from app.predictions.models import PredictionStatus
 from app.runtime import Runtime
 from app.webhooks.dispatcher import Attempt, Dispatcher
 from app.webhooks.models import WebhookAttempt, WebhookDelivery
@@ -22,17 +23,15 @@ async def test_a_batch_of_outcomes_is_one_update(live_api: Api, live_runtime: Ru
     for _ in range(3):
         submitted = (await tenant.submit()).json()
         async with transaction(live_runtime.sessions) as session:
-            done = await predictions_service.finish(
-                session,
-                live_runtime,
+            finishing = predictions_service.Finish(
                 submitted["id"],
-                lease_owner=None,
-                status="completed",
+                PredictionStatus.COMPLETED,
                 outputs=["https://cdn.example.com/x.mp4"],
                 error=None,
                 completed_at=None,
             )
-            assert done is not None
+            done = await predictions_service.finish_many(session, live_runtime, [finishing], lease_owner=None)
+            assert submitted["id"] in done
     dispatcher = Dispatcher(live_runtime)
     claimed = await dispatcher._claim(10)
     assert len(claimed) == 3

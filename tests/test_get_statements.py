@@ -13,6 +13,7 @@ from sqlalchemy import event
 from app.core.database import transaction
 from app.predictions import service as predictions_service
 from app.predictions.cache import FinalPredictions
+from app.predictions.models import PredictionStatus
 from app.runtime import Runtime
 from tests.conftest import Api, Tenant
 
@@ -36,17 +37,15 @@ def statements(runtime: Runtime) -> Iterator[list[str]]:
 
 async def finish(runtime: Runtime, prediction_id: str, status: str) -> None:
     async with transaction(runtime.sessions) as session:
-        done = await predictions_service.finish(
-            session,
-            runtime,
+        finishing = predictions_service.Finish(
             prediction_id,
-            lease_owner=None,
-            status=status,  # type: ignore[arg-type]
+            PredictionStatus(status),
             outputs=["https://cdn.example.com/x.mp4"] if status == "completed" else None,
             error="the vendor failed" if status == "failed" else None,
             completed_at=None,
         )
-        assert done is not None
+        done = await predictions_service.finish_many(session, runtime, [finishing], lease_owner=None)
+        assert prediction_id in done
 
 
 async def get(tenant: Tenant, prediction_id: str) -> Any:

@@ -12,7 +12,7 @@ from app.core import clock
 from app.core.database import transaction
 from app.predictions import poller
 from app.predictions import service as predictions_service
-from app.predictions.models import Prediction
+from app.predictions.models import Prediction, PredictionStatus
 from app.runtime import Runtime
 from app.tenants.models import Tenant
 from app.upstream.schemas import UpstreamPrediction
@@ -51,15 +51,15 @@ async def test_only_one_holder_polls_and_a_stale_holder_cannot_write(
     assert claimed_b.id == submitted["id"]
 
     async with transaction(live_runtime.sessions) as session:
-        stale = await predictions_service.apply_poll_result(
-            session, worker_a, claimed_a, upstream_done(claimed_a, "failed"), worker_a.worker_id
+        final = predictions_service.final_state(
+            claimed_a.id, upstream_done(claimed_a, "failed"), poll_count=claimed_a.poll_count
         )
-    assert stale is False
+        stale = await predictions_service.finish_many(session, worker_a, [final], lease_owner=worker_a.worker_id)
+    assert stale == {}
     async with transaction(live_runtime.sessions) as session:
-        fresh = await predictions_service.apply_poll_result(
-            session, worker_b, claimed_b, upstream_done(claimed_b), worker_b.worker_id
-        )
-    assert fresh is True
+        final = predictions_service.final_state(claimed_b.id, upstream_done(claimed_b), poll_count=claimed_b.poll_count)
+        fresh = await predictions_service.finish_many(session, worker_b, [final], lease_owner=worker_b.worker_id)
+    assert list(fresh) == [claimed_b.id]
 
     final = (await tenant.get(f"/api/v1/predictions/{submitted['id']}")).json()
     assert final["status"] == "completed" and final["outputs"] == ["https://cdn.example.com/completed.mp4"]
@@ -78,17 +78,15 @@ async def test_stale_dispatcher_cannot_record_an_attempt(
     tenant = await live_api.tenant(webhookUrl=receiver.url)
     submitted = (await tenant.submit()).json()
     async with transaction(live_runtime.sessions) as session:
-        done = await predictions_service.finish(
-            session,
-            live_runtime,
+        finishing = predictions_service.Finish(
             submitted["id"],
-            lease_owner=None,
-            status="completed",
+            PredictionStatus.COMPLETED,
             outputs=["https://cdn.example.com/x.mp4"],
             error=None,
             completed_at=None,
         )
-        assert done is not None
+        done = await predictions_service.finish_many(session, live_runtime, [finishing], lease_owner=None)
+        assert submitted["id"] in done
 
     dispatcher_a = Dispatcher(live_runtime)
     dispatcher_b = Dispatcher(dataclasses.replace(live_runtime, worker_id="worker-b"))

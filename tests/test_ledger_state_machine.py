@@ -1,10 +1,13 @@
 """A stateful property test of app/budgets/service.py against the real database.
 
 Hypothesis drives random sequences of money movements for a fresh tenant (two API keys, one of them
-maybe with a smaller budget of its own) and compares every counter with a model after every step:
-reserve (exactly the refusals the model predicts), settle at or above the hold, release, refund of a
-failed prediction, a submit whose process died after transaction 1 (a real held prediction row) and
-its recovery, and period roll-over with holds from the old period settled later.
+maybe with a smaller budget of its own) and compares every counter and the tenant's slots with a model
+after every step: reserve (exactly the refusals the model predicts), settle at or above the hold, a
+second settle of the same prediction (moves nothing), release, the end of a prediction with or without
+the refund of a failed one, a submit whose process died after transaction 1 (a real held prediction
+row) and its recovery, and period roll-over with holds from the old period settled later. Every
+movement goes through the batch API production runs (reserve_many, settle_many, release_many,
+end_many), each admitted hold with its prediction row, as the ledger writer inserts it.
 
 Hypothesis state machines are synchronous, so the test is a plain function that owns an event loop
 and an engine of its own on the test database; every rule runs its coroutine to completion on that
@@ -38,12 +41,12 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.budgets import service as budgets_service
-from app.budgets.models import BudgetCounter, DailyUsage, LedgerEntry
+from app.budgets.models import BudgetCounter, DailyUsage, LedgerEntry, ThresholdNotice
 from app.core import clock
 from app.core.database import create_engine, create_sessionmaker, transaction
 from app.core.ids import new_id
 from app.predictions import service as predictions_service
-from app.predictions.models import Prediction
+from app.predictions.models import Prediction, PredictionStatus
 from app.predictions.schemas import GenerateRequest
 from app.runtime import Runtime, build_runtime
 from app.tenants.models import ApiKey, Tenant
@@ -67,7 +70,7 @@ class Env:
 @dataclass(frozen=True)
 class HeldMoney:
     hold: budgets_service.Hold
-    amount: int
+    amount: int  # held, or charged once settled
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.crashed: list[Crashed] = []
         self.limits: dict[str, int | None] = {}
         self.rollovers = 0
+        self.slots = 0  # the tenant's in_flight: held, charged but not ended, and crashed predictions
 
     # ------------------------------------------------------------ setup
 
@@ -189,27 +193,55 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ rules
 
+    async def _reserve(
+        self, session: Any, items: list[tuple[int, int]], holds: list[budgets_service.Hold]
+    ) -> list[Any]:
+        """reserve_many for (amount, key index) items, and a prediction row for each admitted hold."""
+        loaded = [await self._load(session, k) for k in (0, 1)]
+        requests = [
+            budgets_service.HoldRequest(*loaded[k], hold, amount, slot_retry_after_s=1)
+            for (amount, k), hold in zip(items, holds, strict=True)
+        ]
+        outcomes = await budgets_service.reserve_many(session, requests)
+        for request, refused in zip(requests, outcomes, strict=True):
+            if refused is None:
+                session.add(self._prediction(request))
+        await session.flush()
+        return outcomes
+
+    def _prediction(self, request: budgets_service.HoldRequest) -> Prediction:
+        """The row the ledger writer inserts with an admitted hold, already confirmed (recovery leaves it)."""
+        return Prediction(
+            id=request.hold.prediction_id,
+            tenant_id=self.tenant_id,
+            api_key_id=request.key.id,
+            model_id=MODEL,
+            status=PredictionStatus.PROCESSING,
+            params={},
+            poll_count=0,
+            poll_failures=0,
+            created_at=self.now,
+            **budgets_service.new_hold_columns(request.tenant, request.amount, self.now),
+        )
+
     @rule(target=held, amount=st.integers(0, 40), key_index=st.integers(0, 1))
     def reserve(self, amount: int, key_index: int) -> Any:
         hold = budgets_service.Hold(self.tenant_id, self.key_ids[key_index], new_id("pred"), MODEL, self.period_start)
         refusing = self.first_refusing_scope(key_index, amount)
 
-        async def go() -> budgets_service.BudgetExceeded | None:
-            try:
-                async with transaction(self.env.runtime.sessions) as session:
-                    tenant, key = await self._load(session, key_index)
-                    await budgets_service.reserve(session, tenant, key, hold, amount)
-            except budgets_service.BudgetExceeded as exc:
-                return exc
-            return None
+        async def go() -> Any:
+            async with transaction(self.env.runtime.sessions) as session:
+                (refused,) = await self._reserve(session, [(amount, key_index)], [hold])
+                return refused
 
         refused = self.env.run(go())
         event(f"reserve {'refused by ' + refusing.split(':')[0] if refusing else 'accepted'}")
         if refusing is None:
             assert refused is None, f"{amount} refused although it fits: {refused and refused.fields}"
             self.move(hold, amount, 0)
+            self.slots += 1
             return HeldMoney(hold, amount)
-        assert refused is not None, f"{amount} accepted although {refusing} cannot fit it"
+        assert isinstance(refused, budgets_service.BudgetExceeded), f"{amount} accepted beyond {refusing}"
         self.check_refusal(refused, refusing, amount)
         return multiple()
 
@@ -247,12 +279,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
         async def go() -> list[Any]:
             async with transaction(self.env.runtime.sessions) as session:
-                loaded = [await self._load(session, k) for k in (0, 1)]
-                requests = [
-                    budgets_service.HoldRequest(*loaded[k], hold, amount, takes_slot=False, slot_retry_after_s=1)
-                    for (amount, k), hold in zip(items, holds, strict=True)
-                ]
-                return await budgets_service.reserve_many(session, requests)
+                return await self._reserve(session, items, holds)
 
         outcomes = self.env.run(go())
         admitted = []
@@ -261,6 +288,7 @@ class LedgerMachine(RuleBasedStateMachine):
             if refusing is None:
                 assert refused is None, f"{amount} refused in a batch although it fits: {refused and refused.fields}"
                 self.move(hold, amount, 0)
+                self.slots += 1
                 admitted.append(HeldMoney(hold, amount))
                 continue
             assert isinstance(refused, budgets_service.BudgetExceeded), f"{amount} accepted beyond {refusing}"
@@ -268,38 +296,64 @@ class LedgerMachine(RuleBasedStateMachine):
         event(f"batch of {len(items)}: {len(admitted)} admitted")
         return multiple(*admitted)
 
+    async def _row(self, session: Any, hold: budgets_service.Hold) -> Prediction:
+        prediction = await session.get(Prediction, hold.prediction_id, populate_existing=True)
+        assert prediction is not None
+        return prediction
+
+    async def _settle(self, item: HeldMoney, cost: int) -> None:
+        async with transaction(self.env.runtime.sessions) as session:
+            tenant, _ = await self._load(session, 0)
+            prediction = await self._row(session, item.hold)
+            settle = budgets_service.Settle(tenant, item.hold, item.amount, cost, prediction)
+            await budgets_service.settle_many(session, [settle])
+
     @rule(target=charged, item=consumes(held), data=st.data())
     def settle(self, item: HeldMoney, data: st.DataObject) -> HeldMoney:
         above = data.draw(st.booleans(), label="above the hold")
         cost = item.amount + data.draw(st.integers(1, 30)) if above else data.draw(st.integers(0, item.amount))
-
-        async def go() -> None:
-            async with transaction(self.env.runtime.sessions) as session:
-                await budgets_service.settle(session, item.hold, item.amount, cost)
-
-        self.env.run(go())
+        self.env.run(self._settle(item, cost))
         self.move(item.hold, -item.amount, cost)
         if cost > item.amount:
             self.over_hold.update((scope, item.hold.period_start) for scope in self.scopes_of(item.hold))
         return HeldMoney(item.hold, cost)
 
+    @rule(item=charged, data=st.data())
+    def settle_again(self, item: HeldMoney, data: st.DataObject) -> None:
+        """A second confirm of a prediction charged already (a retry whose first COMMIT landed): a
+        prediction is charged once, so nothing moves."""
+        self.env.run(self._settle(item, data.draw(st.integers(0, 60), label="cost")))
+
     @rule(item=consumes(held))
     def release(self, item: HeldMoney) -> None:
         async def go() -> None:
             async with transaction(self.env.runtime.sessions) as session:
-                await budgets_service.release(session, item.hold, item.amount, note="upstream refused")
+                release = budgets_service.Release(item.hold, item.amount, holds_slot=True, note="upstream refused")
+                await budgets_service.release_many(session, [release])
 
         self.env.run(go())
         self.move(item.hold, -item.amount, 0)
+        self.slots -= 1
+
+    def _end(self, item: HeldMoney, refund: int) -> None:
+        async def go() -> None:
+            async with transaction(self.env.runtime.sessions) as session:
+                prediction = await self._row(session, item.hold)
+                ended = budgets_service.Ended(item.hold, prediction.holds_slot, refund, prediction)
+                await budgets_service.end_many(session, [ended])
+
+        self.env.run(go())
+        self.slots -= 1
 
     @rule(item=consumes(charged))
     def fail_with_refund(self, item: HeldMoney) -> None:
-        async def go() -> None:
-            async with transaction(self.env.runtime.sessions) as session:
-                await budgets_service.refund(session, item.hold, item.amount, note="failed prediction")
-
-        self.env.run(go())
+        self._end(item, item.amount)
         self.move(item.hold, 0, -item.amount)
+
+    @rule(item=consumes(charged))
+    def complete(self, item: HeldMoney) -> None:
+        """A prediction that ends keeping its charge: only its slot comes back."""
+        self._end(item, 0)
 
     @rule(duration=st.integers(5, 20), key_index=st.integers(0, 1))
     def submit_then_crash(self, duration: int, key_index: int) -> None:
@@ -314,12 +368,13 @@ class LedgerMachine(RuleBasedStateMachine):
                 estimate = await budgets_service.estimate_cents(
                     session, rt.settings.price_table, MODEL, "480p", duration
                 )
-            try:
-                async with transaction(rt.sessions) as session:
-                    tenant, key = await self._load(session, key_index)
-                    await predictions_service._hold_and_record(session, rt, tenant, key, MODEL, request, prediction_id)
-            except budgets_service.BudgetExceeded as exc:
-                return estimate, exc
+            async with transaction(rt.sessions) as session:
+                tenant, key = await self._load(session, key_index)
+                job = predictions_service._HoldJob(tenant, key, MODEL, request, prediction_id, None, "")
+                (result,) = await predictions_service._hold_batch(session, rt, [job])
+            if isinstance(result, budgets_service.BudgetExceeded):
+                return estimate, result
+            assert isinstance(result, tuple), result
             return estimate, None
 
         estimate, refused = self.env.run(go())
@@ -329,6 +384,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if refusing is None:
             assert refused is None, refused and refused.fields
             self.move(hold, estimate, 0)
+            self.slots += 1
             self.crashed.append(Crashed(hold, estimate, self.now))
         else:
             assert refused is not None
@@ -347,6 +403,7 @@ class LedgerMachine(RuleBasedStateMachine):
         event(f"recovered {len(due)} of {len(self.crashed)} crashed holds")
         for item in due:
             self.move(item.hold, -item.amount, 0)
+            self.slots -= 1
             self.crashed.remove(item)
 
     @precondition(lambda self: self.ready and self.rollovers < 3)
@@ -391,7 +448,7 @@ class LedgerMachine(RuleBasedStateMachine):
             limit = self.limits[scope]
             if limit is not None and (scope, period) not in self.over_hold:
                 assert spent + reserved <= limit, (scope, period, spent, reserved, limit)
-        assert in_flight == len(self.crashed)
+        assert in_flight == self.slots
         tenant_now = self.counter(f"tenant:{self.tenant_id}", self.period_start)
         assert (usage.spent_cents, usage.reserved_cents) == tuple(tenant_now)
 
@@ -407,6 +464,7 @@ class LedgerMachine(RuleBasedStateMachine):
         async with transaction(self.env.runtime.sessions) as session:
             await session.execute(delete(LedgerEntry).where(LedgerEntry.tenant_id == self.tenant_id))
             await session.execute(delete(DailyUsage).where(DailyUsage.tenant_id == self.tenant_id))
+            await session.execute(delete(ThresholdNotice).where(ThresholdNotice.tenant_id == self.tenant_id))
             await session.execute(delete(BudgetCounter).where(BudgetCounter.scope.in_(list(self.limits))))
             await session.execute(delete(Prediction).where(Prediction.tenant_id == self.tenant_id))
             await session.execute(delete(ApiKey).where(ApiKey.tenant_id == self.tenant_id))

@@ -11,6 +11,7 @@ from sqlalchemy import event, func, select
 
 from app.budgets import service as budgets_service
 from app.budgets.models import BudgetCounter, LedgerEntry
+from app.budgets.scopes import tenant_scope
 from app.core.database import transaction
 from app.core.ids import new_id
 from app.predictions import service as predictions_service
@@ -85,16 +86,17 @@ def confirm_jobs(batch: list[tuple[TenantRow, ApiKey, Any, str | None]], cost: i
 
 async def balance(rt: Runtime, tenant: Tenant) -> tuple[int, int]:
     async with transaction(rt.sessions) as session:
-        counter = await session.scalar(select(BudgetCounter).where(BudgetCounter.scope == f"tenant:{tenant.id}"))
+        counter = await session.scalar(select(BudgetCounter).where(BudgetCounter.scope == tenant_scope(tenant.id)))
         assert counter is not None
         return counter.spent_cents, counter.reserved_cents
 
 
 # The common settle: the tenant has a budget, the vendor's price for the point was seen before, the key has
-# no budget of its own and the request no Idempotency-Key. One UPDATE of the predictions (their change of
-# state and charge, fenced on "submitting"), the ledger rows, one UPDATE of the counters (returning the
-# spent cents the 50/80/100 % lines are checked against) and the tenant's day.
-COMMON_SETTLE_STATEMENTS = 4
+# no budget of its own and the request no Idempotency-Key. One UPDATE of the predictions' state (fenced on
+# "submitting"), one of their charge (app/budgets: each charged only if it never was), the ledger rows,
+# one UPDATE of the counters (returning the spent cents the 50/80/100 % lines are checked against) and the
+# tenant's day.
+COMMON_SETTLE_STATEMENTS = 5
 
 
 def settling(rt: Runtime, jobs: list[Any], bodies: list[dict[str, Any]]) -> Callable[[Any], Awaitable[None]]:
@@ -104,7 +106,7 @@ def settling(rt: Runtime, jobs: list[Any], bodies: list[dict[str, Any]]) -> Call
     return apply
 
 
-async def test_the_common_settle_costs_four_statements_alone_or_in_a_batch_of_12(api: Api, sim: SimState) -> None:
+async def test_the_common_settle_costs_five_statements_alone_or_in_a_batch_of_12(api: Api, sim: SimState) -> None:
     rt = api.runtime
     tenant = await api.tenant(budgetCents=100_000)
     first = await held(rt, tenant, 1, idempotent=False)

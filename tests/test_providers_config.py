@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from app.budgets import service as budgets_service
 from app.core.settings import Settings
 from app.providers.config import ProvidersFileError, load_registry, parse_registry
 
@@ -138,3 +141,28 @@ def test_serve_and_worker_refuse_a_bad_file_with_one_line(tmp_path: Path, comman
     assert lines == [
         f"error: providers file {path}: provider 'fal': kind: unknown kind 'runway': must be one of vibedream, wavespeed, fal"
     ]
+
+
+@given(
+    per_second=st.decimals(min_value=0, max_value=1000, places=3).map(float),
+    duration=st.integers(min_value=5, max_value=20),
+)
+def test_a_file_price_is_the_product_rounded_up_to_a_whole_cent(per_second: float, duration: int) -> None:
+    from decimal import Decimal
+
+    cents = budgets_service.per_second_cents(per_second, duration)
+    exact = Decimal(str(per_second)) * duration
+    assert exact <= cents < exact + 1
+
+
+@given(
+    prices=st.lists(st.integers(min_value=0, max_value=10_000), max_size=5),
+    estimate=st.none() | st.integers(min_value=0, max_value=10_000),
+)
+def test_the_hold_covers_whichever_candidate_serves(prices: list[int], estimate: int | None) -> None:
+    held = budgets_service.hold_cents(estimate, prices)
+    for price in prices:
+        assert budgets_service.provider_charge(None, price) <= held
+    if estimate is not None:
+        assert estimate <= held
+    assert held == max([*prices, *([estimate] if estimate is not None else [])], default=0)

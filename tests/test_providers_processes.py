@@ -200,3 +200,58 @@ async def test_kill_9_in_the_middle_of_a_failover_loses_nothing_and_charges_once
         report = await survivor.admin("GET", "/admin/v1/usage?groupBy=tenant")
         assert report.status_code == 200
         assert tenant["id"] in report.text
+
+
+async def test_sandbox_with_a_providers_file_runs_every_format(procs: Procs, tmp_path: Path) -> None:
+    """`serve --sandbox` with a providers file: one simulator per provider, no key needed or sent."""
+    import re
+
+    from tests.procs import TENANT_KEYS, free_port, wait_healthy
+
+    path = tmp_path / "providers.toml"
+    path.write_text(
+        """
+routing = "priority"
+[[providers]]
+name = "fal-queue"
+kind = "fal"
+base_url = "https://queue.fal.run"
+api_key_env = "FAL_KEY_NOT_SET"
+priority = 1
+cents_per_second = { "480p" = 2, "720p" = 4, "1080p" = 8 }
+
+[[providers]]
+name = "wave"
+kind = "wavespeed"
+base_url = "https://api.wavespeed.ai"
+api_key_env = "WAVESPEED_KEY_NOT_SET"
+priority = 2
+cents_per_second = { "480p" = 1.8, "720p" = 3.6, "1080p" = 7.2 }
+"""
+    )
+    port = free_port()
+    env = base_env(
+        VIDGATE_DATABASE_URL=f"sqlite:///{tmp_path / 'sandbox.db'}",
+        VIDGATE_PROVIDERS_FILE=str(path),
+        VIDGATE_SANDBOX_COMPLETION_S="1",
+        VIDGATE_SANDBOX_ESTIMATED_TIME="0-1s",
+    )
+    proc = await procs.start("sandbox serve", "serve", "--sandbox", "--port", str(port), env=env, json_logs=True)
+    url = f"http://127.0.0.1:{port}"
+    await wait_healthy(proc, url)
+    await until(lambda: any("vg_" in line for line in proc.stdout), 10, "the demo key on stdout")
+    match = re.search(r"\b(vg_[A-Za-z0-9_\-]+)", "\n".join(proc.stdout))
+    assert match
+    key = match.group(1)
+    proc.allowed_in_stdout.add(key)
+    TENANT_KEYS.add(key)
+    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as http:
+        auth = {"Authorization": f"Bearer {key}"}
+        submitted = await http.post(
+            "/api/v1/models/ltx-2-19b/generate", json=valid_body(), headers={**auth, "Prefer": "wait=15"}
+        )
+        assert submitted.status_code == 200, submitted.text
+        body = submitted.json()
+        assert (body["provider"], body["status"], body["costCents"]) == ("fal-queue", "completed", 10), body
+        video = await http.get(body["outputs"][0])
+        assert video.status_code == 200 and video.content[4:8] == b"ftyp"

@@ -618,3 +618,41 @@ async def test_the_hold_is_the_highest_candidate_price_and_the_settle_the_server
         served_by_b = await tenant2.submit(valid_body())
         assert (served_by_b.json()["provider"], served_by_b.json()["costCents"]) == ("b", 15)
         assert (await tenant2.get("/api/v1/usage")).json()["remainingCents"] == 0
+
+
+async def test_outputs_are_fetched_only_from_the_serving_providers_hosts(
+    engine: AsyncEngine, database_url: str, sims: list[Sim]
+) -> None:
+    a, b, _ = sims
+    registry = Registry(
+        providers=[
+            provider("a", "vibedream", a.url, priority=1),
+            # b's outputs come from its simulator, but b says they come from elsewhere only.
+            provider("b", "wavespeed", b.url, priority=2, output_hosts=["cdn.example.com"]),
+        ],
+        source="test",
+    )
+    async with gateway(engine, database_url, registry, public_base_url="http://gateway.test") as api:
+        tenant = await api.tenant()
+        good = (await tenant.submit(valid_body())).json()
+        a.state.faults.submit_status, a.state.faults.submit_count = 503, 1
+        bad = (await tenant.submit(valid_body())).json()
+        assert (good["provider"], bad["provider"]) == ("a", "b")
+        worker = Worker(api.runtime)
+        import asyncio
+
+        task = asyncio.create_task(worker.run())
+        try:
+
+            async def ended() -> bool:
+                got = [(await tenant.get(f"/api/v1/predictions/{p['id']}")).json() for p in (good, bad)]
+                return all(g["status"] in ("completed", "failed") for g in got)
+
+            await eventually(ended, what="both predictions ended")
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 30)
+        good_now = (await tenant.get(f"/api/v1/predictions/{good['id']}")).json()
+        bad_now = (await tenant.get(f"/api/v1/predictions/{bad['id']}")).json()
+        assert good_now["status"] == "completed" and a.state.output_fetches == 1
+        assert bad_now["status"] == "failed" and "'b'" in bad_now["error"] and b.state.output_fetches == 0

@@ -29,6 +29,7 @@ from app.core.database import create_sessionmaker, transaction
 from app.core.ids import new_id
 from app.core.ssrf import forbidden_reason, parse_ip_literal
 from app.predictions import service as predictions_service
+from app.predictions.models import PredictionStatus
 from app.runtime import Runtime, build_runtime
 from app.tenants.service import new_webhook_secret
 from app.upstream.simulator import SimState
@@ -756,17 +757,15 @@ async def test_outbox_row_committed_with_terminal_state_is_delivered_by_a_fresh_
     # The prediction becomes terminal while no worker runs: the outbox row is committed with the state
     # change, and nothing delivers it (as if the process died right after the commit).
     async with transaction(rt.sessions) as session:
-        done = await predictions_service.finish(
-            session,
-            rt,
+        finishing = predictions_service.Finish(
             pred["id"],
-            lease_owner=None,
-            status="completed",
+            PredictionStatus.COMPLETED,
             outputs=["https://cdn.example.com/out.mp4"],
             error=None,
             completed_at=None,
         )
-        assert done is not None
+        done = await predictions_service.finish_many(session, rt, [finishing], lease_owner=None)
+        assert pred["id"] in done
     assert (await prediction(tenant, pred["id"]))["status"] == "completed"
     row = await only_delivery(tenant)
     assert row["status"] == "pending"

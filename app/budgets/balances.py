@@ -16,10 +16,11 @@ import time
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, literal, select
+from sqlalchemy import and_, bindparam, case, select
 
 from app.budgets.headers import Balance
 from app.budgets.models import BudgetCounter
+from app.budgets.scopes import tenant_scope, tenant_scope_of
 from app.budgets.service import period_of
 from app.core import clock
 from app.core.database import Reads, table_of
@@ -64,7 +65,7 @@ CACHE.on_invalidate(BALANCES.drop)
 
 
 def counter_scope(tenant: Tenant) -> str:
-    return f"tenant:{tenant.id}"
+    return tenant_scope(tenant.id)
 
 
 def balance_of(tenant: Tenant, spent: int | None, reserved: int | None, now: datetime) -> Balance:
@@ -89,7 +90,7 @@ _AUTHENTICATE_WITH_BALANCE = tenants_service.KEY_LOOKUP.add_columns(
     _counters.spent_cents, _counters.reserved_cents
 ).outerjoin(
     table_of(BudgetCounter),
-    and_(_counters.scope == literal("tenant:") + _tenants.id, _counters.period_start == _current_period_start),
+    and_(_counters.scope == tenant_scope_of(_tenants.id), _counters.period_start == _current_period_start),
 )
 
 

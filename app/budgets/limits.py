@@ -9,7 +9,7 @@ from sqlalchemy import Integer, bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets.models import RateWindow
-from app.core import clock
+from app.budgets.scopes import tenant_scope
 from app.core.database import insert_ignore, table_of
 from app.core.errors import AppError
 from app.core.retry_after import retry_after_value
@@ -94,12 +94,6 @@ async def give_slots_many(session: AsyncSession, slots: dict[str, int]) -> None:
         await session.execute(_GIVE_SLOTS, params)
 
 
-async def set_slots(session: AsyncSession, tenant: Tenant, in_flight: int) -> None:
-    """Start counting a tenant's slots from the predictions it has in flight (a maxConcurrent just set)."""
-    tenant.in_flight = in_flight
-    await session.flush()
-
-
 _ADD_SLOTS = (
     update(table_of(Tenant)).where(_tenants.id == bindparam("b_tenant")).values(in_flight=_tenants.in_flight + _N)
 )
@@ -113,15 +107,6 @@ async def add_slots_many(session: AsyncSession, slots: dict[str, int]) -> None:
         await session.execute(_ADD_SLOTS, params)
 
 
-async def acquire_slot(session: AsyncSession, tenant: Tenant, retry_after_s: int) -> None:
-    if not await take_slots(session, tenant.id, 1):
-        raise concurrency_limited(tenant, retry_after_s)
-
-
-async def release_slot(session: AsyncSession, tenant_id: str) -> None:
-    await give_slots(session, tenant_id, 1)
-
-
 def _window(now: datetime) -> datetime:
     return now.replace(second=0, microsecond=0)
 
@@ -131,7 +116,7 @@ async def take_rate(session: AsyncSession, tenant: Tenant, n: int, now: datetime
     limit = tenant.rate_per_minute
     if limit is None or n == 0:
         return True
-    params = {"b_scope": f"tenant:{tenant.id}", "b_window": _window(now), "b_n": n, "b_limit": limit}
+    params = {"b_scope": tenant_scope(tenant.id), "b_window": _window(now), "b_n": n, "b_limit": limit}
     if (await session.execute(_TAKE_RATE, params)).first() is not None:
         return True
     await insert_ignore(session, RateWindow, [dict(scope=params["b_scope"], window_start=params["b_window"], count=0)])
@@ -154,7 +139,7 @@ async def give_scope_rate(session: AsyncSession, scope: str, now: datetime) -> N
 async def give_rate(session: AsyncSession, tenant: Tenant, n: int, now: datetime) -> None:
     """Give back submits counted by take_rate in this transaction (a batch that did not fit)."""
     if tenant.rate_per_minute is not None and n:
-        await session.execute(_GIVE_RATE, {"b_scope": f"tenant:{tenant.id}", "b_window": _window(now), "b_n": n})
+        await session.execute(_GIVE_RATE, {"b_scope": tenant_scope(tenant.id), "b_window": _window(now), "b_n": n})
 
 
 def rate_limited(tenant: Tenant, now: datetime) -> TooManyRequests:
@@ -166,22 +151,15 @@ def rate_limited(tenant: Tenant, now: datetime) -> TooManyRequests:
     )
 
 
-async def consume_rate(session: AsyncSession, tenant: Tenant) -> None:
-    """Fixed one-minute windows: simple, exact across processes, and cheap (one UPDATE)."""
-    now = clock.now()
-    if not await take_rate(session, tenant, 1, now):
-        raise rate_limited(tenant, now)
-
-
 async def would_admit(session: AsyncSession, tenant: Tenant, now: datetime) -> bool:
-    """Whether acquire_slot and consume_rate would pass now, without taking anything (for quotes).
+    """Whether a submit would get a slot and a rate unit now, without taking anything (for quotes).
     `tenant` must have been read in this transaction (the key check does): its in_flight is current."""
     if tenant.max_concurrent is not None and tenant.in_flight >= tenant.max_concurrent:
         return False
     if tenant.rate_per_minute is not None:
         used = await session.scalar(
             select(RateWindow.count).where(
-                RateWindow.scope == f"tenant:{tenant.id}",
+                RateWindow.scope == tenant_scope(tenant.id),
                 RateWindow.window_start == now.replace(second=0, microsecond=0),
             )
         )

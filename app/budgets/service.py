@@ -56,6 +56,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from app.budgets import limits as budget_limits
 from app.budgets.models import BudgetCounter, DailyUsage, LedgerEntry, PricePoint, ThresholdNotice
+from app.budgets.scopes import is_key_scope, key_scope, tenant_scope
 from app.core import clock, prebuilt
 from app.core.database import (
     RowShape,
@@ -118,14 +119,6 @@ def period_of(kind: str, at: datetime) -> Period:
         end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
         return Period(start, end)
     return Period(EPOCH, None)
-
-
-def _tenant_scope(tenant_id: str) -> str:
-    return f"tenant:{tenant_id}"
-
-
-def _key_scope(key_id: str) -> str:
-    return f"key:{key_id}"
 
 
 # ---------------------------------------------------------------- estimates
@@ -191,14 +184,10 @@ _LEARN = (
 )
 
 
-async def learn_price(session: AsyncSession, model_id: str, resolution: str, duration_s: int, cents: int) -> None:
-    """Raise the remembered maximum for this price point; never lower it."""
-    await learn_prices(session, {(model_id, resolution, duration_s): cents})
-
-
 async def learn_prices(session: AsyncSession, points: dict[tuple[str, str, int], int]) -> None:
-    """learn_price for many points, (model, resolution, duration) -> cents billed: one INSERT of the
-    points not seen yet, one UPDATE (executemany) raising the others, in the points' order."""
+    """Raise the remembered maximum of price points, never lower it: (model, resolution, duration) ->
+    cents billed. One INSERT of the points not seen yet, one UPDATE (executemany) raising the others, in
+    the points' order."""
     if not points:
         return
     now = clock.now()
@@ -353,9 +342,9 @@ def _scopes(tenant: Tenant, key: ApiKey) -> list[tuple[str, Any, str]]:
     A key has a counter only if it carries a budget of its own (set when the key is created), so the
     common request touches one counter row: the tenant's.
     """
-    scopes = [(_tenant_scope(tenant.id), _HOLD_WITHIN_TENANT, tenant.id)]
+    scopes = [(tenant_scope(tenant.id), _HOLD_WITHIN_TENANT, tenant.id)]
     if key.budget_cents is not None:
-        scopes.append((_key_scope(key.id), _HOLD_WITHIN_KEY, key.id))
+        scopes.append((key_scope(key.id), _HOLD_WITHIN_KEY, key.id))
     return scopes
 
 
@@ -403,9 +392,7 @@ async def _move_many(
     days: dict[str, list[int]] = {}
     for m in moves:
         hold = m.hold
-        scopes = [(0, _tenant_scope(hold.tenant_id))] + (
-            [(1, _key_scope(hold.api_key_id))] if hold.key_budgeted else []
-        )
+        scopes = [(0, tenant_scope(hold.tenant_id))] + ([(1, key_scope(hold.api_key_id))] if hold.key_budgeted else [])
         for rank, scope in scopes:
             total = sums.setdefault((hold.tenant_id, rank, scope, hold.period_start), [0, 0])
             total[0] += m.reserved_delta
@@ -429,7 +416,7 @@ async def _move_many(
             value_rows_params("shift", _SHIFT_SHAPE, [(ord_, *shift) for ord_, shift in enumerate(shifts)]),
         )
         found = {(scope, period): spent for scope, period, spent in rows}
-        spent_after = {(t, p): found.get((_tenant_scope(t), p), 0) for t, p in sorted(wanted)}
+        spent_after = {(t, p): found.get((tenant_scope(t), p), 0) for t, p in sorted(wanted)}
     if days:
         # After the counters, as every movement does: one lock order.
         await prebuilt.execute_many(
@@ -453,20 +440,6 @@ async def daily_usage(session: AsyncSession, tenant_id: str, first: date, last: 
     return list(rows)
 
 
-async def _record(
-    session: AsyncSession,
-    hold: Hold,
-    *,
-    kind: str,
-    reserved_delta: int,
-    spent_delta: int,
-    note: str | None,
-    at: datetime | None = None,
-) -> None:
-    # A Core INSERT: the ledger is append-only, so the ORM's unit of work would only add overhead.
-    await session.execute(_LEDGER_INSERT, _ledger_row(hold, kind, reserved_delta, spent_delta, note, at or clock.now()))
-
-
 def _ledger_row(
     hold: Hold, kind: str, reserved_delta: int, spent_delta: int, note: str | None, at: datetime
 ) -> dict[str, Any]:
@@ -485,23 +458,6 @@ def _ledger_row(
     )
 
 
-async def reserve(session: AsyncSession, tenant: Tenant, key: ApiKey, hold: Hold, amount: int) -> None:
-    """Place a hold of `amount` cents for a prediction, or raise BudgetExceeded.
-
-    Call it last in the transaction: from here to COMMIT the tenant's counter row is locked.
-    Raising rolls back the whole transaction, including a hold already taken on another scope.
-    """
-    await _record(session, hold, kind="reserve", reserved_delta=amount, spent_delta=0, note=None)
-    # The tenant's counter first, then the key's: the same order as every other movement.
-    for scope, statement, owner_id in _scopes(tenant, key):
-        if await _hold_within(session, scope, statement, owner_id, hold.period_start, amount):
-            continue
-        # Most likely the period's counter does not exist yet: create it and try again.
-        await _ensure_counters(session, [scope], hold.period_start)
-        if not await _hold_within(session, scope, statement, owner_id, hold.period_start, amount):
-            raise await _budget_exceeded(session, tenant, key, scope, hold.period_start, amount)
-
-
 @dataclass(frozen=True)
 class HoldRequest:
     """One submit's claim on its tenant: a rate unit, maybe a slot, and `amount` cents on its counters."""
@@ -510,8 +466,11 @@ class HoldRequest:
     key: ApiKey
     hold: Hold
     amount: int
-    takes_slot: bool
     slot_retry_after_s: int
+
+    @property
+    def takes_slot(self) -> bool:
+        return takes_slot(self.tenant)
 
 
 _UNHOLD = (
@@ -575,7 +534,7 @@ async def reserve_many(session: AsyncSession, requests: list[HoldRequest]) -> li
         await budget_limits.give_slots(session, tenant_id, slot - taking)
     admitted_requests = [r for i, r in enumerate(requests) if outcome[i] is None]
     if admitted_requests:
-        # After the counters, as in reserve(): the rows others wait for are locked for one more statement.
+        # After the counters: the rows others wait for are locked for one more statement.
         await prebuilt.execute_many(
             session, _LEDGER_INSERT, [_ledger_row(r.hold, "reserve", r.amount, 0, None, now) for r in admitted_requests]
         )
@@ -612,12 +571,12 @@ async def _take_up_to(n: int, take: Callable[[int], Awaitable[bool]]) -> int:
 def _hold_scopes(members: list[HoldRequest]) -> list[tuple[str, Any, str, int]]:
     """(scope, conditional UPDATE, owner, amount) for a tenant's group: its counter, then its keys' in order."""
     first = members[0]
-    scopes = [(_tenant_scope(first.tenant.id), _HOLD_WITHIN_TENANT, first.tenant.id, sum(m.amount for m in members))]
+    scopes = [(tenant_scope(first.tenant.id), _HOLD_WITHIN_TENANT, first.tenant.id, sum(m.amount for m in members))]
     keys: dict[str, int] = {}
     for m in members:
         if m.key.budget_cents is not None:
             keys[m.key.id] = keys.get(m.key.id, 0) + m.amount
-    scopes += [(_key_scope(k), _HOLD_WITHIN_KEY, k, keys[k]) for k in sorted(keys)]
+    scopes += [(key_scope(k), _HOLD_WITHIN_KEY, k, keys[k]) for k in sorted(keys)]
     return scopes
 
 
@@ -658,39 +617,46 @@ async def _hold_or_create(
     return await _hold_within(session, scope, statement, owner_id, period_start, amount)
 
 
-async def settle(session: AsyncSession, hold: Hold, held: int, cost: int) -> int:
-    """Turn a hold into the vendor's real charge. A charge above the hold is still recorded: it was billed.
-    Returns the tenant's spent cents after the charge."""
-    spent = await _move_many(session, [_Move(hold, "settle", -held, cost)], spent_of=[hold.tenant_id])
-    return spent.get((hold.tenant_id, hold.period_start), 0)
-
-
-async def release(session: AsyncSession, hold: Hold, held: int, note: str) -> None:
-    await _move_many(session, [_Move(hold, "release", -held, 0, note)])
-
-
-async def refund(session: AsyncSession, hold: Hold, charged: int, note: str) -> None:
-    await _move_many(session, [_Move(hold, "refund", 0, -charged, note)])
-
-
 # ---------------------------------------------------------------- batches: settles, releases, ends
 #
 # The ledger writer's batches (app/predictions/service.py) and the poller's terminal transitions move
 # money here, in a fixed number of statements per batch however many predictions it holds.
 
 # A prediction's money and slot columns, named here rather than through app.predictions.models: money
-# depends on no domain but tenants (predictions depends on budgets, never the other way round).
+# depends on no domain but tenants (predictions depends on budgets, never the other way round). Only this
+# module writes them after the prediction's INSERT (whose values come from new_hold_columns).
 _predictions = table(
     "predictions",
     table_column("id", String),
     table_column("holds_slot", Boolean),
     table_column("charged_cents", Integer),
 )
-_CHARGE = (
-    update(_predictions)
-    .where(_predictions.c.id == bindparam("b_id"))
-    .values(charged_cents=bindparam("b_cents", type_=Integer))
-)
+_CHARGE_SHAPE: RowShape = (("id", String()), ("cents", Integer()))
+
+
+@cache
+def _charge_statement(n: int) -> Any:
+    """Charge `n` predictions their cost, each only if it was never charged (a prediction is charged once,
+    whoever confirms it): one statement whose RETURNING says which rows took their charge."""
+    rows = value_rows("charge", _CHARGE_SHAPE, n)
+    return (
+        update(_predictions)
+        .where(_predictions.c.id == rows.c.id, _predictions.c.charged_cents.is_(None))
+        .values(charged_cents=rows.c.cents)
+        .returning(_predictions.c.id)
+    )
+
+
+@cache
+def _refund_statement(n: int) -> Any:
+    """Set `n` predictions' charges to 0, each only if it still is the charge being refunded."""
+    rows = value_rows("charge", _CHARGE_SHAPE, n)
+    return (
+        update(_predictions)
+        .where(_predictions.c.id == rows.c.id, _predictions.c.charged_cents == rows.c.cents)
+        .values(charged_cents=0)
+        .returning(_predictions.c.id)
+    )
 
 
 class Charged(Protocol):
@@ -700,18 +666,31 @@ class Charged(Protocol):
     def id(self) -> str: ...
 
 
-async def _charge(session: AsyncSession, charges: list[tuple[Charged, int]]) -> None:
-    """Set predictions' charged cents (one UPDATE for all), and on the caller's objects without making
-    them dirty: the unit of work has nothing left to write."""
+async def _recharge(session: AsyncSession, statement: Any, charges: list[tuple[Charged, int]]) -> set[str]:
+    """Run a charge or refund statement over `charges` (prediction, cents) in one round trip. The ids it
+    changed. The rows are the caller's, locked already by its change of their state, so this takes no new
+    lock (the lock order at the top of this module)."""
     if not charges:
-        return
-    await session.execute(_CHARGE, [{"b_id": p.id, "b_cents": cents} for p, cents in sorted(charges, key=_by_id)])
-    for prediction, cents in charges:
-        set_committed_value(prediction, "charged_cents", cents)
+        return set()
+    rows = sorted((p.id, cents) for p, cents in charges)
+    params = value_rows_params("charge", _CHARGE_SHAPE, rows)
+    return {row.id for row in await prebuilt.fetch(session, statement(value_rows_size(len(rows))), params)}
 
 
-def _by_id(charge: tuple[Charged, int]) -> str:
-    return charge[0].id
+def takes_slot(tenant: Tenant) -> bool:
+    """Whether a new prediction of this tenant takes one of its slots: only while it has a maxConcurrent."""
+    return tenant.max_concurrent is not None
+
+
+def new_hold_columns(tenant: Tenant, estimate_cents: int, now: datetime) -> dict[str, Any]:
+    """A new prediction's money columns, for its INSERT: what it holds, whether it holds a slot, the period
+    its hold counts in, and no charge yet. reserve_many takes exactly this (HoldRequest)."""
+    return dict(
+        estimate_cents=estimate_cents,
+        holds_slot=takes_slot(tenant),
+        period_start=period_of(tenant.budget_period, now).start,
+        charged_cents=None,
+    )
 
 
 @dataclass(frozen=True)
@@ -723,35 +702,29 @@ class Settle:
     held: int
     cost: int
     prediction: Charged
-    # A late confirm: its hold was released already (held is 0) and the caller's UPDATE did not charge its
-    # row; it takes its slot back (if it held one) whatever the limit: the vendor runs it.
+    # A late confirm: its hold was released already (held is 0); it takes its slot back (if it held one)
+    # whatever the limit: the vendor runs it.
     late: bool = False
     late_slot: bool = False
 
 
-def settle_charge(cost: ColumnElement[int]) -> dict[str, ColumnElement[int]]:
-    """The money column a settle writes on its prediction's row, as assignments for the caller's UPDATE of
-    that row: the row's change of state and its charge in one fenced statement, so that a row the fence
-    refuses is not charged either. The rows that statement changed then go to settle_many."""
-    return {"charged_cents": cost}
-
-
 async def settle_many(session: AsyncSession, settles: list[Settle]) -> list[tuple[Tenant, int]]:
-    """Settle a batch of holds whose rows were charged by the caller's UPDATE (settle_charge): the ledger
-    rows, counters and days (_move_many). A charge above its hold is still recorded: it was billed. Returns
-    the budget lines (tenant, percent) the batch made tenants reach, each reported once a period."""
+    """Settle a batch of holds: each prediction is charged its cost if it never was (one conditional UPDATE
+    for the batch), and only those move money: the ledger rows, counters and days (_move_many). A charge
+    above its hold is still recorded: it was billed. Returns the budget lines (tenant, percent) the batch
+    made tenants reach, each reported once a period."""
     if not settles:
         return []
-    late = [s for s in settles if s.late]
-    if late:
-        # In the lock order: the predictions' rows (the caller's own), then the slots, then the counters.
-        await _charge(session, [(s.prediction, s.cost) for s in late])
-        slots: dict[str, int] = {}
-        for s in late:
-            slots[s.hold.tenant_id] = slots.get(s.hold.tenant_id, 0) + s.late_slot
-        await budget_limits.add_slots_many(session, slots)
+    # In the lock order: the predictions' rows (the caller's own), then the slots, then the counters.
+    charged = await _recharge(session, _charge_statement, [(s.prediction, s.cost) for s in settles])
+    settles = [s for s in settles if s.prediction.id in charged]
     for s in settles:
-        set_committed_value(s.prediction, "charged_cents", s.cost)  # what the row says now
+        set_committed_value(s.prediction, "charged_cents", s.cost)  # what the row says now, not dirty
+    slots: dict[str, int] = {}
+    for s in settles:
+        if s.late and s.late_slot:
+            slots[s.hold.tenant_id] = slots.get(s.hold.tenant_id, 0) + 1
+    await budget_limits.add_slots_many(session, slots)
     tenants = {s.tenant.id: s.tenant for s in settles}
     spent_after = await _move_many(
         session,
@@ -799,10 +772,14 @@ class Ended:
 
 async def end_many(session: AsyncSession, ended: list[Ended]) -> None:
     """Slots back for predictions that became terminal (one UPDATE, tenants in order), then the refunds:
-    their charges set to 0 and the ledger rows and counters (_move_many)."""
+    each charge set to 0 if it still is the one refunded (one conditional UPDATE), and for those the
+    ledger rows and counters (_move_many)."""
     await budget_limits.give_slots_many(session, _slots(ended))
     refunds = [e for e in ended if e.refund]
-    await _charge(session, [(e.prediction, 0) for e in refunds])
+    refunded = await _recharge(session, _refund_statement, [(e.prediction, e.refund) for e in refunds])
+    refunds = [e for e in refunds if e.prediction.id in refunded]
+    for e in refunds:
+        set_committed_value(e.prediction, "charged_cents", 0)
     await _move_many(session, [_Move(e.hold, "refund", 0, -e.refund, "failed prediction") for e in refunds])
 
 
@@ -814,11 +791,19 @@ def _slots(items: list[Release] | list[Ended]) -> dict[str, int]:
 
 
 async def start_counting_slots(session: AsyncSession, tenant: Tenant, in_flight: Select[Any]) -> None:
-    """A tenant just got a maxConcurrent: its predictions in flight (`in_flight` selects their ids) take
-    their slots now."""
-    await session.execute(update(_predictions).where(_predictions.c.id.in_(in_flight)).values(holds_slot=True))
-    count = await session.scalar(select(func.count()).select_from(in_flight.subquery()))
-    await budget_limits.set_slots(session, tenant, count or 0)
+    """A tenant just got a maxConcurrent: its predictions in flight (`in_flight` selects their ids) that
+    hold no slot take one now. Counted by how many rows changed, added to the tenant's count (never an
+    absolute value written over it): a submit or an end committing meanwhile keeps its own step."""
+    taken = await session.execute(
+        update(_predictions)
+        .where(_predictions.c.id.in_(in_flight), _predictions.c.holds_slot.is_(False))
+        .values(holds_slot=True)
+        .returning(_predictions.c.id)
+    )
+    await budget_limits.add_slots_many(session, {tenant.id: len(taken.all())})
+    # The caller's object shows the count the row has now.
+    in_flight_now = await session.scalar(select(Tenant.in_flight).where(Tenant.id == tenant.id))
+    set_committed_value(tenant, "in_flight", in_flight_now or 0)
 
 
 async def _budget_exceeded(
@@ -827,7 +812,7 @@ async def _budget_exceeded(
     counter = await session.get(BudgetCounter, (scope, period_start), populate_existing=True)
     spent = counter.spent_cents if counter else 0
     reserved = counter.reserved_cents if counter else 0
-    is_key = scope.startswith("key:")
+    is_key = is_key_scope(scope)
     limit = (key.budget_cents if is_key else tenant.budget_cents) or 0
     period = period_of(tenant.budget_period, period_start)
     whose = "this API key's" if is_key else "the tenant's"
@@ -906,12 +891,12 @@ async def quote(
     period = period_of(tenant.budget_period, now)
     fits = await budget_limits.would_admit(session, tenant, now)
     remaining: int | None = None
-    for scope, limit in ((_tenant_scope(tenant.id), tenant.budget_cents), (_key_scope(key.id), key.budget_cents)):
+    for scope, limit in ((tenant_scope(tenant.id), tenant.budget_cents), (key_scope(key.id), key.budget_cents)):
         if limit is None:
             continue
         counter = await session.get(BudgetCounter, (scope, period.start))
         left = max(limit - (counter.spent_cents + counter.reserved_cents if counter else 0), 0)
-        if scope.startswith("tenant:"):
+        if not is_key_scope(scope):
             remaining = left
         # The same condition as the hold's UPDATE: spent + reserved + estimate <= limit.
         fits = fits and estimate <= left
@@ -1004,7 +989,7 @@ def usage_csv(rows: list[dict[str, Any]], group_by: str) -> str:
 async def current_usage(session: AsyncSession, tenant: Tenant) -> Usage:
     """The current period's usage from the tenant's counter row (one primary-key read), for pages."""
     period = period_of(tenant.budget_period, clock.now())
-    counter = await session.get(BudgetCounter, (_tenant_scope(tenant.id), period.start), populate_existing=True)
+    counter = await session.get(BudgetCounter, (tenant_scope(tenant.id), period.start), populate_existing=True)
     return Usage(
         budget_cents=tenant.budget_cents,
         period=tenant.budget_period,
@@ -1019,7 +1004,7 @@ async def current_balances(session: AsyncSession) -> dict[str, tuple[int, int]]:
     """(spent, reserved) of every live tenant's current period, for the metrics gauges."""
     now = clock.now()
     tenants = await session.execute(select(Tenant.id, Tenant.budget_period).where(Tenant.deleted_at.is_(None)))
-    wanted = {(_tenant_scope(tid), period_of(kind, now).start): tid for tid, kind in tenants}
+    wanted = {(tenant_scope(tid), period_of(kind, now).start): tid for tid, kind in tenants}
     if not wanted:
         return {}
     starts = {start for _, start in wanted}
@@ -1050,7 +1035,7 @@ async def verify_ledger(session: AsyncSession) -> list[Mismatch]:
     """Recompute every counter from the ledger; any difference is a bug worth waking someone for."""
     sums: dict[tuple[str, datetime], tuple[int, int]] = {}
     budgeted_keys = select(ApiKey.id).where(ApiKey.budget_cents.is_not(None))
-    for column, scope_of in ((LedgerEntry.tenant_id, _tenant_scope), (LedgerEntry.api_key_id, _key_scope)):
+    for column, scope_of in ((LedgerEntry.tenant_id, tenant_scope), (LedgerEntry.api_key_id, key_scope)):
         query = select(
             column,
             LedgerEntry.period_start,

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import Select, and_, case, func, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.budgets import scopes as budget_scopes
 from app.budgets import service as budgets_service
 from app.budgets.models import BudgetCounter, DailyUsage
 from app.core import clock
@@ -76,7 +77,9 @@ def _current_counter_join(now: datetime) -> Any:
         (Tenant.budget_period == "month", literal(starts["month"], BudgetCounter.period_start.type)),
         else_=literal(starts["total"], BudgetCounter.period_start.type),
     )
-    return and_(BudgetCounter.scope == literal("tenant:") + Tenant.id, BudgetCounter.period_start == period_start)
+    return and_(
+        BudgetCounter.scope == budget_scopes.tenant_scope_of(Tenant.id), BudgetCounter.period_start == period_start
+    )
 
 
 def _tenant_filter(stmt: Select[Any], search: str | None) -> Select[Any]:

@@ -83,7 +83,8 @@ class SubmitOut(BaseModel):
     costCents: int | None
     createdAt: Timestamp
     metadata: dict[str, Any] | None
-    provider: str | None = Field(description="The provider that accepted it (gateway-only; SPEC §11).")
+    # Optional: an Idempotency-Key replay of an answer given before providers existed has none.
+    provider: str | None = Field(default=None, description="The provider that accepted it (gateway-only; SPEC §11).")
     queued: bool | None = Field(default=None, description="Held and queued: no provider could take it yet (SPEC §12).")
     outputs: list[str] | None = None
     error: str | None = None

@@ -161,14 +161,13 @@ def first_poll_delay_s(estimated_time: str | None, default_s: float) -> float:
 
 _predictions = table_of(Prediction)
 _INSERT = insert(_predictions)
-# A settle batch in one statement: the rows still "submitting" (the fence) start processing and take their
-# charge; RETURNING says which ones, so a row the fence refused is neither changed nor charged.
+# A confirm batch in one statement: the rows still "submitting" (the fence) start processing; RETURNING
+# says which ones, so that only those are settled (app/budgets charges them).
 _CONFIRM_SHAPE: RowShape = (
     ("id", String()),
     ("upstream_id", String()),
     ("estimated_time", String()),
     ("next_poll_at", UTCDateTime()),
-    ("cost", Integer()),
     ("provider", String()),
 )
 
@@ -192,7 +191,6 @@ def _confirm_statement(n: int) -> Any:
             estimated_time=rows.c.estimated_time,
             next_poll_at=rows.c.next_poll_at,
             provider=rows.c.provider,
-            **budgets_service.settle_charge(rows.c.cost),
         )
         .returning(_predictions.c.id)
     )
@@ -514,23 +512,6 @@ async def _forget_idempotency_key(session: AsyncSession, tenant_id: str, idempot
     )
 
 
-async def _hold_and_record(
-    session: AsyncSession,
-    runtime: Runtime,
-    tenant: Tenant,
-    key: ApiKey,
-    model_id: str,
-    request: GenerateRequest,
-    prediction_id: str,
-) -> _Held:
-    """One hold alone, in the caller's transaction (a batch of one); raises its refusal."""
-    (result,) = await _hold_batch(session, runtime, [_HoldJob(tenant, key, model_id, request, prediction_id, None, "")])
-    if isinstance(result, BaseException):
-        raise result
-    assert not isinstance(result, SubmitResult)
-    return result
-
-
 async def _hold_batch(
     session: AsyncSession, runtime: Runtime, jobs: list[_HoldJob]
 ) -> list[_Held | SubmitResult | BaseException]:
@@ -580,7 +561,6 @@ async def _hold_batch(
             key=jobs[i].key,
             hold=_hold(predictions[i][0], jobs[i].key),
             amount=predictions[i][0].estimate_cents,
-            takes_slot=predictions[i][0].holds_slot,
             slot_retry_after_s=retry_after_s,
         )
         for i in pending
@@ -614,10 +594,8 @@ def _new_prediction(job: _HoldJob, estimate_cents: int, now: datetime) -> Predic
         public_base_url=job.public_base_url,
         webhook_events=job.request.webhook_events_filter,
         meta=job.request.metadata,
-        estimate_cents=estimate_cents,
-        holds_slot=job.tenant.max_concurrent is not None,
+        **budgets_service.new_hold_columns(job.tenant, estimate_cents, now),
         holds_provider_slot=False,
-        period_start=budgets_service.period_of(job.tenant.budget_period, now).start,
         created_at=now,
         poll_count=0,
         poll_failures=0,
@@ -625,9 +603,10 @@ def _new_prediction(job: _HoldJob, estimate_cents: int, now: datetime) -> Predic
 
 
 async def _confirm_many(session: AsyncSession, runtime: Runtime, jobs: list[_ConfirmJob]) -> list[Prediction]:
-    """What the vendor accepted, recorded for a batch: the predictions start processing and are charged
-    (one statement, fenced on "submitting"), the prices seen are learnt and the holds settled (app/budgets/service.py, a fixed number of statements
-    however large the batch), and budget lines crossed are notified. The confirmed prediction of each job."""
+    """What the vendor accepted, recorded for a batch: the predictions start processing (one statement,
+    fenced on "submitting"), the prices seen are learnt, the predictions charged and their holds settled
+    (app/budgets/service.py, a fixed number of statements however large the batch), and budget lines
+    crossed are notified. The confirmed prediction of each job."""
     now = clock.now()
     states = {
         job.prediction.id: dict(
@@ -639,10 +618,9 @@ async def _confirm_many(session: AsyncSession, runtime: Runtime, jobs: list[_Con
         )
         for job in jobs
     }
-    costs = {job.prediction.id: job.cost for job in jobs}
     providers = {job.prediction.id: job.provider for job in jobs}
     rows = [
-        (id_, state["upstream_id"], state["estimated_time"], state["next_poll_at"], costs[id_], providers[id_])
+        (id_, state["upstream_id"], state["estimated_time"], state["next_poll_at"], providers[id_])
         for id_, state in sorted(states.items())
     ]
     changed = {
@@ -691,22 +669,6 @@ async def _confirm_many(session: AsyncSession, runtime: Runtime, jobs: list[_Con
         usage = await budgets_service.tenant_usage(session, tenant)
         await webhooks_service.enqueue_budget_threshold(session, tenant, percent, usage)
     return confirmed
-
-
-async def _confirm(
-    session: AsyncSession,
-    runtime: Runtime,
-    tenant: Tenant,
-    key: ApiKey,
-    held: Prediction,
-    estimate: budgets_service.Estimate,
-    submitted: UpstreamSubmitted,
-) -> Prediction:
-    """_confirm_many for one prediction."""
-    (prediction,) = await _confirm_many(
-        session, runtime, [_ConfirmJob(tenant, key, held, estimate, submitted, None, "")]
-    )
-    return prediction
 
 
 async def _confirm_late(
@@ -824,7 +786,6 @@ _READ_WHERE = (
     # Not IN (...): an expanding IN is rendered again at every execution.
     or_(*(_predictions.c.status == status for status in PUBLIC_STATUSES)),
 )
-_READ = select(*_PUBLIC_COLUMNS, _predictions.c.next_poll_at).where(*_READ_WHERE)
 
 
 # GET's one statement: the prediction; by a primary-key probe of the tenant's counter row of the
@@ -880,21 +841,6 @@ async def read_with_balance(
 
 def not_found(prediction_id: str) -> PredictionNotFound:
     return PredictionNotFound(f"There is no prediction {prediction_id!r} for this API key's tenant.")
-
-
-async def read_for_tenant(session: AsyncSession, tenant_id: str, prediction_id: str) -> dict[str, Any]:
-    """The GET representation, read as plain columns: the hot path loads no ORM object."""
-    return (await read_with_next_poll(session, tenant_id, prediction_id))[0]
-
-
-async def read_with_next_poll(
-    session: AsyncSession, tenant_id: str, prediction_id: str
-) -> tuple[dict[str, Any], datetime | None]:
-    """The GET representation and when the gateway polls it next (for Retry-After), in one query."""
-    row = (await session.execute(_READ, {"b_id": prediction_id, "b_tenant_id": tenant_id})).first()
-    if row is None:
-        raise not_found(prediction_id)
-    return present(row), row.next_poll_at
 
 
 async def list_for_tenant(
@@ -978,29 +924,6 @@ _FINISHED = (
 )
 
 
-async def finish(
-    session: AsyncSession,
-    runtime: Runtime,
-    prediction_id: str,
-    *,
-    lease_owner: str | None,
-    status: PredictionStatus,
-    outputs: list[str] | None,
-    error: str | None,
-    completed_at: datetime | None,
-    model_name: str | None = None,
-    poll_count: int | None = None,
-) -> Prediction | None:
-    """finish_many for one prediction: the prediction made terminal, or None if its lease was lost."""
-    done = await finish_many(
-        session,
-        runtime,
-        [Finish(prediction_id, status, outputs, error, completed_at, model_name, poll_count)],
-        lease_owner=lease_owner,
-    )
-    return done.get(prediction_id)
-
-
 async def finish_many(
     session: AsyncSession, runtime: Runtime, finishes: list[Finish], *, lease_owner: str | None
 ) -> dict[str, Prediction]:
@@ -1076,19 +999,6 @@ def final_state(prediction_id: str, upstream: UpstreamPrediction, *, poll_count:
         model_name=upstream.model_name,
         poll_count=poll_count,
     )
-
-
-async def apply_poll_result(
-    session: AsyncSession,
-    runtime: Runtime,
-    prediction: Prediction,
-    upstream: UpstreamPrediction,
-    lease_owner: str,
-) -> bool:
-    """Store the final state one poll saw. Returns False when the lease was lost (the write was refused)."""
-    final = final_state(prediction.id, upstream, poll_count=prediction.poll_count)
-    done = await finish_many(session, runtime, [final], lease_owner=lease_owner)
-    return prediction.id in done
 
 
 async def recover_interrupted_submits(runtime: Runtime) -> int:

@@ -61,7 +61,9 @@ class Plan:
 
 def served(registry: Registry, model_id: str, resolution: str, duration_s: int) -> list[ProviderConfig]:
     """The providers that serve this request at all, or NotServed naming the first field none serves."""
-    by_model = [p for p in registry.providers if model_id in p.serves]
+    # Without a providers file the one provider serves whatever VIDGATE_ALLOWED_MODELS allows now
+    # (checked before: model_not_found), as before providers.
+    by_model = [p for p in registry.providers if registry.source is None or model_id in p.serves]
     if not by_model:
         raise NotServed(f"No configured provider serves model {model_id!r}.", field="modelId")
     by_resolution = [p for p in by_model if resolution in p.resolutions]

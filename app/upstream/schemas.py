@@ -48,7 +48,7 @@ class UpstreamSubmitted(BaseModel):
     status_url: str | None = Field(default=None, alias="statusUrl")
     estimated_time: str | None = Field(default=None, alias="estimatedTime")
     # The provider's charge when its answers carry one (vibedream); None: priced by the providers file.
-    cost_cents: int | None = Field(default=None, alias="costCents", ge=0, le=2**31 - 1)
+    cost_cents: int | None = Field(default=None, alias="costCents", ge=0)
     created_at: Timestamp | None = Field(default=None, alias="createdAt")
     # What polling needs besides the id (fal's status and response URLs); set by the adapter, never
     # read from an answer (no provider sends this key).

@@ -307,6 +307,8 @@ def _fal_urls(request: web.Request, app_id: str, request_id: str) -> dict[str, s
 
 
 async def _fal_submit(request: web.Request) -> web.StreamResponse:
+    if request.method != "POST":
+        return _error(404, "not found")
     state = request.app[STATE]
     if not request.headers.get("Authorization", "").startswith("Key "):
         state.submits += 1
@@ -543,7 +545,8 @@ def create_simulator(config: SimConfig | None = None) -> web.Application:
     # fal's queue last: its submit path is any app id (owner/app[/sub-path]).
     app.router.add_get("/{owner}/{app}/requests/{request_id}/status", _fal_status)
     app.router.add_get("/{owner}/{app}/requests/{request_id}", _fal_response)
-    app.router.add_post("/{app_path:.+}", _fal_submit)
+    # Any method: a GET of an unknown path is then a 404 (from the handler), not a 405.
+    app.router.add_route("*", "/{app_path:.+}", _fal_submit)
     return app
 
 
