@@ -69,8 +69,10 @@ class QueueDispatcher:
 
     @property
     def lease_s(self) -> float:
-        # Longer than any send can take, so a live dispatch is never taken for a dead one.
-        return self.runtime.settings.upstream_timeout_s * 2 + 30
+        # Longer than any send can take (its HTTP call is bounded by the upstream timeout), so a live
+        # dispatch is never taken for a dead one.
+        settings = self.runtime.settings
+        return settings.upstream_timeout_s + settings.lease_s
 
     async def run_once(self) -> int:
         """Claim and start as many sends as providers have room for; how many started."""
