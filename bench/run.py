@@ -475,6 +475,7 @@ class Bench:
                 ("contention", self.phase_contention),
                 ("polling", self.phase_polling),
                 ("webhooks", self.phase_webhooks),
+                ("queue", self.phase_queue),
             ):
                 if phase not in self.phases:
                     continue
@@ -499,6 +500,14 @@ class Bench:
             self.log("WARNING: app/ changed on disk during the run; later phases ran newer code")
         self.results["profiles"] = self.profiles
         self.log(f"done in {self.results['timings']['total']:.0f} s")
+
+    async def phase_queue(self) -> None:
+        """The fair queue's cell (bench/queue.py): a queue across tenants drained through a provider's cap."""
+        from bench import queue
+
+        smoke = self.plan.smoke if hasattr(self.plan, "smoke") else False
+        n = 1000 if smoke else 10_000
+        self.results["queue"] = await queue.run(n, 100, 200, 100 if smoke else 1000)
 
     async def phase_clients(self) -> None:
         plan = self.plan
@@ -1322,7 +1331,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        default="clients,submit,workers,busy,contention,polling,webhooks",
+        default="clients,submit,workers,busy,contention,polling,webhooks,queue",
         help="comma-separated phases to run",
     )
     parser.add_argument(
