@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -25,8 +25,9 @@ class TenantCreate(CamelModel):
     # Days stored outputs are kept (null: VIDGATE_OUTPUT_RETENTION_DAYS).
     output_retention_days: Int32 | None = Field(default=None, ge=1, le=36500)
     # The fair queue (SPEC §12): share of dispatches under weighted round robin, and the queue's bound.
-    queue_weight: Int32 = Field(default=1, ge=1, le=1000)
-    max_queued: Int32 = Field(default=1000, ge=0)
+    # (Bounds inside Annotated: a Field's ge would be overridden by Int32's own.)
+    queue_weight: Annotated[Int32, Field(ge=1, le=1000)] = 1
+    max_queued: Annotated[Int32, Field(ge=0)] = 1000
 
 
 class TenantUpdate(CamelModel):
