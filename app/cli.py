@@ -29,10 +29,12 @@ tenants_cli = typer.Typer(help="Create and inspect tenants.", no_args_is_help=Tr
 keys_cli = typer.Typer(help="Create and revoke tenant API keys.", no_args_is_help=True)
 ledger_cli = typer.Typer(help="Check the money.", no_args_is_help=True)
 deliveries_cli = typer.Typer(help="Inspect and redeliver webhooks.", no_args_is_help=True)
+providers_cli = typer.Typer(help="See the providers and switch them off and on.", no_args_is_help=True)
 cli.add_typer(tenants_cli, name="tenants")
 cli.add_typer(keys_cli, name="keys")
 cli.add_typer(ledger_cli, name="ledger")
 cli.add_typer(deliveries_cli, name="deliveries")
+cli.add_typer(providers_cli, name="providers")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
@@ -552,15 +554,15 @@ def keys_revoke(tenant_id: str, key_id: str, as_json: JsonOpt = False) -> None:
 def usage(
     from_: Annotated[str | None, typer.Option("--from", help="Start date, e.g. 2026-11-01.")] = None,
     to: Annotated[str | None, typer.Option(help="End date, inclusive.")] = None,
-    group_by: Annotated[str, typer.Option(help="tenant, model or day.")] = "tenant",
+    group_by: Annotated[str, typer.Option(help="tenant, model, provider or day.")] = "tenant",
     as_json: JsonOpt = False,
 ) -> None:
     """Spending from the ledger."""
     from app.admin import service as admin_service
     from app.admin.router import _parse_moment
 
-    if group_by not in ("tenant", "model", "day"):
-        typer.echo("error: --group-by must be tenant, model or day", err=True)
+    if group_by not in ("tenant", "model", "provider", "day"):
+        typer.echo("error: --group-by must be tenant, model, provider or day", err=True)
         raise typer.Exit(2)
 
     async def work(session: Any) -> list[dict[str, Any]]:
@@ -629,6 +631,93 @@ def deliveries_redeliver(delivery_id: str, as_json: JsonOpt = False) -> None:
         return webhooks_service.present(await webhooks_service.redeliver(session, delivery))
 
     _emit(_with_session(work), as_json, lambda d: f"{d['id']} queued for redelivery")
+
+
+# ---------------------------------------------------------------- providers
+
+
+def _registry() -> Any:
+    from app.providers.config import ProvidersFileError, load_registry
+
+    try:
+        return load_registry(get_settings())
+    except ProvidersFileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _provider_text(p: dict[str, Any]) -> str:
+    state, today = p["state"], p["today"]
+    flags = ["enabled" if state["enabled"] else f"DISABLED since {state['disabledAt']}"]
+    if state["coolingDownUntil"]:
+        flags.append(f"cooling down until {state['coolingDownUntil']} ({state['coolingDownReason'] or '-'})")
+    if state["circuit"] != "closed":
+        flags.append(
+            f"circuit {state['circuit']}" + (f" until {state['circuitUntil']}" if state["circuit"] == "open" else "")
+        )
+    cap = p["maxConcurrent"] if p["maxConcurrent"] is not None else "no cap"
+    latency = "-" if today["meanSubmitMs"] is None else f"{today['meanSubmitMs']:.0f} ms"
+    return (
+        f"{p['name']}  ({p['kind']}, priority {p['priority']}, weight {p['weight']:g})  {'; '.join(flags)}\n"
+        f"  {p['baseUrl']}  model {p['model']}  serves {', '.join(p['serves'])}\n"
+        f"  in flight {state['inFlight']} / {cap}  rate/min {p['ratePerMinute'] or '-'}\n"
+        f"  today: {today['submits']} submits, {today['throttled']} 429s, {today['errors']} errors, "
+        f"mean submit {latency}, {today['spentCents']} cents spent"
+    )
+
+
+@providers_cli.command("list")
+def providers_list(as_json: JsonOpt = False) -> None:
+    """Every configured provider: settings (never a key), live state and today's figures."""
+    from app.providers import admin as providers_admin
+
+    registry = _registry()
+
+    async def work(session: Any) -> dict[str, Any]:
+        return await providers_admin.list_providers(session, registry)
+
+    _emit(
+        _with_session(work),
+        as_json,
+        lambda r: f"routing: {r['routing']}\n" + "\n".join(_provider_text(p) for p in r["data"]),
+    )
+
+
+@providers_cli.command("show")
+def providers_show(name: str, as_json: JsonOpt = False) -> None:
+    """One provider: settings, live state and today's figures."""
+    from app.providers import admin as providers_admin
+
+    registry = _registry()
+
+    async def work(session: Any) -> dict[str, Any]:
+        return await providers_admin.get_provider(session, registry, name)
+
+    _emit(_with_session(work), as_json, _provider_text)
+
+
+def _switch(name: str, enabled: bool, as_json: bool) -> None:
+    from app.providers import admin as providers_admin
+
+    registry = _registry()
+
+    async def work(session: Any) -> dict[str, Any]:
+        return await providers_admin.set_enabled(session, registry, name, enabled=enabled, actor="admin")
+
+    done = _with_session(work)
+    _emit(done, as_json, lambda p: f"{p['name']} {'enabled' if enabled else 'disabled'}")
+
+
+@providers_cli.command("disable")
+def providers_disable(name: str, as_json: JsonOpt = False) -> None:
+    """Route no new submit to this provider (every replica, within seconds); what is in flight goes on."""
+    _switch(name, False, as_json)
+
+
+@providers_cli.command("enable")
+def providers_enable(name: str, as_json: JsonOpt = False) -> None:
+    """Route new submits to this provider again."""
+    _switch(name, True, as_json)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from aiohttp import web
 from fastapi import FastAPI
 
+from app.admin.deps import require_admin
 from app.admin.router import router as admin_router
 from app.budgets.headers import BALANCE_SLOT
 from app.budgets.router import router as usage_router
@@ -27,6 +28,8 @@ from app.outputs.router import router as outputs_router
 from app.predictions.router import router as predictions_router
 from app.providers import config as providers_config
 from app.providers import sandbox as providers_sandbox
+from app.providers import stats as provider_stats
+from app.providers.router import build_router as build_providers_router
 from app.runtime import Runtime, build_runtime
 from app.tenants import cache as key_cache
 from app.upstream import sandbox
@@ -65,6 +68,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine.dialect.name == "postgresql"
         else None
     )
+    # Each process adds its upstream call tallies to the providers' daily rows (the dashboard's figures).
+    stats_stop = asyncio.Event()
+    stats_task = asyncio.create_task(provider_stats.flush_loop(sessions, stats_stop))
     worker_task = None
     worker = Worker(runtime)
     if settings.run_worker:
@@ -86,6 +92,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if worker_task is not None:
             with contextlib.suppress(Exception):
                 await worker_task
+        stats_stop.set()
+        with contextlib.suppress(Exception):
+            await stats_task
         await runtime.close()
         for simulator in simulators:
             await simulator.cleanup()
@@ -115,6 +124,7 @@ def create_app(
     routers = (predictions_router, usage_router, webhooks_router, admin_router, outputs_router)
     for router in (*routers, ops_router, dashboard_router):
         app.include_router(router)
+    app.include_router(build_providers_router(require_admin))  # /admin/v1/providers
     return app
 
 

@@ -4,6 +4,7 @@ from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, RateWindo
 from app.outputs.models import OutputCopy, StoredOutput
 from app.predictions.models import IdempotencyKey, Prediction
 from app.providers.models import ProviderState
+from app.providers.stats import ProviderDay
 from app.queue.models import QueueEntry, QueueTenant
 from app.tenants.models import ApiKey, Tenant
 from app.webhooks.models import WebhookAttempt, WebhookDelivery
@@ -16,6 +17,7 @@ __all__ = [
     "OutputCopy",
     "Prediction",
     "PricePoint",
+    "ProviderDay",
     "ProviderState",
     "QueueEntry",
     "QueueTenant",

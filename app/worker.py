@@ -26,6 +26,7 @@ from app.outputs.copier import Copier
 from app.predictions import poller
 from app.predictions import service as predictions_service
 from app.predictions.models import IdempotencyKey, Prediction, PredictionStatus
+from app.providers import stats as provider_stats
 from app.queue import service as queue_service
 from app.queue.dispatcher import QueueDispatcher
 from app.runtime import Runtime
@@ -76,6 +77,8 @@ class Worker:
         writer = asyncio.create_task(self.poller.write_loop(self.stopping))
         recorder = asyncio.create_task(self.dispatcher.write_loop(self.stopping))
         copies = asyncio.create_task(self.copier.write_loop(self.stopping))
+        # The polls' tallies per provider (the dashboard's figures); serve's lifespan runs its own.
+        tallies = asyncio.create_task(provider_stats.flush_loop(self.runtime.sessions, self.stopping))
         await asyncio.gather(
             self._loop(self.poller.run_once, IDLE_POLL_S, self.poller.room),
             self._loop(self.dispatcher.run_once, IDLE_DISPATCH_S, self.dispatcher.room),
@@ -85,6 +88,8 @@ class Worker:
             self._loop(self.housekeeping, HOUSEKEEPING_S, always_sleep=True),
         )
         await self._drain(writer, recorder, copies)
+        with contextlib.suppress(Exception):
+            await tallies
 
     def stop(self) -> None:
         self.stopping.set()

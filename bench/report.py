@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bench import providers
+
 SETUP_COLORS = {"direct": "#4c72b0", "floor": "#55a868", "vidgate-sqlite": "#dd8452", "vidgate-postgresql": "#c44e52"}
 
 
@@ -457,6 +459,7 @@ def write(r: dict[str, Any], out: Path, *, smoke: bool, before: dict[str, Any] |
     _contention_section(r, w)
     _polling_section(r, w, charts)
     _webhooks_section(r, w)
+    providers.section(r, w)
     _profiles_section(r, w)
     w("## Raw data")
     w("")

@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from bench import httpclients, profiling, report
+from bench import httpclients, profiling, providers, report
 from bench.cellmeter import CellMeter, tree_cpu_s, tree_status_kb
 from bench.loadgen import Load, have_wrk, run_load
 from bench.ports import free_port
@@ -253,14 +253,17 @@ class Bench:
         return proc, url
 
     async def start_vidgate(
-        self, db: VidgateDb, sim_url: str, *, run_worker: bool, workers: int = 1
+        self, db: VidgateDb, sim_url: str, *, run_worker: bool, workers: int = 1, env: dict[str, str] | None = None
     ) -> tuple[Proc, str]:
         port = free_port()
         argv = [self.vidgate_bin, "serve", "--port", str(port)]
         if workers > 1:
             argv += ["--workers", str(workers)]
         proc = self.procs.start(
-            f"vidgate-{db.name}", argv, self.vidgate_env(db.url, sim_url, run_worker=run_worker), self.workdir
+            f"vidgate-{db.name}",
+            argv,
+            self.vidgate_env(db.url, sim_url, run_worker=run_worker) | (env or {}),
+            self.workdir,
         )
         url = f"http://127.0.0.1:{port}"
         await wait_http(url + "/healthz", proc)
@@ -475,6 +478,7 @@ class Bench:
                 ("contention", self.phase_contention),
                 ("polling", self.phase_polling),
                 ("webhooks", self.phase_webhooks),
+                ("providers", self.phase_providers),
                 ("queue", self.phase_queue),
             ):
                 if phase not in self.phases:
@@ -501,11 +505,14 @@ class Bench:
         self.results["profiles"] = self.profiles
         self.log(f"done in {self.results['timings']['total']:.0f} s")
 
+    async def phase_providers(self) -> None:
+        await providers.phase(self)
+
     async def phase_queue(self) -> None:
         """The fair queue's cell (bench/queue.py): a queue across tenants drained through a provider's cap."""
         from bench import queue
 
-        smoke = self.plan.smoke if hasattr(self.plan, "smoke") else False
+        smoke = self.plan.name == "smoke"
         n = 1000 if smoke else 10_000
         self.results["queue"] = await queue.run(n, 100, 200, 100 if smoke else 1000)
 
@@ -1331,7 +1338,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        default="clients,submit,workers,busy,contention,polling,webhooks,queue",
+        default="clients,submit,workers,busy,contention,polling,webhooks,providers,queue",
         help="comma-separated phases to run",
     )
     parser.add_argument(

@@ -158,13 +158,13 @@ def _parse_moment(value: str | None, field: str, *, end: bool) -> datetime | Non
         raise InvalidRequest(f"{field} must be a date (2026-11-01) or an ISO 8601 timestamp.", field=field) from exc
 
 
-@router.get("/usage", summary="Spending from the ledger, grouped by tenant, model or day; JSON or CSV")
+@router.get("/usage", summary="Spending from the ledger, grouped by tenant, model, provider or day; JSON or CSV")
 async def usage_report(
     session: SessionDep,
     request: Request,
     from_: Annotated[Line | None, Query(alias="from", max_length=40)] = None,
     to: Annotated[Line | None, Query(max_length=40)] = None,
-    group_by: Annotated[str, Query(alias="groupBy", pattern="^(tenant|model|day)$")] = "tenant",
+    group_by: Annotated[str, Query(alias="groupBy", pattern="^(tenant|model|provider|day)$")] = "tenant",
     format: Annotated[str | None, Query(pattern="^(json|csv)$")] = None,
 ) -> Response:
     start = _parse_moment(from_, "from", end=False)

@@ -958,10 +958,12 @@ async def tenant_usage(session: AsyncSession, tenant: Tenant) -> Usage:
 async def usage_report(
     session: AsyncSession, start: datetime | None, end: datetime | None, group_by: str
 ) -> list[dict[str, Any]]:
-    """Spent cents and predictions charged, from the ledger, grouped by tenant, model or UTC day."""
+    """Spent cents and predictions charged, from the ledger, grouped by tenant, model, provider (the one
+    that served) or UTC day."""
     key: Any = {
         "tenant": LedgerEntry.tenant_id,
         "model": LedgerEntry.model_id,
+        "provider": LedgerEntry.provider,
         "day": func.date(LedgerEntry.created_at),
     }[group_by]
     stmt = select(

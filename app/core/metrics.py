@@ -10,6 +10,7 @@ recently written value is the answer.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -18,12 +19,14 @@ LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 
 REQUESTS = Counter("vidgate_http_requests_total", "HTTP requests served", ["route", "method", "status"])
 REQUEST_LATENCY = Histogram("vidgate_http_request_seconds", "HTTP request latency", ["route"])
+# One series per provider (SPEC §11): its `_count` is the number of calls by provider, op and outcome.
 UPSTREAM_LATENCY = Histogram(
     "vidgate_upstream_request_seconds",
-    "Upstream call latency by outcome (status, timeout, error)",
-    ["op", "outcome"],
+    "Upstream call latency by provider, op (submit, poll, result) and outcome (HTTP status, timeout, "
+    "connection_error, error)",
+    ["provider", "op", "outcome"],
 )
-UPSTREAM_ERRORS = Counter("vidgate_upstream_errors_total", "Upstream calls that failed", ["op", "kind"])
+UPSTREAM_ERRORS = Counter("vidgate_upstream_errors_total", "Upstream calls that failed", ["provider", "op", "kind"])
 POLLS_PER_PREDICTION = Histogram(
     "vidgate_upstream_polls_per_prediction",
     "Upstream polls a prediction needed",
@@ -78,6 +81,67 @@ QUEUE_DISPATCHES = Counter(
 
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@dataclass
+class ProviderTally:
+    """One provider's upstream calls since the last flush, in this process (app/providers/stats.py
+    adds them to the database's daily rows, so the dashboard sees every replica's)."""
+
+    submits: int = 0  # submit calls made, whatever their answer
+    accepted: int = 0  # submit calls the provider took (2xx)
+    throttled: int = 0  # 429 answers, any op
+    errors: int = 0  # 5xx, 401/403, timeouts, refused connections and unreadable answers, any op
+    submit_ms: float = 0.0  # summed latency of the submit calls
+    polls: int = 0
+
+
+# Swapped out whole by the flusher (`take_tallies`): nothing awaits between reading and replacing it.
+_tallies: dict[str, ProviderTally] = {}
+
+
+def _counts_as_error(outcome: str) -> bool:
+    if not outcome.isdigit():
+        return True  # timeout, connection_error, error
+    status = int(outcome)
+    return status >= 500 or status in (401, 403)
+
+
+def observe_upstream(provider: str, op: str, outcome: str, elapsed_s: float) -> None:
+    """Every upstream call, once: the latency histogram (labelled by provider) and the provider's tally."""
+    UPSTREAM_LATENCY.labels(provider=provider, op=op, outcome=outcome).observe(elapsed_s)
+    tally = _tallies.get(provider)
+    if tally is None:
+        tally = _tallies[provider] = ProviderTally()
+    if op == "submit":
+        tally.submits += 1
+        tally.submit_ms += elapsed_s * 1000.0
+        tally.accepted += outcome.startswith("2")
+    elif op == "poll":
+        tally.polls += 1
+    if outcome == "429":
+        tally.throttled += 1
+    elif _counts_as_error(outcome):
+        tally.errors += 1
+
+
+def take_tallies() -> dict[str, ProviderTally]:
+    """The tallies since the last call, handed over and reset (not awaited in between: no call is lost)."""
+    global _tallies
+    taken, _tallies = _tallies, {}
+    return taken
+
+
+def give_back_tallies(tallies: dict[str, ProviderTally]) -> None:
+    """A flush that failed: its tallies join the next one's."""
+    for provider, old in tallies.items():
+        tally = _tallies.setdefault(provider, ProviderTally())
+        tally.submits += old.submits
+        tally.accepted += old.accepted
+        tally.throttled += old.throttled
+        tally.errors += old.errors
+        tally.submit_ms += old.submit_ms
+        tally.polls += old.polls
 
 
 def exposition() -> tuple[bytes, str]:

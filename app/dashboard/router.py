@@ -31,6 +31,7 @@ from app.core.errors import AppError, InvalidRequest, NotFound, ServiceUnavailab
 from app.dashboard import service as dashboard_service
 from app.dashboard import session as sessions
 from app.deps import RuntimeDep
+from app.providers import admin as providers_admin
 from app.runtime import Runtime
 from app.tenants import service as tenants_service
 from app.tenants.schemas import KeyCreate, TenantCreate, TenantUpdate
@@ -58,6 +59,11 @@ def _when(value: datetime | None) -> str:
     return "" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _stamp(value: str | None) -> str:
+    """An ISO 8601 moment as the API writes it, shown like `when` shows a datetime."""
+    return "" if not value else value.replace("T", " ")[:19]
+
+
 def _cents(value: int | None) -> str:
     return "—" if value is None else f"${value / 100:,.2f}"
 
@@ -67,6 +73,7 @@ templates = Environment(
 )
 templates.filters["when"] = _when
 templates.filters["cents"] = _cents
+templates.filters["stamp"] = _stamp
 
 
 class LoginRequired(Exception):
@@ -577,7 +584,7 @@ async def usage_csv(
     _op: Operator,
     from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
     to: Annotated[str | None, Query(max_length=40)] = None,
-    group_by: Annotated[str, Query(alias="groupBy", pattern="^(tenant|model|day)$")] = "tenant",
+    group_by: Annotated[str, Query(alias="groupBy", pattern="^(tenant|model|provider|day)$")] = "tenant",
 ) -> Response:
     start = _moment(from_, "from", end=False)
     end = _moment(to, "to", end=True)
@@ -589,3 +596,43 @@ async def usage_csv(
         media_type="text/csv",
         headers={"Content-Disposition": f'attachment; filename="vidgate-usage-{group_by}-{stamp}.csv"'},
     )
+
+
+# ---------------------------------------------------------------- providers
+
+
+@router.get("/providers")
+async def providers_page(request: Request, runtime: RuntimeDep, _op: Operator) -> Response:
+    return await _providers(request, runtime)
+
+
+async def _providers(
+    request: Request, runtime: Runtime, *, notice: str | None = None, error: AppError | None = None
+) -> Response:
+    async with transaction(runtime.sessions, readonly=True) as session:
+        listing = await providers_admin.list_providers(session, runtime.providers.registry)
+    return render(
+        request, "providers.html", status=error.status if error else 200, listing=listing, notice=notice, error=error
+    )
+
+
+async def _switch_provider(request: Request, runtime: Runtime, name: str, *, enabled: bool) -> Response:
+    try:
+        async with transaction(runtime.sessions) as session:
+            # The signed-in operator, where the session names one (else the admin token's `admin`).
+            actor = providers_admin.actor_of(getattr(request.state, "operator", None))
+            await providers_admin.set_enabled(session, runtime.providers.registry, name, enabled=enabled, actor=actor)
+    except AppError as exc:
+        return await _providers(request, runtime, error=exc)
+    done = "enabled: new submits may go there again" if enabled else "disabled: no new submit goes there"
+    return await _providers(request, runtime, notice=f"Provider {name} {done}.")
+
+
+@router.post("/providers/{name}/disable")
+async def disable_provider(request: Request, runtime: RuntimeDep, _form: Form, name: str) -> Response:
+    return await _switch_provider(request, runtime, name, enabled=False)
+
+
+@router.post("/providers/{name}/enable")
+async def enable_provider(request: Request, runtime: RuntimeDep, _form: Form, name: str) -> Response:
+    return await _switch_provider(request, runtime, name, enabled=True)

@@ -122,7 +122,7 @@ class Poller:
             return
         except (UpstreamUnavailable, UpstreamRefused) as exc:
             kind = "refused" if isinstance(exc, UpstreamRefused) else "unavailable"
-            metrics.UPSTREAM_ERRORS.labels(op="poll", kind=kind).inc()
+            metrics.UPSTREAM_ERRORS.labels(provider=prediction.provider or "", op="poll", kind=kind).inc()
             retry_after = exc.retry_after_s if isinstance(exc, UpstreamUnavailable) else None
             self.outcomes.put_nowait(Outcome(prediction, retry_after_s=retry_after))
             return

@@ -32,7 +32,7 @@ class Adapter(Protocol):
     async def ping(self) -> bool: ...
 
 
-ADAPTERS: dict[str, Callable[[aiohttp.ClientSession, str, str, str], Adapter]] = {
+ADAPTERS: dict[str, Callable[[aiohttp.ClientSession, str, str, str, str], Adapter]] = {
     "vibedream": UpstreamClient,
     "wavespeed": WaveSpeedClient,
     "fal": FalClient,
@@ -42,7 +42,7 @@ ADAPTERS: dict[str, Callable[[aiohttp.ClientSession, str, str, str], Adapter]] =
 def build_adapter(provider: ProviderConfig, session: aiohttp.ClientSession, *, sandbox: bool) -> Adapter:
     # In sandbox mode a simulator answers: no key, if one is set, is ever sent to it.
     key = provider.api_key.get_secret_value() if provider.api_key and not sandbox else "sandbox"
-    return ADAPTERS[provider.kind](session, provider.base_url, key, provider.model)
+    return ADAPTERS[provider.kind](session, provider.base_url, key, provider.model, provider.name)
 
 
 class UnknownProvider(Exception):

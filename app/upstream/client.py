@@ -54,8 +54,9 @@ class UpstreamUnavailable(Exception):
 class JsonCaller:
     """One provider's calls through the shared aiohttp session (app/core/http.py)."""
 
-    def __init__(self, session: aiohttp.ClientSession, headers: dict[str, str]) -> None:
+    def __init__(self, session: aiohttp.ClientSession, headers: dict[str, str], provider: str = "vibedream") -> None:
         self.session = session
+        self.provider = provider  # its name on metrics (SPEC §11)
         self._headers = {**headers, "Accept": "application/json"}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
 
@@ -97,7 +98,7 @@ class JsonCaller:
         finally:
             elapsed = time.perf_counter() - started
             timing.add_upstream(elapsed)  # Server-Timing's `upstream`, when a request made the call
-            metrics.UPSTREAM_LATENCY.labels(op=op, outcome=outcome).observe(elapsed)
+            metrics.observe_upstream(self.provider, op, outcome, elapsed)
 
     async def ping(self, url: str) -> bool:
         started = time.perf_counter()
@@ -113,10 +114,12 @@ class JsonCaller:
 class UpstreamClient:
     """The `vibedream` wire format (SPEC §1): Bearer key, the body as is, costCents in the answer."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str, model: str = "") -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, base_url: str, api_key: str, model: str = "", provider: str = "vibedream"
+    ) -> None:
         self._base = base_url.rstrip("/")
         self._model = model
-        self._http = JsonCaller(session, {"Authorization": f"Bearer {api_key}"})
+        self._http = JsonCaller(session, {"Authorization": f"Bearer {api_key}"}, provider)
 
     async def submit(self, model_id: str, body: dict[str, object]) -> UpstreamSubmitted:
         url = f"{self._base}/api/v1/models/{self._model or model_id}/generate"

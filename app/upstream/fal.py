@@ -44,11 +44,13 @@ def fal_input(body: dict[str, object]) -> dict[str, object]:
 
 
 class FalClient:
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str, model: str) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, base_url: str, api_key: str, model: str, provider: str = ""
+    ) -> None:
         self._base = base_url.rstrip("/")
         self._host = urlsplit(self._base).netloc.lower()
         self._model = model.strip("/")
-        self._http = JsonCaller(session, {"Authorization": f"Key {api_key}"})
+        self._http = JsonCaller(session, {"Authorization": f"Key {api_key}"}, provider or "fal")
 
     def _own(self, url: object, what: str) -> str:
         """A URL from an answer, if it is on the base_url's host (else the answer is not trusted)."""

@@ -28,11 +28,13 @@ class _Data(BaseModel):
 
 
 class WaveSpeedClient:
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str, model: str) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, base_url: str, api_key: str, model: str, provider: str = ""
+    ) -> None:
         self._base = base_url.rstrip("/")
         self._host = urlsplit(self._base).netloc.lower()
         self._model = model
-        self._http = JsonCaller(session, {"Authorization": f"Bearer {api_key}"})
+        self._http = JsonCaller(session, {"Authorization": f"Bearer {api_key}"}, provider or "wavespeed")
 
     def _data(self, payload: object, what: str) -> _Data:
         if isinstance(payload, dict):
