@@ -12,17 +12,16 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Annotated, Any, Literal, TypeVar
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Annotated, Any, Literal
 
-import orjson
 import typer
 
-from app.core.responses import dumps
+from app.cli_common import JsonOpt, as_operator
+from app.cli_common import emit as _emit
+from app.cli_operators import register_operator_commands
 from app.core.settings import Settings, get_settings
 from app.webhooks.models import DeliveryStatus
-
-T = TypeVar("T")
 
 cli = typer.Typer(help="vidgate: a gateway in front of the VibeDream video API.", no_args_is_help=True)
 tenants_cli = typer.Typer(help="Create and inspect tenants.", no_args_is_help=True)
@@ -35,34 +34,6 @@ cli.add_typer(keys_cli, name="keys")
 cli.add_typer(ledger_cli, name="ledger")
 cli.add_typer(deliveries_cli, name="deliveries")
 cli.add_typer(providers_cli, name="providers")
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
-
-
-def _emit(data: Any, as_json: bool, text: Callable[[Any], str]) -> None:
-    if as_json:
-        typer.echo(dumps(data, option=orjson.OPT_INDENT_2).decode())
-    else:
-        typer.echo(text(data))
-
-
-def _with_session(work: Callable[[Any], Awaitable[T]]) -> T:
-    from app.core.database import create_engine, create_sessionmaker, transaction
-    from app.core.errors import AppError
-
-    async def run() -> T:
-        engine = create_engine(get_settings().database_url, pool_size=2)
-        try:
-            async with transaction(create_sessionmaker(engine)) as session:
-                return await work(session)
-        finally:
-            await engine.dispose()
-
-    try:
-        return asyncio.run(run())
-    except AppError as exc:
-        typer.echo(f"error: {exc.detail}", err=True)
-        raise typer.Exit(2) from None
 
 
 # ---------------------------------------------------------------- running
@@ -426,11 +397,11 @@ def tenants_create(
         typer.echo(f"error: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", err=True)
         raise typer.Exit(2) from None
 
-    async def work(session: Any) -> dict[str, Any]:
-        tenant = await admin_service.create_tenant(session, get_settings(), data)
+    async def work(session: Any, op: Any) -> dict[str, Any]:
+        tenant = await admin_service.create_tenant(session, get_settings(), data, op.actor)
         return {**_tenant_dict(tenant), "webhookSecret": tenant.webhook_secret}
 
-    created = _with_session(work)
+    created = as_operator(work, writes=True)
     _emit(created, as_json, lambda t: _tenant_text(t) + f"\n  webhook secret (shown once): {t['webhookSecret']}")
 
 
@@ -478,20 +449,22 @@ def tenants_update(
         typer.echo(f"error: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", err=True)
         raise typer.Exit(2) from None
 
-    async def work(session: Any) -> dict[str, Any]:
-        return _tenant_dict(await admin_service.update_tenant(session, tenant_id, data, get_settings()))
+    async def work(session: Any, op: Any) -> dict[str, Any]:
+        return _tenant_dict(await admin_service.update_tenant(session, tenant_id, data, get_settings(), op.actor))
 
-    _emit(_with_session(work), as_json, _tenant_text)
+    _emit(as_operator(work, writes=True), as_json, _tenant_text)
 
 
 @tenants_cli.command("list")
 def tenants_list(as_json: JsonOpt = False) -> None:
     from app.tenants import service
 
-    async def work(session: Any) -> list[dict[str, Any]]:
+    async def work(session: Any, _op: Any) -> list[dict[str, Any]]:
         return [_tenant_dict(t) for t in await service.list_tenants(session)]
 
-    _emit(_with_session(work), as_json, lambda rows: "\n".join(_tenant_text(t) for t in rows) or "no tenants")
+    _emit(
+        as_operator(work, writes=False), as_json, lambda rows: "\n".join(_tenant_text(t) for t in rows) or "no tenants"
+    )
 
 
 @tenants_cli.command("show")
@@ -499,7 +472,7 @@ def tenants_show(tenant_id: str, as_json: JsonOpt = False) -> None:
     from app.budgets import service as budgets_service
     from app.tenants import service
 
-    async def work(session: Any) -> dict[str, Any]:
+    async def work(session: Any, _op: Any) -> dict[str, Any]:
         tenant = await service.get_tenant(session, tenant_id)
         usage = await budgets_service.tenant_usage(session, tenant)
         return {
@@ -508,43 +481,12 @@ def tenants_show(tenant_id: str, as_json: JsonOpt = False) -> None:
         }
 
     _emit(
-        _with_session(work),
+        as_operator(work, writes=False),
         as_json,
         lambda t: (
             _tenant_text(t) + f"\n  this period: {t['usage']['spentCents']} spent, {t['usage']['reservedCents']} held"
         ),
     )
-
-
-@keys_cli.command("create")
-def keys_create(
-    tenant_id: str,
-    name: Annotated[str | None, typer.Option()] = None,
-    budget_cents: Annotated[int | None, typer.Option(help="This key's own, smaller budget.")] = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Create an API key; it is shown once."""
-    from app.tenants import service
-    from app.tenants.schemas import KeyCreate
-
-    async def work(session: Any) -> dict[str, Any]:
-        tenant = await service.get_tenant(session, tenant_id)
-        key, raw = await service.create_key(session, tenant, KeyCreate(name=name, budget_cents=budget_cents))
-        return {"id": key.id, "key": raw, "prefix": key.prefix, "createdAt": key.created_at}
-
-    _emit(_with_session(work), as_json, lambda k: f"{k['id']}\n  key (shown once): {k['key']}")
-
-
-@keys_cli.command("revoke")
-def keys_revoke(tenant_id: str, key_id: str, as_json: JsonOpt = False) -> None:
-    from app.tenants import service
-
-    async def work(session: Any) -> dict[str, Any]:
-        tenant = await service.get_tenant(session, tenant_id)
-        key = await service.revoke_key(session, tenant, key_id)
-        return {"id": key.id, "revokedAt": key.revoked_at}
-
-    _emit(_with_session(work), as_json, lambda k: f"{k['id']} revoked")
 
 
 # ---------------------------------------------------------------- money and webhooks
@@ -559,19 +501,19 @@ def usage(
 ) -> None:
     """Spending from the ledger."""
     from app.admin import service as admin_service
-    from app.admin.router import _parse_moment
+    from app.core.types import moment_bound
 
     if group_by not in ("tenant", "model", "provider", "day"):
         typer.echo("error: --group-by must be tenant, model, provider or day", err=True)
         raise typer.Exit(2)
 
-    async def work(session: Any) -> list[dict[str, Any]]:
-        start = _parse_moment(from_, "from", end=False)
-        end = _parse_moment(to, "to", end=True)
+    async def work(session: Any, _op: Any) -> list[dict[str, Any]]:
+        start = moment_bound(from_, "from", end=False)
+        end = moment_bound(to, "to", end=True)
         return await admin_service.usage_rows(session, start, end, group_by)
 
     _emit(
-        _with_session(work),
+        as_operator(work, writes=False),
         as_json,
         lambda rows: (
             "\n".join(f"{r[group_by]:<40} {r['spentCents']:>10} cents {r['predictions']:>8} predictions" for r in rows)
@@ -585,7 +527,7 @@ def ledger_verify(as_json: JsonOpt = False) -> None:
     """Recompute every balance from the ledger; exits 1 on any mismatch."""
     from app.budgets import service as budgets_service
 
-    mismatches = _with_session(budgets_service.verify_ledger)
+    mismatches = as_operator(lambda session, _op: budgets_service.verify_ledger(session), writes=False)
     _emit(
         {"ok": not mismatches, "mismatches": [m.__dict__ for m in mismatches]},
         as_json,
@@ -604,14 +546,14 @@ def deliveries_list(
 ) -> None:
     from app.webhooks import service as webhooks_service
 
-    async def work(session: Any) -> list[dict[str, Any]]:
+    async def work(session: Any, _op: Any) -> list[dict[str, Any]]:
         rows, _ = await webhooks_service.list_deliveries(
             session, tenant_id=tenant, status=status, limit=limit, cursor=None
         )
         return [webhooks_service.present(d) for d in rows]
 
     _emit(
-        _with_session(work),
+        as_operator(work, writes=False),
         as_json,
         lambda rows: (
             "\n".join(
@@ -622,15 +564,8 @@ def deliveries_list(
     )
 
 
-@deliveries_cli.command("redeliver")
-def deliveries_redeliver(delivery_id: str, as_json: JsonOpt = False) -> None:
-    from app.webhooks import service as webhooks_service
-
-    async def work(session: Any) -> dict[str, Any]:
-        delivery = await webhooks_service.get_delivery(session, delivery_id)
-        return webhooks_service.present(await webhooks_service.redeliver(session, delivery))
-
-    _emit(_with_session(work), as_json, lambda d: f"{d['id']} queued for redelivery")
+# Keys, tenant deletion, secret rotation, redelivery, operator tokens and the audit log: app/cli_operators.py.
+register_operator_commands(cli, tenants_cli, keys_cli, deliveries_cli)
 
 
 # ---------------------------------------------------------------- providers
@@ -673,11 +608,11 @@ def providers_list(as_json: JsonOpt = False) -> None:
 
     registry = _registry()
 
-    async def work(session: Any) -> dict[str, Any]:
+    async def work(session: Any, _op: Any) -> dict[str, Any]:
         return await providers_admin.list_providers(session, registry)
 
     _emit(
-        _with_session(work),
+        as_operator(work, writes=False),
         as_json,
         lambda r: f"routing: {r['routing']}\n" + "\n".join(_provider_text(p) for p in r["data"]),
     )
@@ -690,10 +625,10 @@ def providers_show(name: str, as_json: JsonOpt = False) -> None:
 
     registry = _registry()
 
-    async def work(session: Any) -> dict[str, Any]:
+    async def work(session: Any, _op: Any) -> dict[str, Any]:
         return await providers_admin.get_provider(session, registry, name)
 
-    _emit(_with_session(work), as_json, _provider_text)
+    _emit(as_operator(work, writes=False), as_json, _provider_text)
 
 
 def _switch(name: str, enabled: bool, as_json: bool) -> None:
@@ -701,10 +636,10 @@ def _switch(name: str, enabled: bool, as_json: bool) -> None:
 
     registry = _registry()
 
-    async def work(session: Any) -> dict[str, Any]:
-        return await providers_admin.set_enabled(session, registry, name, enabled=enabled, actor="admin")
+    async def work(session: Any, op: Any) -> dict[str, Any]:
+        return await providers_admin.set_enabled(session, registry, name, enabled=enabled, actor=op.actor)
 
-    done = _with_session(work)
+    done = as_operator(work, writes=True)
     _emit(done, as_json, lambda p: f"{p['name']} {'enabled' if enabled else 'disabled'}")
 
 

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from app.admin.deps import require_admin
 from app.admin.router import router as admin_router
+from app.budgets import deps as budgets_deps
 from app.budgets.headers import BALANCE_SLOT
 from app.budgets.router import router as usage_router
 from app.core.database import create_engine, create_sessionmaker
@@ -31,7 +32,9 @@ from app.providers import sandbox as providers_sandbox
 from app.providers import stats as provider_stats
 from app.providers.router import build_router as build_providers_router
 from app.runtime import Runtime, build_runtime
+from app.selfservice.router import router as selfservice_router
 from app.tenants import cache as key_cache
+from app.tenants import last_used
 from app.upstream import sandbox
 from app.webhooks.router import router as webhooks_router
 from app.worker import Worker
@@ -61,16 +64,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         simulators, registry = await providers_sandbox.start(settings, sandbox_base_url)
     runtime = build_runtime(settings, engine, sessions, registry=registry)
     app.state.runtime = runtime
-    # PostgreSQL: every process hears of key revokes and tenant changes at once (app/tenants/cache.py).
+    # Every process hears of key revokes and tenant changes at once (app/tenants/cache.py): NOTIFY on
+    # PostgreSQL, a marker file beside the database on SQLite.
     listener_stop = asyncio.Event()
     listener = (
         asyncio.create_task(key_cache.listen(engine.url, listener_stop))
         if engine.dialect.name == "postgresql"
         else None
     )
+    key_cache.CACHE.watch(engine.url)  # SQLite: the marker other processes (the CLI) append to
     # Each process adds its upstream call tallies to the providers' daily rows (the dashboard's figures).
     stats_stop = asyncio.Event()
     stats_task = asyncio.create_task(provider_stats.flush_loop(sessions, stats_stop))
+    # Keys' lastUsedAt, noted in memory by each key check, written every few seconds in one statement.
+    last_used_task = asyncio.create_task(last_used.flush_loop(sessions, settings.key_last_used_flush_s, listener_stop))
     worker_task = None
     worker = Worker(runtime)
     if settings.run_worker:
@@ -89,6 +96,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if listener is not None:
             with contextlib.suppress(Exception):
                 await listener
+        with contextlib.suppress(Exception):
+            await last_used_task
         if worker_task is not None:
             with contextlib.suppress(Exception):
                 await worker_task
@@ -120,8 +129,13 @@ def create_app(
     app.state.listen_url = listen_url
     install_error_handlers(app)
     # One layer: request id, guard, the balance headers, Server-Timing and metrics (app/core/middleware.py).
-    app.add_middleware(RequestMiddleware, sandbox=settings.sandbox, header_slots=(BALANCE_SLOT,))
-    routers = (predictions_router, usage_router, webhooks_router, admin_router, outputs_router)
+    app.add_middleware(
+        RequestMiddleware,
+        sandbox=settings.sandbox,
+        header_slots=(BALANCE_SLOT,),
+        unnoted=budgets_deps.unnoted_headers,
+    )
+    routers = (predictions_router, usage_router, webhooks_router, selfservice_router, admin_router, outputs_router)
     for router in (*routers, ops_router, dashboard_router):
         app.include_router(router)
     app.include_router(build_providers_router(require_admin))  # /admin/v1/providers

@@ -1,6 +1,9 @@
 """Imports every domain's models so Alembic and tests see the whole schema."""
 
-from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, RateWindow, ThresholdNotice
+from app.audit.models import AuditEntry
+from app.budgets.models import BudgetCounter, LedgerEntry, PricePoint, RateLimit, ThresholdNotice
+from app.dashboard.models import DashboardSession
+from app.operators.models import OperatorToken
 from app.outputs.models import OutputCopy, StoredOutput
 from app.predictions.models import IdempotencyKey, Prediction
 from app.providers.models import ProviderState
@@ -11,9 +14,12 @@ from app.webhooks.models import WebhookAttempt, WebhookDelivery
 
 __all__ = [
     "ApiKey",
+    "AuditEntry",
     "BudgetCounter",
+    "DashboardSession",
     "IdempotencyKey",
     "LedgerEntry",
+    "OperatorToken",
     "OutputCopy",
     "Prediction",
     "PricePoint",
@@ -21,7 +27,7 @@ __all__ = [
     "ProviderState",
     "QueueEntry",
     "QueueTenant",
-    "RateWindow",
+    "RateLimit",
     "StoredOutput",
     "Tenant",
     "ThresholdNotice",

@@ -5,16 +5,17 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import FileResponse, Response
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.admin import throttle
 from app.admin.deps import is_admin_token
 from app.core import metrics as app_metrics
 from app.core.database import transaction
 from app.core.errors import AppError, DatabaseUnavailable, NotFound
 from app.core.migrate import current_revision, head_revision
-from app.core.responses import json_response
+from app.core.responses import file_response, json_response
 from app.deps import RuntimeDep
 from app.upstream.simulator import SANDBOX_MP4
 
@@ -59,7 +60,9 @@ metrics_bearer = HTTPBearer(auto_error=False, scheme_name="MetricsToken", descri
 
 
 async def require_metrics_reader(
-    runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(metrics_bearer)]
+    request: Request,
+    runtime: RuntimeDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(metrics_bearer)],
 ) -> None:
     # The families carry every tenant id with its spend: open only in sandbox mode.
     settings = runtime.settings
@@ -67,9 +70,14 @@ async def require_metrics_reader(
         return
     given = credentials.credentials if credentials else ""
     metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else ""
-    if metrics_token and hmac.compare_digest(given.encode(), metrics_token.encode()):
-        return
-    if given and is_admin_token(settings, given):
+
+    def accepts(token: str) -> bool:
+        if metrics_token and hmac.compare_digest(token.encode(), metrics_token.encode()):
+            return True
+        return bool(token) and is_admin_token(settings, token)
+
+    # The admin token opens /metrics too: guesses here count with those at /admin (app/admin/throttle.py).
+    if throttle.checked(request, settings, given, accepts):
         return
     raise InvalidMetricsToken(
         "Send 'Authorization: Bearer <VIDGATE_METRICS_TOKEN>' (or the operator token).",
@@ -89,7 +97,7 @@ async def metrics() -> Response:
 
 
 @router.get("/sandbox/outputs/{name}", include_in_schema=False)
-async def sandbox_output(runtime: RuntimeDep, name: str) -> Response:
+async def sandbox_output(request: Request, runtime: RuntimeDep, name: str) -> Response:
     if not runtime.settings.sandbox:
         raise NotFound("Sandbox outputs exist only in sandbox mode.")
-    return FileResponse(SANDBOX_MP4, media_type="video/mp4")
+    return file_response(request, SANDBOX_MP4, media_type="video/mp4")

@@ -11,13 +11,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.budgets import service as budgets_service
-from app.budgets.models import RateWindow
 from app.core import clock, metrics
 from app.core.database import outage_backoff_s, transaction
 from app.core.errors import DatabaseUnavailable
@@ -183,7 +181,6 @@ class Worker:
         now = clock.now()
         async with transaction(self.runtime.sessions) as session:
             await session.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at < now))
-            await session.execute(delete(RateWindow).where(RateWindow.window_start < now - timedelta(minutes=5)))
             in_flight = await session.scalar(
                 select(func.count()).select_from(Prediction).where(Prediction.status == PredictionStatus.PROCESSING)
             )

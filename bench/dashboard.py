@@ -30,7 +30,7 @@ from app.runtime import build_runtime
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 DB = "vidgate_bench_dashboard"
-TOKEN = "bench-admin-token"
+TOKEN = "bench-admin-token-0123456789abcdef"
 OUT = Path(__file__).parent / "dashboard.md"
 
 

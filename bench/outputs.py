@@ -120,7 +120,7 @@ async def run(size_mb: int, runs: int, out: Path) -> None:
             VIDGATE_DATABASE_URL=f"sqlite:///{work / 'bench.db'}",
             VIDGATE_UPSTREAM_BASE_URL=sim_url,
             VIDGATE_UPSTREAM_API_KEY="bench",
-            VIDGATE_ADMIN_TOKEN=secrets.token_urlsafe(16),
+            VIDGATE_ADMIN_TOKEN=secrets.token_urlsafe(32),
             VIDGATE_WEBHOOK_ALLOW_PRIVATE="true",
             VIDGATE_OUTPUT_HOSTS=f"127.0.0.1:{sim_port}",
             VIDGATE_OUTPUTS_STORE=str(work / "store"),

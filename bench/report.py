@@ -457,6 +457,7 @@ def write(r: dict[str, Any], out: Path, *, smoke: bool, before: dict[str, Any] |
     _cost_section(r, w)
     _server_timing_section(r, w)
     _contention_section(r, w)
+    _scopes_section(r, w)
     _polling_section(r, w, charts)
     _webhooks_section(r, w)
     providers.section(r, w)
@@ -748,6 +749,35 @@ def _contention_section(r: dict[str, Any], w: Any) -> None:
             f"One tenant runs at **{_f(_ratio(c[names[0]]['rps'], c[names[1]]['rps']), 2)} times** the throughput of spread tenants: "
             "that is the cost of the atomic reservation under contention."
         )
+    w("")
+
+
+def _scopes_section(r: dict[str, Any], w: Any) -> None:
+    c = r.get("scopes")
+    if not c:
+        return
+    plan = r.get("plan", {})
+    w("## Scoped keys (PostgreSQL)")
+    w("")
+    w(
+        f"{plan.get('contention_concurrency')} concurrent submits over 8 tenants, with today's keys (every scope, every "
+        "model, no expiry) vs keys narrowed by scopes, models and an expiry (a key's own budget is older, and measured "
+        "apart: it adds a counter row); runs interleaved. "
+        "Server CPU is the serving process tree's, per answered submit."
+    )
+    w("")
+    w("| keys | req/s | server CPU ms/submit | p50 ms | p99 ms | errors |")
+    w("|---|---|---|---|---|---|")
+    for name, x in c.items():
+        if name == "ratio":
+            continue
+        w(
+            f"| {name} | {_f(x['rps'], 0)} | {_f(x.get('server_cpu_ms_per_submit'), 3)} | {_f(x['p50'], 2)} "
+            f"| {_f(x['p99'], 2)} | {x['errors']} |"
+        )
+    ratio = (c.get("ratio") or {}).get("scoped_over_today_cpu")
+    w("")
+    w(f"Scoped keys cost **{_f(ratio, 3)} times** today's server CPU per submit.")
     w("")
 
 

@@ -476,6 +476,7 @@ class Bench:
                 ("workers", self.phase_workers),
                 ("busy", self.phase_busy),
                 ("contention", self.phase_contention),
+                ("scopes", self.phase_scopes),
                 ("polling", self.phase_polling),
                 ("webhooks", self.phase_webhooks),
                 ("providers", self.phase_providers),
@@ -872,6 +873,70 @@ class Bench:
                     f"  contention {name:<12} c={plan.contention_concurrency} {s['rps']:8.0f} req/s  p50 {s['p50']:.2f} ms  p99 {s['p99']:.2f} ms"
                 )
             self.results["contention"] = out
+        finally:
+            self.procs.stop(server)
+            self.procs.stop(sim)
+
+    async def phase_scopes(self) -> None:
+        """Submit CPU with today's keys against keys narrowed by scopes, models and an expiry (SPEC §13): the
+        checks read the cached key, so the gateway's CPU per submit should not move.
+        PostgreSQL, one process, interleaved runs; CPU of the serving process tree over its answered submits."""
+        plan = self.plan
+        dbs = getattr(self, "dbs", None) or await self.prepare_vidgate_dbs()
+        db = dbs["vidgate-postgresql"]
+        sim, sim_url = await self.start_simulator()
+        server, base = await self.start_vidgate(db, sim_url, run_worker=False)
+        try:
+            tenants = [(await self.make_tenant(base, f"scopes-{i}", budget_cents=10**9)) for i in range(8)]
+            narrowed = {
+                "scopes": ["generate"],
+                "models": [MODEL],
+                "expiresAt": "2999-01-01T00:00:00.000Z",
+            }
+            scoped = [
+                (await self.admin(base, "POST", f"/admin/v1/tenants/{tenant_id}/keys", narrowed))["key"]
+                for tenant_id, _ in tenants
+            ]
+            variants = {
+                "today's keys": [f"Bearer {k}" for _, k in tenants],
+                "scoped keys": [f"Bearer {k}" for k in scoped],
+            }
+            load = {
+                "method": "POST",
+                "paths": [f"/api/v1/models/{MODEL}/generate"],
+                "body": SUBMIT_BODY,
+                "concurrency": plan.contention_concurrency,
+                "workdir": self.workdir,
+            }
+            for auths in variants.values():  # warm both paths first (key cache, statement caches)
+                await run_load(base, auths=auths, duration_s=plan.warmup_s, **load)
+            await self.wait_quiet()
+            meter = CpuMeter(self.db_tag)
+            runs: dict[str, list[Load]] = {name: [] for name in variants}
+            cpu_ms: dict[str, list[float]] = {name: [] for name in variants}
+            for _ in range(plan.reps):  # interleaved, so drift hits both alike
+                for name, auths in variants.items():
+                    before = sum(tree_cpu_s(server.pid).values())
+                    result = await run_load(base, auths=auths, duration_s=plan.duration_s, **load)
+                    spent = sum(tree_cpu_s(server.pid).values()) - before
+                    runs[name].append(result)
+                    answered = max(result.requests - result.errors, 1)
+                    cpu_ms[name].append(1000 * spent / answered)
+            out = {name: summarize(r) for name, r in runs.items()}
+            foreign = meter.foreign_cores()
+            self.note_foreign(foreign)
+            for name, s in out.items():
+                s["foreign_cores"] = foreign
+                s["server_cpu_ms_per_submit"] = median(cpu_ms[name])
+                s["server_cpu_ms_runs"] = cpu_ms[name]
+                self.log(
+                    f"  scopes {name:<13} c={plan.contention_concurrency} {s['rps']:8.0f} req/s"
+                    f"  server CPU {s['server_cpu_ms_per_submit']:.3f} ms/submit  p50 {s['p50']:.2f} ms"
+                )
+            today, narrow = (out[n]["server_cpu_ms_per_submit"] for n in variants)
+            out["ratio"] = {"scoped_over_today_cpu": narrow / today if today else None}
+            self.log(f"  scopes: scoped / today's CPU per submit = {out['ratio']['scoped_over_today_cpu']:.3f}")
+            self.results["scopes"] = out
         finally:
             self.procs.stop(server)
             self.procs.stop(sim)
@@ -1338,7 +1403,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        default="clients,submit,workers,busy,contention,polling,webhooks,providers,queue",
+        default="clients,submit,workers,busy,contention,scopes,polling,webhooks,providers,queue",
         help="comma-separated phases to run",
     )
     parser.add_argument(

@@ -79,7 +79,7 @@ wait_http "http://127.0.0.1:$SIM_PORT/" 60
 for url in "" "$PG/$PGDB"; do
   PORT=$(free_port)
   VIDGATE_DATABASE_URL="$url" VIDGATE_UPSTREAM_BASE_URL="http://127.0.0.1:$SIM_PORT" \
-    VIDGATE_UPSTREAM_API_KEY=wheel-check-vendor-key VIDGATE_ADMIN_TOKEN=wheel-check-admin-token \
+    VIDGATE_UPSTREAM_API_KEY=wheel-check-vendor-key VIDGATE_ADMIN_TOKEN=wheel-check-admin-token-0123456789abcdef \
     "$VIDGATE" serve --port "$PORT" >"$WORK/serve.log" 2>&1 &
   pid=$!
   PIDS+=("$pid")

@@ -35,7 +35,7 @@ from app.main import create_app
 from app.runtime import Runtime, build_runtime
 from app.upstream.simulator import STATE, Faults, SimConfig, SimState, start_simulator
 
-ADMIN_TOKEN = "test-admin-token"
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"  # 32 characters, as a real token must have
 PG_SERVER = os.environ.get("VIDGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 TEST_DB = os.environ.get("VIDGATE_TEST_DB", "sqlite")
 

@@ -264,6 +264,31 @@ async def test_logs_are_json_lines_with_ids_and_no_secrets(api: Api) -> None:
         assert secret not in text
 
 
+async def test_json_answers_are_nosniff(api: Api) -> None:
+    tenant = await api.tenant()
+    for answer in (
+        await tenant.get("/api/v1/usage"),
+        await tenant.get("/api/v1/predictions/nope"),
+        await api.admin("GET", "/admin/v1/tenants"),
+        await api.http.get("/healthz"),
+        await api.http.get("/api/v1/nope"),
+    ):
+        assert answer.headers["x-content-type-options"] == "nosniff", answer.url
+
+
+async def test_problem_details_name_enum_values_not_their_reprs(api: Api, sim: SimState) -> None:
+    tenant = await api.tenant()
+    answers = [
+        await tenant.get("/api/v1/predictions", params={"status": "bogus"}),
+        await tenant.submit(valid_body(webhookEventsFilter=["bogus"])),
+        await tenant.get("/api/v1/webhook-deliveries", params={"status": "bogus"}),
+    ]
+    for answer in answers:
+        assert answer.status_code == 422, answer.text
+        assert "Status." not in answer.text and "<" not in answer.text, answer.text
+    assert "'processing'" in answers[0].json()["detail"]
+
+
 async def test_status_filters_take_only_the_statuses_a_caller_can_see(api: Api) -> None:
     tenant = await api.tenant()
     # A prediction still submitting is not shown to its tenant, so it is no filter either.

@@ -6,8 +6,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.core import timing
 from app.core.batching import Batcher
+from app.core.logging import request_id_var, tenant_id_var
 
 
 class Recorder:
@@ -117,3 +121,84 @@ async def test_a_wrong_number_of_results_fails_the_batch_instead_of_hanging() ->
     batcher: Batcher[str, str] = Batcher(short)
     with pytest.raises(RuntimeError, match="got 0 results"):
         await batcher.submit("a")
+
+
+async def test_each_batch_runs_outside_the_request_that_started_the_runner(engine: AsyncEngine) -> None:
+    """Two concurrent requests: A's item starts the runner, B's queues behind it and goes in the next
+    batch. Neither batch sees A's (or B's) request id or tenant, and B's batch adds its database time to
+    B's Server-Timing, not to A's, which has answered by then."""
+    seen: list[tuple[str | None, str | None]] = []
+    gate = asyncio.Event()
+    started = asyncio.Event()
+
+    async def apply(items: list[str]) -> list[str | BaseException]:
+        seen.append((request_id_var.get(), tenant_id_var.get()))
+        started.set()
+        if items == ["a"]:
+            await gate.wait()
+        async with engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+        return [item.upper() for item in items]
+
+    batcher: Batcher[str, str] = Batcher(apply)
+
+    async def request(request_id: str, item: str) -> tuple[str, timing.Spent]:
+        request_id_var.set(request_id)
+        tenant_id_var.set(f"ten_{request_id}")
+        spent, _ = timing.start()
+        return await batcher.submit(item), spent
+
+    first = asyncio.create_task(request("req-a", "a"))
+    await started.wait()
+    second = asyncio.create_task(request("req-b", "b"))
+    await asyncio.sleep(0)  # B queues behind A's running batch
+    gate.set()
+    answer_a, spent_a = await first
+    a_db_when_answered = spent_a.db_s
+    answer_b, spent_b = await second
+    assert (answer_a, answer_b) == ("A", "B")
+    assert seen == [(None, None), (None, None)]
+    assert spent_b.db_s > 0  # B's own batch
+    assert spent_a.db_s == a_db_when_answered > 0  # A's batch only, not B's after it
+
+
+async def test_an_exit_exception_is_not_handed_to_the_callers() -> None:
+    """SystemExit and KeyboardInterrupt stop the process: they propagate from the runner (run here as a
+    plain coroutine: raised in a task, asyncio would stop this test's event loop with them), and the
+    batch's callers are cancelled rather than handed the exit exception to swallow."""
+    for exit_exception in (SystemExit(3), KeyboardInterrupt()):
+
+        async def apply(items: list[str], exc: BaseException = exit_exception) -> list[str | BaseException]:
+            raise exc
+
+        batcher: Batcher[str, str] = Batcher(apply)
+        caller: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        batcher._queue.append(("a", caller, None))
+        with pytest.raises(type(exit_exception)):
+            await batcher._run()
+        assert caller.cancelled()
+
+
+async def test_a_caller_gone_with_on_abandoned_has_its_item_applied_and_handed_over() -> None:
+    """on_abandoned: the item of a caller cancelled while its batch runs, or while it still queues, is
+    applied all the same and its result handed to on_abandoned (a hold to give back); a caller without
+    it is dropped while queued, as before."""
+    recorder = Recorder()
+    recorder.gate = asyncio.Event()
+    batcher = Batcher(recorder)
+    abandoned: list[str] = []
+    running = asyncio.create_task(batcher.submit("a", on_abandoned=abandoned.append))
+    await recorder.started.wait()
+    queued = asyncio.create_task(batcher.submit("b", on_abandoned=abandoned.append))
+    dropped = asyncio.create_task(batcher.submit("gone"))
+    failing = asyncio.create_task(batcher.submit("bad", on_abandoned=abandoned.append))
+    await asyncio.sleep(0)  # they queue
+    for task in (running, queued, dropped, failing):
+        task.cancel()
+    recorder.gate.set()
+    await asyncio.wait([running, queued, dropped, failing])
+    runner = batcher._runner
+    assert runner is not None
+    await runner
+    assert recorder.batches == [["a"], ["b", "bad"]]
+    assert abandoned == ["A", "B"]  # an exception result has nothing to hand over

@@ -340,7 +340,7 @@ async def test_budget_refusal_does_not_take_a_concurrency_slot(api: Api, sim: Si
     assert await in_flight(api.runtime, tenant.id) == 1
 
 
-async def test_rate_per_minute_resets_next_minute(api: Api, sim: SimState) -> None:
+async def test_rate_per_minute_is_a_burst_then_a_steady_pace(api: Api, sim: SimState) -> None:
     clock.shift_to(datetime(2030, 6, 10, 10, 0, 10, tzinfo=UTC))
     tenant = await api.tenant(ratePerMinute=3)
     for _ in range(3):
@@ -352,19 +352,39 @@ async def test_rate_per_minute_resets_next_minute(api: Api, sim: SimState) -> No
     assert problem["code"] == "rate_limited"
     assert problem["limit"] == 3
     retry_after = int(refused.headers["retry-after"])
-    assert 49 <= retry_after <= 50  # the window ends at 10:01:00
+    assert retry_after == 20  # one unit every 60/3 s
     assert problem["retryAfter"] == retry_after
     assert sim.submits == 3
     now = await usage(tenant)
     assert (now["spentCents"], now["reservedCents"]) == (27, 0)
 
-    clock.shift_to(datetime(2030, 6, 10, 10, 1, 0, 500000, tzinfo=UTC))
+    # One interval later one more fits, and only one.
+    clock.shift_to(datetime(2030, 6, 10, 10, 0, 30, 500000, tzinfo=UTC))
+    assert (await tenant.submit()).status_code == 200
+    assert (await tenant.submit()).status_code == 429
+    # A quiet minute gives the whole burst back.
+    clock.shift_to(datetime(2030, 6, 10, 10, 2, 0, tzinfo=UTC))
     for _ in range(3):
         assert (await tenant.submit()).status_code == 200
     again = await tenant.submit()
     assert again.status_code == 429
     assert again.json()["code"] == "rate_limited"
-    assert sim.submits == 6
+    assert sim.submits == 7
+
+
+async def test_a_minute_boundary_does_not_double_the_rate(api: Api, sim: SimState) -> None:
+    """Issue 24 B7: with calendar minutes, ratePerMinute=2 let 4 submits through within 25 s across a
+    boundary. Any 25 s now admit at most 2 (and any 60 s at most 3: a burst, then one every 30 s)."""
+    clock.shift_to(datetime(2030, 6, 10, 10, 0, 50, tzinfo=UTC))
+    tenant = await api.tenant(ratePerMinute=2)
+    answers = []
+    for moment in (50, 55, 61, 65, 75):  # seconds after 10:00:00
+        clock.shift_to(datetime(2030, 6, 10, 10, 0, 0, tzinfo=UTC) + timedelta(seconds=moment))
+        answers.append((await tenant.submit()).status_code)
+    assert answers == [200, 200, 429, 429, 429]
+    clock.shift_to(datetime(2030, 6, 10, 10, 1, 21, tzinfo=UTC))  # one interval (30 s) after the first, and a bit
+    assert (await tenant.submit()).status_code == 200
+    assert sim.submits == 3
 
 
 # ---------------------------------------------------------------- periods

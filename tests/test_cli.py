@@ -86,3 +86,57 @@ def test_output_retention_per_tenant(db: None) -> None:
     assert code == 0 and json.loads(out)["outputRetentionDays"] == 90
     code, _, err = run("tenants", "update", tenant_id, "--output-retention-days", "0")
     assert code == 2 and "output_retention_days" in err
+
+
+def test_operator_commands_act_as_the_token_in_the_environment(db: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without VIDGATE_OPERATOR_TOKEN the CLI acts as `admin` (it holds the database's credentials); with one
+    it acts as that operator, and a viewer's token changes nothing."""
+    code, out, _ = run("operator-tokens", "create", "ops-bot", "--role", "admin", "--json")
+    assert code == 0
+    admin_token = json.loads(out)["token"]
+    code, out, _ = run("operator-tokens", "create", "auditor", "--role", "viewer", "--json")
+    viewer = json.loads(out)
+    code, out, _ = run("tenants", "create", "by-admin", "--json")
+    tenant = json.loads(out)
+
+    monkeypatch.setenv("VIDGATE_OPERATOR_TOKEN", admin_token)
+    code, out, _ = run("keys", "create", tenant["id"], "--scopes", "generate", "--models", "ltx-2-19b", "--json")
+    assert code == 0, out
+    key = json.loads(out)
+    assert key["scopes"] == ["generate"] and key["models"] == ["ltx-2-19b"]
+    code, out, _ = run("keys", "list", tenant["id"], "--json")
+    assert code == 0 and [k["prefix"] for k in json.loads(out)] == [key["prefix"]]
+    code, out, _ = run("webhook-secret", "rotate", tenant["id"], "--json")
+    assert code == 0 and json.loads(out)["webhookSecret"].startswith("whsec_")
+
+    monkeypatch.setenv("VIDGATE_OPERATOR_TOKEN", viewer["token"])
+    for args in (("tenants", "delete", tenant["id"]), ("keys", "revoke", tenant["id"], key["id"])):
+        code, out, err = run(*args)
+        assert code == 2 and "viewer" in err, (args, out, err)
+    code, out, _ = run("tenants", "list", "--json")
+    assert code == 0 and len(json.loads(out)) == 1  # a viewer reads
+
+    monkeypatch.setenv("VIDGATE_OPERATOR_TOKEN", "vgo_not-a-token")
+    code, _, err = run("tenants", "list")
+    assert code == 2 and "VIDGATE_OPERATOR_TOKEN" in err
+    monkeypatch.delenv("VIDGATE_OPERATOR_TOKEN")
+
+    code, out, _ = run("operator-tokens", "revoke", viewer["id"], "--json")
+    assert code == 0 and json.loads(out)["revokedAt"]
+    code, out, _ = run("tenants", "delete", tenant["id"], "--json")
+    assert code == 0
+    code, out, _ = run("audit", "--json")
+    assert code == 0
+    seen = [(e["actor"], e["action"]) for e in reversed(json.loads(out)["data"])]
+    assert seen == [
+        ("admin", "operator_token.create"),
+        ("admin", "operator_token.create"),
+        ("admin", "tenant.create"),
+        ("operator:ops-bot", "key.create"),
+        ("operator:ops-bot", "webhook_secret.rotate"),
+        ("admin", "operator_token.revoke"),
+        ("admin", "tenant.delete"),
+    ]
+    code, out, _ = run("audit", "--actor", "operator:ops-bot", "--action", "key.create", "--json")
+    assert [e["target"] for e in json.loads(out)["data"]] == [f"key:{key['id']}"]
+    assert key["key"] not in out and admin_token not in out

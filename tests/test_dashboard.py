@@ -5,6 +5,7 @@ The browser tests (tests/test_dashboard_browser.py) drive the same pages in Chro
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import time
@@ -119,15 +120,21 @@ async def test_tampered_or_expired_session_is_logged_out(api: Api) -> None:
     assert key is not None
     value = api.http.cookies.get(sessions.COOKIE)
     assert value is not None
+    sid = sessions.decode(key, value).sid  # type: ignore[union-attr]
     payload, signature = value.split(".")
     api.http.cookies.set(sessions.COOKIE, payload + "." + signature[:-2] + "AA", path="/dashboard")
     assert (await api.http.get("/dashboard")).status_code == 303
-    expired = sessions.Session(authenticated=True, csrf="c", expires_at=time.time() - 1)
+    expired = sessions.Session(authenticated=True, csrf="c", expires_at=time.time() - 1, sid=sid)
     api.http.cookies.set(sessions.COOKIE, sessions.encode(key, expired), path="/dashboard")
     assert (await api.http.get("/dashboard")).status_code == 303
-    fresh = sessions.Session(authenticated=True, csrf="c", expires_at=time.time() + 60)
+    fresh = sessions.Session(authenticated=True, csrf="c", expires_at=time.time() + 60, sid=sid)
     api.http.cookies.set(sessions.COOKIE, sessions.encode(key, fresh), path="/dashboard")
     assert (await api.http.get("/dashboard")).status_code == 200
+    # Signed, but naming no session the server began (or one it ended): logged out.
+    for other_sid in ("", "made-up"):
+        made_up = sessions.Session(authenticated=True, csrf="c", expires_at=time.time() + 60, sid=other_sid)
+        api.http.cookies.set(sessions.COOKIE, sessions.encode(key, made_up), path="/dashboard")
+        assert (await api.http.get("/dashboard")).status_code == 303
     # A key made from another admin token signs nothing this gateway accepts.
     other = sessions.signing_key(api.runtime.settings, "another-token")
     assert other is not None
@@ -137,9 +144,55 @@ async def test_tampered_or_expired_session_is_logged_out(api: Api) -> None:
 
 async def test_logout_ends_the_session(api: Api) -> None:
     csrf = await login(api)
+    tenant = await api.tenant(name="after-logout")
+    kept = api.http.cookies.get(sessions.COOKIE)  # a copy of the cookie, kept past logout (or stolen)
+    assert kept is not None
     out = await api.http.post("/dashboard/logout", data={"csrf": csrf})
     assert out.status_code == 303 and out.headers["location"] == "/dashboard/login"
     assert (await api.http.get("/dashboard")).status_code == 303
+
+    # Ended on the server: the old cookie opens no page and mints no key (issue 24 B2).
+    api.http.cookies.set(sessions.COOKIE, kept, path="/dashboard")
+    assert (await api.http.get("/dashboard")).status_code == 303
+    assert (await api.http.get(f"/dashboard/tenants/{tenant.id}")).status_code == 303
+    minted = await api.http.post(f"/dashboard/tenants/{tenant.id}/keys", data={"csrf": csrf, "name": "x"})
+    assert minted.status_code == 303 and "vg_" not in minted.text
+    keys = await api.admin("GET", f"/admin/v1/tenants/{tenant.id}/keys")
+    assert len(keys.json()["data"]) == 1  # only the one api.tenant made
+    # Logging in again starts a new session; the old cookie stays dead.
+    api.http.cookies.clear()
+    await login(api)
+    assert api.http.cookies.get(sessions.COOKIE) != kept
+    api.http.cookies.set(sessions.COOKIE, kept, path="/dashboard")
+    assert (await api.http.get("/dashboard")).status_code == 303
+
+
+@pytest.mark.parametrize(
+    ("peer", "proto", "secure"),
+    [
+        ("10.9.0.1", "https", True),  # a trusted proxy that terminated TLS
+        ("10.9.0.1", "http", False),
+        ("127.0.0.1", "https", False),  # anyone else may say what they like
+    ],
+)
+async def test_the_cookie_is_secure_behind_a_trusted_tls_proxy(api: Api, peer: str, proto: str, secure: bool) -> None:
+    api.runtime.settings = api.runtime.settings.model_copy(
+        update={"trusted_proxies": [ipaddress.ip_network("10.9.0.0/24")]}
+    )
+    transport: Any = api.http._transport
+    transport.client = (peer, 4242)
+    headers = {"X-Forwarded-Proto": proto}
+    page = await api.http.get("/dashboard/login", headers=headers)
+    assert ("; secure" in set_cookie_header(page).lower()) is secure
+    # httpx keeps a Secure cookie from a plain-http base URL: hand it over as the browser behind TLS would.
+    cookie = set_cookie_header(page).split(";")[0]
+    api.http.cookies.clear()
+    login_headers = {**headers, "Cookie": cookie}
+    done = await api.http.post(
+        "/dashboard/login", data={"csrf": csrf_of(page), "token": ADMIN_TOKEN}, headers=login_headers
+    )
+    assert done.status_code == 303
+    assert ("; secure" in set_cookie_header(done).lower()) is secure
 
 
 async def test_settings_form_validates_as_the_api_does(api: Api) -> None:
@@ -286,6 +339,12 @@ async def test_static_files_are_served_from_the_package(api: Api, path: str) -> 
     assert "immutable" in answer.headers["cache-control"]
     assert answer.headers["content-security-policy"].startswith("default-src 'self'")
     assert (await api.http.get("/dashboard/static/..%2Fsession.py")).status_code == 404
+    # The ETag it serves is honoured, and so is `*` (issue 24 B8).
+    for tag in (answer.headers["etag"], "*", f'"other", {answer.headers["etag"]}'):
+        again = await api.http.get(path, headers={"If-None-Match": tag})
+        assert again.status_code == 304 and again.content == b"", tag
+        assert again.headers["etag"] == answer.headers["etag"]
+    assert (await api.http.get(path, headers={"If-None-Match": '"other"'})).status_code == 200
 
 
 async def test_ledger_verify_checks_the_rollup(api: Api) -> None:

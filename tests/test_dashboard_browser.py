@@ -218,3 +218,86 @@ async def test_pages_work_without_javascript(gateway: str, browser: Browser) -> 
     await page.click("button:has-text('Search')")
     assert await page.locator("table.tenants tbody tr").count() == 1
     await context.close()
+
+
+async def _operator_token(base: str, name: str, role: str) -> str:
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as http:
+        made = await http.post("/admin/v1/operator-tokens", json={"name": name, "role": role})
+        assert made.status_code == 201, made.text
+        return str(made.json()["token"])
+
+
+async def test_a_viewers_pages_have_no_forms_that_change_anything(gateway: str, browser: Browser) -> None:
+    base = gateway
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as http:
+        tenant = (await http.post("/admin/v1/tenants", json={"name": "watched"})).json()
+        await http.post(f"/admin/v1/tenants/{tenant['id']}/keys", json={})
+    token = await _operator_token(base, "viewer-eve", "viewer")
+    context = await browser.new_context(viewport={"width": 1280, "height": 800})
+    page = await context.new_page()
+    await page.goto(f"{base}/dashboard/login")
+    await page.fill("input[name=token]", token)
+    await page.click("text=Sign in")
+    await page.wait_for_url(f"{base}/dashboard")
+    for path in (
+        "/dashboard",
+        f"/dashboard/tenants/{tenant['id']}",
+        "/dashboard/predictions",
+        "/dashboard/deliveries",
+        "/dashboard/audit",
+    ):
+        await page.goto(base + path)
+        forms = await page.eval_on_selector_all(
+            "form", "els => els.map(f => [f.getAttribute('method') || 'get', f.getAttribute('action')])"
+        )
+        # Filters read (GET) and the session ends (log out); nothing else is a form.
+        changing = [f for f in forms if f[0].lower() != "get" and f[1] != "/dashboard/logout"]
+        assert changing == [], (path, forms)
+        assert await page.locator("button:has-text('Revoke'), button:has-text('Create')").count() == 0
+        assert "operator:viewer-eve (viewer)" in await page.inner_text("header")
+    await shoot(page, "viewer-tenant")
+    await context.close()
+
+
+async def test_the_audit_page_filters(gateway: str, browser: Browser) -> None:
+    base = gateway
+    alice = await _operator_token(base, "alice", "admin")
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {alice}"}) as http:
+        first = (await http.post("/admin/v1/tenants", json={"name": "one"})).json()
+        second = (await http.post("/admin/v1/tenants", json={"name": "two"})).json()
+        await http.patch(f"/admin/v1/tenants/{second['id']}", json={"budgetCents": 300})
+    context = await browser.new_context(viewport={"width": 1280, "height": 800})
+    page = await context.new_page()
+    await sign_in(page, base)
+    await page.click("text=Audit log")
+    await page.wait_for_url(f"{base}/dashboard/audit")
+    rows = page.locator("table.audit tbody tr[data-action]")
+    assert await rows.count() == 4  # the operator token, two tenants, one update
+
+    await page.fill("input[name=actor]", "operator:alice")
+    await page.fill("input[name=action]", "tenant.create")
+    await page.click("form.filters button[type=submit]")
+    await page.wait_for_url(re.compile(r"actor=operator%3Aalice"))
+    await eventually(lambda: _count_is(rows, 2), what="the filtered audit rows")
+    texts = await rows.all_inner_texts()
+    assert all("tenant.create" in t and "operator:alice" in t for t in texts)
+    assert all(any(f"tenant:{t['id']}" in text for text in texts) for t in (first, second))
+
+    await page.fill("input[name=action]", "")
+    await page.fill("input[name=target]", f"tenant:{second['id']}")
+    await page.click("form.filters button[type=submit]")
+    await page.wait_for_url(re.compile(r"target=tenant%3A"))
+    await eventually(
+        lambda: _count_is(page.locator('table.audit tbody tr[data-action="tenant.update"]'), 1),
+        what="the rows of one target",
+    )
+    assert sorted(await rows.evaluate_all("els => els.map(e => e.dataset.action)")) == [
+        "tenant.create",
+        "tenant.update",
+    ]
+    await shoot(page, "audit")
+    await context.close()
+
+
+async def _count_is(locator: Any, n: int) -> bool:
+    return bool(await locator.count() == n)

@@ -424,3 +424,73 @@ async def test_json_nested_past_the_parser_limit_is_a_4xx(api: Api, sim: SimStat
     assert response.status_code == 400, response.text
     assert response.headers["content-type"] == "application/problem+json"
     assert sim.submits == 0
+
+
+# ---------------------------------------------------------------- the dashboard's parameters (issue 24 B4)
+
+DASHBOARD_CASES = [
+    ("/dashboard/predictions", {"to": "9999-12-31"}, "to"),
+    ("/dashboard/deliveries", {"to": "9999-12-31"}, "to"),
+    ("/dashboard/usage.csv", {"to": "9999-12-31"}, "to"),
+    ("/dashboard/predictions", {"from": "0001-01-01T00:00:00+01:00"}, "from"),
+    ("/dashboard/deliveries", {"from": "0001-01-01T00:00:00+01:00"}, "from"),
+    ("/dashboard/usage.csv", {"from": "0001-01-01T00:00:00+01:00"}, "from"),
+    ("/dashboard/predictions", {"tenant": "t\x00"}, "tenant"),
+    ("/dashboard/predictions", {"cursor": "c\x00"}, "cursor"),
+    ("/dashboard/deliveries", {"tenant": "t\x00"}, "tenant"),
+    ("/dashboard/deliveries", {"cursor": "c\x00"}, "cursor"),
+    ("/dashboard", {"q": "q\x00"}, "q"),
+    ("/dashboard", {"q": "q\x01"}, "q"),
+    ("/dashboard/tenants/" + quote("ten\x00"), {}, "tenant_id"),
+    ("/dashboard/static/" + quote("a\x00"), {}, "name"),
+]
+
+
+@pytest.mark.parametrize(("path", "params", "field"), DASHBOARD_CASES)
+async def test_dashboard_parameters_the_database_cannot_take_are_refused(
+    api: Api, path: str, params: dict[str, str], field: str
+) -> None:
+    from tests.test_dashboard import login
+
+    await login(api)
+    answer = await api.http.get(path, params=params)
+    assert answer.status_code == 422, answer.text[:2000]
+    assert field in answer.text
+
+
+async def test_dashboard_forms_refuse_unstorable_path_parameters(api: Api) -> None:
+    from tests.test_dashboard import login
+
+    csrf = await login(api)
+    for path in (
+        "/dashboard/tenants/" + quote("t\x00") + "/settings",
+        "/dashboard/tenants/" + quote("t\x00") + "/keys",
+        "/dashboard/tenants/t/keys/" + quote("k\x00") + "/revoke",
+        "/dashboard/deliveries/" + quote("d\x00") + "/redeliver",
+    ):
+        answer = await api.http.post(path, data={"csrf": csrf, "name": "x"})
+        assert answer.status_code in (404, 422), (path, answer.status_code, answer.text[:500])
+
+
+@pytest.mark.parametrize("value", ["a\x00b", "a\x01b"], ids=["nul", "control"])
+async def test_dashboard_form_fields_the_database_cannot_take_are_refused(api: Api, value: str) -> None:
+    from tests.test_dashboard import login
+
+    csrf = await login(api)
+    tenant = await api.tenant(name="forms")
+    for path in (
+        f"/dashboard/tenants/{tenant.id}/keys",
+        f"/dashboard/tenants/{tenant.id}/settings",
+        "/dashboard/tenants",
+    ):
+        answer = await api.http.post(path, data={"csrf": csrf, "name": value})
+        assert answer.status_code == 422, (path, answer.text[:500])
+    # The list filters a redeliver form carries back are dropped when the list could not take them.
+    answer = await api.http.post(
+        "/dashboard/deliveries/dlv_x/redeliver", data={"csrf": csrf, "tenant": value, "status": value}
+    )
+    assert answer.status_code == 404, answer.text[:500]
+
+
+async def test_operator_outputs_path_with_nul_is_refused(api: Api) -> None:
+    assert_problem(await api.admin("GET", "/admin/v1/predictions/" + quote("p\x00") + "/outputs"), "predictionId")

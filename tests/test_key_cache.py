@@ -103,6 +103,24 @@ def test_the_cache_is_bounded_and_drops_the_least_recently_used() -> None:
     assert len(cache) == 0
 
 
+def test_a_change_marked_beside_a_sqlite_file_drops_the_cache(tmp_path: Any) -> None:
+    cache = key_cache.KeyCache()
+    url = make_url(f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}")
+    cache.watch(url)
+    tenant: Any = type("T", (), {"id": "ten_1"})()
+    cache.put("a", tenant, tenant, LONG_TTL_S)
+    assert cache.get("a") is not None
+    marker = key_cache.marker_path(url)
+    assert marker is not None and marker.endswith("gateway.db.tenants-changed")
+    with open(marker, "ab") as file:  # what another process's commit does
+        file.write(b".")
+    assert cache.get("a") is None
+    cache.put("a", tenant, tenant, LONG_TTL_S)
+    assert cache.get("a") is not None  # seen once, not again
+    assert key_cache.marker_path(make_url("sqlite+aiosqlite:///:memory:")) is None
+    assert key_cache.marker_path(make_url("postgresql+asyncpg://u@h/db")) is None
+
+
 @pg_only
 async def test_the_listener_drops_on_notify_and_flushes_on_reconnect(database_url: str) -> None:
     tenant: Any = type("T", (), {"id": "ten_heard"})()
@@ -158,3 +176,73 @@ async def test_a_key_revoked_on_one_server_is_refused_by_the_other(
 
             await until(refused_by_b, 10, "server B to refuse the revoked key")
             assert (await gw_b.submit(key)).status_code == 401
+
+
+@pg_only
+@pytest.mark.slow
+async def test_a_key_expiry_takes_effect_on_both_servers_without_a_restart(
+    procs: Procs, tmp_path_factory: pytest.TempPathFactory, sim: Any
+) -> None:
+    """Both servers hold the key in their cache for an hour; its expiry is checked against the clock on
+    each request, so it takes effect everywhere at its moment, with no notification and no restart."""
+    from datetime import timedelta
+
+    from app.core import clock
+    from tests.procs import TENANT_KEYS
+
+    async with fresh_database(procs, tmp_path_factory, "vidgate_keyexpiry") as db:
+        env = gateway_env(db, sim, VIDGATE_KEY_CACHE_TTL_S=f"{LONG_TTL_S:g}", VIDGATE_RUN_WORKER="false")
+        gw_a, gw_b = await asyncio.gather(procs.serve(env, "serve-A"), procs.serve(env, "serve-B"))
+        async with gw_a.http, gw_b.http:
+            tenant, _key = await gw_a.tenant()
+            expires = clock.now() + timedelta(seconds=4)
+            made = await gw_a.admin(
+                "POST", f"/admin/v1/tenants/{tenant['id']}/keys", json={"expiresAt": clock.iso(expires)}
+            )
+            assert made.status_code == 201, made.text
+            key = made.json()["key"]
+            TENANT_KEYS.add(key)
+            for gw in (gw_a, gw_b):  # each fills its key cache
+                assert (await gw.submit(key)).status_code == 200
+
+            async def expired_on(gw: Any) -> bool:
+                answer = await gw.submit(key)
+                if answer.status_code == 200:
+                    return False
+                assert answer.status_code == 401 and answer.json()["code"] == "api_key_expired", answer.text
+                return True
+
+            await until(lambda: expired_on(gw_a), 30, "server A to refuse the expired key")
+            await until(lambda: expired_on(gw_b), 30, "server B to refuse the expired key")
+            assert clock.now() >= expires
+
+
+@pytest.mark.slow
+async def test_a_key_revoked_from_the_cli_is_refused_at_once(
+    procs: Procs, tmp_path_factory: pytest.TempPathFactory, sim: Any
+) -> None:
+    """Issue 24 B5: `vidgate keys revoke` is a process of its own; the serving process must hear of it as
+    of an API revoke (NOTIFY on PostgreSQL, the change marker beside the SQLite file), not after its
+    cache's TTL (set far beyond this test here)."""
+    async with fresh_database(procs, tmp_path_factory, "vidgate_clirevoke") as db:
+        env = gateway_env(db, sim, VIDGATE_KEY_CACHE_TTL_S=f"{LONG_TTL_S:g}", VIDGATE_RUN_WORKER="false")
+        gw = await procs.serve(env)
+        async with gw.http:
+            tenant, key = await gw.tenant()
+            auth = {"Authorization": f"Bearer {key}"}
+            # The submit route takes the key check from the cache (the read routes ask the database).
+            assert (await gw.submit(key)).status_code == 200  # now cached
+            keys = await gw.admin("GET", f"/admin/v1/tenants/{tenant['id']}/keys")
+            key_id = keys.json()["data"][0]["id"]
+            revoked = await procs.run("keys", "revoke", tenant["id"], key_id, env=env)
+            assert revoked.returncode == 0, revoked.tail()
+            if TEST_DB == "postgresql":
+                # NOTIFY reaches the server's listener on a connection of its own: an order, not a race
+                # the test can close, so it waits for the event (bounded; the TTL is an hour).
+                async def refused() -> bool:
+                    return (await gw.submit(key)).status_code == 401
+
+                await until(refused, 10, "the server to refuse the key revoked from the CLI")
+            answer = await gw.submit(key)
+            assert answer.status_code == 401 and answer.json()["code"] == "invalid_api_key"
+            assert (await gw.http.get("/api/v1/usage", headers=auth)).status_code == 401

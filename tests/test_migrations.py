@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import app.models  # noqa: F401 - registers every table on the metadata
-from app.budgets.models import BudgetCounter, RateWindow
+from app.budgets.models import BudgetCounter
 from app.core import clock
 from app.core.database import Base
 from app.core.ids import new_id
@@ -59,7 +59,6 @@ async def test_money_columns_refuse_negative_values(engine: AsyncEngine) -> None
         insert(BudgetCounter.__table__).values(
             scope=f"tenant:{tenant_id}", period_start=clock.now(), spent_cents=-1, reserved_cents=0
         ),
-        insert(RateWindow.__table__).values(scope=f"tenant:{tenant_id}", window_start=clock.now(), count=-1),
     ]
     try:
         for statement in refused:

@@ -39,6 +39,9 @@ def use_settings(api: Api, **changes: Any) -> None:
 # ---------------------------------------------------------------- 5. fail-closed modes
 
 
+LONG = "operator-token-0123456789abcdef-0123456789"
+
+
 def test_sandbox_is_asked_for_never_implied(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VIDGATE_UPSTREAM_API_KEY", raising=False)
     monkeypatch.delenv("VIBEDREAM_API_KEY", raising=False)
@@ -51,28 +54,36 @@ def test_sandbox_is_asked_for_never_implied(monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.mark.parametrize(
     ("values", "role", "names"),
     [
-        ({"admin_token": "t"}, "serve", "VIDGATE_UPSTREAM_API_KEY"),
-        ({"admin_token": "t"}, "worker", "VIDGATE_UPSTREAM_API_KEY"),
-        ({"upstream_api_key": "", "admin_token": "t"}, "serve", "VIDGATE_UPSTREAM_API_KEY"),
+        ({"admin_token": LONG}, "serve", "VIDGATE_UPSTREAM_API_KEY"),
+        ({"admin_token": LONG}, "worker", "VIDGATE_UPSTREAM_API_KEY"),
+        ({"upstream_api_key": "", "admin_token": LONG}, "serve", "VIDGATE_UPSTREAM_API_KEY"),
         ({"upstream_api_key": "k"}, "serve", "VIDGATE_ADMIN_TOKEN"),
         ({"upstream_api_key": "k", "admin_token": ""}, "serve", "VIDGATE_ADMIN_TOKEN"),
         ({"upstream_api_key": "k", "admin_token": SANDBOX_ADMIN_TOKEN}, "serve", "VIDGATE_ADMIN_TOKEN"),
-        ({"upstream_api_key": "k", "admin_token": "t", "metrics_token": SANDBOX_ADMIN_TOKEN}, "serve", "METRICS"),
+        ({"upstream_api_key": "k", "admin_token": LONG, "metrics_token": SANDBOX_ADMIN_TOKEN}, "serve", "METRICS"),
         ({"upstream_api_key": "k"}, "worker", "VIDGATE_OUTPUT_SIGNING_KEY"),
         ({"upstream_api_key": "k", "output_signing_key": ""}, "worker", "VIDGATE_OUTPUT_SIGNING_KEY"),
+        # Short tokens, however set, in every mode (issue 24 B3).
+        ({"upstream_api_key": "k", "admin_token": "x"}, "serve", "VIDGATE_ADMIN_TOKEN is 1 characters"),
+        ({"upstream_api_key": "k", "admin_token": LONG[:31]}, "worker", "VIDGATE_ADMIN_TOKEN"),
+        ({"upstream_api_key": "k", "admin_token": LONG, "metrics_token": "m" * 31}, "serve", "VIDGATE_METRICS_TOKEN"),
+        ({"sandbox": True, "admin_token": "short"}, "serve", "VIDGATE_ADMIN_TOKEN"),
     ],
 )
-def test_refusals_outside_sandbox(values: dict[str, Any], role: Any, names: str) -> None:
+def test_refusals(values: dict[str, Any], role: Any, names: str) -> None:
     refusal = Settings(_env_file=None, **values).startup_refusal(role)
     assert refusal is not None and names in refusal and "\n" not in refusal
 
 
 def test_what_may_start() -> None:
-    assert Settings(_env_file=None, upstream_api_key="k", admin_token="t").startup_refusal("serve") is None
+    assert Settings(_env_file=None, upstream_api_key="k", admin_token=LONG).startup_refusal("serve") is None
     # No operator API in a worker, but output links need a key to be signed with.
     assert Settings(_env_file=None, upstream_api_key="k", output_signing_key="s").startup_refusal("worker") is None
-    assert Settings(_env_file=None, upstream_api_key="k", admin_token="t").startup_refusal("worker") is None
+    assert Settings(_env_file=None, upstream_api_key="k", admin_token=LONG).startup_refusal("worker") is None
     assert Settings(_env_file=None, sandbox=True).startup_refusal("serve") is None
+    # The sandbox's own (public, short) token still works there.
+    assert Settings(_env_file=None, sandbox=True, admin_token=SANDBOX_ADMIN_TOKEN).startup_refusal("serve") is None
+    assert Settings(_env_file=None, upstream_api_key="k", admin_token=LONG[:32]).startup_refusal("serve") is None
 
 
 async def test_sandbox_token_is_refused_outside_sandbox(api: Api) -> None:
@@ -127,6 +138,14 @@ async def test_metrics_needs_a_token_outside_sandbox(api: Api) -> None:
     for token in ("m-" + "x" * 30, ADMIN_TOKEN):
         allowed = await api.http.get("/metrics", headers={"Authorization": f"Bearer {token}"})
         assert allowed.status_code == 200 and "vidgate_http_requests_total" in allowed.text
+
+
+async def test_the_sandbox_clip_honours_if_none_match(api: Api) -> None:
+    use_settings(api, sandbox=True)
+    clip = await api.http.get("/sandbox/outputs/clip.mp4")
+    assert clip.status_code == 200 and clip.headers["content-type"] == "video/mp4"
+    for tag in (clip.headers["etag"], "*"):
+        assert (await api.http.get("/sandbox/outputs/clip.mp4", headers={"If-None-Match": tag})).status_code == 304
 
 
 async def test_metrics_open_only_in_sandbox(api: Api) -> None:

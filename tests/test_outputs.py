@@ -30,6 +30,7 @@ from app.core import clock
 from app.core.database import transaction
 from app.core.settings import Settings
 from app.outputs import service as outputs_service
+from app.outputs import signing
 from app.outputs.copier import Copier, allowed_host
 from app.outputs.models import OutputCopy, StoredOutput
 from app.outputs.service import RangeNotSatisfiable, parse_range
@@ -232,8 +233,20 @@ async def test_range_requests(stored: tuple[Setup, str, str, int]) -> None:
 
     etag = head.headers["etag"]
     assert (await fetch(setup.api, link, **{"If-None-Match": etag})).status_code == 304
+    assert (await fetch(setup.api, link, **{"If-None-Match": "*"})).status_code == 304
+    assert (await fetch(setup.api, link, **{"If-None-Match": f'"other", W/{etag}'})).status_code == 304
+    assert (await fetch(setup.api, link, **{"If-None-Match": '"other"'})).status_code == 200
     stale = await fetch(setup.api, link, Range="bytes=0-9", **{"If-Range": '"other"'})
     assert (stale.status_code, stale.content) == (200, whole)
+
+
+async def test_outputs_are_never_sniffed_or_run_as_documents(stored: tuple[Setup, str, str, int]) -> None:
+    setup, _, link, _ = stored
+    for answer in (await fetch(setup.api, link), await setup.api.http.head(link)):
+        assert answer.status_code == 200
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["content-security-policy"] == "sandbox; default-src 'none'"
+        assert answer.headers["content-disposition"] == 'inline; filename="0.mp4"'
 
 
 @pytest.mark.parametrize(
@@ -275,6 +288,12 @@ async def test_tampered_and_expired_links_answer_403(stored: tuple[Setup, str, s
         f"{base}?expires=%D9%A1%D9%A2&sig={sig}",  # non-ASCII digits
         base,
     ]
+    # Signed with the right key but expiring past now + TTL (in 2100): refused all the same.
+    key = signing.signing_key(setup.runtime.settings)
+    far = int(datetime(2100, 1, 1, tzinfo=UTC).timestamp())
+    tampered.append(PUBLIC + signing.link_path(key, prediction_id, "0.mp4", far))
+    ttl = setup.runtime.settings.output_url_ttl_s
+    tampered.append(PUBLIC + signing.link_path(key, prediction_id, "0.mp4", int(clock.now().timestamp()) + ttl + 60))
     for url in tampered:
         answer = await fetch(setup.api, url)
         assert answer.status_code == 403, url
@@ -373,6 +392,10 @@ async def test_a_flaky_then_stalled_vendor_is_retried_until_it_works(setup: Setu
     ("content_type", "max_bytes", "chunked", "reason"),
     [
         ("text/html", None, False, "not video, audio or an image"),
+        # A document with scripts, served from the gateway's origin (security review, issue 24 B1).
+        ("image/svg+xml", None, False, "not video, audio or an image"),
+        ("image/svg+xml; charset=utf-8", None, False, "not video, audio or an image"),
+        ("image/x-unknown+xml", None, False, "not video, audio or an image"),
         (None, 100, False, "over the limit"),  # refused from Content-Length
         (None, 100, True, "over the limit"),  # no length given: refused while streaming
     ],

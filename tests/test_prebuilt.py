@@ -17,7 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.budgets.models import PricePoint
 from app.core import prebuilt
 from app.core.database import create_engine, create_sessionmaker, table_of, transaction
-from tests.conftest import TEST_DB
+from app.upstream.simulator import SimState
+from tests.conftest import TEST_DB, Api, eventually, valid_body
 
 _points = table_of(PricePoint)
 _INSERT = insert(_points)
@@ -163,3 +164,45 @@ async def test_a_plan_is_compiled_for_the_dialect_that_runs_it(engine: AsyncEngi
         await other.dispose()
     dialects = {id(entry[-1].compiled.dialect) for entry in prebuilt._plans.values() if entry[0] is _READ_CENTS}
     assert dialects == {id(engine.dialect), id(other.dialect)}
+
+
+@postgresql_only
+async def test_the_hot_statements_take_the_fast_path(live_api: Api, worker: Any, sim: SimState) -> None:
+    """A submit (Idempotency-Key, a key with a budget of its own), its replay, a GET, a submit the
+    vendor refuses and the poller's completion: every statement they hand to app/core/prebuilt.py runs
+    on the driver. A SQLAlchemy upgrade that makes one fall back (only slower, otherwise unnoticed)
+    fails here."""
+    prebuilt.fallbacks.clear()
+    before = prebuilt.fast_runs()
+    tenant = await live_api.tenant(budgetCents=1_000)
+    raw_key = await live_api.admin("POST", f"/admin/v1/tenants/{tenant.id}/keys", json={"budgetCents": 500})
+    assert raw_key.status_code == 201, raw_key.text
+    tenant.key = raw_key.json()["key"]
+    submitted = await tenant.submit(**{"Idempotency-Key": "fast"})
+    assert submitted.status_code == 200, submitted.text
+    assert (await tenant.submit(**{"Idempotency-Key": "fast"})).headers["idempotent-replayed"] == "true"
+    assert (await tenant.get(f"/api/v1/predictions/{submitted.json()['id']}")).status_code == 200
+    sim.faults.submit_status, sim.faults.submit_count = 400, 1
+    assert (await tenant.submit(valid_body(seed=2))).status_code == 422
+
+    async def completed() -> bool:
+        answer = await tenant.get(f"/api/v1/predictions/{submitted.json()['id']}")
+        return bool(answer.json()["status"] == "completed")
+
+    await eventually(completed, what="the prediction to complete")
+    assert dict(prebuilt.fallbacks) == {}
+    after = prebuilt.fast_runs()
+    ran = {" ".join(sql.split()) for sql, runs in after.items() if runs > before.get(sql, 0)}
+    hot = {
+        "the price point": "SELECT price_points.max_seen_cents FROM price_points",
+        "the tenant's hold": "UPDATE budget_counters SET reserved_cents=(budget_counters.reserved_cents + $",
+        "the prediction's row": "INSERT INTO predictions ",
+        "a ledger row": "INSERT INTO ledger_entries ",
+        "the confirm": "UPDATE predictions SET upstream_id=",
+        "the charge": "UPDATE predictions SET charged_cents=charge.cents",
+        "the counters' shift": "UPDATE budget_counters SET spent_cents=(budget_counters.spent_cents + shift.spent)",
+        "the tenant's day": "INSERT INTO daily_usage ",
+        "the GET": "FROM predictions LEFT OUTER JOIN budget_counters",
+    }
+    missing = {name: start for name, start in hot.items() if not any(start in sql for sql in ran)}
+    assert missing == {}, f"not run on the driver: {missing}; ran: {sorted(ran)}"

@@ -460,9 +460,12 @@ async def test_operator_cli(procs: Procs, proc_db: str, sim: Simulator, tmp_path
 # ---------------------------------------------------------------- 7. production start without an admin token
 
 
-async def test_production_start_without_admin_token_refuses(procs: Procs, proc_db: str, sim: Simulator) -> None:
-    env = gateway_env(proc_db, sim, VIDGATE_ADMIN_TOKEN=None)
-    assert "VIDGATE_ADMIN_TOKEN" not in env
+@pytest.mark.parametrize("token", [None, "x"], ids=["unset", "short"])
+async def test_production_start_without_admin_token_refuses(
+    procs: Procs, proc_db: str, sim: Simulator, token: str | None
+) -> None:
+    env = gateway_env(proc_db, sim, VIDGATE_ADMIN_TOKEN=token)
+    assert env.get("VIDGATE_ADMIN_TOKEN") == token
     proc = await procs.start(
         "serve without token", "serve", "--port", str(free_port()), env=env, traceback_checked_by_test=True
     )
@@ -472,4 +475,6 @@ async def test_production_start_without_admin_token_refuses(procs: Procs, proc_d
         raise AssertionError(f"serve kept running without VIDGATE_ADMIN_TOKEN\n{proc.tail()}") from None
     assert rc != 0
     assert "VIDGATE_ADMIN_TOKEN" in proc.output(), proc.tail()
+    if token is not None:
+        assert "at least 32" in proc.output(), proc.tail()  # issue 24 B3: one line saying what to set
     assert "Traceback" not in proc.output(), f"the refusal comes with a traceback\n{proc.tail(5)}"

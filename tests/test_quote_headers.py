@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
+from app.core import clock
+from app.core.database import transaction
+from app.predictions.models import Prediction
+from app.tenants import cache as key_cache
 from app.upstream.simulator import SimState
-from tests.conftest import Api, eventually, valid_body
+from tests.conftest import ADMIN_TOKEN, Api, eventually, valid_body
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -90,6 +98,34 @@ async def test_budget_headers_on_every_tenant_answer(api: Api, sim: SimState) ->
     assert "x-budget-remaining-cents" not in (await api.http.get("/api/v1/usage")).headers
 
 
+@pytest.mark.parametrize("cached", [True, False], ids=["key-cached", "key-not-cached"])
+async def test_budget_headers_on_answers_before_the_route(api: Api, sim: SimState, cached: bool) -> None:
+    """Issue 24 B6: a 405, a 413 and a body that is not JSON answer a valid key before any route checks
+    it; they carry its balance all the same. A key that does not check out gets none."""
+    tenant = await api.tenant(budgetCents=20, budgetPeriod="day")
+    if cached:
+        assert (await tenant.get("/api/v1/usage")).headers["x-budget-remaining-cents"] == "20"
+    else:
+        key_cache.CACHE.clear()
+    generate = "/api/v1/models/ltx-2-19b/generate"
+    answers = {
+        "405": await api.http.delete("/api/v1/usage", headers=tenant.headers()),
+        "413": await api.http.post(generate, content=b"x" * (65 * 1024), headers=tenant.headers()),
+        "json": await api.http.post(
+            generate, content=b"{not json", headers=tenant.headers(**{"Content-Type": "application/json"})
+        ),
+        "404": await api.http.get("/api/v1/nope", headers=tenant.headers()),
+    }
+    for what, answer in answers.items():
+        assert answer.status_code in (405, 413, 422, 404), (what, answer.text)
+        assert answer.headers["x-budget-remaining-cents"] == "20", what
+        assert TIMESTAMP.match(answer.headers["x-budget-resets-at"]), what
+    assert sim.submits == 0
+    for headers in ({"Authorization": "Bearer vg_unknown"}, {}, {"Authorization": f"Bearer {ADMIN_TOKEN}"}):
+        answer = await api.http.delete("/api/v1/usage", headers=headers)
+        assert answer.status_code == 405 and "x-budget-remaining-cents" not in answer.headers
+
+
 async def test_unlimited_budget_has_no_remaining_header_and_total_no_reset(api: Api, sim: SimState) -> None:
     unlimited = await api.tenant(name="unlimited")
     answer = await unlimited.get("/api/v1/usage")
@@ -127,3 +163,27 @@ async def test_openapi_documents_quote_and_headers(api: Api) -> None:
     for path, method in (("/api/v1/predictions/{predictionId}", "get"), ("/api/v1/models/{modelId}/generate", "post")):
         headers = spec["paths"][path][method]["responses"]["200"]["headers"]
         assert {"Retry-After", "X-Budget-Remaining-Cents", "X-Budget-Resets-At"} <= set(headers)
+
+
+async def test_retry_after_counts_from_the_confirm_not_from_the_hold(api: Api, sim: SimState) -> None:
+    """The first poll is due the estimate's lower bound after the vendor accepted the prediction. An
+    upstream call that took 20 s (the clock moved while it was in flight) must not shorten the submit's
+    Retry-After: it says when the poll queue will poll, no earlier, and a replay of the answer too."""
+    sim.config.estimated_time = "30-60s"
+    sim.faults.submit_arrived, sim.faults.submit_gate = asyncio.Event(), asyncio.Event()
+    tenant = await api.tenant()
+    submitting = asyncio.create_task(tenant.submit(**{"Idempotency-Key": "slow"}))
+    await sim.faults.submit_arrived.wait()
+    clock.shift_to(clock.now() + timedelta(seconds=20))
+    sim.faults.submit_gate.set()
+    submitted = await submitting
+    assert submitted.status_code == 200, submitted.text
+    async with transaction(api.runtime.sessions) as session:
+        row = await session.get(Prediction, submitted.json()["id"])
+        assert row is not None and row.next_poll_at is not None
+        due_in = (row.next_poll_at - clock.now()).total_seconds()
+    assert int(submitted.headers["retry-after"]) in (math.floor(due_in), math.ceil(due_in))
+    assert int(submitted.headers["retry-after"]) > 20  # 30 s after the confirm; the hold was 20 s before
+    replayed = await tenant.submit(**{"Idempotency-Key": "slow"})
+    assert replayed.headers["idempotent-replayed"] == "true"
+    assert int(replayed.headers["retry-after"]) in (math.floor(due_in), math.ceil(due_in))

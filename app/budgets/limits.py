@@ -1,14 +1,21 @@
-"""Concurrency and rate limits: conditional UPDATEs, so the caps hold across gateway processes."""
+"""Concurrency and rate limits: conditional UPDATEs, so the caps hold across gateway processes.
+
+Rate limits (a tenant's ratePerMinute, a provider's rate_per_minute) are GCRA (the generic cell rate
+algorithm), not calendar minutes: with a limit of n a minute, n may pass at once, then one every 60/n s; a burst never gets through twice across a minute
+boundary (calendar windows let 2n through in a few seconds). Its state is one integer per scope (the
+theoretical arrival time of the next unit), moved by one conditional UPDATE: as cheap as a counter,
+and exact across replicas.
+"""
 
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Integer, bindparam, or_, select, update
+from sqlalchemy import BigInteger, Integer, bindparam, case, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.budgets.models import RateWindow
+from app.budgets.models import RateLimit
 from app.budgets.scopes import tenant_scope
 from app.core.database import insert_ignore, table_of
 from app.core.errors import AppError
@@ -34,6 +41,7 @@ class ConcurrencyLimited(TooManyRequests):
 
 # Built once at import (see bench/FINDINGS.md); `b_n` lets one statement take or give back the slots
 # or rate units of a whole batch of a tenant's submits.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _tenants = table_of(Tenant).c
 _N = bindparam("b_n", type_=Integer)
 _TAKE_SLOTS = (
@@ -50,21 +58,20 @@ _GIVE_SLOTS = (
     .where(_tenants.id == bindparam("b_tenant"), _tenants.in_flight >= _N)
     .values(in_flight=_tenants.in_flight - _N)
 )
-_windows = table_of(RateWindow).c
+_limits = table_of(RateLimit).c
+WINDOW_US = 60_000_000  # the "minute" of ratePerMinute: a full burst is n units, n x interval = 60 s
+_NOW = bindparam("b_now", type_=BigInteger)
+_COST = bindparam("b_n", type_=BigInteger) * bindparam("b_interval", type_=BigInteger)
+# max(tat, now) + n x interval: where the next unit's arrival time moves if these n are admitted.
+_NEXT = case((_limits.tat_us > _NOW, _limits.tat_us), else_=_NOW) + _COST
 _TAKE_RATE = (
-    update(table_of(RateWindow))
-    .where(
-        _windows.scope == bindparam("b_scope"),
-        _windows.window_start == bindparam("b_window"),
-        _windows.count + _N <= bindparam("b_limit", type_=Integer),
-    )
-    .values(count=_windows.count + _N)
-    .returning(_windows.count)
+    update(table_of(RateLimit))
+    .where(_limits.scope == bindparam("b_scope"), _NEXT <= _NOW + WINDOW_US)
+    .values(tat_us=_NEXT)
+    .returning(_limits.tat_us)
 )
 _GIVE_RATE = (
-    update(table_of(RateWindow))
-    .where(_windows.scope == bindparam("b_scope"), _windows.window_start == bindparam("b_window"))
-    .values(count=_windows.count - _N)
+    update(table_of(RateLimit)).where(_limits.scope == bindparam("b_scope")).values(tat_us=_limits.tat_us - _COST)
 )
 
 
@@ -107,45 +114,52 @@ async def add_slots_many(session: AsyncSession, slots: dict[str, int]) -> None:
         await session.execute(_ADD_SLOTS, params)
 
 
-def _window(now: datetime) -> datetime:
-    return now.replace(second=0, microsecond=0)
+def _micros(now: datetime) -> int:
+    return (now - _EPOCH) // timedelta(microseconds=1)
+
+
+def _interval_us(limit: int) -> int:
+    # Rounded down: a burst of exactly `limit` always fits in the window.
+    return max(WINDOW_US // limit, 1)
+
+
+async def take_scope_rate(session: AsyncSession, scope: str, limit: int, now: datetime, n: int = 1) -> bool:
+    """Count `n` units against `scope`'s `limit` a minute if they all fit now (GCRA): a tenant's
+    ratePerMinute, a provider's rate_per_minute."""
+    params = {"b_scope": scope, "b_now": _micros(now), "b_n": n, "b_interval": _interval_us(limit)}
+    if (await session.execute(_TAKE_RATE, params)).first() is not None:
+        return True
+    # Most likely the scope's row does not exist yet: a state as old as can be (everything fits).
+    await insert_ignore(session, RateLimit, [dict(scope=scope, tat_us=0)])
+    return (await session.execute(_TAKE_RATE, params)).first() is not None
+
+
+async def give_scope_rate(session: AsyncSession, scope: str, limit: int, n: int = 1) -> None:
+    """Give back units take_scope_rate counted in this transaction."""
+    await session.execute(_GIVE_RATE, {"b_scope": scope, "b_n": n, "b_interval": _interval_us(limit)})
 
 
 async def take_rate(session: AsyncSession, tenant: Tenant, n: int, now: datetime) -> bool:
-    """Count `n` submits in the tenant's current minute if they all fit under ratePerMinute."""
-    limit = tenant.rate_per_minute
-    if limit is None or n == 0:
+    """Count `n` submits against the tenant's ratePerMinute if they all fit now."""
+    if tenant.rate_per_minute is None or n == 0:
         return True
-    params = {"b_scope": tenant_scope(tenant.id), "b_window": _window(now), "b_n": n, "b_limit": limit}
-    if (await session.execute(_TAKE_RATE, params)).first() is not None:
-        return True
-    await insert_ignore(session, RateWindow, [dict(scope=params["b_scope"], window_start=params["b_window"], count=0)])
-    return (await session.execute(_TAKE_RATE, params)).first() is not None
-
-
-async def take_scope_rate(session: AsyncSession, scope: str, limit: int, now: datetime) -> bool:
-    """Count one submit in `scope`'s current minute if it fits under `limit` (a provider's rate_per_minute)."""
-    params = {"b_scope": scope, "b_window": _window(now), "b_n": 1, "b_limit": limit}
-    if (await session.execute(_TAKE_RATE, params)).first() is not None:
-        return True
-    await insert_ignore(session, RateWindow, [dict(scope=scope, window_start=params["b_window"], count=0)])
-    return (await session.execute(_TAKE_RATE, params)).first() is not None
-
-
-async def give_scope_rate(session: AsyncSession, scope: str, now: datetime) -> None:
-    await session.execute(_GIVE_RATE, {"b_scope": scope, "b_window": _window(now), "b_n": 1})
+    return await take_scope_rate(session, tenant_scope(tenant.id), tenant.rate_per_minute, now, n)
 
 
 async def give_rate(session: AsyncSession, tenant: Tenant, n: int, now: datetime) -> None:
     """Give back submits counted by take_rate in this transaction (a batch that did not fit)."""
     if tenant.rate_per_minute is not None and n:
-        await session.execute(_GIVE_RATE, {"b_scope": tenant_scope(tenant.id), "b_window": _window(now), "b_n": n})
+        await give_scope_rate(session, tenant_scope(tenant.id), tenant.rate_per_minute, n)
 
 
 def rate_limited(tenant: Tenant, now: datetime) -> TooManyRequests:
-    retry_after = max(1, math.ceil((_window(now) + timedelta(minutes=1) - now).total_seconds()))
+    # A refused unit fits at the latest one interval from now (the state never runs further ahead than
+    # the window): the exact wait would cost a read, and this bound is what a steady client should pace at.
+    limit = tenant.rate_per_minute or 1
+    retry_after = max(1, math.ceil(_interval_us(limit) / 1_000_000))
     return TooManyRequests(
-        f"This tenant may submit {tenant.rate_per_minute} predictions a minute. Retry in {retry_after} s.",
+        f"This tenant may submit {tenant.rate_per_minute} predictions a minute: {limit} at once, then one every "
+        f"{60 / limit:g} s. Retry in {retry_after} s.",
         retry_after,
         limit=tenant.rate_per_minute,
     )
@@ -157,12 +171,8 @@ async def would_admit(session: AsyncSession, tenant: Tenant, now: datetime) -> b
     if tenant.max_concurrent is not None and tenant.in_flight >= tenant.max_concurrent:
         return False
     if tenant.rate_per_minute is not None:
-        used = await session.scalar(
-            select(RateWindow.count).where(
-                RateWindow.scope == tenant_scope(tenant.id),
-                RateWindow.window_start == now.replace(second=0, microsecond=0),
-            )
-        )
-        if (used or 0) >= tenant.rate_per_minute:
+        tat = await session.scalar(select(RateLimit.tat_us).where(RateLimit.scope == tenant_scope(tenant.id)))
+        now_us = _micros(now)
+        if max(tat or 0, now_us) + _interval_us(tenant.rate_per_minute) > now_us + WINDOW_US:
             return False
     return True

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, String
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core import clock
@@ -83,13 +83,14 @@ class PricePoint(Base):
     updated_at: Mapped[datetime] = mapped_column(default=clock.now)
 
 
-class RateWindow(Base):
-    __tablename__ = "rate_windows"
-    __table_args__ = (CheckConstraint("count >= 0", name="count_nonnegative"),)
+class RateLimit(Base):
+    """A rate limit's state under GCRA (app/budgets/limits.py): the theoretical arrival time of its
+    next unit, in microseconds since the epoch (integers: the same arithmetic on either database)."""
+
+    __tablename__ = "rate_limits"
 
     scope: Mapped[str] = mapped_column(String(48), primary_key=True)
-    window_start: Mapped[datetime] = mapped_column(primary_key=True)
-    count: Mapped[int] = mapped_column(default=0)
+    tat_us: Mapped[int] = mapped_column(BigInteger)
 
 
 class ThresholdNotice(Base):

@@ -1,5 +1,5 @@
 """The names of the rows money and limits are counted in: "tenant:<id>" (the tenant's budget counter and
-rate window) and "key:<id>" (a key with a budget of its own). Built here only, in Python and in SQL, so
+rate limit) and "key:<id>" (a key with a budget of its own). Built here only, in Python and in SQL, so
 that a join on a counter row and the row a hold writes can never disagree."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ that no two transactions wait for each other in a cycle (PostgreSQL would abort 
 deadlock_timeout; SQLite has one writer at a time):
   0. the batch's own rows: its idempotency keys (by tenant, key), its predictions, the price points
      (sorted); rows no other writer takes at the same time but by a race the fences settle.
-  1. rate windows (rate_windows, holds only);
+  1. rate limits (rate_limits, holds only);
   2. slots (tenants.in_flight);
   3. budget counters: each tenant's own, then its keys' (sorted), in tenant order;
   4. daily rollup rows (daily_usage).

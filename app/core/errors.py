@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -99,12 +100,16 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+# An enum member's repr in a message (`<PredictionStatus.PROCESSING: 'processing'>`): callers see the value.
+_ENUM_REPR = re.compile(r"<\w+\.\w+: ('[^']*'|-?\d+)>")
+
+
 def validation_problem(raw_errors: Sequence[Any]) -> InvalidRequest:
     """Pydantic's errors as one problem: the first names the field; all are listed."""
     errors = [
         {
             "field": _field_path(tuple(err.get("loc", ()))),
-            "message": str(err.get("msg", "invalid")).removeprefix("Value error, "),
+            "message": _ENUM_REPR.sub(r"\1", str(err.get("msg", "invalid")).removeprefix("Value error, ")),
         }
         for err in raw_errors
     ]

@@ -1,4 +1,4 @@
-"""The one ASGI middleware: request id, sandbox header, the request guard, headers a domain notes for the
+"""The one ASGI middleware: request id, sandbox and nosniff headers, the request guard, headers a domain notes for the
 answer (the budget's), `Server-Timing`, metrics and the access log.
 
 One plain ASGI layer rather than one per concern: each layer costs a coroutine and a wrapped `send` per
@@ -13,7 +13,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from typing import Any, Generic, TypeVar
 
@@ -30,6 +30,10 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 T = TypeVar("T")
 Headers = list[tuple[bytes, bytes]]
+# Answers given before any route could note its headers (a method not allowed, a body too large or not
+# JSON, an unknown path): `unnoted` is asked for theirs. Not after a refused credential (401, 403), a
+# limit (429) or an outage (5xx): those either noted theirs or must not cost another lookup.
+_UNNOTED = frozenset({400, 404, 405, 406, 411, 413, 415, 422, 431})
 
 
 class HeaderSlot(Generic[T]):
@@ -66,11 +70,13 @@ class RequestMiddleware:
         sandbox: bool,
         max_body_bytes: int = guard.MAX_BODY_BYTES,
         header_slots: Sequence[HeaderSlot[Any]] = (),
+        unnoted: Callable[[Scope], Awaitable[Headers]] | None = None,
     ) -> None:
         self.app = app
         self.sandbox = sandbox
         self.max_body_bytes = max_body_bytes
         self.header_slots = tuple(header_slots)
+        self.unnoted = unnoted
         # Bounded: route templates (or "unmatched"), methods and status codes are all finite sets.
         self._metrics: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
@@ -91,7 +97,8 @@ class RequestMiddleware:
         spent, timing_token = timing.start()
         opened = [(slot, *slot.open()) for slot in self.header_slots]
         status = 500
-        extra = [(b"x-request-id", request_id.encode())]
+        # nosniff on every answer (JSON, problems, outputs, pages): a browser never reads one as another type.
+        extra = [(b"x-request-id", request_id.encode()), (b"x-content-type-options", b"nosniff")]
         if self.sandbox:
             extra.append((b"x-vidgate-sandbox", b"true"))
         max_body = self.max_body_bytes
@@ -99,7 +106,17 @@ class RequestMiddleware:
         refused = False  # the guard answered while the body streamed in
         app_started = False  # the app had begun its own answer
 
-        def decorate(message: Message, noted: bool) -> None:
+        async def unnoted_headers(message: Message, noted: bool) -> Headers:
+            if self.unnoted is None or message["status"] not in _UNNOTED:
+                return []
+            if noted and any(values for _, values, _ in opened):
+                return []
+            try:
+                return await self.unnoted(scope)
+            except Exception:  # a header is not worth turning a 4xx into a 500
+                return []
+
+        def decorate(message: Message, noted: bool, more: Headers) -> None:
             nonlocal status
             status = message["status"]
             headers = list(message.get("headers", []))
@@ -107,6 +124,7 @@ class RequestMiddleware:
                 for slot, values, _ in opened:
                     if values:
                         headers += slot.render(values[0])
+            headers += more
             headers += extra
             headers.append((b"server-timing", timing.header(spent, time.perf_counter() - started)))
             message["headers"] = headers
@@ -114,7 +132,7 @@ class RequestMiddleware:
         async def send_refusal(message: Message) -> None:
             # The guard's own answer: a request id, Server-Timing and a metric, but nothing the app noted.
             if message["type"] == "http.response.start":
-                decorate(message, False)
+                decorate(message, False, await unnoted_headers(message, False))
             await send(message)
 
         async def guarded_receive() -> Message:
@@ -139,7 +157,7 @@ class RequestMiddleware:
                 return
             if message["type"] == "http.response.start":
                 app_started = True
-                decorate(message, True)
+                decorate(message, True, await unnoted_headers(message, True))
             await send(message)
 
         try:

@@ -15,12 +15,19 @@ SQLAlchemy invalidates it on any exit exception). SQLite, and any statement that
 
 Bypassed: the adapter's execute mutex (sound while a connection serves one task at a time, as sessions do).
 Bypassed: SQLAlchemy's prepared-statement cache; asyncpg's own per-connection statement cache prepares these.
+
+This leans on about ten SQLAlchemy internals (the compiler's positiontup, _bind_processors and
+_result_columns, the adapter's _transaction, _connection, _start_transaction and _handle_exception, the
+connection's _dbapi_connection and _handle_dbapi_exception), so pyproject.toml caps SQLAlchemy at the
+versions the suite ran on. A statement that falls back to SQLAlchemy on PostgreSQL only costs speed, so
+nobody would notice: every fallback is counted (`fallbacks`) and every driver run too (`fast_runs`), and
+tests/test_prebuilt.py fails when a hot statement falls back.
 """
 
 from __future__ import annotations
 
 import keyword
-from collections import namedtuple
+from collections import Counter, namedtuple
 from collections.abc import Sequence
 from typing import Any, NamedTuple, NoReturn, cast
 
@@ -30,51 +37,74 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 
-class _Plan(NamedTuple):
-    compiled: SQLCompiler
+class _Plan:
+    __slots__ = ("compiled", "names", "processors", "results", "row", "runs", "sql")
+
+    def __init__(
+        self,
+        compiled: SQLCompiler,
+        sql: str,
+        names: Sequence[str],
+        processors: Sequence[Any],
+        row: Any,  # a namedtuple class: rows read by attribute, index or unpacking, as SQLAlchemy's Row
+        results: Sequence[Any],  # one result processor (or None) per column
+    ) -> None:
+        self.compiled, self.sql, self.names, self.processors = compiled, sql, names, processors
+        self.row, self.results = row, results
+        self.runs = 0  # executions on the driver
+
+
+class _NotPrebuilt(NamedTuple):
+    """A statement SQLAlchemy executes instead, and why."""
+
     sql: str
-    names: Sequence[str]
-    processors: Sequence[Any]
-    row: Any  # a namedtuple class: rows read by attribute, index or unpacking, as SQLAlchemy's Row
-    results: Sequence[Any]  # one result processor (or None) per column
+    reason: str
 
 
-_NOT_PREBUILT: Any = object()
+# (SQL, why) -> how many statements meant for the driver went through SQLAlchemy on PostgreSQL instead.
+fallbacks: Counter[tuple[str, str]] = Counter()
 # (statement, parameter names, dialect) -> the statement, the dialect and the plan compiled for that dialect (or
-# _NOT_PREBUILT). Statements are module constants (or cached per batch size) and engines few, so this stays
+# why there is none). Statements are module constants (or cached per batch size) and engines few, so this stays
 # small; holding the statement and the dialect keeps their ids from being reused by others.
-_plans: dict[tuple[int, tuple[str, ...], int], tuple[Any, Dialect, Any]] = {}
+_plans: dict[tuple[int, tuple[str, ...], int], tuple[Any, Dialect, _Plan | _NotPrebuilt]] = {}
 
 
-def _plan(statement: Any, keys: tuple[str, ...], dialect: Dialect) -> _Plan | None:
+def fast_runs() -> dict[str, int]:
+    """SQL -> how many times it ran on the driver, since the process started (for tests)."""
+    runs: Counter[str] = Counter()
+    for _statement, _dialect, plan in _plans.values():
+        if isinstance(plan, _Plan):
+            runs[plan.sql] += plan.runs
+    return dict(runs)
+
+
+def _plan(statement: Any, keys: tuple[str, ...], dialect: Dialect) -> _Plan | _NotPrebuilt:
     key = (id(statement), keys, id(dialect))
     cached = _plans.get(key)
     if cached is not None and cached[0] is statement and cached[1] is dialect:
-        return None if cached[2] is _NOT_PREBUILT else cast(_Plan, cached[2])
+        return cached[2]
     plan = _build(statement, keys, dialect)
-    _plans[key] = (statement, dialect, _NOT_PREBUILT if plan is None else plan)
+    _plans[key] = (statement, dialect, plan)
     return plan
 
 
-def _build(statement: Any, keys: tuple[str, ...], dialect: Dialect) -> _Plan | None:
+def _build(statement: Any, keys: tuple[str, ...], dialect: Dialect) -> _Plan | _NotPrebuilt:
     # Compiled for these parameter names, as SQLAlchemy compiles it when it executes (an INSERT's columns).
     compiled = cast(SQLCompiler, statement.compile(dialect=dialect, column_keys=list(keys)))
-    if (
-        compiled.post_compile_params
-        or compiled.literal_execute_params
-        or compiled.positiontup is None
-        or compiled.insert_prefetch  # Python-side defaults are computed by SQLAlchemy's execution context
-        or compiled.update_prefetch
-    ):
-        return None
+    if compiled.post_compile_params or compiled.literal_execute_params:
+        return _NotPrebuilt(compiled.string, "expanding or literal parameters")
+    if compiled.positiontup is None:
+        return _NotPrebuilt(compiled.string, "no positional parameters")
+    if compiled.insert_prefetch or compiled.update_prefetch:
+        return _NotPrebuilt(compiled.string, "Python-side defaults (SQLAlchemy's execution context computes them)")
     names = list(compiled.positiontup)
     processors = [compiled._bind_processors.get(name) for name in names]
     if any(isinstance(p, tuple) for p in processors):
-        return None
+        return _NotPrebuilt(compiled.string, "bind processors per element")
     columns = [entry.keyname for entry in compiled._result_columns]
     bad = any(not k.isidentifier() or keyword.iskeyword(k) or k.startswith("_") for k in columns)
     if bad or len(set(columns)) != len(columns):
-        return None
+        return _NotPrebuilt(compiled.string, "result column names a namedtuple cannot hold")
     results = [entry.type._cached_result_processor(dialect, None) for entry in compiled._result_columns]
     row = namedtuple("Row", columns) if columns else tuple
     return _Plan(compiled, compiled.string, names, processors, row, results)
@@ -87,10 +117,12 @@ async def _connection(runner: AsyncSession | AsyncConnection) -> AsyncConnection
 async def fetch(runner: AsyncSession | AsyncConnection, statement: Any, params: dict[str, Any]) -> list[Any]:
     """The rows `statement` returns with `params` (none for a statement without RETURNING)."""
     connection = await _connection(runner)
-    plan = (
-        _plan(statement, tuple(sorted(params)), connection.dialect) if connection.dialect.name == "postgresql" else None
-    )
-    if plan is None:
+    if connection.dialect.name != "postgresql":
+        result = await connection.execute(statement, params)
+        return list(result.all()) if result.returns_rows else []
+    plan = _plan(statement, tuple(sorted(params)), connection.dialect)
+    if isinstance(plan, _NotPrebuilt):
+        fallbacks[plan] += 1
         result = await connection.execute(statement, params)
         return list(result.all()) if result.returns_rows else []
     sync = connection.sync_connection
@@ -98,8 +130,10 @@ async def fetch(runner: AsyncSession | AsyncConnection, statement: Any, params: 
     fairy = sync._dbapi_connection
     if fairy is None or sync.invalidated:
         # Revalidating needs SQLAlchemy's own path (a reconnect runs in a greenlet): let it do this one.
+        fallbacks[(plan.sql, "connection invalidated")] += 1
         result = await connection.execute(statement, params)
         return list(result.all()) if result.returns_rows else []
+    plan.runs += 1
     # Keyed by the bind names as written, as positiontup is (SQLAlchemy's execution context does the same):
     # escaped names ("b.x" -> "b_x") are for paramstyles that put names in the SQL, not asyncpg's $n.
     values = plan.compiled.construct_params(params, escape_names=False)

@@ -75,3 +75,28 @@ def public_base_url(request: Request, settings: Settings) -> str:
         address, port = server
         host = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     return f"{scheme}://{checked_host(host)}{scope.get('root_path', '')}"
+
+
+def client_address(request: Request, settings: Settings) -> str:
+    """The caller's address: the peer, or what a trusted proxy says the client was (X-Forwarded-For's
+    right-most entry, the one that proxy appended)."""
+    client = request.scope.get("client")
+    peer = client[0] if client else ""
+    if peer and _trusted(peer, settings):
+        forwarded = _last(request.headers.get("x-forwarded-for"))
+        if forwarded:
+            try:
+                return str(ip_address(forwarded))
+            except ValueError:
+                pass
+    return peer
+
+
+def via_tls(request: Request, settings: Settings) -> bool:
+    """Whether the client reached us over TLS: our own, or a trusted proxy's (X-Forwarded-Proto: https)."""
+    if request.scope.get("scheme") == "https":
+        return True
+    client = request.scope.get("client")
+    if client and _trusted(client[0], settings):
+        return _last(request.headers.get("x-forwarded-proto")) == "https"
+    return False

@@ -4,7 +4,8 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from starlette.responses import Response
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
 
 from app.core import clock
 
@@ -28,3 +29,21 @@ def json_response(content: Any, status_code: int = 200, headers: dict[str, str] 
 
 def json_bytes_response(body: bytes, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(body, status_code, headers, media_type="application/json")
+
+
+def etag_matches(header: str | None, etag: str) -> bool:
+    """If-None-Match (RFC 9110 13.1.2): `*` or a list of tags, weak ones compared weakly."""
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag.removeprefix("W/") for tag in header.split(","))
+
+
+def file_response(request: Request, path: Any, **options: Any) -> Response:
+    """A FileResponse that answers If-None-Match with 304 (Starlette's sends its ETag and ignores it)."""
+    response = FileResponse(path, stat_result=path.stat(), **options)
+    if etag_matches(request.headers.get("if-none-match"), response.headers["etag"]):
+        kept = {k: v for k, v in response.headers.items() if k in ("etag", "cache-control", "last-modified")}
+        return Response(status_code=304, headers=kept)
+    return response

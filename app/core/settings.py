@@ -24,6 +24,9 @@ def default_data_dir() -> Path:
 
 
 SANDBOX_ADMIN_TOKEN = "sandbox-admin-token"  # noqa: S105 - only ever accepted in sandbox mode
+# Operator and metrics tokens shorter than this are refused at start: a token is guessed offline-fast
+# only if short, and the throttle (app/admin/throttle.py) is per process.
+MIN_TOKEN_LENGTH = 32
 
 
 def secret_given(value: SecretStr | None) -> bool:
@@ -51,9 +54,10 @@ class Settings(BaseSettings):
     # connections churn exactly when load is highest). Processes x this must stay under max_connections.
     database_pool_size: int = Field(default=40, ge=1, le=1000)
     # The key check is served from memory (app/tenants/cache.py). A key revoke or tenant change reaches
-    # every PostgreSQL process at once through NOTIFY; this TTL is the backstop (and, on SQLite, what
-    # bounds a change made by another process, e.g. the CLI).
+    # every process at once (NOTIFY on PostgreSQL, a marker file on SQLite); this TTL is the backstop.
     key_cache_ttl_s: float = Field(default=5.0, ge=0)
+    # How often a serving process writes its keys' lastUsedAt (noted in memory per request).
+    key_last_used_flush_s: float = Field(default=30.0, gt=0)
     # How old the balance behind X-Budget-Remaining-Cents on a submit's answer may be (other processes'
     # charges and refunds show up after at most this long; this process's own charges at once).
     balance_ttl_s: float = Field(default=1.0, ge=0)
@@ -211,6 +215,13 @@ class Settings(BaseSettings):
     def startup_refusal(self, role: Literal["serve", "worker"]) -> str | None:
         """Why a `serve` or `worker` process must not start with these settings (one line), or None.
         Fail closed: a forgotten variable stops the process instead of opening it up."""
+        for name, token in (("ADMIN", self.admin_token), ("METRICS", self.metrics_token)):
+            value = token.get_secret_value() if token is not None else ""
+            if value and len(value) < MIN_TOKEN_LENGTH and not (self.sandbox and value == SANDBOX_ADMIN_TOKEN):
+                return (
+                    f"VIDGATE_{name}_TOKEN is {len(value)} characters: use at least {MIN_TOKEN_LENGTH} random ones "
+                    "(e.g. `openssl rand -hex 32`)."
+                )
         if self.sandbox:
             return None
         if self.providers_file is None and not secret_given(self.upstream_api_key):

@@ -59,6 +59,14 @@ def _after(conn: Any, _cursor: Any, _statement: Any, _params: Any, _context: Any
         spent.db_s += time.perf_counter() - started
 
 
+def add_db(seconds: float) -> None:
+    """Database time spent on the request's behalf elsewhere: the ledger writer's batch its write was in
+    (app/core/batching.py), which runs outside any request."""
+    spent = _spent.get()
+    if spent is not None and seconds:
+        spent.db_s += seconds
+
+
 def add_upstream(seconds: float) -> None:
     """An upstream call made on the request's behalf took `seconds` (timed by the caller, app/upstream/client.py:
     an aiohttp TraceConfig would build and await eight signal objects per call, for two clock reads)."""

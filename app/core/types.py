@@ -7,6 +7,8 @@ field instead of a 500 from deep inside a query (SPEC §2: no input answers 5xx)
   Neither may hold NUL (PostgreSQL text cannot) or a lone surrogate (UTF-8 cannot encode one).
 - `Int32`: an integer that fits the INTEGER columns (every integer input has one); JSON booleans are not
   integers.
+- `moment_bound()`: a `from`/`to` query parameter (a date or an ISO 8601 moment) as a UTC datetime, or
+  a 422 for what the calendar cannot hold (the day after 9999-12-31, year 1 moved to UTC).
 - `JsonObject`: a JSON object nested at most `JSON_MAX_DEPTH` levels, whose integers fit 64 bits and
   whose numbers are finite (Python's JSON parser reads `NaN` and `1e999`; no database stores them).
 """
@@ -15,10 +17,13 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
 
 from annotated_types import Ge, Le
 from pydantic import AfterValidator, Field, Strict
+
+from app.core.errors import InvalidRequest
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -87,3 +92,17 @@ Line = Annotated[str, AfterValidator(check_line), Field(json_schema_extra={"patt
 Text = Annotated[str, AfterValidator(check_text), Field(json_schema_extra={"pattern": f"^[^{_TEXT_REFUSED}]*$"})]
 Int32 = Annotated[int, Strict(), Ge(INT32_MIN), Le(INT32_MAX)]
 JsonObject = Annotated[dict[str, Any], AfterValidator(check_json_object)]
+
+
+def moment_bound(value: str | None, field: str, *, end: bool) -> datetime | None:
+    """A date (`2026-11-01`; as an end, that whole day is included) or a moment (offset-less: UTC)."""
+    if not value:
+        return None
+    try:
+        if len(value) == 10:
+            return datetime.combine(date.fromisoformat(value) + timedelta(days=1 if end else 0), time(), UTC)
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        # In UTC here, where a year-1 moment with an offset overflows as a 422, not in the query.
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:  # OverflowError: the day after 9999-12-31
+        raise InvalidRequest(f"{field} must be a date (2026-11-01) or an ISO 8601 timestamp.", field=field) from exc

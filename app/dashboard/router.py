@@ -10,27 +10,36 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from datetime import UTC, date, datetime, timedelta
-from datetime import time as day_time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
-from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from app.admin import service as admin_service
-from app.admin.deps import InvalidAdminToken, admin_token, is_admin_token
+from app.admin import throttle
+from app.admin.deps import InvalidAdminToken, admin_token, operator_of
+from app.audit import service as audit_service
 from app.budgets import service as budgets_service
 from app.core.database import transaction
 from app.core.errors import AppError, InvalidRequest, NotFound, ServiceUnavailable, validation_problem
+from app.core.public_url import via_tls
+from app.core.responses import file_response
+from app.core.types import Line, check_line, moment_bound
 from app.dashboard import service as dashboard_service
 from app.dashboard import session as sessions
 from app.deps import RuntimeDep
+from app.operators import service as operators_service
+from app.operators.service import Operator
 from app.providers import admin as providers_admin
 from app.runtime import Runtime
 from app.tenants import service as tenants_service
@@ -46,13 +55,19 @@ CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
 )
+# X-Content-Type-Options: nosniff is on every answer of the gateway (app/core/middleware.py).
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+
+
+# Every parameter has the shared types (app/core/types.py): what the database cannot hold is a 422 page.
+Text = Annotated[Line | None, Query(max_length=64)]
+Moment = Annotated[Line | None, Query(max_length=40)]
+Id = Annotated[Line, PathParam(max_length=40)]
 
 
 def _when(value: datetime | None) -> str:
@@ -88,8 +103,15 @@ class CsrfRejected(AppError):
 
 def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
     page_session: sessions.Session | None = getattr(request.state, "dashboard_session", None)
+    # A viewer's pages carry no form that changes anything (SPEC §13): the templates ask `can_write`.
+    signed_in: Operator | None = getattr(request.state, "operator", None)
     html = templates.get_template(name).render(
-        request=request, csrf=page_session.csrf if page_session else "", htmx=HTMX, **context
+        request=request,
+        csrf=page_session.csrf if page_session else "",
+        htmx=HTMX,
+        can_write=signed_in is not None and signed_in.can_write,
+        actor=signed_in.actor if signed_in else "",
+        **context,
     )
     return HTMLResponse(html, status_code=status)
 
@@ -141,24 +163,41 @@ def _key(runtime: Runtime) -> bytes | None:
     return sessions.signing_key(runtime.settings, admin_token(runtime.settings))
 
 
-def _secure(request: Request) -> bool:
-    return request.url.scheme == "https"
+def _secure(request: Request, runtime: Runtime) -> bool:
+    return via_tls(request, runtime.settings)
 
 
-def _current(request: Request, runtime: Runtime) -> sessions.Session | None:
+async def _current(request: Request, runtime: Runtime) -> sessions.Session | None:
+    """The cookie's session: a login form's, or a signed-in one that logout has not ended."""
     key = _key(runtime)
-    return None if key is None else sessions.decode(key, request.cookies.get(sessions.COOKIE))
-
-
-async def operator(request: Request, runtime: RuntimeDep) -> sessions.Session:
-    current = _current(request, runtime)
-    if current is None or not current.authenticated:
-        raise LoginRequired
-    request.state.dashboard_session = current
+    current = None if key is None else sessions.decode(key, request.cookies.get(sessions.COOKIE))
+    if current is not None and current.authenticated:
+        async with transaction(runtime.sessions, readonly=True) as session:
+            if not await sessions.is_live(session, current):
+                return None
     return current
 
 
-Operator = Annotated[sessions.Session, Depends(operator)]
+async def _signed_in(request: Request, runtime: Runtime) -> tuple[sessions.Session, Operator]:
+    current = await _current(request, runtime)
+    if current is None or not current.authenticated:
+        raise LoginRequired
+    signed_in: Operator | None = operators_service.ADMIN
+    if current.token_id is not None:
+        async with transaction(runtime.sessions, readonly=True) as session:
+            signed_in = await operators_service.is_active(session, current.token_id)
+    if signed_in is None:  # its operator token was revoked
+        raise LoginRequired
+    request.state.dashboard_session = current
+    request.state.operator = signed_in
+    return current, signed_in
+
+
+async def operator(request: Request, runtime: RuntimeDep) -> Operator:
+    return (await _signed_in(request, runtime))[1]
+
+
+SignedIn = Annotated[Operator, Depends(operator)]
 
 
 async def read_form(request: Request) -> dict[str, str]:
@@ -171,40 +210,51 @@ async def read_form(request: Request) -> dict[str, str]:
     return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
 
 
-async def checked_form(request: Request, runtime: RuntimeDep) -> dict[str, str]:
-    """The form of a state-changing request, only if it carries this session's CSRF token."""
+@dataclass(frozen=True)
+class Posted:
+    """A state-changing form, its CSRF token checked, and who posted it."""
+
+    fields: dict[str, str]
+    operator: Operator
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self.fields.get(name, default)
+
+
+async def checked_form(request: Request, runtime: RuntimeDep) -> Posted:
+    """The form of a state-changing request, only if it carries this session's CSRF token; a viewer may
+    only log out."""
     form = await read_form(request)
-    current = _current(request, runtime)
-    if current is None or not current.authenticated:
-        raise LoginRequired
-    request.state.dashboard_session = current
+    current, signed_in = await _signed_in(request, runtime)
     if not sessions.csrf_matches(current, form.get("csrf")):
         raise CsrfRejected("This form has no valid CSRF token. Reload the page and submit it again.")
-    return form
+    if request.url.path != "/dashboard/logout":
+        operators_service.require_write(signed_in)
+    return Posted(form, signed_in)
 
 
-Form = Annotated[dict[str, str], Depends(checked_form)]
+Form = Annotated[Posted, Depends(checked_form)]
 
 
 @router.get("/static/{name}")
-async def static(name: str) -> Response:
+async def static(request: Request, name: Annotated[Line, PathParam(max_length=100)]) -> Response:
     path = STATIC / name
     if "/" in name or name.startswith(".") or not path.is_file():
         raise NotFound(f"There is no dashboard file {name!r}.")
-    return FileResponse(path, headers={"Cache-Control": "public, max-age=31536000, immutable"})
+    return file_response(request, path, headers={"Cache-Control": "public, max-age=31536000, immutable"})
 
 
 @router.get("/login")
 async def login_page(request: Request, runtime: RuntimeDep, next: str = "/dashboard") -> Response:
     key = _key(runtime)
-    current = _current(request, runtime)
+    current = await _current(request, runtime)
     if current is not None and current.authenticated:
         return RedirectResponse("/dashboard", status_code=303)
     pre = sessions.new_session(authenticated=False, ttl_s=sessions.PRE_LOGIN_TTL_S)
     request.state.dashboard_session = pre
     response = render(request, "login.html", next=_safe_next(next), disabled=key is None)
     if key is not None:
-        sessions.set_cookie(response, key, pre, secure=_secure(request))
+        sessions.set_cookie(response, key, pre, secure=_secure(request, runtime))
     return response
 
 
@@ -218,25 +268,35 @@ async def login(request: Request, runtime: RuntimeDep) -> Response:
     form = await read_form(request)
     key = _key(runtime)
     expected = admin_token(runtime.settings)
-    pre = _current(request, runtime)
+    pre = await _current(request, runtime)
     if key is None or expected is None:
         raise ServiceUnavailable("The dashboard is disabled: set VIDGATE_ADMIN_TOKEN.")
     if not sessions.csrf_matches(pre, form.get("csrf")):
         raise CsrfRejected("The login form has no valid CSRF token. Reload the page and sign in again.")
     request.state.dashboard_session = pre
-    if not is_admin_token(runtime.settings, form.get("token", "")):
-        error = InvalidAdminToken("That is not the operator token (VIDGATE_ADMIN_TOKEN).")
+    identify = partial(operator_of, runtime)
+    signed_in = await throttle.identified(request, runtime.settings, form.get("token", ""), identify)
+    if signed_in is None:
+        error = InvalidAdminToken(
+            "That is not the operator token (VIDGATE_ADMIN_TOKEN), nor an active operator token (vgo_...)."
+        )
         return render(request, "login.html", status=401, next=_safe_next(form.get("next", "")), error=error)
+    token_id = signed_in.token_id
     response = RedirectResponse(_safe_next(form.get("next", "/dashboard")), status_code=303)
-    session = sessions.new_session(authenticated=True, ttl_s=runtime.settings.session_ttl_s)
-    sessions.set_cookie(response, key, session, secure=_secure(request))
+    new = sessions.new_session(authenticated=True, ttl_s=runtime.settings.session_ttl_s, token_id=token_id)
+    async with transaction(runtime.sessions) as session:
+        await sessions.begin(session, new)
+    sessions.set_cookie(response, key, new, secure=_secure(request, runtime))
     return response
 
 
 @router.post("/logout")
-async def logout(request: Request, _form: Form) -> Response:
+async def logout(request: Request, runtime: RuntimeDep, _form: Form) -> Response:
+    # Ended on the server: the cookie (and any copy of it) opens nothing from here on.
+    async with transaction(runtime.sessions) as session:
+        await sessions.end(session, request.state.dashboard_session)
     response = RedirectResponse("/dashboard/login", status_code=303)
-    sessions.clear_cookie(response, secure=_secure(request))
+    sessions.clear_cookie(response, secure=_secure(request, runtime))
     return response
 
 
@@ -247,8 +307,8 @@ async def logout(request: Request, _form: Form) -> Response:
 async def overview_page(
     request: Request,
     runtime: RuntimeDep,
-    _op: Operator,
-    q: Annotated[str | None, Query(max_length=200)] = None,
+    _op: SignedIn,
+    q: Annotated[Line | None, Query(max_length=200)] = None,
     sort: Annotated[str, Query(pattern="^(name|spent|used|refusals)$")] = "used",
     order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
     page: Annotated[int, Query(ge=0, le=10_000)] = 0,
@@ -323,7 +383,7 @@ def _settings_fields(form: Mapping[str, str]) -> dict[str, Any]:
     return fields
 
 
-M = TypeVar("M", TenantCreate, TenantUpdate)
+M = TypeVar("M", TenantCreate, TenantUpdate, KeyCreate)
 
 
 def _validated(model: type[M], fields: dict[str, Any]) -> M:
@@ -336,11 +396,11 @@ def _validated(model: type[M], fields: dict[str, Any]) -> M:
 @router.post("/tenants")
 async def create_tenant(request: Request, runtime: RuntimeDep, form: Form) -> Response:
     try:
-        data = _validated(TenantCreate, _settings_fields(form))
+        data = _validated(TenantCreate, _settings_fields(form.fields))
         async with transaction(runtime.sessions) as session:
-            tenant = await admin_service.create_tenant(session, runtime.settings, data)
+            tenant = await admin_service.create_tenant(session, runtime.settings, data, form.operator.actor)
     except AppError as exc:
-        return await _overview(request, runtime, error=exc, form=form)
+        return await _overview(request, runtime, error=exc, form=form.fields)
     page = await _tenant(request, runtime, tenant.id, notice="Tenant created.", secret=tenant.webhook_secret)
     page.headers["HX-Push-Url"] = f"/dashboard/tenants/{tenant.id}"  # the secret is shown here, once: no redirect
     return page
@@ -350,7 +410,7 @@ async def create_tenant(request: Request, runtime: RuntimeDep, form: Form) -> Re
 
 
 @router.get("/tenants/{tenant_id}")
-async def tenant_page(request: Request, runtime: RuntimeDep, _op: Operator, tenant_id: str) -> Response:
+async def tenant_page(request: Request, runtime: RuntimeDep, _op: SignedIn, tenant_id: Id) -> Response:
     return await _tenant(request, runtime, tenant_id)
 
 
@@ -420,41 +480,52 @@ async def _tenant_action(
 
 
 @router.post("/tenants/{tenant_id}/settings")
-async def update_settings(request: Request, runtime: RuntimeDep, form: Form, tenant_id: str) -> Response:
+async def update_settings(request: Request, runtime: RuntimeDep, form: Form, tenant_id: Id) -> Response:
     async def action(session: Any) -> dict[str, Any]:
-        data = _validated(TenantUpdate, _settings_fields(form))
-        await admin_service.update_tenant(session, tenant_id, data, runtime.settings)
+        data = _validated(TenantUpdate, _settings_fields(form.fields))
+        await admin_service.update_tenant(session, tenant_id, data, runtime.settings, form.operator.actor)
         return {"notice": "Settings saved."}
 
-    return await _tenant_action(request, runtime, tenant_id, action, form)
+    return await _tenant_action(request, runtime, tenant_id, action, form.fields)
 
 
 @router.post("/tenants/{tenant_id}/keys")
-async def create_key(request: Request, runtime: RuntimeDep, form: Form, tenant_id: str) -> Response:
+async def create_key(request: Request, runtime: RuntimeDep, form: Form, tenant_id: Id) -> Response:
     async def action(session: Any) -> dict[str, Any]:
         tenant = await tenants_service.get_tenant(session, tenant_id)
-        name = form.get("name", "").strip() or None
-        _key, raw = await tenants_service.create_key(session, tenant, KeyCreate(name=name))
+        fields: dict[str, Any] = {"name": (form.get("name") or "").strip() or None}
+        # One checkbox per scope (the form reader keeps one value per name); none ticked: the default.
+        scopes = [scope for scope in ("generate", "read", "manage") if form.get(f"scope_{scope}")]
+        if scopes:
+            fields["scopes"] = scopes
+        expires = (form.get("expiresAt") or "").strip()
+        if expires:
+            fields["expiresAt"] = moment_bound(expires, "expiresAt", end=False)
+        try:
+            data = KeyCreate.model_validate(fields)
+        except ValidationError as exc:
+            raise validation_problem(exc.errors()) from exc
+        _key, raw = await admin_service.create_key(session, runtime.settings, tenant, data, form.operator.actor)
         return {"notice": "Key created. Copy it now: it is not shown again.", "new_key": raw}
 
     return await _tenant_action(request, runtime, tenant_id, action)
 
 
 @router.post("/tenants/{tenant_id}/keys/{key_id}/revoke")
-async def revoke_key(request: Request, runtime: RuntimeDep, _form: Form, tenant_id: str, key_id: str) -> Response:
+async def revoke_key(request: Request, runtime: RuntimeDep, form: Form, tenant_id: Id, key_id: Id) -> Response:
     async def action(session: Any) -> dict[str, Any]:
         tenant = await tenants_service.get_tenant(session, tenant_id)
-        key = await tenants_service.revoke_key(session, tenant, key_id)
+        key = await admin_service.revoke_key(session, tenant, key_id, form.operator.actor)
         return {"notice": f"Key {key.prefix}… revoked."}
 
     return await _tenant_action(request, runtime, tenant_id, action)
 
 
 @router.post("/tenants/{tenant_id}/webhook-secret/rotate")
-async def rotate_secret(request: Request, runtime: RuntimeDep, _form: Form, tenant_id: str) -> Response:
+async def rotate_secret(request: Request, runtime: RuntimeDep, form: Form, tenant_id: Id) -> Response:
     async def action(session: Any) -> dict[str, Any]:
         tenant = await tenants_service.get_tenant(session, tenant_id)
-        tenant = await tenants_service.rotate_webhook_secret(session, tenant, runtime.settings.webhook_secret_grace_s)
+        tenant = await admin_service.rotate_webhook_secret(session, runtime.settings, tenant, form.operator.actor)
         until = _when(tenant.webhook_secret_previous_expires_at)
         return {
             "notice": f"Webhook secret rotated; the previous one is also signed until {until} UTC.",
@@ -467,30 +538,21 @@ async def rotate_secret(request: Request, runtime: RuntimeDep, _form: Form, tena
 # ---------------------------------------------------------------- lists
 
 
-def _moment(value: str | None, field: str, *, end: bool) -> datetime | None:
-    """A `datetime-local` or date input, read as UTC; a bare end date includes that day."""
-    if not value:
-        return None
-    try:
-        if len(value) == 10:
-            return datetime.combine(date.fromisoformat(value) + timedelta(days=1 if end else 0), day_time(), UTC)
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-    except ValueError as exc:
-        raise InvalidRequest(f"{field} must be a date (2026-11-01) or a date and time.", field=field) from exc
-
-
-Text = Annotated[str | None, Query(max_length=64)]
-
-
 def _filters(tenant: str | None, status: str | None, from_: str | None, to: str | None, cursor: str | None) -> Any:
     return dashboard_service.ListFilters(
         tenant=tenant or None,
         status=status or None,
-        start=_moment(from_, "from", end=False),
-        end=_moment(to, "to", end=True),
+        start=moment_bound(from_, "from", end=False),
+        end=moment_bound(to, "to", end=True),
         cursor=cursor or None,
     )
+
+
+def _line_or_none(value: str) -> str | None:
+    try:
+        return check_line(value) or None
+    except ValueError:
+        return None
 
 
 def _next_link(path: str, request: Request, cursor: str | None) -> str | None:
@@ -504,11 +566,11 @@ def _next_link(path: str, request: Request, cursor: str | None) -> str | None:
 async def predictions_page(
     request: Request,
     runtime: RuntimeDep,
-    _op: Operator,
+    _op: SignedIn,
     tenant: Text = None,
     status: Annotated[str | None, Query(pattern="^(|submitting|processing|completed|failed|rejected)$")] = None,
-    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
-    to: Annotated[str | None, Query(max_length=40)] = None,
+    from_: Annotated[Line | None, Query(alias="from", max_length=40)] = None,
+    to: Moment = None,
     cursor: Text = None,
 ) -> Response:
     filters = _filters(tenant, status, from_, to, cursor)
@@ -530,11 +592,11 @@ async def predictions_page(
 async def deliveries_page(
     request: Request,
     runtime: RuntimeDep,
-    _op: Operator,
+    _op: SignedIn,
     tenant: Text = None,
     status: Annotated[str | None, Query(pattern="^(|pending|succeeded|dead)$")] = None,
-    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
-    to: Annotated[str | None, Query(max_length=40)] = None,
+    from_: Annotated[Line | None, Query(alias="from", max_length=40)] = None,
+    to: Moment = None,
     cursor: Text = None,
 ) -> Response:
     return await _deliveries(request, runtime, _filters(tenant, status, from_, to, cursor), from_, to)
@@ -567,12 +629,17 @@ async def _deliveries(
 
 
 @router.post("/deliveries/{delivery_id}/redeliver")
-async def redeliver(request: Request, runtime: RuntimeDep, form: Form, delivery_id: str) -> Response:
-    filters = dashboard_service.ListFilters(tenant=form.get("tenant") or None, status=form.get("status") or None)
+async def redeliver(request: Request, runtime: RuntimeDep, form: Form, delivery_id: Id) -> Response:
+    # The list to show again afterwards: filters the form carried back, if they are ones the list takes.
+    tenant = form.fields.get("tenant", "")[:64]
+    status = form.fields.get("status", "")
+    filters = dashboard_service.ListFilters(
+        tenant=_line_or_none(tenant),
+        status=status if status in dashboard_service.DELIVERY_STATUSES else None,
+    )
     try:
         async with transaction(runtime.sessions) as session:
-            delivery = await webhooks_service.get_delivery(session, delivery_id)
-            await webhooks_service.redeliver(session, delivery)
+            await admin_service.redeliver(session, delivery_id, form.operator.actor)
     except AppError as exc:
         return await _deliveries(request, runtime, filters, error=exc)
     return await _deliveries(request, runtime, filters, notice=f"Delivery {delivery_id} queued again.")
@@ -581,13 +648,13 @@ async def redeliver(request: Request, runtime: RuntimeDep, form: Form, delivery_
 @router.get("/usage.csv")
 async def usage_csv(
     runtime: RuntimeDep,
-    _op: Operator,
-    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
-    to: Annotated[str | None, Query(max_length=40)] = None,
+    _op: SignedIn,
+    from_: Annotated[Line | None, Query(alias="from", max_length=40)] = None,
+    to: Moment = None,
     group_by: Annotated[str, Query(alias="groupBy", pattern="^(tenant|model|provider|day)$")] = "tenant",
 ) -> Response:
-    start = _moment(from_, "from", end=False)
-    end = _moment(to, "to", end=True)
+    start = moment_bound(from_, "from", end=False)
+    end = moment_bound(to, "to", end=True)
     async with transaction(runtime.sessions, readonly=True) as session:
         rows = await admin_service.usage_rows(session, start, end, group_by)
     stamp = time.strftime("%Y%m%d", time.gmtime())
@@ -602,7 +669,7 @@ async def usage_csv(
 
 
 @router.get("/providers")
-async def providers_page(request: Request, runtime: RuntimeDep, _op: Operator) -> Response:
+async def providers_page(request: Request, runtime: RuntimeDep, _op: SignedIn) -> Response:
     return await _providers(request, runtime)
 
 
@@ -629,10 +696,50 @@ async def _switch_provider(request: Request, runtime: Runtime, name: str, *, ena
 
 
 @router.post("/providers/{name}/disable")
-async def disable_provider(request: Request, runtime: RuntimeDep, _form: Form, name: str) -> Response:
+async def disable_provider(request: Request, runtime: RuntimeDep, _form: Form, name: Id) -> Response:
     return await _switch_provider(request, runtime, name, enabled=False)
 
 
 @router.post("/providers/{name}/enable")
-async def enable_provider(request: Request, runtime: RuntimeDep, _form: Form, name: str) -> Response:
+async def enable_provider(request: Request, runtime: RuntimeDep, _form: Form, name: Id) -> Response:
     return await _switch_provider(request, runtime, name, enabled=True)
+
+
+# ---------------------------------------------------------------- audit log
+
+
+@router.get("/audit")
+async def audit_page(
+    request: Request,
+    runtime: RuntimeDep,
+    _op: SignedIn,
+    target: Annotated[Line | None, Query(max_length=120)] = None,
+    actor: Annotated[Line | None, Query(max_length=120)] = None,
+    action: Annotated[Line | None, Query(max_length=64)] = None,
+    from_: Annotated[Line | None, Query(alias="from", max_length=40)] = None,
+    to: Moment = None,
+    cursor: Text = None,
+) -> Response:
+    filters = audit_service.AuditFilters(
+        target=(target or "").strip() or None,
+        actor=(actor or "").strip() or None,
+        action=(action or "").strip() or None,
+        start=moment_bound(from_, "from", end=False),
+        end=moment_bound(to, "to", end=True),
+        cursor=cursor or None,
+    )
+    async with transaction(runtime.sessions, readonly=True) as session:
+        rows, next_cursor = await audit_service.list_entries(session, filters, 50)
+    return render(
+        request,
+        "audit.html",
+        rows=rows,
+        filters={
+            "target": target or "",
+            "actor": actor or "",
+            "action": action or "",
+            "from": from_ or "",
+            "to": to or "",
+        },
+        next_link=_next_link("/dashboard/audit", request, next_cursor),
+    )

@@ -1,8 +1,13 @@
 """The dashboard's session cookie and CSRF tokens.
 
-One cookie, `vidgate_session`: a JSON payload and its HMAC-SHA256, `HttpOnly`, `SameSite=Strict`, with an
-expiry inside the signed payload (the cookie's own Max-Age is only a hint to the browser). Before login
-it carries only a CSRF token for the login form; login replaces it with a new one (no fixation).
+One cookie, `vidgate_session`: a JSON payload and its HMAC-SHA256, `HttpOnly`, `SameSite=Strict`, `Secure`
+when the request came over TLS (ours or a trusted proxy's), with an expiry inside the signed payload (the
+cookie's own Max-Age is only a hint to the browser). Before login it carries only a CSRF token for the
+login form; login replaces it with a new one (no fixation).
+
+A signed-in cookie also names its session, which has a row in `dashboard_sessions` (app/dashboard/models.py)
+until logout deletes it: a copy of the cookie kept after logout (or stolen before it) opens nothing. The
+check is one primary-key read per page, next to the several queries each page makes anyway.
 
 The signing key is derived from the admin token (and VIDGATE_SESSION_SECRET when set), so changing the
 token ends every session. Without an admin token there is no key and no login: fail closed.
@@ -16,11 +21,16 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import orjson
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
+from app.core import clock
 from app.core.settings import Settings
+from app.dashboard.models import DashboardSession
 
 COOKIE = "vidgate_session"
 PRE_LOGIN_TTL_S = 3600.0
@@ -32,6 +42,10 @@ class Session:
     authenticated: bool
     csrf: str
     expires_at: float
+    # The operator token signed in with (None: the admin token). Its name and role are read from the
+    # database on each page, so a revoked token's sessions end at once.
+    token_id: str | None = None
+    sid: str = ""  # a signed-in session's row in dashboard_sessions
 
 
 def signing_key(settings: Settings, admin_token: str | None) -> bytes | None:
@@ -51,7 +65,10 @@ def _unb64(text: str) -> bytes:
 
 
 def encode(key: bytes, session: Session) -> str:
-    payload = _b64(orjson.dumps({"a": session.authenticated, "c": session.csrf, "e": session.expires_at}))
+    fields = {"a": session.authenticated, "c": session.csrf, "e": session.expires_at, "s": session.sid}
+    if session.token_id is not None:
+        fields["o"] = session.token_id
+    payload = _b64(orjson.dumps(fields))
     signature = _b64(hmac.new(key, payload.encode(), hashlib.sha256).digest())
     return f"{payload}.{signature}"
 
@@ -66,14 +83,43 @@ def decode(key: bytes, value: str | None) -> Session | None:
         return None
     try:
         data = orjson.loads(_unb64(payload))
-        session = Session(bool(data["a"]), str(data["c"]), float(data["e"]))
+        token_id = data.get("o")
+        session = Session(
+            bool(data["a"]),
+            str(data["c"]),
+            float(data["e"]),
+            None if token_id is None else str(token_id),
+            str(data.get("s") or ""),
+        )
     except (ValueError, KeyError, TypeError):
         return None
     return session if session.expires_at > time.time() else None
 
 
-def new_session(*, authenticated: bool, ttl_s: float) -> Session:
-    return Session(authenticated, secrets.token_urlsafe(24), time.time() + ttl_s)
+def new_session(*, authenticated: bool, ttl_s: float, token_id: str | None = None) -> Session:
+    sid = secrets.token_urlsafe(32) if authenticated else ""
+    return Session(authenticated, secrets.token_urlsafe(24), time.time() + ttl_s, token_id, sid)
+
+
+async def begin(session: AsyncSession, signed_in: Session) -> None:
+    """Record a signed-in session (and forget the ones that expired, so the table stays small)."""
+    now = clock.now()
+    await session.execute(delete(DashboardSession).where(DashboardSession.expires_at < now))
+    session.add(DashboardSession(id=signed_in.sid, expires_at=datetime.fromtimestamp(signed_in.expires_at, UTC)))
+    await session.flush()
+
+
+async def is_live(session: AsyncSession, signed_in: Session) -> bool:
+    """Whether a signed-in cookie's session still has its row (logout has not ended it)."""
+    if not signed_in.sid:
+        return False
+    expires_at = await session.scalar(select(DashboardSession.expires_at).where(DashboardSession.id == signed_in.sid))
+    return expires_at is not None and expires_at > clock.now()
+
+
+async def end(session: AsyncSession, signed_in: Session) -> None:
+    if signed_in.sid:
+        await session.execute(delete(DashboardSession).where(DashboardSession.id == signed_in.sid))
 
 
 def set_cookie(response: Response, key: bytes, session: Session, *, secure: bool) -> None:

@@ -14,7 +14,7 @@ transaction; a crash before it means the file is copied again, never that a pred
 graceful stop records the files of the copies it interrupts, so those resume after them.
 
 Each output is streamed from the vendor into the store chunk by chunk (the store uploads parts of
-a bounded size), checked on the way: status 200, a video/audio/image Content-Type, at most
+a bounded size), checked on the way: status 200, a video, audio or raster image Content-Type, at most
 VIDGATE_OUTPUT_MAX_BYTES. Only hosts in VIDGATE_OUTPUT_HOSTS are fetched, redirects are followed by
 hand and only within them, and every address dialled passes the SSRF guard. Transient failures
 (the vendor erring, the file missing for now, a stalled connection) retry with back-off until
@@ -30,6 +30,7 @@ import hashlib
 import logging
 import mimetypes
 import random
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -54,7 +55,14 @@ log = logging.getLogger("vidgate.outputs")
 
 MAX_REDIRECTS: Final = 5
 REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
-MEDIA_TYPES: Final = ("video/", "audio/", "image/")
+MEDIA_TYPES: Final = ("video/", "audio/")
+# Raster images only: an SVG (or any XML or HTML) is a document a browser runs scripts in, and the
+# gateway serves outputs from its own origin.
+RASTER_IMAGES: Final = frozenset(
+    {"image/png", "image/jpeg", "image/gif", "image/webp", "image/avif", "image/apng", "image/bmp", "image/tiff"}
+)
+# A token "/" token (RFC 9110), nothing a browser might read as another type or a header could carry.
+_MEDIA_TYPE: Final = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
 MAX_BACKOFF_S: Final = 60.0
 USER_AGENT: Final = "vidgate-outputs/1"
 WRITE_BATCH: Final = 500
@@ -89,6 +97,13 @@ def allowed_host(url: URL, hosts: list[str]) -> bool:
         if name == host and (int(wanted) == port if wanted else url.explicit_port is None):
             return True
     return False
+
+
+def accepted_media_type(content_type: str) -> bool:
+    """Video, audio or a raster image: what a player or an <img> shows, never a document."""
+    if _MEDIA_TYPE.fullmatch(content_type) is None or "xml" in content_type or "html" in content_type:
+        return False
+    return content_type.startswith(MEDIA_TYPES) or content_type in RASTER_IMAGES
 
 
 def extension(content_type: str) -> str:
@@ -297,7 +312,7 @@ class Copier:
             if response.status != 200:
                 raise Transient(f"the provider answered {response.status} for output {position + 1}")
             content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-            if not content_type.startswith(MEDIA_TYPES):
+            if not accepted_media_type(content_type):
                 raise Refused(f"output {position + 1} is {content_type or 'untyped'}, not video, audio or an image")
             declared = response.content_length
             if declared is not None and declared > settings.output_max_bytes:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app.core import clock
+from app.core.responses import etag_matches
 from app.deps import ReadSessionDep, RuntimeDep
 from app.outputs import service
 from app.outputs.store import open_store
@@ -41,8 +42,12 @@ async def serve_output(
         "ETag": item.etag,
         # The link is the credential: only the player's own cache keeps the file, and not past expiry.
         "Cache-Control": f"private, max-age={remaining}",
+        # Served from the gateway's own origin: never sniffed into a document, never run as one, and
+        # saved under its own name when opened directly.
+        "Content-Security-Policy": "sandbox; default-src 'none'",
+        "Content-Disposition": f'inline; filename="{name}"',
     }
-    if item.etag in request.headers.get("if-none-match", ""):
+    if etag_matches(request.headers.get("if-none-match"), item.etag):
         return Response(status_code=304, headers=headers)
     wanted = service.parse_range(request.headers.get("range"), item.size)
     if_range = request.headers.get("if-range")

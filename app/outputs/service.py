@@ -265,7 +265,9 @@ async def servable(
 ) -> Servable:
     """Check a link and find its file. A bad signature and an expired link are both 403, with different
     codes; a good link to a file retention deleted is 410."""
-    verdict = signing.verify(signing.signing_key(settings), prediction_id, name, expires, sig, clock.now())
+    verdict = signing.verify(
+        signing.signing_key(settings), prediction_id, name, expires, sig, clock.now(), settings.output_url_ttl_s
+    )
     if verdict == "invalid":
         raise OutputLinkInvalid("This output link is not valid. Use the link from the prediction as given.")
     if verdict == "expired":

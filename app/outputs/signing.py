@@ -53,10 +53,12 @@ def link_path(key: bytes, prediction_id: str, name: str, expires: int) -> str:
 
 
 def verify(
-    key: bytes, prediction_id: str, name: str, expires: str | None, sig: str | None, now: datetime
+    key: bytes, prediction_id: str, name: str, expires: str | None, sig: str | None, now: datetime, ttl_s: int
 ) -> str | None:
     """None when the link is good; otherwise why not: "invalid" or "expired". The signature is checked
-    first, so only a link we signed is ever called expired (and a forged expiry is just invalid)."""
+    first, so only a link we signed is ever called expired (and a forged expiry is just invalid). A
+    link never lives past now + `ttl_s` (what window_expiry hands out): one signed for longer, by a
+    key that leaked or a TTL since shortened, is invalid."""
     if not expires or not sig or not expires.isascii() or not expires.isdigit() or len(expires) > 12:
         return "invalid"
     # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, not a "no").
@@ -64,4 +66,6 @@ def verify(
         return "invalid"
     if int(expires) <= int(now.timestamp()):
         return "expired"
+    if int(expires) > int(now.timestamp()) + ttl_s:
+        return "invalid"
     return None

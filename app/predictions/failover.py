@@ -15,6 +15,7 @@ gives both back). Then, by what the provider answered:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from sqlalchemy import bindparam, update
@@ -30,6 +31,7 @@ from app.providers import health as provider_health
 from app.providers import routing
 from app.providers.config import ProviderConfig
 from app.runtime import QueueHook, Runtime
+from app.tenants import service as tenants_service
 from app.tenants.models import ApiKey, Tenant
 from app.upstream.client import UpstreamRefused, UpstreamUnavailable
 from app.upstream.schemas import UpstreamSubmitted
@@ -92,6 +94,7 @@ async def submit(
     public_base_url: str | None = None,
 ) -> service.SubmitResult:
     service.check_submittable(runtime, model_id, request)
+    tenants_service.require_model(key, model_id)
     resolution = request.resolution or budgets_service.DEFAULT_RESOLUTION
     duration = request.duration or budgets_service.DEFAULT_DURATION_S
     # Not served at all: 422 before anything is held. Served, but no candidate now: held and queued
@@ -132,6 +135,38 @@ async def submit(
         why = "; ".join(f"{n}: {r}" for n, r in sorted(plan.skipped.items())) or "others are waiting for this model"
         return await _enqueue(runtime, queue, tenant, key, prediction, why, idempotency_key, status_url_base)
 
+    try:
+        outcome = await _attempts(
+            runtime, key, model_id, plan, prediction, idempotency_key, queueable=queue is not None
+        )
+    except asyncio.CancelledError:
+        # The caller went away before any provider accepted it: the hold comes back now, not at recovery.
+        await service.abandon(runtime, prediction, key, idempotency_key)
+        raise
+    if isinstance(outcome, str):
+        assert queue is not None
+        return await _enqueue(runtime, queue, tenant, key, prediction, outcome, idempotency_key, status_url_base)
+    submitted, provider, candidate = outcome
+    # Accepted, and billed there: from here on a caller going away does not stop the charge being recorded.
+    await runtime.providers.health.succeeded(provider)
+    return await _settle(
+        runtime, tenant, key, prediction, estimate, submitted, provider, candidate, idempotency_key, status_url_base
+    )
+
+
+async def _attempts(
+    runtime: Runtime,
+    key: ApiKey,
+    model_id: str,
+    plan: routing.Plan,
+    prediction: Prediction,
+    idempotency_key: str | None,
+    *,
+    queueable: bool = False,
+) -> tuple[UpstreamSubmitted, ProviderConfig, routing.Candidate] | str:
+    """The candidates in the routing order, until one accepts (what it answered, it and its candidacy)
+    or none is left: with `queueable`, why (it is then queued, its hold kept); else the hold released
+    and the refusal raised."""
     health = runtime.providers.health
     skipped = dict(plan.skipped)
     last: UpstreamRefused | UpstreamUnavailable | None = None
@@ -178,14 +213,10 @@ async def submit(
                 raise service.upstream_problem(exc) from exc
             skipped[provider.name], last = exc.reason, exc
             continue
-        await health.succeeded(provider)
-        return await _settle(
-            runtime, tenant, key, prediction, estimate, submitted, provider, candidate, idempotency_key, status_url_base
-        )
+        return submitted, provider, candidate
 
-    if queue is not None:
-        why = "; ".join(f"{n}: {r}" for n, r in sorted(skipped.items()))
-        return await _enqueue(runtime, queue, tenant, key, prediction, why, idempotency_key, status_url_base)
+    if queueable:
+        return "; ".join(f"{n}: {r}" for n, r in sorted(skipped.items())) or "none had room"
     await service.release(
         runtime, prediction, key, f"no provider accepted the prediction: {last or 'none had room'}", idempotency_key
     )
@@ -262,4 +293,6 @@ async def _settle(
         "prediction submitted",
         extra={"prediction_id": prediction.id, "provider": provider.name, "cost_cents": confirm.cost},
     )
-    return service.SubmitResult(body=body, replayed=False, prediction_id=prediction.id)
+    return service.SubmitResult(
+        body=body, replayed=False, prediction_id=prediction.id, next_poll_at=prediction.next_poll_at
+    )

@@ -2,14 +2,14 @@ from __future__ import annotations
 
 import contextlib
 import re
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Response
 
 from app.budgets import balances
 from app.budgets import service as budgets_service
-from app.budgets.deps import CallerDep, ReaderDep, authenticate
+from app.budgets.deps import CallerDep, QuoterDep, ReaderDep, authenticate
 from app.budgets.headers import RETRY_AFTER_DOC, note_balance, note_charge, tenant_responses
 from app.budgets.schemas import QuoteOut
 from app.core import clock
@@ -24,8 +24,10 @@ from app.outputs import service as outputs_service
 from app.predictions import failover
 from app.predictions import service as predictions_service
 from app.predictions.cache import FINAL
+from app.predictions.models import PredictionStatus
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, PublicStatus, SubmitOut
 from app.providers import routing
+from app.tenants import service as tenants_service
 from app.tenants.deps import Credentials, cached_caller
 
 router = APIRouter(prefix="/api/v1", tags=["predictions"], responses=tenant_responses())
@@ -88,7 +90,7 @@ async def generate(
     if not result.replayed:
         note_charge(content.get("costCents") or 0)
     wait_s = _prefer_wait(prefer, runtime.settings.prefer_wait_max_s)
-    next_poll_at: datetime | None = _first_poll_due(content, runtime.settings.poll_interval_s)
+    next_poll_at = result.next_poll_at
     if wait_s is not None:
         prediction = await predictions_service.wait_until_terminal(
             runtime, caller.tenant.id, result.prediction_id, wait_s
@@ -108,13 +110,6 @@ async def generate(
     return json_response(content, headers=headers)
 
 
-def _first_poll_due(submitted: dict[str, Any], default_s: float) -> datetime:
-    """When the gateway first polls a just-submitted prediction: createdAt plus the estimate's lower bound."""
-    created = datetime.fromisoformat(submitted["createdAt"])
-    delay = predictions_service.first_poll_delay_s(submitted.get("estimatedTime"), default_s)
-    return created + timedelta(seconds=delay)
-
-
 @router.post(
     "/models/{modelId}/quote",
     response_model=QuoteOut,
@@ -123,11 +118,12 @@ def _first_poll_due(submitted: dict[str, Any], default_s: float) -> datetime:
 async def quote(
     runtime: RuntimeDep,
     session: ReadSessionDep,
-    caller: ReaderDep,
+    caller: QuoterDep,
     body: GenerateRequest,
     model_id: Annotated[Line, Path(alias="modelId", max_length=100)],
 ) -> Response:
     predictions_service.check_submittable(runtime, model_id, body)
+    tenants_service.require_model(caller.key, model_id)
     resolution = body.resolution or budgets_service.DEFAULT_RESOLUTION
     duration = body.duration or budgets_service.DEFAULT_DURATION_S
     # What a submit would hold: the highest price among the providers it would try now (or could at all).
@@ -171,6 +167,7 @@ async def get_prediction(
     # links and the balance for the headers (on a bare connection: no ORM session).
     caller = cached_caller(credentials)
     if caller is not None:
+        tenants_service.require_scope(caller.key, "read")
         final = FINAL.get(caller.tenant.id, prediction_id)
         snapshot = balances.BALANCES.get(caller.tenant.id) if final is not None else None
         if final is not None and snapshot is not None:
@@ -179,6 +176,7 @@ async def get_prediction(
     async with read_connection(runtime.sessions) as connection:
         if caller is None:
             caller = await authenticate(connection, credentials, runtime=runtime)
+            tenants_service.require_scope(caller.key, "read")
         tenant = caller.tenant
         now = clock.now()
         period_start = budgets_service.period_of(tenant.budget_period, now).start
@@ -213,7 +211,7 @@ async def list_predictions(
     cursor: Annotated[Line | None, Query(max_length=64)] = None,
 ) -> Response:
     rows, next_cursor = await predictions_service.list_for_tenant(
-        session, caller.tenant.id, status=status, limit=limit, cursor=cursor
+        session, caller.tenant.id, status=PredictionStatus(status) if status else None, limit=limit, cursor=cursor
     )
     data = [predictions_service.present(p) for p in rows]
     await outputs_service.show_current_links(session, runtime.settings, data)

@@ -7,12 +7,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.core.clock import Timestamp
 from app.core.types import JsonObject, Line
-from app.predictions.models import PredictionStatus
 from app.upstream.schemas import GenerateParams, check_http_url
 
 METADATA_MAX_BYTES = 4096
-TerminalStatus = Literal[PredictionStatus.COMPLETED, PredictionStatus.FAILED]
-PublicStatus = Literal[PredictionStatus.PROCESSING, TerminalStatus]
+# Plain strings, not the enum's members: a refusal lists the choices, and pydantic names a member by its
+# repr (`<PredictionStatus.PROCESSING: 'processing'>`). PredictionStatus is a StrEnum: its values compare equal.
+TerminalStatus = Literal["completed", "failed"]
+PublicStatus = Literal["processing", TerminalStatus]
 
 
 class GenerateRequest(GenerateParams):

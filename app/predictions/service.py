@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import cache
+from functools import cache, partial
 from typing import Any, TypeVar
 
 import orjson
@@ -159,6 +160,12 @@ def first_poll_delay_s(estimated_time: str | None, default_s: float) -> float:
     return min(seconds, 600.0)
 
 
+def first_poll_at(confirmed_at: datetime, estimated_time: str | None, default_s: float) -> datetime:
+    """When the gateway first polls a prediction the vendor accepted at `confirmed_at`: the one place
+    this is computed, for the poll queue and for the submit answer's Retry-After alike."""
+    return confirmed_at + timedelta(seconds=first_poll_delay_s(estimated_time, default_s))
+
+
 _predictions = table_of(Prediction)
 _INSERT = insert(_predictions)
 # A confirm batch in one statement: the rows still "submitting" (the fence) start processing; RETURNING
@@ -263,6 +270,8 @@ class SubmitResult:
     body: dict[str, Any]
     replayed: bool
     prediction_id: str
+    # When the gateway polls it next, as the poll queue has it (None: not known, or no longer scheduled).
+    next_poll_at: datetime | None = None
 
 
 def request_fingerprint(model_id: str, request: GenerateRequest) -> str:
@@ -283,8 +292,10 @@ def check_submittable(runtime: Runtime, model_id: str, request: GenerateRequest)
 async def hold(runtime: Runtime, job: _HoldJob) -> _Held | SubmitResult:
     """Claim the idempotency key, pass the limits and hold the estimate, in the ledger writer's next
     batch: committed before any provider is called, so concurrent requests and other replicas see it.
-    The prediction held, or a replay of an earlier answer; raises the refusal."""
-    result: _Held | SubmitResult = await _writer(runtime, "hold", _apply_holds).submit(job)
+    The prediction held, or a replay of an earlier answer; raises the refusal. A caller that goes away
+    meanwhile (its task cancelled) has its hold given back as soon as it commits."""
+    abandoned = partial(_abandoned_hold, runtime, job.key, job.idempotency_key)
+    result: _Held | SubmitResult = await _writer(runtime, "hold", _apply_holds).submit(job, on_abandoned=abandoned)
     return result
 
 
@@ -292,7 +303,18 @@ async def release(
     runtime: Runtime, prediction: Prediction, key: ApiKey, reason: str, idempotency_key: str | None
 ) -> None:
     """No provider accepted it: the hold and slots back, the Idempotency-Key freed (writer's next batch)."""
-    await _writer(runtime, "release", _apply_releases).submit(_ReleaseJob(prediction, key, reason, idempotency_key))
+    job = _ReleaseJob(prediction, key, reason, idempotency_key)
+    await _writer(runtime, "release", _apply_releases).submit(job, on_abandoned=_ignore)
+
+
+async def abandon(runtime: Runtime, prediction: Prediction, key: ApiKey, idempotency_key: str | None) -> None:
+    """The caller went away (a client gone, a shutdown) before a provider accepted its prediction: give the
+    hold, the slots and the Idempotency-Key back now rather than when recovery finds the row,
+    submit_recovery_s later. The release runs in a task of its own, which the caller's cancellation does
+    not reach; waited for, so that it is done when the request's task is."""
+    release = _release_abandoned(runtime, prediction, key, idempotency_key)
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(release)
 
 
 # ---------------------------------------------------------------- the ledger writers
@@ -416,6 +438,40 @@ async def _apply_releases(runtime: Runtime, session: AsyncSession, jobs: list[_R
     return [job.prediction.id in released for job in jobs]
 
 
+ABANDONED = "the client went away before the upstream confirmed the prediction"
+# Releases of abandoned holds in flight: a task needs a strong reference until it is done.
+_releasing: set[asyncio.Task[None]] = set()
+
+
+def _ignore(_result: object) -> None:
+    """on_abandoned for a writer job that needs nothing more once applied (its caller is gone)."""
+
+
+def _abandoned_hold(runtime: Runtime, key: ApiKey, idempotency_key: str | None, held: _Held | SubmitResult) -> None:
+    """A hold committed for a caller that went away while its batch ran: give it back."""
+    if not isinstance(held, SubmitResult):
+        _release_abandoned(runtime, held[0], key, idempotency_key)
+
+
+def _release_abandoned(
+    runtime: Runtime, prediction: Prediction, key: ApiKey, idempotency_key: str | None
+) -> asyncio.Task[None]:
+    task = asyncio.create_task(_release_quietly(runtime, _ReleaseJob(prediction, key, ABANDONED, idempotency_key)))
+    _releasing.add(task)
+    task.add_done_callback(_releasing.discard)
+    return task
+
+
+async def _release_quietly(runtime: Runtime, job: _ReleaseJob) -> None:
+    try:
+        await _writer(runtime, "release", _apply_releases).submit(job, on_abandoned=_ignore)
+    except Exception as exc:  # recovery releases it later (submit_recovery_s)
+        log.warning(
+            "abandoned hold not released yet",
+            extra={"prediction_id": job.prediction.id, "error_type": type(exc).__name__},
+        )
+
+
 async def confirm_until_recorded(runtime: Runtime, job: _ConfirmJob) -> dict[str, Any]:
     """Record what the vendor accepted, trying again through a database outage for as long as it is
     safe: until half of `submit_recovery_s` after the hold, so recovery (which releases holds older
@@ -427,7 +483,8 @@ async def confirm_until_recorded(runtime: Runtime, job: _ConfirmJob) -> dict[str
     failures = 0
     while True:
         try:
-            body: dict[str, Any] = await _writer(runtime, "settle", _apply_confirms).submit(job)
+            # The vendor has billed: recorded even if the caller goes away before the batch is taken.
+            body: dict[str, Any] = await _writer(runtime, "settle", _apply_confirms).submit(job, on_abandoned=_ignore)
             return body
         except (DatabaseUnavailable, DBAPIError) as exc:
             failures += 1
@@ -502,7 +559,10 @@ async def _claim_idempotency_key(
             "A request with this Idempotency-Key is still in flight. Retry in a moment to get its answer.",
             headers={"Retry-After": retry_after_value(1)},
         )
-    return SubmitResult(body=existing.response, replayed=True, prediction_id=existing.prediction_id or "")
+    scheduled = await session.scalar(select(Prediction.next_poll_at).where(Prediction.id == existing.prediction_id))
+    return SubmitResult(
+        existing.response, replayed=True, prediction_id=existing.prediction_id or "", next_poll_at=scheduled
+    )
 
 
 async def _forget_idempotency_key(session: AsyncSession, tenant_id: str, idempotency_key: str) -> None:
@@ -613,8 +673,7 @@ async def _confirm_many(session: AsyncSession, runtime: Runtime, jobs: list[_Con
             upstream_id=job.submitted.id,
             status=PredictionStatus.PROCESSING,
             estimated_time=job.submitted.estimated_time,
-            next_poll_at=now
-            + timedelta(seconds=first_poll_delay_s(job.submitted.estimated_time, runtime.settings.poll_interval_s)),
+            next_poll_at=first_poll_at(now, job.submitted.estimated_time, runtime.settings.poll_interval_s),
         )
         for job in jobs
     }
@@ -642,6 +701,7 @@ async def _confirm_many(session: AsyncSession, runtime: Runtime, jobs: list[_Con
     for job in jobs:
         if job.prediction.id not in changed:
             late, late_settle = await _confirm_late(session, job, states[job.prediction.id])
+            job.prediction.next_poll_at = late.next_poll_at  # the caller's copy shows the poll queue's
             confirmed.append(late)
             settles += [late_settle] if late_settle is not None else []
             continue

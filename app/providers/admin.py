@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.audit import service as audit_service
 from app.budgets import service as budgets_service
 from app.core import clock
 from app.core.errors import NotFound
@@ -126,9 +127,20 @@ async def set_enabled(
     """The operator's switch, stored in the database: every replica stops (or starts again) routing new
     submits there within app/providers' state refresh; predictions in flight there go on."""
     _known(registry, name)
+    before = await get_provider(session, registry, name)
     await providers_service.set_disabled(session, name, disabled=not enabled, actor=actor)
     await session.flush()
-    return await get_provider(session, registry, name)
+    after = await get_provider(session, registry, name)
+    action = "provider.enable" if enabled else "provider.disable"
+    await audit_service.record(
+        session,
+        actor,
+        action,
+        audit_service.target("provider", name),
+        {"state": before["state"]},
+        {"state": after["state"]},
+    )
+    return after
 
 
 def _known(registry: Registry, name: str) -> ProviderConfig:

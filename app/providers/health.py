@@ -5,8 +5,8 @@
 - `failure_threshold` errors in a row (5xx, refused, timeouts) open its circuit for `cooldown_s`; then
   one request (the one that claims `probe_until`) probes it: a success closes the circuit, an error
   opens it again. An open circuit is never a candidate.
-- `max_concurrent` is a conditional UPDATE of `in_flight`, `rate_per_minute` a row per minute in
-  rate_windows (app/budgets/limits.py), both in the caller's transaction, so they hold across replicas.
+- `max_concurrent` is a conditional UPDATE of `in_flight`, `rate_per_minute` a GCRA row in rate_limits
+  (app/budgets/limits.py), both in the caller's transaction, so they hold across replicas.
 
 Each process reads the rows at most every STATE_TTL_S (one SELECT of all providers): a disable by the
 operator or another replica's cooldown reaches it within that; its own findings apply at once.
@@ -231,7 +231,7 @@ class Health:
 
 
 async def take_capacity(session: AsyncSession, provider: ProviderConfig, now: datetime) -> bool:
-    """One submit's room at `provider`: a unit of its rate this minute, then a slot under max_concurrent.
+    """One submit's room at `provider`: a unit of its rate, then a slot under max_concurrent.
     False (nothing taken) when either is full."""
     if provider.rate_per_minute is not None and not await budget_limits.take_scope_rate(
         session, rate_scope(provider.name), provider.rate_per_minute, now
@@ -247,7 +247,7 @@ async def take_capacity(session: AsyncSession, provider: ProviderConfig, now: da
         if (await session.execute(_TAKE_SLOT, params)).first() is not None:
             return True
     if provider.rate_per_minute is not None:
-        await budget_limits.give_scope_rate(session, rate_scope(provider.name), now)
+        await budget_limits.give_scope_rate(session, rate_scope(provider.name), provider.rate_per_minute)
     return False
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, ForeignKey, String
+from sqlalchemy import JSON, CheckConstraint, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.core import clock
@@ -33,6 +33,8 @@ class Tenant(Base):
     queue_weight: Mapped[int] = mapped_column(server_default="1")
     max_queued: Mapped[int] = mapped_column(server_default="1000")
     webhook_disabled_at: Mapped[datetime | None]
+    # The tenant endpoint's event types (null: every one); set by the tenant itself (SPEC §13).
+    webhook_events_filter: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     webhook_secret: Mapped[str] = mapped_column(String(100))
     webhook_secret_previous: Mapped[str | None] = mapped_column(String(100))
     webhook_secret_previous_expires_at: Mapped[datetime | None]
@@ -52,6 +54,13 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     budget_cents: Mapped[int | None]
+    # What the key may do (generate, read, manage) and on which models (null: every model the tenant
+    # may use); read from the key cache on every request, so no statement per request checks them.
+    scopes: Mapped[list[str]] = mapped_column(JSON, default=lambda: ["generate", "read"])
+    models: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    expires_at: Mapped[datetime | None]
+    # Kept from memory by app/tenants/last_used.py: at most a flush interval behind.
+    last_used_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=clock.now)
     revoked_at: Mapped[datetime | None]
 

@@ -16,11 +16,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core import clock
 from app.core.database import Base, table_of
-from app.core.errors import NotFound, Unauthorized
+from app.core.errors import AppError, InvalidRequest, NotFound, Unauthorized
 from app.core.ids import new_id
+from app.tenants import last_used
 from app.tenants.cache import CACHE, note_tenant_changed
 from app.tenants.models import ApiKey, Tenant
-from app.tenants.schemas import KeyCreate, TenantCreate, TenantUpdate
+from app.tenants.schemas import DEFAULT_SCOPES, KeyCreate, TenantCreate, TenantUpdate
 
 KEY_PREFIX = "vg_"
 
@@ -33,6 +34,73 @@ class TenantNotFound(NotFound):
 class KeyNotFound(NotFound):
     code = "key_not_found"
     title = "No such API key"
+
+
+class KeyExpired(Unauthorized):
+    code = "api_key_expired"
+    title = "The API key has expired"
+
+
+class InsufficientScope(AppError):
+    status = 403
+    code = "insufficient_scope"
+    title = "The API key may not do this"
+
+
+class ModelNotAllowed(AppError):
+    status = 403
+    code = "model_not_allowed"
+    title = "The API key may not use this model"
+
+
+SCOPE_ORDER = ("generate", "read", "manage")
+
+
+def require_scope(key: ApiKey, *scopes: str) -> None:
+    """The key carries one of `scopes` (in memory: the key came from the cache or the key check's row)."""
+    held = key.scopes
+    for scope in scopes:
+        if scope in held:
+            return
+    raise InsufficientScope(
+        f"This API key lacks the {' or '.join(repr(s) for s in scopes)} scope; ask for a key that has it.",
+        requiredScope=scopes[0],
+        scopes=list(held),
+    )
+
+
+def require_model(key: ApiKey, model_id: str) -> None:
+    if key.models is not None and model_id not in key.models:
+        raise ModelNotAllowed(
+            f"This API key may use only {', '.join(key.models)}; not {model_id!r}.", modelId=model_id, models=key.models
+        )
+
+
+def wider_than(maker: ApiKey, data: KeyCreate) -> str | None:
+    """What of a key a key asks for is wider than the maker itself (None: nothing). A key made by a key
+    inherits, where it names none, its maker's models, budget and expiry (`inherit_from` fills them)."""
+    scopes = data.scopes if data.scopes is not None else DEFAULT_SCOPES
+    extra = [s for s in scopes if s not in maker.scopes]
+    if extra:
+        return f"scopes {extra} are not this key's own ({maker.scopes})"
+    if maker.models is not None and (data.models is None or not set(data.models) <= set(maker.models)):
+        return f"models must be within this key's own ({maker.models})"
+    if maker.budget_cents is not None and (data.budget_cents is None or data.budget_cents > maker.budget_cents):
+        return f"budgetCents must be at most this key's own ({maker.budget_cents})"
+    if maker.expires_at is not None and (data.expires_at is None or data.expires_at > maker.expires_at):
+        return f"expiresAt must be no later than this key's own ({clock.iso(maker.expires_at)})"
+    return None
+
+
+def inherit_from(maker: ApiKey, data: KeyCreate) -> KeyCreate:
+    given = data.model_fields_set
+    return data.model_copy(
+        update={
+            "models": data.models if "models" in given else maker.models,
+            "budget_cents": data.budget_cents if "budget_cents" in given else maker.budget_cents,
+            "expires_at": data.expires_at if "expires_at" in given else maker.expires_at,
+        }
+    )
 
 
 def hash_key(raw_key: str) -> str:
@@ -92,6 +160,8 @@ async def update_tenant(session: AsyncSession, tenant: Tenant, data: TenantUpdat
     for field, value in changes.items():
         if field in ("name", "budget_period", "queue_weight", "max_queued") and value is None:
             continue
+        if field == "webhook_events_filter" and value is not None:
+            value = sorted(set(value))
         setattr(tenant, field, value)
     if "webhook_url" in changes:
         # Setting the URL again is how an operator re-enables an endpoint that answered 410 Gone.
@@ -112,8 +182,20 @@ async def delete_tenant(session: AsyncSession, tenant: Tenant) -> None:
     await note_tenant_changed(session, tenant.id)
 
 
+def check_key_fields(data: KeyCreate, allowed_models: list[str]) -> None:
+    """What pydantic cannot know: the models the gateway allows and the clock."""
+    for model in data.models or ():
+        if model not in allowed_models:
+            raise InvalidRequest(
+                f"models: {model!r} is not a model this gateway allows ({', '.join(allowed_models)}).", field="models"
+            )
+    if data.expires_at is not None and data.expires_at <= clock.now():
+        raise InvalidRequest("expiresAt: must be in the future.", field="expiresAt")
+
+
 async def create_key(session: AsyncSession, tenant: Tenant, data: KeyCreate) -> tuple[ApiKey, str]:
     raw = KEY_PREFIX + secrets.token_urlsafe(24)  # 192 bits
+    scopes = data.scopes if data.scopes is not None else DEFAULT_SCOPES
     key = ApiKey(
         id=new_id("key"),
         tenant_id=tenant.id,
@@ -121,6 +203,9 @@ async def create_key(session: AsyncSession, tenant: Tenant, data: KeyCreate) -> 
         prefix=raw[:11],
         key_hash=hash_key(raw),
         budget_cents=data.budget_cents,
+        scopes=[s for s in SCOPE_ORDER if s in scopes],
+        models=sorted(set(data.models)) if data.models is not None else None,
+        expires_at=data.expires_at,
         created_at=clock.now(),
     )
     session.add(key)
@@ -133,10 +218,15 @@ async def list_keys(session: AsyncSession, tenant: Tenant) -> list[ApiKey]:
     return list(rows)
 
 
-async def revoke_key(session: AsyncSession, tenant: Tenant, key_id: str) -> ApiKey:
+async def get_key(session: AsyncSession, tenant: Tenant, key_id: str) -> ApiKey:
     key = await session.get(ApiKey, key_id)
     if key is None or key.tenant_id != tenant.id:
         raise KeyNotFound(f"Tenant {tenant.id!r} has no key {key_id!r}.")
+    return key
+
+
+async def revoke_key(session: AsyncSession, tenant: Tenant, key_id: str) -> ApiKey:
+    key = await get_key(session, tenant, key_id)
     if key.revoked_at is None:
         key.revoked_at = clock.now()
         await session.flush()
@@ -186,7 +276,18 @@ def caller_of(row: Row[Any] | None, digest: str, *, cache_ttl_s: float = 0.0) ->
     if key.revoked_at is not None or tenant.deleted_at is not None:
         raise Unauthorized("This API key was revoked. Ask your operator for a new one.")
     CACHE.put(digest, tenant, key, cache_ttl_s)
+    check_expiry(key)
+    last_used.note(key.id)
     return tenant, key
+
+
+def check_expiry(key: ApiKey) -> None:
+    # Against the clock on every request, cached or not: an expiry needs no notification to any replica.
+    expires = key.expires_at
+    if expires is not None and expires <= clock.now():
+        raise KeyExpired(
+            f"This API key expired at {clock.iso(expires)}. Ask for a new one.", expiredAt=clock.iso(expires)
+        )
 
 
 async def authenticate(session: AsyncSession, raw_key: str) -> tuple[Tenant, ApiKey]:
@@ -197,7 +298,11 @@ async def authenticate(session: AsyncSession, raw_key: str) -> tuple[Tenant, Api
 
 def authenticate_cached(raw_key: str) -> tuple[Tenant, ApiKey] | None:
     """The key check from this process's cache (app/tenants/cache.py); None: ask the database."""
-    return CACHE.get(key_digest(raw_key))
+    hit = CACHE.get(key_digest(raw_key))
+    if hit is not None:
+        check_expiry(hit[1])
+        last_used.note(hit[1].id)
+    return hit
 
 
 async def rotate_webhook_secret(session: AsyncSession, tenant: Tenant, grace_s: float) -> Tenant:

@@ -67,6 +67,10 @@ class Faults:
     # submit's answer that long after reading its body (a read timeout on the gateway's side).
     submit_retry_after: str | None = None
     submit_delay_s: float = 0.0
+    # VibeDream submits (in-process simulator only): each sets `submit_arrived`, then waits for
+    # `submit_gate`, so a test can act while the gateway's upstream call is in flight.
+    submit_arrived: asyncio.Event | None = None
+    submit_gate: asyncio.Event | None = None
     # Outputs: answer the next N downloads with this status (0 = drop the connection); `output_gone`
     # answers 404 for good (the vendor deleted its files); `output_stall_s` sends half the file and
     # then nothing for that long; `output_content_type` overrides the type; `output_redirect`
@@ -164,6 +168,10 @@ FAILURE_MESSAGE = "Content moderation: the prompt was flagged (simulated)"
 
 async def _generate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    if state.faults.submit_arrived is not None:
+        state.faults.submit_arrived.set()
+    if state.faults.submit_gate is not None:
+        await state.faults.submit_gate.wait()
     if not request.headers.get("Authorization", "").startswith("Bearer "):
         state.submits += 1
         return _error(401, "missing API key")

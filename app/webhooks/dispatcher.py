@@ -70,6 +70,44 @@ class Attempt:
     latency_ms: int
 
 
+async def post_signed(
+    runtime: Runtime, url: str, msg_id: str, payload: str, secrets: list[str]
+) -> tuple[int | None, str | None, float | None, int]:
+    """One signed POST of an event: (status or None, error, Retry-After seconds, latency ms). Every delivery
+    and a tenant's `webhook.test` go through here."""
+    timestamp = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": signature_header(secrets, msg_id, timestamp, payload),
+    }
+    started = time.perf_counter()
+    status: int | None = None
+    error: str | None = None
+    retry_after: float | None = None
+    try:
+        # aiohttp dials IP literals without asking the resolver, so those are checked here.
+        check_url(url, allow_private=runtime.settings.webhook_allow_private)
+        async with runtime.webhook_http.post(
+            url, data=payload.encode(), headers=headers, allow_redirects=False
+        ) as response:
+            status = response.status
+            retry_after = parse_retry_after(response.headers.get("Retry-After"), clock.now())
+            await response.content.read(1024)  # drain a little so keep-alive can reuse the connection
+    except ForbiddenTarget as exc:
+        error = f"refused: {exc.reason}"
+    except aiohttp.ClientConnectorError as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, ForbiddenTarget) else None
+        error = f"refused: {cause.reason}" if cause else f"connection failed ({type(exc).__name__})"
+    except TimeoutError:
+        error = f"timed out after {runtime.settings.webhook_timeout_s:g} s"
+    except aiohttp.ClientError as exc:
+        error = f"request failed ({type(exc).__name__})"
+    return status, error, retry_after, int((time.perf_counter() - started) * 1000)
+
+
 class Dispatcher:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -192,37 +230,7 @@ class Dispatcher:
     async def _post(
         self, delivery: WebhookDelivery, secrets: list[str]
     ) -> tuple[int | None, str | None, float | None, int]:
-        timestamp = int(time.time())
-        headers = {
-            "content-type": "application/json",
-            "user-agent": USER_AGENT,
-            "webhook-id": delivery.id,
-            "webhook-timestamp": str(timestamp),
-            "webhook-signature": signature_header(secrets, delivery.id, timestamp, delivery.payload),
-        }
-        started = time.perf_counter()
-        status: int | None = None
-        error: str | None = None
-        retry_after: float | None = None
-        try:
-            # aiohttp dials IP literals without asking the resolver, so those are checked here.
-            check_url(delivery.url, allow_private=self.runtime.settings.webhook_allow_private)
-            async with self.runtime.webhook_http.post(
-                delivery.url, data=delivery.payload.encode(), headers=headers, allow_redirects=False
-            ) as response:
-                status = response.status
-                retry_after = parse_retry_after(response.headers.get("Retry-After"), clock.now())
-                await response.content.read(1024)  # drain a little so keep-alive can reuse the connection
-        except ForbiddenTarget as exc:
-            error = f"refused: {exc.reason}"
-        except aiohttp.ClientConnectorError as exc:
-            cause = exc.__cause__ if isinstance(exc.__cause__, ForbiddenTarget) else None
-            error = f"refused: {cause.reason}" if cause else f"connection failed ({type(exc).__name__})"
-        except TimeoutError:
-            error = f"timed out after {self.runtime.settings.webhook_timeout_s:g} s"
-        except aiohttp.ClientError as exc:
-            error = f"request failed ({type(exc).__name__})"
-        return status, error, retry_after, int((time.perf_counter() - started) * 1000)
+        return await post_signed(self.runtime, delivery.url, delivery.id, delivery.payload, secrets)
 
     def _next_state(self, attempt: Attempt) -> tuple[str, dict[str, object]]:
         """What one attempt's answer means for its delivery: the outcome and the row's new values."""

@@ -35,3 +35,20 @@ class DeliveryDetail(DeliveryOut):
 class DeliveryList(BaseModel):
     data: list[DeliveryOut]
     nextCursor: str | None
+
+
+class DeliveryDetailList(BaseModel):
+    data: list[DeliveryDetail]
+    nextCursor: str | None
+
+
+class WebhookEndpointOut(BaseModel):
+    url: str | None
+    eventsFilter: list[str] | None
+    disabledAt: Timestamp | None
+
+
+class WebhookTestOut(BaseModel):
+    delivered: bool
+    status: int | None
+    error: str | None = None

@@ -109,7 +109,12 @@ async def enqueue_prediction_events(
         status = prediction.status
         if prediction.webhook_events is not None and status not in prediction.webhook_events:
             continue
-        url = prediction.webhook_url or tenant_endpoint(tenant)
+        url = prediction.webhook_url
+        if url is None:
+            url = tenant_endpoint(tenant)
+            wanted = tenant.webhook_events_filter
+            if wanted is not None and f"prediction.{status}" not in wanted:
+                continue
         if url is not None:
             _add(session, tenant, url, f"prediction.{status}", data, prediction.id)
     await session.flush()
@@ -117,7 +122,8 @@ async def enqueue_prediction_events(
 
 async def enqueue_budget_threshold(session: AsyncSession, tenant: Tenant, percent: int, usage: Usage) -> None:
     url = tenant_endpoint(tenant)
-    if url is None:
+    wanted = tenant.webhook_events_filter
+    if url is None or (wanted is not None and "budget.threshold" not in wanted):
         return
     data = {"tenantId": tenant.id, "percent": percent, **usage.present()}
     _add(session, tenant, url, "budget.threshold", data, None)
@@ -170,6 +176,27 @@ async def list_attempts(session: AsyncSession, delivery_id: str) -> list[Webhook
         select(WebhookAttempt).where(WebhookAttempt.delivery_id == delivery_id).order_by(WebhookAttempt.id)
     )
     return list(rows)
+
+
+async def attempts_of(session: AsyncSession, delivery_ids: list[str]) -> dict[str, list[WebhookAttempt]]:
+    """The attempts of many deliveries (a page of them), read by one statement."""
+    found: dict[str, list[WebhookAttempt]] = {d: [] for d in delivery_ids}
+    if delivery_ids:
+        rows = await session.scalars(
+            select(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(delivery_ids)).order_by(WebhookAttempt.id)
+        )
+        for attempt in rows:
+            found[attempt.delivery_id].append(attempt)
+    return found
+
+
+def present_attempt(attempt: WebhookAttempt) -> dict[str, Any]:
+    return {
+        "attemptedAt": attempt.attempted_at,
+        "statusCode": attempt.status_code,
+        "latencyMs": attempt.latency_ms,
+        "error": attempt.error,
+    }
 
 
 async def redeliver(session: AsyncSession, delivery: WebhookDelivery) -> WebhookDelivery:

@@ -1,7 +1,7 @@
 """queue (SPEC §12): queue_entries, queue_tenants, tenants.queue_weight and max_queued
 
 Revision ID: 0012
-Revises: 0010
+Revises: 0008
 Create Date: 2026-12-07
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0012"
-down_revision: str | None = "0010"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

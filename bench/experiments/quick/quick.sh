@@ -11,15 +11,15 @@ WD=$(mktemp -d)
 cleanup(){ kill $SIMPID $GWPID 2>/dev/null || true; wait 2>/dev/null || true; psql -q -h 127.0.0.1 -U postgres -c "drop database if exists $DB with (force)" >/dev/null; rm -rf $WD; }
 trap cleanup EXIT
 export VIDGATE_DATABASE_URL=postgresql+asyncpg://postgres@127.0.0.1:5432/$DB VIDGATE_UPSTREAM_BASE_URL=http://127.0.0.1:$SP \
-  VIDGATE_UPSTREAM_API_KEY=vendorkey VIDGATE_ADMIN_TOKEN=admintoken123456789 VIDGATE_WEBHOOK_ALLOW_PRIVATE=true \
+  VIDGATE_UPSTREAM_API_KEY=vendorkey VIDGATE_ADMIN_TOKEN=admintoken123456789-0123456789abcdef VIDGATE_WEBHOOK_ALLOW_PRIVATE=true \
   VIDGATE_OUTPUT_HOSTS=127.0.0.1:$SP VIDGATE_OUTPUTS_STORE=$WD/out VIDGATE_RUN_WORKER=false VIDGATE_LOG_LEVEL=WARNING
 for kv in "$@"; do export "$kv"; done
 (cd $REPO && $V/vidgate migrate >/dev/null)
 $V/vidgate simulator --port $SP --completion-s 3600 >$WD/sim.log 2>&1 & SIMPID=$!
 (cd $REPO && exec $V/vidgate serve --port $GP >$WD/gw.log 2>&1) & GWPID=$!
 for i in $(seq 100); do curl -sf http://127.0.0.1:$GP/readyz >/dev/null 2>&1 && break; sleep 0.1; done
-T=$(curl -sf -H "Authorization: Bearer admintoken123456789" -H 'content-type: application/json' -d '{"name":"q","budgetCents":1000000000,"budgetPeriod":"month"}' http://127.0.0.1:$GP/admin/v1/tenants | python3 -c 'import sys,json;print(json.load(sys.stdin)["id"])')
-K=$(curl -sf -H "Authorization: Bearer admintoken123456789" -H 'content-type: application/json' -d '{"name":"q"}' http://127.0.0.1:$GP/admin/v1/tenants/$T/keys | python3 -c 'import sys,json;print(json.load(sys.stdin)["key"])')
+T=$(curl -sf -H "Authorization: Bearer admintoken123456789-0123456789abcdef" -H 'content-type: application/json' -d '{"name":"q","budgetCents":1000000000,"budgetPeriod":"month"}' http://127.0.0.1:$GP/admin/v1/tenants | python3 -c 'import sys,json;print(json.load(sys.stdin)["id"])')
+K=$(curl -sf -H "Authorization: Bearer admintoken123456789-0123456789abcdef" -H 'content-type: application/json' -d '{"name":"q"}' http://127.0.0.1:$GP/admin/v1/tenants/$T/keys | python3 -c 'import sys,json;print(json.load(sys.stdin)["key"])')
 BODY='{"image": "https://example.com/cat.png", "prompt": "a cat", "resolution": "480p", "duration": 5}'
 PID=$(head -n1 <(pgrep -f "vidgate serve --port $GP" | sort -n | tail -1))
 cat > $WD/post.lua <<LUA

@@ -30,7 +30,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parents[3]
 PG = "postgresql://postgres@127.0.0.1:5432"
 DB = "vidgate_ab_readpath"
-ADMIN = "ab-admin-token-0123456789abcdef"
+ADMIN = "ab-admin-token-0123456789abcdef0123"
 VENDOR_KEY = "bench-vendor-key"
 BODY = '{"image":"https://example.com/cat.png","prompt":"a cat waves at the camera","resolution":"480p","duration":5}'
 CELLS = [("submit", 8), ("submit", 32), ("get", 8), ("get", 32), ("get-final", 32)]

@@ -17,7 +17,7 @@ WD=$(mktemp -d)
 cleanup(){ kill ${SIMPID:-} ${GWPID:-} ${RECPID:-} ${WKPID:-} 2>/dev/null || true; wait 2>/dev/null || true; $PSQL -c "drop database if exists $DB with (force)" >/dev/null; rm -rf $WD; }
 trap cleanup EXIT
 export VIDGATE_DATABASE_URL=postgresql+asyncpg://postgres@127.0.0.1:5432/$DB VIDGATE_UPSTREAM_BASE_URL=http://127.0.0.1:$SP \
-  VIDGATE_UPSTREAM_API_KEY=vendorkey VIDGATE_ADMIN_TOKEN=admintoken123456789 VIDGATE_WEBHOOK_ALLOW_PRIVATE=true \
+  VIDGATE_UPSTREAM_API_KEY=vendorkey VIDGATE_ADMIN_TOKEN=admintoken123456789-0123456789abcdef VIDGATE_WEBHOOK_ALLOW_PRIVATE=true \
   VIDGATE_OUTPUT_HOSTS=127.0.0.1:$SP VIDGATE_OUTPUTS_STORE=$WD/out VIDGATE_RUN_WORKER=false VIDGATE_LOG_LEVEL=WARNING \
   VIDGATE_REHOST_OUTPUTS=false
 for kv in "$@"; do export "$kv"; done
@@ -25,7 +25,7 @@ for kv in "$@"; do export "$kv"; done
 (cd $HERE && exec .venv/bin/python -m bench.receiver --ports $RP >$WD/rec.log 2>&1) & RECPID=$!
 (cd $REPO && exec $V/vidgate serve --port $GP >$WD/gw.log 2>&1) & GWPID=$!
 for i in $(seq 100); do curl -sf http://127.0.0.1:$GP/readyz >/dev/null 2>&1 && break; sleep 0.1; done
-T=$(curl -sf -H "Authorization: Bearer admintoken123456789" -H 'content-type: application/json' -d '{"name":"q","budgetCents":1000000000,"budgetPeriod":"month","webhookUrl":"http://127.0.0.1:'$((BASE+2))'/hook"}' http://127.0.0.1:$GP/admin/v1/tenants | python3 -c 'import sys,json;print(json.load(sys.stdin)["id"])')
+T=$(curl -sf -H "Authorization: Bearer admintoken123456789-0123456789abcdef" -H 'content-type: application/json' -d '{"name":"q","budgetCents":1000000000,"budgetPeriod":"month","webhookUrl":"http://127.0.0.1:'$((BASE+2))'/hook"}' http://127.0.0.1:$GP/admin/v1/tenants | python3 -c 'import sys,json;print(json.load(sys.stdin)["id"])')
 kill $GWPID; wait $GWPID 2>/dev/null || true; GWPID=
 PAY=$(python3 -c 'import json;print(json.dumps({"type":"prediction.succeeded","data":{"id":"p"*26,"status":"succeeded","model":"ltx-2-19b","output":["https://example.com/"+"x"*200+".mp4"],"completedAt":"2026-11-30T00:00:00Z","usage":{"costCents":25}}}))')
 $PSQL -d $DB -c "insert into webhook_deliveries (id, tenant_id, prediction_id, event_type, url, target_host, payload, status, attempts, next_attempt_at, created_at)
