@@ -357,7 +357,8 @@ def _tenant_text(t: dict[str, Any]) -> str:
     budget = "unlimited" if t["budgetCents"] is None else f"{t['budgetCents']} cents a {t['budgetPeriod']}"
     return (
         f"{t['id']}  {t['name']}\n  budget: {budget}\n  max concurrent: {t['maxConcurrent'] or '-'}"
-        f"  rate/min: {t['ratePerMinute'] or '-'}\n  webhook: {t['webhookUrl'] or '-'}"
+        f"  rate/min: {t['ratePerMinute'] or '-'}\n  queue: weight {t['queueWeight']}, at most {t['maxQueued']} waiting"
+        f"\n  webhook: {t['webhookUrl'] or '-'}"
     )
 
 
@@ -372,6 +373,8 @@ def tenants_create(
     output_retention_days: Annotated[
         int | None, typer.Option(help="Days stored outputs are kept (default VIDGATE_OUTPUT_RETENTION_DAYS).")
     ] = None,
+    queue_weight: Annotated[int, typer.Option(help="Share of the fair queue's dispatches (weighted round robin).")] = 1,
+    max_queued: Annotated[int, typer.Option(help="Predictions that may wait in the fair queue at once.")] = 1000,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a tenant; prints its webhook secret once."""
@@ -389,6 +392,8 @@ def tenants_create(
             rate_per_minute=rate_per_minute,
             webhook_url=webhook_url,
             output_retention_days=output_retention_days,
+            queue_weight=queue_weight,
+            max_queued=max_queued,
         )
     except ValidationError as exc:
         typer.echo(f"error: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", err=True)
@@ -413,6 +418,8 @@ def tenants_update(
     rate_per_minute: Annotated[int | None, typer.Option()] = None,
     webhook_url: Annotated[str | None, typer.Option()] = None,
     output_retention_days: Annotated[int | None, typer.Option(help="Days stored outputs are kept.")] = None,
+    queue_weight: Annotated[int | None, typer.Option(help="Share of the fair queue's dispatches.")] = None,
+    max_queued: Annotated[int | None, typer.Option(help="Predictions that may wait in the fair queue.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Change a tenant's name, budget, limits or webhook URL (only the options given)."""
@@ -431,6 +438,8 @@ def tenants_update(
             rate_per_minute=rate_per_minute,
             webhook_url=webhook_url,
             output_retention_days=output_retention_days,
+            queue_weight=queue_weight,
+            max_queued=max_queued,
         ).items()
         if v is not None
     }

@@ -8,6 +8,7 @@ from app.outputs.models import OutputCopy, StoredOutput
 from app.predictions.models import IdempotencyKey, Prediction
 from app.providers.models import ProviderState
 from app.providers.stats import ProviderDay
+from app.queue.models import QueueEntry, QueueTenant
 from app.tenants.models import ApiKey, Tenant
 from app.webhooks.models import WebhookAttempt, WebhookDelivery
 
@@ -24,6 +25,8 @@ __all__ = [
     "PricePoint",
     "ProviderDay",
     "ProviderState",
+    "QueueEntry",
+    "QueueTenant",
     "RateLimit",
     "StoredOutput",
     "Tenant",

@@ -6,10 +6,10 @@ import os
 import secrets
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.core.batching import Batcher
 from app.core.http import upstream_session, webhook_session
@@ -20,6 +20,34 @@ from app.providers.config import Registry, load_registry
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class QueueHook(Protocol):
+    """The fair queue (app/queue, SPEC §12) as the submit and read paths of app/predictions see it;
+    given to the runtime by build_runtime, so that predictions need not import the queue (which
+    builds on predictions)."""
+
+    async def waiting(self, runtime: Runtime, model_id: str) -> bool:
+        """Whether predictions wait for this model (a new submit for it then queues too)."""
+        ...
+
+    async def enqueue(
+        self,
+        runtime: Runtime,
+        tenant: Any,
+        key: Any,
+        prediction: Any,
+        *,
+        reason: str,
+        idempotency_key: str | None,
+        status_url_base: str,
+    ) -> Any:
+        """A held prediction stored as queued; its submit answer (a SubmitResult)."""
+        ...
+
+    async def position(self, connection: AsyncConnection, tenant_id: str, prediction_id: str) -> int | None:
+        """1-based among the tenant's own queued predictions; None when it is not queued."""
+        ...
 
 
 @dataclass
@@ -36,6 +64,8 @@ class Runtime:
     # The process's ledger writers by operation (hold, settle, release), made on first use. Not copied
     # by dataclasses.replace: a writer applies its batches with the runtime that made it.
     writers: dict[str, Batcher[Any, Any]] = field(default_factory=dict, init=False, repr=False)
+    # Where submits no provider can take now wait (None: refused with 503 as before the queue).
+    queue: QueueHook | None = field(default=None, repr=False)
 
     async def close(self) -> None:
         await self.upstream_http.close()
@@ -65,4 +95,6 @@ def build_runtime(
         )
     providers = Providers(registry, settings, upstream_http, sessions)
     upstream = providers.adapter(None)
-    return Runtime(settings, engine, sessions, upstream, upstream_http, webhook_http, providers)
+    from app.queue.service import Hook  # here: app.queue builds on the modules that import this one
+
+    return Runtime(settings, engine, sessions, upstream, upstream_http, webhook_http, providers, queue=Hook())

@@ -1,4 +1,5 @@
-"""The background side of a process: the poller, the webhook dispatcher, the output copier and housekeeping.
+"""The background side of a process: the poller, the webhook dispatcher, the output copier, the fair
+queue's dispatcher (app/queue) and housekeeping.
 
 Everything it works on is a database row with a due time and a lease, so `vidgate serve` (embedded)
 and any number of `vidgate worker` processes share the work, and a killed one loses nothing.
@@ -24,6 +25,8 @@ from app.predictions import poller
 from app.predictions import service as predictions_service
 from app.predictions.models import IdempotencyKey, Prediction, PredictionStatus
 from app.providers import stats as provider_stats
+from app.queue import service as queue_service
+from app.queue.dispatcher import QueueDispatcher
 from app.runtime import Runtime
 from app.webhooks.dispatcher import Dispatcher
 
@@ -31,6 +34,7 @@ log = logging.getLogger("vidgate.worker")
 
 IDLE_POLL_S = 0.1  # with nothing due: how long a row that comes due may wait for its claim
 IDLE_DISPATCH_S = 0.1
+IDLE_QUEUE_S = 0.1  # a provider's room freed elsewhere waits this long for a queued prediction
 IDLE_COPY_S = 0.1  # a copy waits for its claim like a poll: part of the notification lag
 HOUSEKEEPING_S = 10.0
 RETENTION_SWEEP_S = 300.0
@@ -44,6 +48,7 @@ class Worker:
         self.poller = poller.Poller(runtime)
         self.dispatcher = Dispatcher(runtime)
         self.copier = Copier(runtime, finish=self._finish_copied)
+        self.queue = QueueDispatcher(runtime)
 
     async def _finish_copied(self, session: AsyncSession, results: list[outputs_service.CopyResult]) -> set[str]:
         """The copier's endings go through the one terminal transition: slots, charge policy, webhooks."""
@@ -76,6 +81,7 @@ class Worker:
             self._loop(self.poller.run_once, IDLE_POLL_S, self.poller.room),
             self._loop(self.dispatcher.run_once, IDLE_DISPATCH_S, self.dispatcher.room),
             self._loop(self.copier.run_once, IDLE_COPY_S, self.copier.room),
+            self._loop(self.queue.run_once, IDLE_QUEUE_S, self.queue.room),
             self._loop(self.sweep_outputs, RETENTION_SWEEP_S, always_sleep=True),
             self._loop(self.housekeeping, HOUSEKEEPING_S, always_sleep=True),
         )
@@ -142,6 +148,7 @@ class Worker:
             return max(deadline - loop.time(), 0.5)
 
         deliveries = set(self.dispatcher.tasks)
+        await self.queue.drain(left())
         await self.poller.drain(left())
         with contextlib.suppress(Exception):
             await asyncio.wait_for(writer, left())
@@ -178,7 +185,10 @@ class Worker:
                 select(func.count()).select_from(Prediction).where(Prediction.status == PredictionStatus.PROCESSING)
             )
             balances = await budgets_service.current_balances(session)
+            depths = await queue_service.depths(session)
         metrics.IN_FLIGHT.set(in_flight or 0)
+        for tenant_id, depth in depths.items():
+            metrics.QUEUE_DEPTH.labels(tenant=tenant_id).set(depth)
         for tenant_id, (spent, reserved) in balances.items():
             metrics.SPENT_CENTS.labels(tenant=tenant_id).set(spent)
             metrics.RESERVED_CENTS.labels(tenant=tenant_id).set(reserved)

@@ -480,6 +480,7 @@ class Bench:
                 ("polling", self.phase_polling),
                 ("webhooks", self.phase_webhooks),
                 ("providers", self.phase_providers),
+                ("queue", self.phase_queue),
             ):
                 if phase not in self.phases:
                     continue
@@ -507,6 +508,14 @@ class Bench:
 
     async def phase_providers(self) -> None:
         await providers.phase(self)
+
+    async def phase_queue(self) -> None:
+        """The fair queue's cell (bench/queue.py): a queue across tenants drained through a provider's cap."""
+        from bench import queue
+
+        smoke = self.plan.name == "smoke"
+        n = 1000 if smoke else 10_000
+        self.results["queue"] = await queue.run(n, 100, 200, 100 if smoke else 1000)
 
     async def phase_clients(self) -> None:
         plan = self.plan
@@ -1394,7 +1403,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        default="clients,submit,workers,busy,contention,scopes,polling,webhooks,providers",
+        default="clients,submit,workers,busy,contention,scopes,polling,webhooks,providers,queue",
         help="comma-separated phases to run",
     )
     parser.add_argument(

@@ -517,7 +517,7 @@ async def test_upstream_failure_releases_hold_and_slot(
     sim.faults.submit_status = upstream_status
     sim.faults.submit_count = 1
 
-    response = await tenant.submit()
+    response = await tenant.submit(valid_body(queue=False))  # not queued (SPEC §12): refused as before
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
     problem = response.json()
@@ -746,7 +746,7 @@ async def test_admin_usage_report_matches_ledger(api: Api, sim: SimState) -> Non
     assert (await a.submit()).status_code == 200
     assert (await a.submit()).status_code == 200
     sim.faults.submit_status, sim.faults.submit_count = 500, 1
-    assert (await b.submit()).status_code == 503  # reserve + release: nothing spent
+    assert (await b.submit(valid_body(queue=False))).status_code == 503  # reserve + release: nothing spent
 
     clock.shift_to(datetime(2030, 1, 11, 12, 0, tzinfo=UTC))
     assert (await a.submit(valid_body(resolution="720p"))).json()["costCents"] == 21

@@ -37,6 +37,9 @@ def test_tenant_lifecycle(db: None) -> None:
 
     code, out, _ = run("tenants", "update", tenant["id"], "--max-concurrent", "3", "--json")
     assert code == 0 and json.loads(out)["maxConcurrent"] == 3 and json.loads(out)["budgetCents"] == 500
+    assert (tenant["queueWeight"], tenant["maxQueued"]) == (1, 1000)  # the fair queue's defaults (SPEC §12)
+    code, out, _ = run("tenants", "update", tenant["id"], "--queue-weight", "3", "--max-queued", "20", "--json")
+    assert code == 0 and (json.loads(out)["queueWeight"], json.loads(out)["maxQueued"]) == (3, 20)
     code, out, _ = run("tenants", "update", tenant["id"], "--unlimited", "--json")
     assert code == 0 and json.loads(out)["budgetCents"] is None
 
@@ -62,6 +65,7 @@ def test_tenant_lifecycle(db: None) -> None:
         ("tenants", "create", "x", "--budget-period", "year"),
         ("tenants", "create", "x", "--budget-cents", "-5"),
         ("tenants", "create", "x", "--webhook-url", "http://127.0.0.1/hook"),
+        ("tenants", "create", "x", "--queue-weight", "0"),
         ("tenants", "show", "ten_missing"),
         ("keys", "create", "ten_missing"),
         ("usage", "--group-by", "planet"),

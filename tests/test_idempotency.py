@@ -135,7 +135,7 @@ async def test_same_key_from_two_tenants_is_two_predictions(api: Api, sim: SimSt
 async def test_key_is_freed_after_upstream_failure(api: Api, sim: SimState) -> None:
     tenant = await api.tenant()
     sim.faults.submit_status, sim.faults.submit_count = 500, 1
-    failed = await tenant.submit(valid_body(), **{"Idempotency-Key": "retry-me"})
+    failed = await tenant.submit(valid_body(queue=False), **{"Idempotency-Key": "retry-me"})
     assert failed.status_code == 503
     assert failed.json()["code"] == "upstream_unavailable"
     assert await stored_keys(api.runtime, tenant.id) == 0

@@ -360,7 +360,7 @@ async def test_a_fallback_never_retries_the_deployment_that_failed(
         assert response.json()["provider"] == "c"
         assert (a.state.submits, b.state.submits, c.state.submits) == (1, 1, 1)
         c.state.faults.submit_status, c.state.faults.submit_count = 502, 10
-        failed = await tenant.submit(valid_body())
+        failed = await tenant.submit(valid_body(queue=False))  # not queued (SPEC §12): the failover's own answer
         assert failed.status_code == 503 and failed.json()["code"] == "upstream_unavailable"
         assert (a.state.submits, b.state.submits, c.state.submits) == (2, 2, 2)  # each once more, none twice
         assert await reserved_total(api) == 0
@@ -519,10 +519,12 @@ async def test_no_candidate_now_is_a_503_before_anything_is_held(
         async with transaction(api.runtime.sessions) as session:
             await providers_service.set_disabled(session, "a", disabled=True)
         await api.runtime.providers.health.refresh(force=True)
-        refused = await tenant.submit(valid_body())
+        refused = await tenant.submit(valid_body(queue=False))  # a caller who wants no queue (SPEC §12)
         assert refused.status_code == 503 and refused.json()["code"] == "no_provider_available"
         assert int(refused.headers["retry-after"]) >= 1
         assert await ledger(api) == [] and a.state.submits == 0
+        queued = await tenant.submit(valid_body())  # anyone else waits in the queue, held
+        assert queued.status_code == 200 and queued.json()["queued"] is True and a.state.submits == 0
 
 
 async def test_max_concurrent_holds_and_comes_back_when_predictions_end(

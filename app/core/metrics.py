@@ -63,6 +63,22 @@ LEDGER_BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
 
+QUEUE_DEPTH = Gauge(
+    "vidgate_queue_depth",
+    "Predictions waiting in the fair queue (sampled from the database)",
+    ["tenant"],
+    multiprocess_mode="mostrecent",
+)
+QUEUE_WAIT = Histogram(
+    "vidgate_queue_wait_seconds",
+    "Queued to sent upstream (or ended), by outcome",
+    ["outcome"],  # sent | failed | expired
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 1800, 3600),
+)
+QUEUE_DISPATCHES = Counter(
+    "vidgate_queue_dispatches_total", "Dispatches from the fair queue by outcome", ["provider", "outcome"]
+)  # accepted | requeued | refused | unknown
+
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 

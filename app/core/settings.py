@@ -96,6 +96,8 @@ class Settings(BaseSettings):
     lease_s: float = 15.0
     prediction_max_age_s: float = 3600.0
     submit_recovery_s: float = 120.0
+    # A prediction waiting in the fair queue longer than this ends failed, its hold released (SPEC §12).
+    queue_max_wait_s: float = Field(default=3600.0, gt=0)
 
     price_table: Annotated[dict[str, dict[str, float]], NoDecode] = {}
     keep_failed_charge: bool = True

@@ -368,7 +368,7 @@ def _optional_int(form: Mapping[str, str], name: str) -> Any:
 
 
 def _settings_fields(form: Mapping[str, str]) -> dict[str, Any]:
-    return {
+    fields = {
         "name": form.get("name", "").strip(),
         "budgetCents": _optional_int(form, "budgetCents"),
         "budgetPeriod": form.get("budgetPeriod") or "month",
@@ -376,6 +376,11 @@ def _settings_fields(form: Mapping[str, str]) -> dict[str, Any]:
         "ratePerMinute": _optional_int(form, "ratePerMinute"),
         "webhookUrl": form.get("webhookUrl", "").strip() or None,
     }
+    # The fair queue's share and bound (SPEC §12): left as they are (or their defaults) when blank.
+    for name in ("queueWeight", "maxQueued"):
+        if (value := _optional_int(form, name)) is not None:
+            fields[name] = value
+    return fields
 
 
 M = TypeVar("M", TenantCreate, TenantUpdate, KeyCreate)

@@ -17,13 +17,14 @@ from app.budgets import service as budgets_service
 from app.budgets.models import BudgetCounter, DailyUsage
 from app.core import clock
 from app.predictions.models import Prediction
+from app.queue import service as queue_service
 from app.tenants.models import Tenant
 from app.webhooks.models import WebhookDelivery
 
 PAGE_SIZE = 50
 OVERVIEW_PAGE_SIZE = 100
-IN_FLIGHT = ("submitting", "processing")
-PREDICTION_STATUSES = ("submitting", "processing", "completed", "failed", "rejected")
+IN_FLIGHT = ("submitting", "processing", "queued", "sending")
+PREDICTION_STATUSES = ("submitting", "queued", "sending", "processing", "completed", "failed", "rejected")
 DELIVERY_STATUSES = ("pending", "succeeded", "dead")
 CHART_DAYS = 30
 
@@ -38,6 +39,7 @@ class TenantRow:
     reserved_cents: int
     refusals_today: int
     in_flight: int = 0
+    queued: int = 0  # waiting in the fair queue (SPEC §12)
     webhooks_pending: int = 0
     webhooks_dead: int = 0
 
@@ -60,6 +62,7 @@ class Overview:
     webhooks_dead: int
     page: int
     has_next: bool
+    queued: int = 0  # waiting in the fair queue (SPEC §12)
 
 
 SORTS = ("name", "spent", "used", "refusals")
@@ -121,6 +124,7 @@ async def overview(session: AsyncSession, *, search: str | None, sort: str, desc
     page_ids = [row.id for row in rows[:OVERVIEW_PAGE_SIZE]]
     in_flight = await _in_flight_by_tenant(session, page_ids)
     health = await _webhook_health_by_tenant(session, page_ids)
+    depths = await queue_service.depths(session)  # one row per tenant that ever queued
     tenants = [
         TenantRow(
             id=row.id,
@@ -131,6 +135,7 @@ async def overview(session: AsyncSession, *, search: str | None, sort: str, desc
             reserved_cents=int(row[5]),
             refusals_today=int(row[6]),
             in_flight=in_flight.get(row.id, 0),
+            queued=depths.get(row.id, 0),
             webhooks_pending=health.get((row.id, "pending"), 0),
             webhooks_dead=health.get((row.id, "dead"), 0),
         )
@@ -148,6 +153,7 @@ async def overview(session: AsyncSession, *, search: str | None, sort: str, desc
         webhooks_dead=sum(n for (_, status), n in all_health.items() if status == "dead"),
         page=page,
         has_next=len(rows) > OVERVIEW_PAGE_SIZE,
+        queued=sum(depths.values()),
     )
 
 

@@ -30,7 +30,7 @@ from app.predictions.schemas import GenerateRequest
 from app.providers import health as provider_health
 from app.providers import routing
 from app.providers.config import ProviderConfig
-from app.runtime import Runtime
+from app.runtime import QueueHook, Runtime
 from app.tenants import service as tenants_service
 from app.tenants.models import ApiKey, Tenant
 from app.upstream.client import UpstreamRefused, UpstreamUnavailable
@@ -97,10 +97,19 @@ async def submit(
     tenants_service.require_model(key, model_id)
     resolution = request.resolution or budgets_service.DEFAULT_RESOLUTION
     duration = request.duration or budgets_service.DEFAULT_DURATION_S
-    # Not served at all: 422 before anything is held. Served, but no candidate now: refused here too.
+    # Not served at all: 422 before anything is held. Served, but no candidate now: held and queued
+    # (SPEC §12), or refused with 503 when the caller asked for no queue.
+    queue = runtime.queue if request.queue is not False else None
     plan = await routing.plan(runtime.providers, model_id, resolution, duration)
-    if not plan.candidates:
+    if not plan.candidates and queue is None:
         raise routing.no_provider_available(plan.skipped)
+    # While predictions wait for this model, a new submit waits its turn too (no one jumps the queue).
+    waiting = queue is not None and (not plan.candidates or await queue.waiting(runtime, model_id))
+    priced = plan
+    if not plan.candidates:
+        # Held at the highest price among every provider that serves it: any may end up sending it.
+        serving = routing.served(runtime.providers.registry, model_id, resolution, duration)
+        priced = routing.Plan([routing.Candidate(p, p.file_price_cents(resolution, duration)) for p in serving])
     prediction_id = new_id("pred")
     fingerprint = service.request_fingerprint(model_id, request) if idempotency_key is not None else ""
 
@@ -115,20 +124,29 @@ async def submit(
         idempotency_key,
         fingerprint,
         public_base_url,
-        provider_prices=tuple(plan.prices),
-        answer_priced=plan.answer_priced,
+        provider_prices=tuple(priced.prices),
+        answer_priced=priced.answer_priced,
     )
     held = await service.hold(runtime, job)
     if isinstance(held, service.SubmitResult):
         return held  # a replay of an earlier answer
     prediction, estimate = held
+    if queue is not None and waiting:
+        why = "; ".join(f"{n}: {r}" for n, r in sorted(plan.skipped.items())) or "others are waiting for this model"
+        return await _enqueue(runtime, queue, tenant, key, prediction, why, idempotency_key, status_url_base)
 
     try:
-        submitted, provider, candidate = await _attempts(runtime, key, model_id, plan, prediction, idempotency_key)
+        outcome = await _attempts(
+            runtime, key, model_id, plan, prediction, idempotency_key, queueable=queue is not None
+        )
     except asyncio.CancelledError:
         # The caller went away before any provider accepted it: the hold comes back now, not at recovery.
         await service.abandon(runtime, prediction, key, idempotency_key)
         raise
+    if isinstance(outcome, str):
+        assert queue is not None
+        return await _enqueue(runtime, queue, tenant, key, prediction, outcome, idempotency_key, status_url_base)
+    submitted, provider, candidate = outcome
     # Accepted, and billed there: from here on a caller going away does not stop the charge being recorded.
     await runtime.providers.health.succeeded(provider)
     return await _settle(
@@ -143,9 +161,12 @@ async def _attempts(
     plan: routing.Plan,
     prediction: Prediction,
     idempotency_key: str | None,
-) -> tuple[UpstreamSubmitted, ProviderConfig, routing.Candidate]:
+    *,
+    queueable: bool = False,
+) -> tuple[UpstreamSubmitted, ProviderConfig, routing.Candidate] | str:
     """The candidates in the routing order, until one accepts (what it answered, it and its candidacy)
-    or none is left (the hold released, the refusal raised)."""
+    or none is left: with `queueable`, why (it is then queued, its hold kept); else the hold released
+    and the refusal raised."""
     health = runtime.providers.health
     skipped = dict(plan.skipped)
     last: UpstreamRefused | UpstreamUnavailable | None = None
@@ -194,12 +215,42 @@ async def _attempts(
             continue
         return submitted, provider, candidate
 
+    if queueable:
+        return "; ".join(f"{n}: {r}" for n, r in sorted(skipped.items())) or "none had room"
     await service.release(
         runtime, prediction, key, f"no provider accepted the prediction: {last or 'none had room'}", idempotency_key
     )
     if last is None:
         raise routing.no_provider_available(skipped)
     raise service.upstream_problem(last)
+
+
+async def _enqueue(
+    runtime: Runtime,
+    queue: QueueHook,
+    tenant: Tenant,
+    key: ApiKey,
+    prediction: Prediction,
+    reason: str,
+    idempotency_key: str | None,
+    status_url_base: str,
+) -> service.SubmitResult:
+    """No provider can take it now: it waits in the fair queue, its hold kept (app/queue)."""
+    try:
+        result: service.SubmitResult = await queue.enqueue(
+            runtime,
+            tenant,
+            key,
+            prediction,
+            reason=reason,
+            idempotency_key=idempotency_key,
+            status_url_base=status_url_base,
+        )
+    except Exception:
+        # Refused (queue_full) or not recorded: nothing is kept, nothing is charged.
+        await service.release(runtime, prediction, key, "not queued", idempotency_key)
+        raise
+    return result
 
 
 async def _release(

@@ -12,9 +12,13 @@ from app.core.database import Base
 
 
 class PredictionStatus(StrEnum):
-    """submitting (held, upstream not yet confirmed) -> processing -> completed | failed."""
+    """submitting (held, upstream not yet confirmed) -> processing -> completed | failed; or, when no
+    provider could take it (SPEC §12), submitting -> queued -> sending -> processing (or back to queued,
+    or failed). Queued and sending are shown to callers as "processing" (app/queue)."""
 
     SUBMITTING = "submitting"
+    QUEUED = "queued"
+    SENDING = "sending"
     PROCESSING = "processing"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -22,7 +26,9 @@ class PredictionStatus(StrEnum):
 
 TERMINAL_STATUSES = (PredictionStatus.COMPLETED, PredictionStatus.FAILED)
 # What a tenant sees: a prediction still submitting is not shown until the vendor has confirmed it.
-PUBLIC_STATUSES = (PredictionStatus.PROCESSING, *TERMINAL_STATUSES)
+PUBLIC_STATUSES = (PredictionStatus.PROCESSING, *TERMINAL_STATUSES, PredictionStatus.QUEUED, PredictionStatus.SENDING)
+# Held and waiting in the fair queue: shown as "processing" with `queued: true`.
+WAITING_STATUSES = (PredictionStatus.QUEUED, PredictionStatus.SENDING)
 
 
 class Prediction(Base):

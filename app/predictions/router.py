@@ -187,6 +187,8 @@ async def get_prediction(
             balance = await balances.read_balance(connection, tenant)
         else:
             balance = balances.balance_of(tenant, read.spent_cents, read.reserved_cents, now)
+            if read.body.get("queued") and runtime.queue is not None:
+                read.body["queuePosition"] = await runtime.queue.position(connection, tenant.id, prediction_id)
     balances.BALANCES.put(tenant.id, balance, runtime.settings.balance_ttl_s)
     note_balance(balance)
     if read is None:

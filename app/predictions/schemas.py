@@ -24,6 +24,8 @@ class GenerateRequest(GenerateParams):
     webhook: Line | None = Field(default=None, max_length=2048)
     webhook_events_filter: list[TerminalStatus] | None = Field(default=None, alias="webhookEventsFilter")
     metadata: JsonObject | None = None
+    # False: a fast 503 no_provider_available instead of waiting in the fair queue (SPEC §12).
+    queue: bool | None = None
 
     @field_validator("webhook")
     @classmethod
@@ -64,6 +66,12 @@ class PredictionOut(BaseModel):
     provider: str | None = Field(
         description="The provider that accepted it (gateway-only; SPEC §11): its name in the operator's registry."
     )
+    queued: bool | None = Field(
+        default=None, description="Waiting in the fair queue for a provider with room (gateway-only; SPEC §12)."
+    )
+    queuePosition: int | None = Field(
+        default=None, description="1-based place among the tenant's own queued predictions, while queued."
+    )
 
 
 class SubmitOut(BaseModel):
@@ -78,6 +86,7 @@ class SubmitOut(BaseModel):
     metadata: dict[str, Any] | None
     # Optional: an Idempotency-Key replay of an answer given before providers existed has none.
     provider: str | None = Field(default=None, description="The provider that accepted it (gateway-only; SPEC §11).")
+    queued: bool | None = Field(default=None, description="Held and queued: no provider could take it yet (SPEC §12).")
     outputs: list[str] | None = None
     error: str | None = None
     completedAt: Timestamp | None = None

@@ -40,7 +40,14 @@ from app.core.ids import new_id
 from app.core.retry_after import retry_after_value
 from app.core.settings import Settings
 from app.outputs import service as outputs_service
-from app.predictions.models import PUBLIC_STATUSES, TERMINAL_STATUSES, IdempotencyKey, Prediction, PredictionStatus
+from app.predictions.models import (
+    PUBLIC_STATUSES,
+    TERMINAL_STATUSES,
+    WAITING_STATUSES,
+    IdempotencyKey,
+    Prediction,
+    PredictionStatus,
+)
 from app.predictions.schemas import GenerateRequest
 from app.providers import health as provider_health
 from app.runtime import Runtime
@@ -96,13 +103,19 @@ class UpstreamDown(AppError):
 # ---------------------------------------------------------------- representation
 
 
+def public_status(status: str) -> str:
+    """Waiting in the fair queue is "processing" to a caller (SPEC §12)."""
+    return PredictionStatus.PROCESSING if status in WAITING_STATUSES else status
+
+
 def present(prediction: Prediction | Row[*tuple[Any, ...]]) -> dict[str, Any]:
-    """The GET representation; webhooks carry exactly this as `data`."""
-    return {
+    """The GET representation; webhooks carry exactly this as `data`. A prediction still queued also
+    carries `queued: true` (its `queuePosition` is added by the reader, app/queue)."""
+    body: dict[str, Any] = {
         "id": prediction.id,
         "modelId": prediction.model_id,
         "modelName": prediction.model_name,
-        "status": prediction.status,
+        "status": public_status(prediction.status),
         "outputs": prediction.outputs,
         "error": prediction.error,
         "createdAt": clock.iso(prediction.created_at),
@@ -111,12 +124,15 @@ def present(prediction: Prediction | Row[*tuple[Any, ...]]) -> dict[str, Any]:
         "metadata": prediction.meta,
         "provider": prediction.provider,
     }
+    if prediction.status == PredictionStatus.QUEUED:
+        body["queued"] = True
+    return body
 
 
 def present_submit(prediction: Prediction, status_url: str, *, extended: bool) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": prediction.id,
-        "status": prediction.status,
+        "status": public_status(prediction.status),
         "statusUrl": status_url,
         "estimatedTime": prediction.estimated_time,
         "costCents": prediction.charged_cents,
@@ -126,6 +142,8 @@ def present_submit(prediction: Prediction, status_url: str, *, extended: bool) -
     }
     if extended:
         body.update(outputs=prediction.outputs, error=prediction.error, completedAt=clock.iso(prediction.completed_at))
+    if prediction.status == PredictionStatus.QUEUED:
+        body.update(queued=True, costCents=prediction.estimate_cents)
     return body
 
 
@@ -166,7 +184,14 @@ def _confirm_statement(n: int) -> Any:
     rows = value_rows("confirm", _CONFIRM_SHAPE, n)
     return (
         update(_predictions)
-        .where(_predictions.c.id == rows.c.id, _predictions.c.status == PredictionStatus.SUBMITTING)
+        .where(
+            _predictions.c.id == rows.c.id,
+            # "sending": a queued prediction's dispatch (app/queue), fenced the same way.
+            or_(
+                _predictions.c.status == PredictionStatus.SUBMITTING,
+                _predictions.c.status == PredictionStatus.SENDING,
+            ),
+        )
         .values(
             upstream_id=rows.c.upstream_id,
             status=PredictionStatus.PROCESSING,
@@ -787,7 +812,7 @@ async def start_counting_slots(session: AsyncSession, tenant: Tenant) -> None:
     """A tenant just got a maxConcurrent: its predictions already in flight take their slots now."""
     in_flight = select(Prediction.id).where(
         Prediction.tenant_id == tenant.id,
-        Prediction.status.in_((PredictionStatus.SUBMITTING, PredictionStatus.PROCESSING)),
+        Prediction.status.in_((PredictionStatus.SUBMITTING, PredictionStatus.PROCESSING, *WAITING_STATUSES)),
     )
     await budgets_service.start_counting_slots(session, tenant, in_flight)
 
@@ -882,7 +907,10 @@ async def list_for_tenant(
     session: AsyncSession, tenant_id: str, *, status: PredictionStatus | None, limit: int, cursor: str | None
 ) -> tuple[list[Prediction], str | None]:
     stmt = select(Prediction).where(Prediction.tenant_id == tenant_id)
-    stmt = stmt.where(Prediction.status == status) if status else stmt.where(Prediction.status.in_(PUBLIC_STATUSES))
+    if status == PredictionStatus.PROCESSING:
+        stmt = stmt.where(Prediction.status.in_((status, *WAITING_STATUSES)))
+    else:
+        stmt = stmt.where(Prediction.status == status) if status else stmt.where(Prediction.status.in_(PUBLIC_STATUSES))
     if cursor:
         stmt = stmt.where(Prediction.id < cursor)
     rows = list(await session.scalars(stmt.order_by(Prediction.id.desc()).limit(limit + 1)))

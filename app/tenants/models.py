@@ -28,6 +28,10 @@ class Tenant(Base):
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
     # Days stored outputs are kept; null: VIDGATE_OUTPUT_RETENTION_DAYS.
     output_retention_days: Mapped[int | None]
+    # The fair queue (SPEC §12): its share of dispatches (weighted round robin) and how many may wait.
+    # Server defaults: rows written before migration 0012 (or without the fields) get them.
+    queue_weight: Mapped[int] = mapped_column(server_default="1")
+    max_queued: Mapped[int] = mapped_column(server_default="1000")
     webhook_disabled_at: Mapped[datetime | None]
     # The tenant endpoint's event types (null: every one); set by the tenant itself (SPEC §13).
     webhook_events_filter: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))

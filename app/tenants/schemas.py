@@ -42,6 +42,10 @@ class TenantCreate(CamelModel):
     webhook_url: Line | None = Field(default=None, max_length=2048)
     # Days stored outputs are kept (null: VIDGATE_OUTPUT_RETENTION_DAYS).
     output_retention_days: Int32 | None = Field(default=None, ge=1, le=36500)
+    # The fair queue (SPEC §12): share of dispatches under weighted round robin, and the queue's bound.
+    # (Bounds inside Annotated: a Field's ge would be overridden by Int32's own.)
+    queue_weight: Annotated[Int32, Field(ge=1, le=1000)] = 1
+    max_queued: Annotated[Int32, Field(ge=0)] = 1000
 
 
 class TenantUpdate(CamelModel):
@@ -54,6 +58,8 @@ class TenantUpdate(CamelModel):
     rate_per_minute: Int32 | None = Field(default=None, ge=1)
     webhook_url: Line | None = Field(default=None, max_length=2048)
     output_retention_days: Int32 | None = Field(default=None, ge=1, le=36500)
+    queue_weight: Int32 | None = Field(default=None, ge=1, le=1000)
+    max_queued: Int32 | None = Field(default=None, ge=0)
     # The tenant endpoint's event types; null: every one.
     webhook_events_filter: list[EventType] | None = Field(default=None, max_length=3)
 
@@ -69,6 +75,8 @@ class TenantOut(CamelModel):
     rate_per_minute: int | None
     webhook_url: str | None
     output_retention_days: int | None = None
+    queue_weight: int = 1
+    max_queued: int = 1000
     webhook_events_filter: list[str] | None = None
     webhook_disabled_at: Timestamp | None
     created_at: Timestamp

@@ -121,6 +121,8 @@ async def create_tenant(session: AsyncSession, data: TenantCreate) -> Tenant:
         rate_per_minute=data.rate_per_minute,
         webhook_url=data.webhook_url,
         output_retention_days=data.output_retention_days,
+        queue_weight=data.queue_weight,
+        max_queued=data.max_queued,
         webhook_secret=new_webhook_secret(),
         in_flight=0,
         created_at=clock.now(),
@@ -156,7 +158,7 @@ async def list_tenants(session: AsyncSession) -> list[Tenant]:
 async def update_tenant(session: AsyncSession, tenant: Tenant, data: TenantUpdate) -> Tenant:
     changes = data.model_dump(exclude_unset=True)
     for field, value in changes.items():
-        if field in ("name", "budget_period") and value is None:
+        if field in ("name", "budget_period", "queue_weight", "max_queued") and value is None:
             continue
         if field == "webhook_events_filter" and value is not None:
             value = sorted(set(value))

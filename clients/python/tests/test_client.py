@@ -45,6 +45,19 @@ def test_generate_waits_until_completed(sim_defaults: Gateway) -> None:
         assert usage.spent_cents == COST and usage.remaining_cents == 100 - COST and usage.budget_cents == 100
 
 
+def test_generate_waits_across_the_fair_queue(sim_defaults: Gateway) -> None:
+    """No provider can take the submit (the vendor answers it 503): the gateway holds and queues it
+    (SPEC §12), its worker sends it when the vendor recovers, and generate(wait=True) returns it done."""
+    _, key = sim_defaults.tenant(budgetCents=100)
+    submits = sim_defaults.upstream_submits()
+    sim_defaults.sim("/_sim/faults", submit_status=503, submit_count=1)
+    with Vidgate(key, sim_defaults.url) as client:
+        prediction = client.generate("ltx-2-19b", **BODY, deadline_s=60)
+        assert prediction.status == "completed" and prediction.outputs and prediction.cost_cents == COST
+        assert client.usage().spent_cents == COST
+    assert sim_defaults.upstream_submits() == submits + 2  # refused once, then sent from the queue once
+
+
 async def test_async_generate_waits_until_completed(sim_defaults: Gateway) -> None:
     _, key = sim_defaults.tenant()
     async with AsyncVidgate(key, sim_defaults.url) as client:

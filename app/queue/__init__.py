@@ -1,0 +1,1 @@
+"""The fair queue in front of the providers (SPEC §12)."""
