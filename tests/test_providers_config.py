@@ -129,7 +129,7 @@ def test_serve_and_worker_refuse_a_bad_file_with_one_line(tmp_path: Path, comman
         "PATH": "/usr/bin:/bin",
         "HOME": str(tmp_path),
         "VIDGATE_PROVIDERS_FILE": str(path),
-        "VIDGATE_ADMIN_TOKEN": "a-long-admin-token",
+        "VIDGATE_ADMIN_TOKEN": "a-long-admin-token-0123456789abcdef",
         "VIDGATE_DATA_DIR": str(tmp_path),
         **ENV,
     }

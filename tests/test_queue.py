@@ -145,7 +145,8 @@ async def test_fairness_one_tenants_backlog_delays_another_by_at_most_one_round(
     engine: AsyncEngine, database_url: str, sim: tuple[str, SimState]
 ) -> None:
     url, state = sim
-    async with gateway(engine, database_url, one_provider(url, max_concurrent=4)) as api:
+    # 200 submits at once: above the process's default admission limit, which is not what this shows.
+    async with gateway(engine, database_url, one_provider(url, max_concurrent=4), max_inflight_requests=1000) as api:
         a = await api.tenant(name="a", webhookUrl="http://127.0.0.1:9/hook")
         b = await api.tenant(name="b", webhookUrl="http://127.0.0.1:9/hook")
         answers = await asyncio.gather(*(a.submit(valid_body(prompt=f"a {i}")) for i in range(200)))
