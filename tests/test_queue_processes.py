@@ -64,6 +64,8 @@ cents_per_second = {{ "480p" = 2, "720p" = 4, "1080p" = 8 }}
         VIDGATE_POLL_INTERVAL_S="0.3",
         VIDGATE_LEASE_S="3",
         VIDGATE_DATABASE_POOL_SIZE="3",
+        # A small pool per replica, yet every submit of the burst admitted: shedding is not what this shows.
+        VIDGATE_MAX_INFLIGHT_REQUESTS="1000",
         VIDGATE_REHOST_OUTPUTS="false",
         **extra,
     )
