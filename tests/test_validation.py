@@ -5,7 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from app.predictions.schemas import GenerateRequest
+from app.upstream.schemas import GenerateParams
 from app.upstream.simulator import SimState
 from tests.conftest import Api, valid_body
 
@@ -144,3 +148,29 @@ async def test_private_webhook_refused_when_not_allowed(
     assert response.status_code == 422
     assert response.json()["code"] == "webhook_url_forbidden"
     assert sim.submits == 0
+
+
+@given(
+    resolution=st.sampled_from([None, "480p", "720p", "1080p"]),
+    duration=st.one_of(st.none(), st.integers(5, 20)),
+    seed=st.one_of(st.none(), st.integers(-1, 999999)),
+    prompt=st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs", "Cc"]), min_size=1, max_size=50),
+    gateway_only=st.booleans(),
+)
+def test_the_upstream_body_is_what_the_vendor_schema_makes_of_the_request(
+    resolution: str | None, duration: int | None, seed: int | None, prompt: str, gateway_only: bool
+) -> None:
+    """GenerateRequest.upstream_body reads the vendor's fields without validating them again: the same
+    body, in the same order, as GenerateParams validating them would give, and never a gateway field."""
+    body: dict[str, object] = {"image": "https://example.com/cat.png", "prompt": prompt}
+    body.update(
+        {k: v for k, v in (("resolution", resolution), ("duration", duration), ("seed", seed)) if v is not None}
+    )
+    if gateway_only:
+        body.update(
+            webhook="https://hooks.example.com/x", metadata={"a": 1}, webhookEventsFilter=["failed"], queue=False
+        )
+    request = GenerateRequest.model_validate(body)
+    fields = set(GenerateParams.model_fields)
+    expected = GenerateParams.model_validate(request.model_dump(include=fields, exclude_none=True)).upstream_body()
+    assert list(request.upstream_body().items()) == list(expected.items())
