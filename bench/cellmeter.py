@@ -39,6 +39,7 @@ _CLK = os.sysconf("SC_CLK_TCK")
 SETTLE_S = 1.2
 AUX = ("walwriter", "checkpointer", "background writer", "autovacuum", "logical replication", "walsender")
 BATCH_METRIC = "vidgate_ledger_batch_size"
+STATEMENTS_METRIC = "vidgate_db_statements_total"
 _OWN = "/* bench.cellmeter */"
 # A PostgreSQL regular expression: \y is its word boundary (\b would be a backspace there).
 _TX_CONTROL = r"^\s*(BEGIN|COMMIT|END|ROLLBACK|START\s+TRANSACTION|SAVEPOINT|RELEASE|ABORT)\y"
@@ -170,6 +171,7 @@ class Snapshot:
     statements: tuple[float, float] | None = None  # (all calls, transaction control calls)
     database: dict[str, float] | None = None  # pg_stat_database counters
     batches: dict[str, dict[str, Any]] | None = None
+    gateway_statements: float | None = None  # the gateway's own count (vidgate_db_statements_total)
 
 
 class CellMeter:
@@ -236,6 +238,10 @@ class CellMeter:
                 after.statements[0] - before.statements[0] - after.statements[1] + before.statements[1]
             ) * per
             out["tx_control"] = (after.statements[1] - before.statements[1]) * per
+        elif after.gateway_statements is not None and before.gateway_statements is not None:
+            # Without pg_stat_statements (SQLite, or a server that does not preload it): the gateway's count.
+            out["statements"] = (after.gateway_statements - before.gateway_statements) * per
+            out["statements_counted_by"] = "gateway"
         if after.database and before.database:
             d = {k: after.database[k] - before.database[k] for k in after.database}
             out["commits"] = d["xact_commit"] * per
@@ -249,7 +255,7 @@ class CellMeter:
         snap = Snapshot()
         if cpu_and_statements:
             if self.metrics_url:
-                snap.batches = await self._batches()
+                snap.batches, snap.gateway_statements = await self._metrics()
             if self.server_pid is not None:
                 snap.server_cpu = tree_cpu_s(self.server_pid)
             if self.database:
@@ -272,13 +278,16 @@ class CellMeter:
             snap.database = {k: float(v) for k, v in dict(row).items()}
         return snap
 
-    async def _batches(self) -> dict[str, dict[str, Any]] | None:
+    async def _metrics(self) -> tuple[dict[str, dict[str, Any]] | None, float | None]:
+        """The ledger writer's batch sizes and the statements the gateway counted, from /metrics."""
         assert self.metrics_url is not None
         headers = {"Authorization": self.metrics_auth} if self.metrics_auth else None
         try:
             async with self.http.get(self.metrics_url, headers=headers) as response:
                 if response.status != 200:
-                    return None
-                return batch_histograms(await response.text())
+                    return None, None
+                text = await response.text()
         except (aiohttp.ClientError, TimeoutError):
-            return None
+            return None, None
+        statements = sum(v for _labels, v in parse_prometheus(text).get(STATEMENTS_METRIC, []))
+        return batch_histograms(text), statements

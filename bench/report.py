@@ -194,6 +194,81 @@ def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def lean_goals(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 25's goals: one process, against the floor of the same run; per submit, what it cost the
+    gateway and PostgreSQL, and the statements and commits it took."""
+    rows: list[dict[str, Any]] = []
+
+    def add(goal: str, value: Any, text: str, target: str, ok: bool | None) -> None:
+        rows.append({"goal": goal, "value": value, "measured": text, "target": target, "met": ok})
+
+    floor32 = _get(r, "submit", "floor", "32", "rps")
+    pg32 = _get(r, "submit", "vidgate-postgresql", "32") or {}
+    share = _ratio(pg32.get("rps"), floor32)
+    add(
+        "PostgreSQL submit / floor at 32 concurrent (one process)",
+        share,
+        f"{_f(share, 2)} ({_f(pg32.get('rps'), 0, '/s')} vs {_f(floor32, 0, '/s')})",
+        "≥ 0.35 (stretch 0.5)",
+        None if share is None else share >= 0.35,
+    )
+    added = _sub(_get(r, "submit", "vidgate-postgresql", "8", "p50"), _get(r, "submit", "direct", "8", "p50"))
+    add(
+        "PostgreSQL submit: added p50 over direct at 8 concurrent",
+        added,
+        _f(added, 2, " ms"),
+        "≤ 6 ms",
+        None if added is None else added <= 6,
+    )
+    p99 = pg32.get("p99")
+    add("PostgreSQL submit p99 at 32 concurrent", p99, _f(p99, 1, " ms"), "≤ 30 ms", None if p99 is None else p99 <= 30)
+    share = _ratio(_get(r, "submit", "vidgate-sqlite", "32", "rps"), floor32)
+    add(
+        "SQLite submit / floor at 32 concurrent (one process)",
+        share,
+        _f(share, 2),
+        "≥ 0.25",
+        None if share is None else share >= 0.25,
+    )
+    share = _ratio(_get(r, "reads", "vidgate-postgresql", "32", "rps"), _get(r, "reads", "floor", "32", "rps"))
+    add(
+        "PostgreSQL GET of a prediction / floor's GET at 32 concurrent (one process)",
+        share,
+        _f(share, 2),
+        "≥ 0.5",
+        None if share is None else share >= 0.5,
+    )
+    for level in ("8", "32"):
+        cell = _get(r, "submit", "vidgate-postgresql", level) or {}
+        cpu, pg = _cost(cell, "server_cpu_ms"), _cost(cell, "pg_backend_cpu_ms")
+        add(
+            f"PostgreSQL submit at {level}: gateway CPU per submit",
+            cpu,
+            _f(cpu, 3, " ms"),
+            "≤ 0.45 ms",
+            None if cpu is None else cpu <= 0.45,
+        )
+        add(
+            f"PostgreSQL submit at {level}: PostgreSQL CPU per submit (its backends)",
+            pg,
+            _f(pg, 3, " ms"),
+            "≤ 0.2 ms",
+            None if pg is None else pg <= 0.2,
+        )
+    for setup in ("vidgate-postgresql", "vidgate-sqlite"):
+        for level in ("8", "32"):
+            cell = _get(r, "submit", setup, level) or {}
+            statements, commits = _cost(cell, "statements"), _cost(cell, "commits")
+            add(
+                f"{setup} submit at {level}: statements / commits per submit",
+                statements,
+                f"{_f(statements, 2)} / {_f(commits, 2)}",
+                "reported",
+                None,
+            )
+    return rows
+
+
 def _nan(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
@@ -409,6 +484,20 @@ def write(r: dict[str, Any], out: Path, *, smoke: bool, before: dict[str, Any] |
         w("| settings changed for this run | " + ", ".join(f"`{k}={v}`" for k, v in r["vidgate_env"].items()) + " |")
     pk = meta.get("packages", {})
     w("| packages | " + ", ".join(f"{k} {v}" for k, v in pk.items()) + " |")
+    w("")
+    w("## Goals (issue 25: a lean hot path, one process)")
+    w("")
+    w(
+        "One gateway process against the floor of the same run. Statements per submit are PostgreSQL's "
+        "(pg_stat_statements) when it preloads that extension, else the gateway's own count "
+        "(`vidgate_db_statements_total`); commits are PostgreSQL's (`pg_stat_database`), read-only autocommit "
+        "reads included."
+    )
+    w("")
+    w("| goal | measured | target | result |")
+    w("|---|---|---|---|")
+    for g in lean_goals(r):
+        w(f"| {g['goal']} | {g['measured']} | {g['target']} | {_met(g['met'])} |")
     w("")
     w("## Goals (issue 13, and issue 6's polling and webhook goals)")
     w("")

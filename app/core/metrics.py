@@ -56,6 +56,9 @@ OUTPUT_COPIES = Counter(
     "vidgate_output_copy_attempts_total", "Attempts to copy a prediction's outputs", ["outcome"]
 )  # stored, retried, failed, lease_lost
 OUTPUT_BYTES = Counter("vidgate_output_bytes_stored_total", "Bytes of outputs written to the store")
+# Counted at the driver (app/core/timing.py), so a benchmark can report statements per request without
+# pg_stat_statements; BEGIN and COMMIT are not statements here.
+DB_STATEMENTS = Counter("vidgate_db_statements_total", "SQL statements this process sent to the database")
 LEDGER_BATCH_SIZE = Histogram(
     "vidgate_ledger_batch_size",
     "Items one ledger writer transaction applied",

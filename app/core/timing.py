@@ -15,6 +15,8 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from app.core import metrics
+
 
 class Spent:
     __slots__ = ("db_s", "upstream_s")
@@ -45,6 +47,9 @@ def header(spent: Spent, total_s: float) -> bytes:
     ).encode()
 
 
+_STATEMENTS = metrics.DB_STATEMENTS
+
+
 @event.listens_for(Engine, "before_cursor_execute")
 def _before(conn: Any, _cursor: Any, _statement: Any, _params: Any, _context: Any, _many: bool) -> None:
     if _spent.get() is not None:
@@ -53,6 +58,7 @@ def _before(conn: Any, _cursor: Any, _statement: Any, _params: Any, _context: An
 
 @event.listens_for(Engine, "after_cursor_execute")
 def _after(conn: Any, _cursor: Any, _statement: Any, _params: Any, _context: Any, _many: bool) -> None:
+    _STATEMENTS.inc()
     spent = _spent.get()
     started = conn.info.pop("vidgate_started", None)
     if spent is not None and started is not None:
