@@ -12,6 +12,7 @@ import aiohttp
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.core.batching import Batcher
+from app.core.database import OwnConnection
 from app.core.http import upstream_session, webhook_session
 from app.core.settings import Settings
 from app.providers.adapters import Adapter, Providers
@@ -61,13 +62,17 @@ class Runtime:
     webhook_http: aiohttp.ClientSession
     providers: Providers = field(repr=False)
     worker_id: str = field(default_factory=new_worker_id)
-    # The process's ledger writers by operation (hold, settle, release), made on first use. Not copied
-    # by dataclasses.replace: a writer applies its batches with the runtime that made it.
+    # The process's ledger writer (app/predictions/writer.py), made on first use. Not copied by
+    # dataclasses.replace: a writer applies its batches with the runtime that made it.
     writers: dict[str, Batcher[Any, Any]] = field(default_factory=dict, init=False, repr=False)
     # Where submits no provider can take now wait (None: refused with 503 as before the queue).
     queue: QueueHook | None = field(default=None, repr=False)
+    # The ledger writer's own connection (app/predictions/writer.py), made on first use.
+    ledger_connection: OwnConnection | None = field(default=None, init=False, repr=False)
 
     async def close(self) -> None:
+        if self.ledger_connection is not None:
+            await self.ledger_connection.close()
         await self.upstream_http.close()
         await self.webhook_http.close()
 

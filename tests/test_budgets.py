@@ -26,6 +26,7 @@ from app.core.database import create_engine, create_sessionmaker, transaction
 from app.core.ids import new_id
 from app.main import create_app
 from app.predictions import service as predictions_service
+from app.predictions import writer as predictions_writer
 from app.predictions.models import IdempotencyKey, Prediction
 from app.predictions.schemas import GenerateRequest
 from app.runtime import Runtime, build_runtime
@@ -604,12 +605,12 @@ async def _hold_without_forwarding(
         assert tenant_row is not None and key_row is not None
         if idempotency_key is not None:
             fingerprint = predictions_service.request_fingerprint(MODEL, request)
-            claimed = await predictions_service._claim_idempotency_key(
+            claimed = await predictions_writer._claim_idempotency_key(
                 session, rt, tenant_row, idempotency_key, fingerprint, prediction_id
             )
             assert claimed is None
-        job = predictions_service._HoldJob(tenant_row, key_row, MODEL, request, prediction_id, None, "")
-        (result,) = await predictions_service._hold_batch(session, rt, [job])
+        job = predictions_writer.HoldJob(tenant_row, key_row, MODEL, request, prediction_id, None, "")
+        (result,) = await predictions_writer.apply(rt, session, [job])
         assert isinstance(result, tuple), result
         held, estimate = result
         assert estimate.cents == PRICE
@@ -697,10 +698,10 @@ async def test_crash_between_forward_and_settle_looks_the_same(live_api: Api, si
         tenant_row = await session.get(TenantRow, tenant.id)
         key_row = await session.get(ApiKey, held.api_key_id)
         assert tenant_row is not None and key_row is not None
-        job = predictions_service._ConfirmJob(tenant_row, key_row, held, estimate, submitted, None, "")
-        (late,) = await predictions_service._confirm_many(session, rt, [job])
-        assert late.status == "processing"
-        assert late.charged_cents == PRICE
+        job = predictions_writer.ConfirmJob(tenant_row, key_row, held, estimate, submitted, None, "")
+        (late,) = await predictions_writer.apply(rt, session, [job])
+        assert late["status"] == "processing"
+        assert late["costCents"] == PRICE
     assert await ledger_of(rt, held.id) == [("reserve", PRICE, 0), ("release", -PRICE, 0), ("settle", 0, PRICE)]
     now = await usage(tenant)
     assert (now["spentCents"], now["reservedCents"]) == (PRICE, 0)

@@ -1,4 +1,4 @@
-"""A stateful property test of app/budgets/service.py against the real database.
+"""A stateful property test of app/budgets/movements.py against the real database.
 
 Hypothesis drives random sequences of money movements for a fresh tenant (two API keys, one of them
 maybe with a smaller budget of its own) and compares every counter and the tenant's slots with a model
@@ -40,12 +40,14 @@ from hypothesis.stateful import (
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.budgets import movements as budgets_movements
 from app.budgets import service as budgets_service
 from app.budgets.models import BudgetCounter, DailyUsage, LedgerEntry, ThresholdNotice
 from app.core import clock
 from app.core.database import create_engine, create_sessionmaker, transaction
 from app.core.ids import new_id
 from app.predictions import service as predictions_service
+from app.predictions import writer as predictions_writer
 from app.predictions.models import Prediction, PredictionStatus
 from app.predictions.schemas import GenerateRequest
 from app.runtime import Runtime, build_runtime
@@ -199,17 +201,17 @@ class LedgerMachine(RuleBasedStateMachine):
         """reserve_many for (amount, key index) items, and a prediction row for each admitted hold."""
         loaded = [await self._load(session, k) for k in (0, 1)]
         requests = [
-            budgets_service.HoldRequest(*loaded[k], hold, amount, slot_retry_after_s=1)
+            budgets_movements.HoldRequest(*loaded[k], hold, amount, slot_retry_after_s=1)
             for (amount, k), hold in zip(items, holds, strict=True)
         ]
-        outcomes = await budgets_service.reserve_many(session, requests)
+        outcomes = await budgets_movements.reserve_many(session, requests)
         for request, refused in zip(requests, outcomes, strict=True):
             if refused is None:
                 session.add(self._prediction(request))
         await session.flush()
         return outcomes
 
-    def _prediction(self, request: budgets_service.HoldRequest) -> Prediction:
+    def _prediction(self, request: budgets_movements.HoldRequest) -> Prediction:
         """The row the ledger writer inserts with an admitted hold, already confirmed (recovery leaves it)."""
         return Prediction(
             id=request.hold.prediction_id,
@@ -221,7 +223,7 @@ class LedgerMachine(RuleBasedStateMachine):
             poll_count=0,
             poll_failures=0,
             created_at=self.now,
-            **budgets_service.new_hold_columns(request.tenant, request.amount, self.now),
+            **budgets_movements.new_hold_columns(request.tenant, request.amount, self.now),
         )
 
     @rule(target=held, amount=st.integers(0, 40), key_index=st.integers(0, 1))
@@ -305,8 +307,8 @@ class LedgerMachine(RuleBasedStateMachine):
         async with transaction(self.env.runtime.sessions) as session:
             tenant, _ = await self._load(session, 0)
             prediction = await self._row(session, item.hold)
-            settle = budgets_service.Settle(tenant, item.hold, item.amount, cost, prediction)
-            await budgets_service.settle_many(session, [settle])
+            settle = budgets_movements.Settle(tenant, item.hold, item.amount, cost, prediction)
+            await budgets_movements.settle_many(session, [settle])
 
     @rule(target=charged, item=consumes(held), data=st.data())
     def settle(self, item: HeldMoney, data: st.DataObject) -> HeldMoney:
@@ -328,8 +330,8 @@ class LedgerMachine(RuleBasedStateMachine):
     def release(self, item: HeldMoney) -> None:
         async def go() -> None:
             async with transaction(self.env.runtime.sessions) as session:
-                release = budgets_service.Release(item.hold, item.amount, holds_slot=True, note="upstream refused")
-                await budgets_service.release_many(session, [release])
+                release = budgets_movements.Release(item.hold, item.amount, holds_slot=True, note="upstream refused")
+                await budgets_movements.release_many(session, [release])
 
         self.env.run(go())
         self.move(item.hold, -item.amount, 0)
@@ -339,8 +341,8 @@ class LedgerMachine(RuleBasedStateMachine):
         async def go() -> None:
             async with transaction(self.env.runtime.sessions) as session:
                 prediction = await self._row(session, item.hold)
-                ended = budgets_service.Ended(item.hold, prediction.holds_slot, refund, prediction)
-                await budgets_service.end_many(session, [ended])
+                ended = budgets_movements.Ended(item.hold, prediction.holds_slot, refund, prediction)
+                await budgets_movements.end_many(session, [ended])
 
         self.env.run(go())
         self.slots -= 1
@@ -370,8 +372,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 )
             async with transaction(rt.sessions) as session:
                 tenant, key = await self._load(session, key_index)
-                job = predictions_service._HoldJob(tenant, key, MODEL, request, prediction_id, None, "")
-                (result,) = await predictions_service._hold_batch(session, rt, [job])
+                job = predictions_writer.HoldJob(tenant, key, MODEL, request, prediction_id, None, "")
+                (result,) = await predictions_writer.apply(rt, session, [job])
             if isinstance(result, budgets_service.BudgetExceeded):
                 return estimate, result
             assert isinstance(result, tuple), result

@@ -1,4 +1,4 @@
-"""The ledger writer (app/predictions/service.py on app/budgets/service.reserve_many): many holds in one
+"""The ledger writer (app/predictions/service.py on app/budgets/movements.reserve_many): many holds in one
 transaction, with exactly the outcomes they would have had one at a time, in arrival order."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from app.core import clock
 from app.core.database import transaction
 from app.core.ids import new_id
 from app.predictions import service as predictions_service
+from app.predictions import writer as predictions_writer
 from app.predictions.models import IdempotencyKey, Prediction
 from app.predictions.schemas import GenerateRequest
 from app.runtime import Runtime
@@ -39,11 +40,11 @@ async def hold_batch(rt: Runtime, tenant: Tenant, jobs: list[tuple[int, str | No
             request = GenerateRequest.model_validate(valid_body(duration=duration))
             fingerprint = predictions_service.request_fingerprint(MODEL, request) if idempotency_key else ""
             batch.append(
-                predictions_service._HoldJob(
+                predictions_writer.HoldJob(
                     tenant_row, key_row, MODEL, request, new_id("pred"), idempotency_key, fingerprint
                 )
             )
-        return await predictions_service._hold_batch(session, rt, batch)
+        return await predictions_writer.apply(rt, session, batch)
 
 
 async def count(rt: Runtime, statement: Any) -> int:

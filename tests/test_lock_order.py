@@ -1,4 +1,4 @@
-"""The ledger writer's batches lock rows in one order (app/budgets/service.py, top), so a hold batch and a
+"""The ledger writer's batches lock rows in one order (app/budgets/movements.py, top), so a hold batch and a
 settle or release batch running at the same time both commit: neither is aborted by PostgreSQL's deadlock
 detector. A third connection holds tenant B's row (its slot) to stop the first batch at a known point while
 the second one runs; the test waits on the database's lock table, not on time. PostgreSQL only: SQLite has
@@ -21,6 +21,7 @@ from app.core import clock
 from app.core.database import transaction
 from app.core.ids import new_id
 from app.predictions import service as predictions_service
+from app.predictions import writer as predictions_writer
 from app.predictions.schemas import GenerateRequest
 from app.runtime import Runtime
 from app.tenants.models import ApiKey, Tenant
@@ -68,13 +69,13 @@ async def two_tenants(rt: Runtime, a_rate: int | None) -> tuple[dict[str, Tenant
 def hold_jobs(tenants: dict[str, Tenant], keys: dict[str, ApiKey]) -> list[Any]:
     request = GenerateRequest.model_validate(valid_body())
     return [
-        predictions_service._HoldJob(tenants[n], keys[n], MODEL, request, new_id("pred"), None, "") for n in ("a", "b")
+        predictions_writer.HoldJob(tenants[n], keys[n], MODEL, request, new_id("pred"), None, "") for n in ("a", "b")
     ]
 
 
 async def hold(rt: Runtime, tenants: dict[str, Tenant], keys: dict[str, ApiKey]) -> list[Any]:
     async with transaction(rt.sessions) as session:
-        return await predictions_service._hold_batch(session, rt, hold_jobs(tenants, keys))
+        return await predictions_writer.apply(rt, session, hold_jobs(tenants, keys))
 
 
 async def waiting(engine: AsyncEngine, count: int, done: asyncio.Task[Any] | None = None) -> None:
@@ -120,7 +121,7 @@ async def test_a_hold_batch_and_a_settle_batch_both_commit(live_runtime: Runtime
     held = await hold(rt, tenants, keys)  # uses up A's rate: A is refused in the next batch
     assert not any(isinstance(h, BaseException) for h in held), held
     confirms = [
-        predictions_service._ConfirmJob(
+        predictions_writer.ConfirmJob(
             tenants["a" if p.tenant_id == tenants["a"].id else "b"],
             keys["a" if p.tenant_id == tenants["a"].id else "b"],
             p,
@@ -136,7 +137,7 @@ async def test_a_hold_batch_and_a_settle_batch_both_commit(live_runtime: Runtime
 
     async def settle() -> list[str]:
         async with transaction(rt.sessions) as session:
-            return [p.status for p in await predictions_service._confirm_many(session, rt, confirms)]
+            return [b["status"] for b in await predictions_writer.apply(rt, session, confirms)]
 
     hold_result, settle_result = await race(engine, tenants["b"].id, hold(rt, tenants, keys), settle())
     assert not isinstance(hold_result, BaseException), hold_result
@@ -155,7 +156,7 @@ async def test_a_hold_batch_and_a_release_batch_both_commit(live_runtime: Runtim
 
     async def release() -> set[str]:
         async with transaction(rt.sessions) as session:
-            return await predictions_service._release_many(
+            return await predictions_service.release_many(
                 session,
                 [(p, "upstream refused", keys["a" if p.tenant_id == tenants["a"].id else "b"]) for p, _ in held],
             )
@@ -181,9 +182,9 @@ async def test_a_confirm_that_gives_up_on_database_errors_logs_the_reconciliatio
     submitted = UpstreamSubmitted.model_validate(
         {"id": upstream_id, "status": "processing", "costCents": 2**40, "estimatedTime": "5s"}
     )
-    job = predictions_service._ConfirmJob(tenants["a"], keys["a"], prediction, estimate, submitted, None, "http://gw")
+    job = predictions_writer.ConfirmJob(tenants["a"], keys["a"], prediction, estimate, submitted, None, "http://gw")
     with pytest.raises(DBAPIError):
-        await predictions_service.confirm_until_recorded(rt, job)
+        await predictions_writer.confirm_until_recorded(rt, job)
     (abandoned,) = [r for r in caplog.records if r.getMessage().startswith("confirm abandoned")]
     assert getattr(abandoned, "prediction_id", None) == prediction.id
     assert getattr(abandoned, "upstream_id", None) == upstream_id

@@ -15,6 +15,7 @@ from app.budgets.scopes import tenant_scope
 from app.core.database import transaction
 from app.core.ids import new_id
 from app.predictions import service as predictions_service
+from app.predictions import writer as predictions_writer
 from app.predictions.models import IdempotencyKey, Prediction
 from app.predictions.schemas import GenerateRequest
 from app.runtime import Runtime
@@ -39,12 +40,12 @@ async def held(
         request = GenerateRequest.model_validate(valid_body())
         fingerprint = predictions_service.request_fingerprint(MODEL, request)
         jobs = [
-            predictions_service._HoldJob(
+            predictions_writer.HoldJob(
                 tenant_row, key_row, MODEL, request, new_id("pred"), new_id("idem") if idempotent else None, fingerprint
             )
             for _ in range(n)
         ]
-        results = await predictions_service._hold_batch(session, rt, jobs)
+        results = await predictions_writer.apply(rt, session, jobs)
     assert not any(isinstance(r, BaseException) for r in results)
     return [(tenant_row, key_row, r, job.idempotency_key) for r, job in zip(results, jobs, strict=True)]
 
@@ -69,7 +70,7 @@ async def statements(rt: Runtime, apply: Callable[[Any], Awaitable[Any]]) -> int
 
 def confirm_jobs(batch: list[tuple[TenantRow, ApiKey, Any, str | None]], cost: int) -> list[Any]:
     return [
-        predictions_service._ConfirmJob(
+        predictions_writer.ConfirmJob(
             tenant_row,
             key_row,
             prediction,
@@ -101,7 +102,7 @@ COMMON_SETTLE_STATEMENTS = 5
 
 def settling(rt: Runtime, jobs: list[Any], bodies: list[dict[str, Any]]) -> Callable[[Any], Awaitable[None]]:
     async def apply(session: Any) -> None:
-        bodies.extend(await predictions_service._apply_confirms(rt, session, jobs))
+        bodies.extend(await predictions_writer.apply(rt, session, jobs))
 
     return apply
 
@@ -135,9 +136,9 @@ async def test_a_settle_fenced_out_is_not_charged_twice(api: Api, sim: SimState)
     settled, released = await held(rt, tenant, 2, idempotent=False)
     await statements(rt, settling(rt, confirm_jobs([settled], 11), []))
     assert await balance(rt, tenant) == (11, released[2][1].cents)
-    release = predictions_service._ReleaseJob(released[2][0], released[1], "upstream refused", None)
+    release = predictions_writer.ReleaseJob(released[2][0], released[1], "upstream refused", None)
     async with transaction(rt.sessions) as session:
-        assert await predictions_service._apply_releases(rt, session, [release]) == [True]
+        assert await predictions_writer.apply(rt, session, [release]) == [True]
 
     upstream_id = (await stored(rt, settled[2][0].id)).upstream_id
     retried = dataclasses.replace(
@@ -181,7 +182,7 @@ async def test_a_settle_batch_costs_the_same_statements_for_1_or_12(api: Api, si
 
     def settle(jobs: list[Any]) -> Callable[[Any], Awaitable[None]]:
         async def apply(session: Any) -> None:
-            bodies.extend(await predictions_service._apply_confirms(rt, session, jobs))
+            bodies.extend(await predictions_writer.apply(rt, session, jobs))
 
         return apply
 
@@ -212,14 +213,14 @@ async def test_a_release_batch_costs_the_same_statements_for_1_or_12(api: Api, s
     tenant = await api.tenant(budgetCents=100_000, maxConcurrent=SMALL + LARGE)
     both = await held(rt, tenant, SMALL + LARGE)
     jobs = [
-        predictions_service._ReleaseJob(prediction, key_row, "upstream refused", idempotency_key)
+        predictions_writer.ReleaseJob(prediction, key_row, "upstream refused", idempotency_key)
         for _, key_row, (prediction, _), idempotency_key in both
     ]
     released: list[bool] = []
 
     def release(batch: list[Any]) -> Callable[[Any], Awaitable[None]]:
         async def apply(session: Any) -> None:
-            released.extend(await predictions_service._apply_releases(rt, session, batch))
+            released.extend(await predictions_writer.apply(rt, session, batch))
 
         return apply
 

@@ -11,11 +11,13 @@ from typing import Any
 
 from sqlalchemy import event, select
 
+from app.budgets import movements as budgets_movements
 from app.budgets import service as budgets_service
 from app.budgets.models import LedgerEntry
 from app.budgets.scopes import tenant_scope
 from app.core.database import transaction
 from app.predictions import service as predictions_service
+from app.predictions import writer as predictions_writer
 from app.predictions.models import Prediction
 from app.tenants.models import Tenant as TenantRow
 from app.upstream.simulator import SimState
@@ -76,20 +78,22 @@ async def test_a_prediction_is_charged_once_whoever_settles_it(api: Api, sim: Si
     batch = await held(rt, tenant, 1, idempotent=False)
     (job,) = confirm_jobs(batch, 11)
     async with transaction(rt.sessions) as session:
-        (confirmed,) = await predictions_service._confirm_many(session, rt, [job])
-    assert confirmed.charged_cents == 11
+        (confirmed,) = await predictions_writer.apply(rt, session, [job])
+    assert confirmed["costCents"] == 11
     estimate = job.prediction.estimate_cents
     async with transaction(rt.sessions) as session:
         tenant_row = await session.get(TenantRow, tenant.id)
-        prediction = await session.get(Prediction, confirmed.id)
+        prediction = await session.get(Prediction, confirmed["id"])
         assert tenant_row is not None and prediction is not None
-        again = budgets_service.Settle(tenant_row, predictions_service._hold(prediction), estimate, 30, prediction)
-        assert await budgets_service.settle_many(session, [again]) == []
+        again = budgets_movements.Settle(tenant_row, predictions_service.hold_of(prediction), estimate, 30, prediction)
+        assert await budgets_movements.settle_many(session, [again]) == []
     assert await balance(rt, tenant) == (11, 0)
     async with transaction(rt.sessions) as session:
-        row = await session.get(Prediction, confirmed.id, populate_existing=True)
+        row = await session.get(Prediction, confirmed["id"], populate_existing=True)
         assert row is not None and row.charged_cents == 11
-        kinds = list(await session.scalars(select(LedgerEntry.kind).where(LedgerEntry.prediction_id == confirmed.id)))
+        kinds = list(
+            await session.scalars(select(LedgerEntry.kind).where(LedgerEntry.prediction_id == confirmed["id"]))
+        )
         assert sorted(kinds) == ["reserve", "settle"]
         assert await budgets_service.verify_ledger(session) == []
 

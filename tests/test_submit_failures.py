@@ -13,6 +13,7 @@ from app.core.database import transaction
 from app.core.ids import new_id
 from app.predictions import failover
 from app.predictions import service as predictions_service
+from app.predictions import writer as predictions_writer
 from app.predictions.models import Prediction
 from app.predictions.schemas import GenerateRequest
 from app.tenants.models import ApiKey
@@ -43,7 +44,7 @@ async def test_a_submit_cancelled_during_the_upstream_call_gives_its_hold_and_ke
     assert await in_flight(rt, tenant.id) == 0
     async with transaction(rt.sessions) as session:
         (row,) = await session.scalars(select(Prediction).where(Prediction.tenant_id == tenant.id))
-    assert (row.status, row.error) == ("rejected", predictions_service.ABANDONED)
+    assert (row.status, row.error) == ("rejected", predictions_writer.ABANDONED)
     assert await ledger_of(rt, row.id) == [("reserve", PRICE, 0), ("release", -PRICE, 0)]
 
     sim.faults.submit_gate.set()
@@ -63,7 +64,7 @@ async def test_a_hold_committed_for_a_caller_gone_meanwhile_is_given_back(live_a
         tenant_row = await session.get(TenantRow, tenant.id)
         key_row = await session.scalar(select(ApiKey).where(ApiKey.tenant_id == tenant.id))
     assert tenant_row is not None and key_row is not None
-    writer = predictions_service._writer(rt, "hold", predictions_service._apply_holds)
+    writer = predictions_writer._writer(rt)
     started, gate = asyncio.Event(), asyncio.Event()
     apply = writer._apply
 
@@ -87,7 +88,7 @@ async def test_a_hold_committed_for_a_caller_gone_meanwhile_is_given_back(live_a
         runner = writer._runner
         assert runner is not None
         await runner  # the batch, committed
-        releases = predictions_service._releasing
+        releases = predictions_writer._releasing
         while releases:  # the release the writer started for the abandoned hold
             await asyncio.wait(set(releases))
     finally:
@@ -113,11 +114,11 @@ async def test_a_failed_batch_is_retried_job_by_job(api: Api, sim: SimState) -> 
     request = GenerateRequest.model_validate(valid_body())
     prediction_id = new_id("pred")
     jobs = [
-        predictions_service._HoldJob(tenant_row, key_row, MODEL, request, prediction_id, None, ""),
-        predictions_service._HoldJob(tenant_row, key_row, MODEL, request, prediction_id, None, ""),
-        predictions_service._HoldJob(tenant_row, key_row, MODEL, request, new_id("pred"), None, ""),
+        predictions_writer.HoldJob(tenant_row, key_row, MODEL, request, prediction_id, None, ""),
+        predictions_writer.HoldJob(tenant_row, key_row, MODEL, request, prediction_id, None, ""),
+        predictions_writer.HoldJob(tenant_row, key_row, MODEL, request, new_id("pred"), None, ""),
     ]
-    results = await predictions_service._in_transactions(rt, predictions_service._apply_holds, jobs)
+    results = await predictions_writer._in_transactions(rt, jobs)
 
     assert isinstance(results[0], tuple) and results[0][0].id == prediction_id
     assert isinstance(results[1], Exception) and not isinstance(results[1], predictions_service.AppError)

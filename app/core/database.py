@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import uuid
@@ -227,6 +228,55 @@ async def read_connection(sessions: async_sessionmaker[AsyncSession]) -> AsyncIt
         if not isinstance(exc, DatabaseUnavailable) and is_outage(exc):
             raise DatabaseUnavailable() from exc
         raise
+
+
+class OwnConnection:
+    """A connection one serial user keeps for itself (PostgreSQL, AUTOCOMMIT: each statement a
+    transaction of its own): the ledger writer, which runs one batch at a time as one statement
+    (app/budgets/fastbatch.py). Kept rather than taken from the pool per batch, so that it keeps its
+    prepared statement and its `settings`; replaced after an outage. In the tests' outer transaction
+    (sessions bound to one connection), that connection: the statement joins it."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], settings: dict[str, str]) -> None:
+        self._sessions = sessions
+        self._settings = settings
+        self._connection: AsyncConnection | None = None
+
+    @asynccontextmanager
+    async def use(self) -> AsyncIterator[AsyncConnection]:
+        bind = self._sessions.kw.get("bind")
+        if isinstance(bind, AsyncConnection):
+            yield bind
+            return
+        assert isinstance(bind, AsyncEngine), bind
+        try:
+            if self._connection is None:
+                self._connection = await self._connect(bind)
+            yield self._connection
+        except Exception as exc:
+            if is_outage(exc) or (self._connection is not None and self._connection.invalidated):
+                await self.close()
+            if not isinstance(exc, DatabaseUnavailable) and is_outage(exc):
+                raise DatabaseUnavailable() from exc
+            raise
+
+    async def _connect(self, bind: AsyncEngine) -> AsyncConnection:
+        connection = await bind.connect()
+        try:
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
+            for name, value in self._settings.items():
+                await connection.exec_driver_sql(f"SET {name} = {value}")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        return connection
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
 
 
 # SQLSTATEs that say the server is away or refusing connections, not that the statement is wrong:

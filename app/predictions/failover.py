@@ -24,7 +24,7 @@ from app.budgets import service as budgets_service
 from app.core import clock
 from app.core.database import table_of, transaction
 from app.core.ids import new_id
-from app.predictions import service
+from app.predictions import service, writer
 from app.predictions.models import Prediction, PredictionStatus
 from app.predictions.schemas import GenerateRequest
 from app.providers import health as provider_health
@@ -115,7 +115,7 @@ async def submit(
 
     # Hold: claim the idempotency key, pass the limits and hold the highest candidate's price, in the
     # ledger writer's next batch; committed before any provider is called.
-    job = service._HoldJob(
+    job = writer.HoldJob(
         tenant,
         key,
         model_id,
@@ -127,7 +127,7 @@ async def submit(
         provider_prices=tuple(priced.prices),
         answer_priced=priced.answer_priced,
     )
-    held = await service.hold(runtime, job)
+    held = await writer.hold(runtime, job)
     if isinstance(held, service.SubmitResult):
         return held  # a replay of an earlier answer
     prediction, estimate = held
@@ -141,7 +141,7 @@ async def submit(
         )
     except asyncio.CancelledError:
         # The caller went away before any provider accepted it: the hold comes back now, not at recovery.
-        await service.abandon(runtime, prediction, key, idempotency_key)
+        await writer.abandon(runtime, prediction, key, idempotency_key)
         raise
     if isinstance(outcome, str):
         assert queue is not None
@@ -181,7 +181,7 @@ async def _attempts(
                 skipped[provider.name] = "at its max_concurrent or rate_per_minute"
                 continue
         except Exception:
-            await service.release(runtime, prediction, key, "gateway could not record the attempt", idempotency_key)
+            await writer.release(runtime, prediction, key, "gateway could not record the attempt", idempotency_key)
             raise
         prediction.provider = provider.name
         try:
@@ -217,7 +217,7 @@ async def _attempts(
 
     if queueable:
         return "; ".join(f"{n}: {r}" for n, r in sorted(skipped.items())) or "none had room"
-    await service.release(
+    await writer.release(
         runtime, prediction, key, f"no provider accepted the prediction: {last or 'none had room'}", idempotency_key
     )
     if last is None:
@@ -248,7 +248,7 @@ async def _enqueue(
         )
     except Exception:
         # Refused (queue_full) or not recorded: nothing is kept, nothing is charged.
-        await service.release(runtime, prediction, key, "not queued", idempotency_key)
+        await writer.release(runtime, prediction, key, "not queued", idempotency_key)
         raise
     return result
 
@@ -260,7 +260,7 @@ async def _release(
     exc: UpstreamRefused | UpstreamUnavailable,
     idempotency_key: str | None,
 ) -> None:
-    await service.release(runtime, prediction, key, f"upstream did not accept the prediction: {exc}", idempotency_key)
+    await writer.release(runtime, prediction, key, f"upstream did not accept the prediction: {exc}", idempotency_key)
 
 
 async def _settle(
@@ -277,7 +277,7 @@ async def _settle(
 ) -> service.SubmitResult:
     """The hold becomes the serving provider's charge, with its id, in the writer's next batch. It has
     billed by now, so a database that is away is waited for rather than the charge lost."""
-    confirm = service._ConfirmJob(
+    confirm = writer.ConfirmJob(
         tenant,
         key,
         prediction,
@@ -288,7 +288,7 @@ async def _settle(
         provider=provider.name,
         price_cents=candidate.price_cents,
     )
-    body = await service.confirm_until_recorded(runtime, confirm)
+    body = await writer.confirm_until_recorded(runtime, confirm)
     log.info(
         "prediction submitted",
         extra={"prediction_id": prediction.id, "provider": provider.name, "cost_cents": confirm.cost},

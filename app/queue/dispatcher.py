@@ -25,7 +25,7 @@ from sqlalchemy import delete, select, update
 from app.budgets import service as budgets_service
 from app.core import clock, metrics
 from app.core.database import table_of, transaction
-from app.predictions import service as predictions_service
+from app.predictions import writer as predictions_writer
 from app.predictions.models import Prediction, PredictionStatus
 from app.providers import health as provider_health
 from app.providers import routing
@@ -229,7 +229,7 @@ class QueueDispatcher:
         await health.succeeded(provider)
         # Charged as any submit is; the confirm's window is counted from this send, not the submit.
         prediction.created_at = clock.now()
-        confirm = predictions_service._ConfirmJob(
+        confirm = predictions_writer.ConfirmJob(
             claim.tenant,
             claim.key,
             prediction,
@@ -240,7 +240,7 @@ class QueueDispatcher:
             provider=provider.name,
             price_cents=claim.price_cents,
         )
-        await predictions_service.confirm_until_recorded(runtime, confirm)
+        await predictions_writer.confirm_until_recorded(runtime, confirm)
         async with transaction(runtime.sessions) as session:
             await session.execute(
                 delete(QueueEntry).where(_entries.prediction_id == claim.entry_id, _entries.lease_owner == self.owner)

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import BigInteger, and_, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from app.budgets import movements as budgets_movements
 from app.budgets import service as budgets_service
 from app.core import clock, metrics
 from app.core.database import insert_ignore, table_of, transaction
@@ -280,11 +281,11 @@ async def fail_entries(
         if p.holds_provider_slot and p.provider is not None:
             slots[p.provider] = slots.get(p.provider, 0) + 1
     await provider_health.give_slots(session, slots)
-    await budgets_service.release_many(
+    await budgets_movements.release_many(
         session,
         [
-            budgets_service.Release(
-                predictions_service._hold(p), p.estimate_cents, p.holds_slot, note=(p.error or "")[:200]
+            budgets_movements.Release(
+                predictions_service.hold_of(p), p.estimate_cents, p.holds_slot, note=(p.error or "")[:200]
             )
             for p in ended
         ],
