@@ -284,3 +284,37 @@ async def test_the_hot_routes_keep_their_route_label(api: Api, path: str) -> Non
     before = metrics.REQUESTS.labels(route=template, method=method, status="401")._value.get()
     await api.http.request(method, path, content=b"{}" if method == "POST" else None, headers=JSON)
     assert metrics.REQUESTS.labels(route=template, method=method, status="401")._value.get() == before + 1
+
+
+async def test_the_hot_routes_are_served_bare(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past FastAPI's routing and dependency solving: no endpoint of FastAPI's runs for them."""
+    import fastapi.routing
+
+    from app.predictions import hot
+
+    served: list[str] = []
+    solved: list[str] = []
+    for name in ("generate", "get_prediction"):
+        handler = getattr(hot, name)
+
+        async def counted(*args: Any, _handler: Any = handler, _name: str = name) -> None:
+            served.append(_name)
+            await _handler(*args)
+
+        monkeypatch.setattr(hot, name, counted)
+    solve = fastapi.routing.solve_dependencies
+
+    async def counted_solve(*args: Any, **kwargs: Any) -> Any:
+        solved.append(kwargs["request"].url.path)
+        return await solve(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi.routing, "solve_dependencies", counted_solve)
+    tenant = await api.tenant()
+    submitted = await tenant.submit()
+    assert submitted.status_code == 200, submitted.text
+    got = await tenant.get(f"/api/v1/predictions/{submitted.json()['id']}")
+    assert got.status_code == 200, got.text
+    assert served == ["generate", "get_prediction"]
+    assert not [path for path in solved if path.startswith("/api/v1/")]
+    assert (await tenant.get("/api/v1/predictions")).status_code == 200  # any other route: FastAPI's
+    assert "/api/v1/predictions" in solved
