@@ -318,3 +318,34 @@ async def test_the_hot_routes_are_served_bare(api: Api, monkeypatch: pytest.Monk
     assert not [path for path in solved if path.startswith("/api/v1/")]
     assert (await tenant.get("/api/v1/predictions")).status_code == 200  # any other route: FastAPI's
     assert "/api/v1/predictions" in solved
+
+
+async def test_concurrent_gets_answer_as_one_by_one(live_api: Api) -> None:
+    """On PostgreSQL the GETs that arrive together share one statement (app/predictions/reads.py): each
+    answer is the one a GET on its own gets, a tenant never sees another's prediction."""
+    import asyncio
+
+    from app.predictions import reads
+
+    mine = await live_api.tenant(budgetCents=1000)
+    other = await live_api.tenant(name="other")
+    ids = [(await mine.submit()).json()["id"] for _ in range(4)]
+    theirs = (await other.submit()).json()["id"]
+    asks = [(mine, i) for i in ids] + [(mine, theirs), (other, theirs), (mine, "pred_nope"), (other, ids[0])]
+
+    async def get(tenant: Any, prediction_id: str) -> tuple[int, Any, str | None, str | None]:
+        answer = await tenant.get(f"/api/v1/predictions/{prediction_id}")
+        return (
+            answer.status_code,
+            answer.json(),
+            answer.headers.get("x-budget-remaining-cents"),
+            answer.headers.get("retry-after"),
+        )
+
+    one_by_one = [await get(tenant, i) for tenant, i in asks]
+    together = await asyncio.gather(*(get(tenant, i) for tenant, i in asks * 4))
+    assert together == one_by_one * 4
+    assert [status for status, *_ in one_by_one] == [200] * 4 + [404, 200, 404, 404]
+    reader = reads.batched(live_api.runtime.sessions, live_api.runtime.settings)
+    if reader is not None:  # PostgreSQL
+        assert reader.largest_batch > 1

@@ -58,7 +58,7 @@ from app.core.responses import dumps, send_json_bytes
 from app.core.retry_after import retry_after_value
 from app.core.types import Line
 from app.outputs import service as outputs_service
-from app.predictions import failover
+from app.predictions import failover, reads
 from app.predictions import service as predictions_service
 from app.predictions.cache import FINAL
 from app.predictions.schemas import GenerateRequest
@@ -156,22 +156,41 @@ async def prediction_answer(
         if final is not None and snapshot is not None:
             note_balance(snapshot)
             return final, None
-    async with read_connection(runtime.sessions) as connection:
-        if caller is None:
-            caller = await authenticate(connection, credentials, runtime=runtime)
-            tenants_service.require_scope(caller.key, "read")
+    reader = reads.batched(runtime.sessions, runtime.settings) if caller is not None else None
+    if reader is not None and caller is not None:
+        # The common case on PostgreSQL: the key from the cache, the read in the batch of those arriving
+        # meanwhile (app/predictions/reads.py); a connection of its own only for what is rare.
         tenant = caller.tenant
         now = clock.now()
         period_start = budgets_service.period_of(tenant.budget_period, now).start
-        read = await predictions_service.read_with_balance(
-            connection, runtime.settings, tenant.id, prediction_id, balances.counter_scope(tenant), period_start
-        )
-        if read is None:
-            balance = await balances.read_balance(connection, tenant)
-        else:
+        key = (prediction_id, tenant.id, balances.counter_scope(tenant), period_start)
+        read = await reads.read_with_balance(reader, key)
+        if read is None or (read.body.get("queued") and runtime.queue is not None):
+            async with read_connection(runtime.sessions) as connection:
+                if read is None:
+                    balance = await balances.read_balance(connection, tenant)
+                else:
+                    assert runtime.queue is not None
+                    read.body["queuePosition"] = await runtime.queue.position(connection, tenant.id, prediction_id)
+        if read is not None:
             balance = balances.balance_of(tenant, read.spent_cents, read.reserved_cents, now)
-            if read.body.get("queued") and runtime.queue is not None:
-                read.body["queuePosition"] = await runtime.queue.position(connection, tenant.id, prediction_id)
+    else:
+        async with read_connection(runtime.sessions) as connection:
+            if caller is None:
+                caller = await authenticate(connection, credentials, runtime=runtime)
+                tenants_service.require_scope(caller.key, "read")
+            tenant = caller.tenant
+            now = clock.now()
+            period_start = budgets_service.period_of(tenant.budget_period, now).start
+            read = await predictions_service.read_with_balance(
+                connection, runtime.settings, tenant.id, prediction_id, balances.counter_scope(tenant), period_start
+            )
+            if read is None:
+                balance = await balances.read_balance(connection, tenant)
+            else:
+                balance = balances.balance_of(tenant, read.spent_cents, read.reserved_cents, now)
+                if read.body.get("queued") and runtime.queue is not None:
+                    read.body["queuePosition"] = await runtime.queue.position(connection, tenant.id, prediction_id)
     balances.BALANCES.put(tenant.id, balance, runtime.settings.balance_ttl_s)
     note_balance(balance)
     if read is None:
