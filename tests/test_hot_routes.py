@@ -349,3 +349,47 @@ async def test_concurrent_gets_answer_as_one_by_one(live_api: Api) -> None:
     reader = reads.batched(live_api.runtime.sessions, live_api.runtime.settings)
     if reader is not None:  # PostgreSQL
         assert reader.largest_batch > 1
+
+
+@pytest.mark.parametrize("route", ["submit", "get"])
+async def test_an_unexpected_error_in_a_bare_route_is_the_same_500(
+    api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, route: str
+) -> None:
+    """As from a FastAPI route: it reaches the outermost handler, which logs its type and path and answers
+    the internal_error problem (app/core/errors.py)."""
+    from app.predictions import hot
+
+    tenant = await api.tenant()
+    submitted = await tenant.submit()
+
+    async def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(hot, "submit_answer" if route == "submit" else "prediction_answer", broken)
+    transport = httpx.ASGITransport(app=api.http._transport.app, raise_app_exceptions=False)  # type: ignore[attr-defined]
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as http:
+        path = SUBMIT if route == "submit" else f"/api/v1/predictions/{submitted.json()['id']}"
+        method = "POST" if route == "submit" else "GET"
+        with caplog.at_level("ERROR", logger="vidgate.errors"):
+            answer = await http.request(method, path, headers=tenant.headers(**JSON), json=valid_body())
+    assert answer.status_code == 500
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert answer.json()["code"] == "internal_error" and "secret" not in answer.text
+    (record,) = [r for r in caplog.records if r.name == "vidgate.errors"]
+    assert record.getMessage() == "unhandled error"
+    assert (record.error_type, record.path) == ("RuntimeError", path)  # type: ignore[attr-defined]
+
+
+async def test_under_a_root_path_fastapi_serves_them_the_same(api: Api) -> None:
+    """The dispatcher leaves a request under a root_path to FastAPI's routes, which run the same code."""
+    tenant = await api.tenant(budgetCents=1000)
+    transport = httpx.ASGITransport(app=api.http._transport.app, root_path="/gw")  # type: ignore[attr-defined]
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as http:
+        submitted = await http.post("/gw" + SUBMIT, headers=tenant.headers(), json=valid_body())
+        assert submitted.status_code == 200, submitted.text
+        assert submitted.json()["statusUrl"].startswith("http://gateway.test/gw/api/v1/predictions/")
+        got = await http.get(f"/gw/api/v1/predictions/{submitted.json()['id']}", headers=tenant.headers())
+        assert got.status_code == 200 and got.json()["id"] == submitted.json()["id"]
+        assert got.headers["x-budget-remaining-cents"] and got.headers["retry-after"]
+        bad = await http.post("/gw" + SUBMIT, headers=tenant.headers(**JSON), content=b"{")
+        assert bad.status_code == 422 and bad.json()["field"] == "1"
