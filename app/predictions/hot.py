@@ -239,6 +239,10 @@ def _is_json(content_type: str) -> bool:
     return subtype == "json" or subtype.endswith("+json")
 
 
+class _Unparsable(Exception):
+    """A body declared as JSON that Python's parser could not read: FastAPI's 400."""
+
+
 async def _read_body(receive: Receive) -> bytes | None:
     """The whole body, or None if the client went away (or the guard refused it: app/core/middleware.py)."""
     chunks: list[bytes] = []
@@ -320,10 +324,6 @@ async def _generate(scope: Scope, receive: Receive, send: Send, runtime: Runtime
         runtime, caller, base_url, parsed, model_id, idempotency_key, headers.get(b"prefer")
     )
     await send_json_bytes(send, content, answer_headers)
-
-
-class _Unparsable(Exception):
-    """A body declared as JSON that Python's parser could not read: FastAPI's 400."""
 
 
 async def generate(scope: Scope, receive: Receive, send: Send, runtime: Runtime, model_id: str) -> None:
