@@ -116,6 +116,15 @@ def _answer(response: httpx.Response, ids: dict[str, str]) -> dict[str, Any]:
 
 
 async def test_every_answer_of_the_hot_routes(api: Api) -> None:
+    await every_answer(api)
+
+
+async def test_every_answer_with_real_commits(live_api: Api) -> None:
+    """A real pool and commits: on PostgreSQL the GETs take the batched read (app/predictions/reads.py)."""
+    await every_answer(live_api)
+
+
+async def every_answer(api: Api) -> None:
     tenant = await api.tenant(budgetCents=1000)
     other = await api.tenant(name="other")
     keys = {}
@@ -393,3 +402,38 @@ async def test_under_a_root_path_fastapi_serves_them_the_same(api: Api) -> None:
         assert got.headers["x-budget-remaining-cents"] and got.headers["retry-after"]
         bad = await http.post("/gw" + SUBMIT, headers=tenant.headers(**JSON), content=b"{")
         assert bad.status_code == 422 and bad.json()["field"] == "1"
+
+
+async def test_a_batched_read_is_the_one_row_read(live_api: Api) -> None:
+    """app/predictions/reads.py answers each key as predictions_service.read_with_balance does."""
+    import asyncio
+
+    from app.budgets import balances
+    from app.budgets import service as budgets_service
+    from app.core import clock
+    from app.core.database import read_connection
+    from app.predictions import reads
+    from app.predictions import service as predictions_service
+    from app.tenants import service as tenants_service
+
+    runtime = live_api.runtime
+    reader = reads.batched(runtime.sessions, runtime.settings)
+    if reader is None:
+        pytest.skip("reads are batched on PostgreSQL only")
+    mine = await live_api.tenant(budgetCents=1000)
+    other = await live_api.tenant(name="other")
+    ids = [(await mine.submit()).json()["id"] for _ in range(3)]
+    theirs = (await other.submit()).json()["id"]
+    hit = tenants_service.authenticate_cached(mine.key)
+    assert hit is not None
+    tenant = hit[0]
+    start = budgets_service.period_of(tenant.budget_period, clock.now()).start
+    scope = balances.counter_scope(tenant)
+    keys = [(i, tenant.id, scope, start) for i in [*ids, theirs, "pred_nope"]]
+    async with read_connection(runtime.sessions) as connection:
+        expected = [
+            await predictions_service.read_with_balance(connection, runtime.settings, t, i, s, p) for i, t, s, p in keys
+        ]
+    assert [r is None for r in expected] == [False, False, False, True, True]
+    assert [await reads.read_with_balance(reader, key) for key in keys] == expected
+    assert list(await asyncio.gather(*(reads.read_with_balance(reader, key) for key in keys))) == expected
