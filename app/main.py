@@ -11,7 +11,10 @@ from contextlib import asynccontextmanager
 
 from aiohttp import web
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from sqlalchemy import make_url
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.admin.deps import require_admin
 from app.admin.router import router as admin_router
@@ -29,6 +32,7 @@ from app.core.settings import Settings, get_settings
 from app.dashboard.router import router as dashboard_router
 from app.ops import router as ops_router
 from app.outputs.router import router as outputs_router
+from app.predictions import hot
 from app.predictions.router import router as predictions_router
 from app.providers import config as providers_config
 from app.providers import sandbox as providers_sandbox
@@ -119,6 +123,56 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.runtime = None
 
 
+class HotRoutes:
+    """Hands the two hot routes (submit, GET of a prediction) to their bare handlers (app/predictions/hot.py),
+    past FastAPI's routing and dependency solving; every other request goes to FastAPI unchanged.
+
+    It sits inside RequestMiddleware, so those answers get the request id, the guard, admission,
+    Server-Timing, the budget headers and the access log as any other. Only an exact match is taken:
+    the method and a path the FastAPI route's pattern (`[^/]+` for the parameter) would match, so a 405
+    with its Allow, a trailing slash's redirect or an unknown path are answered by FastAPI as before. A
+    request under a root_path is left to FastAPI too (its own path rules; the same code serves it)."""
+
+    def __init__(self, app: ASGIApp, *, fastapi: FastAPI) -> None:
+        self.app = app
+        self.fastapi = fastapi
+        self._routes: tuple[BaseRoute, BaseRoute] | None = None
+
+    def _route(self, index: int) -> BaseRoute:
+        # The FastAPI routes themselves go in the scope: metrics and the access log name their template.
+        if self._routes is None:
+            found = {
+                (route.path, method): route
+                for route in predictions_router.routes
+                if isinstance(route, APIRoute)
+                for method in route.methods or ()
+            }
+            self._routes = (found[hot.SUBMIT_PATH, "POST"], found[hot.GET_PATH, "GET"])
+        return self._routes[index]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope.get("root_path"):
+            path: str = scope["path"]
+            method = scope["method"]
+            if method == "POST" and path.startswith(_SUBMIT_HEAD) and path.endswith(_SUBMIT_TAIL):
+                model_id = path[len(_SUBMIT_HEAD) : -len(_SUBMIT_TAIL)]
+                if model_id and "/" not in model_id:
+                    scope["route"] = self._route(0)
+                    await hot.generate(scope, receive, send, self.fastapi.state.runtime, model_id)
+                    return
+            elif method == "GET" and path.startswith(_GET_HEAD):
+                prediction_id = path[len(_GET_HEAD) :]
+                if prediction_id and "/" not in prediction_id:
+                    scope["route"] = self._route(1)
+                    await hot.get_prediction(scope, receive, send, self.fastapi.state.runtime, prediction_id)
+                    return
+        await self.app(scope, receive, send)
+
+
+_SUBMIT_HEAD, _SUBMIT_TAIL = hot.SUBMIT_PATH.split("{modelId}")
+_GET_HEAD = hot.GET_PATH.removesuffix("{predictionId}")
+
+
 def create_app(
     settings: Settings | None = None, runtime: Runtime | None = None, *, listen_url: str | None = None
 ) -> FastAPI:
@@ -138,6 +192,8 @@ def create_app(
     install_error_handlers(app)
     # One layer: request id, guard, the balance headers, Server-Timing and metrics (app/core/middleware.py).
     app.state.admission = Admission(settings.inflight_limit)
+    # Added first, so it runs inside RequestMiddleware (Starlette wraps the last added outermost).
+    app.add_middleware(HotRoutes, fastapi=app)
     app.add_middleware(
         RequestMiddleware,
         sandbox=settings.sandbox,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -117,31 +117,46 @@ def validation_problem(raw_errors: Sequence[Any]) -> InvalidRequest:
     return InvalidRequest(f"{first['field']}: {first['message']}", field=first["field"], errors=errors)
 
 
+def app_error_response(exc: AppError) -> Response:
+    return problem_response(exc.status, exc.body(), exc.headers)
+
+
+def validation_error_response(raw_errors: Sequence[Any]) -> Response:
+    error = validation_problem(raw_errors)
+    return problem_response(error.status, error.body())
+
+
+def http_error_response(status: int, detail: Any, headers: Mapping[str, str] | None = None) -> Response:
+    """What the framework itself refuses (no such route, a method not allowed, a body it cannot parse)."""
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    code = codes.get(status, "http_error")
+    detail = detail if isinstance(detail, str) else "request failed"
+    if status == 404:
+        detail = "No such route. See /openapi.json for the API."
+    body = {
+        "type": PROBLEM_BASE + code,
+        "title": detail,
+        "status": status,
+        "code": code,
+        "detail": detail,
+    }
+    return problem_response(status, body, dict(headers or {}))
+
+
+# The bare routes (app/predictions/hot.py) render what they raise with the functions below too: one
+# renderer for each kind of error, whichever way the request was routed.
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_request: Request, exc: AppError) -> Response:
-        return problem_response(exc.status, exc.body(), exc.headers)
+        return app_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> Response:
-        error = validation_problem(exc.errors())
-        return problem_response(error.status, error.body())
+        return validation_error_response(exc.errors())
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        code = codes.get(exc.status_code, "http_error")
-        detail = exc.detail if isinstance(exc.detail, str) else "request failed"
-        if exc.status_code == 404:
-            detail = "No such route. See /openapi.json for the API."
-        body = {
-            "type": PROBLEM_BASE + code,
-            "title": detail,
-            "status": exc.status_code,
-            "code": code,
-            "detail": detail,
-        }
-        return problem_response(exc.status_code, body, dict(exc.headers or {}))
+        return http_error_response(exc.status_code, exc.detail, exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -6,6 +6,7 @@ import re
 from ipaddress import IPv6Address, ip_address
 
 from starlette.requests import Request
+from starlette.types import Scope
 
 from app.core.errors import AppError
 from app.core.settings import Settings
@@ -59,15 +60,30 @@ def public_base_url(request: Request, settings: Settings) -> str:
     trusted proxy says they were), never an address the caller did not use."""
     if settings.public_base_url:
         return settings.public_base_url
-    scope = request.scope
+    headers = request.headers
+    return base_url_of(
+        request.scope,
+        settings,
+        headers.get("host"),
+        headers.get("x-forwarded-proto"),
+        headers.get("x-forwarded-host"),
+    )
+
+
+def base_url_of(
+    scope: Scope, settings: Settings, host: str | None, forwarded_proto: str | None, forwarded_host: str | None
+) -> str:
+    """public_base_url from the ASGI scope and the first value of each header (the bare routes read
+    every header in one pass: app/predictions/hot.py)."""
+    if settings.public_base_url:
+        return settings.public_base_url
     scheme = "https" if scope.get("scheme") == "https" else "http"
-    host = request.headers.get("host")
     client = scope.get("client")
     if client and _trusted(client[0], settings):
-        proto = _last(request.headers.get("x-forwarded-proto"))
+        proto = _last(forwarded_proto)
         if proto in ("http", "https"):
             scheme = proto
-        host = _last(request.headers.get("x-forwarded-host")) or host
+        host = _last(forwarded_host) or host
     if not host:
         server = scope.get("server")
         if not server:

@@ -6,6 +6,7 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
+from starlette.types import Send
 
 from app.core import clock
 
@@ -29,6 +30,20 @@ def json_response(content: Any, status_code: int = 200, headers: dict[str, str] 
 
 def json_bytes_response(body: bytes, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(body, status_code, headers, media_type="application/json")
+
+
+async def send_json_bytes(send: Send, body: bytes, headers: dict[str, str] | None = None) -> None:
+    """json_bytes_response's 200 sent as two ASGI messages, for the bare routes (app/predictions/hot.py):
+    the same headers in the same order, without a Response object and its header list built per answer."""
+    raw = (
+        [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+        if headers
+        else []
+    )
+    raw.append((b"content-length", str(len(body)).encode()))
+    raw.append((b"content-type", b"application/json"))
+    await send({"type": "http.response.start", "status": 200, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 def etag_matches(header: str | None, etag: str) -> bool:

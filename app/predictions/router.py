@@ -1,52 +1,27 @@
 from __future__ import annotations
 
-import contextlib
-import re
-from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Response
 
-from app.budgets import balances
 from app.budgets import service as budgets_service
-from app.budgets.deps import CallerDep, QuoterDep, ReaderDep, authenticate
-from app.budgets.headers import RETRY_AFTER_DOC, note_balance, note_charge, tenant_responses
+from app.budgets.deps import CallerDep, QuoterDep, ReaderDep
+from app.budgets.headers import RETRY_AFTER_DOC, tenant_responses
 from app.budgets.schemas import QuoteOut
-from app.core import clock
-from app.core.database import read_connection, transaction
-from app.core.errors import DatabaseUnavailable, InvalidRequest
 from app.core.openapi import link, links
-from app.core.responses import dumps, json_bytes_response, json_response
-from app.core.retry_after import retry_after_value
+from app.core.responses import json_bytes_response, json_response
 from app.core.types import Line
 from app.deps import PublicBaseUrlDep, ReadSessionDep, RuntimeDep
 from app.outputs import service as outputs_service
-from app.predictions import failover
+from app.predictions import hot
 from app.predictions import service as predictions_service
-from app.predictions.cache import FINAL
 from app.predictions.models import PredictionStatus
 from app.predictions.schemas import GenerateRequest, PredictionList, PredictionOut, PublicStatus, SubmitOut
 from app.providers import routing
 from app.tenants import service as tenants_service
-from app.tenants.deps import Credentials, cached_caller
+from app.tenants.deps import Credentials
 
 router = APIRouter(prefix="/api/v1", tags=["predictions"], responses=tenant_responses())
-
-IDEMPOTENCY_KEY_MAX = 255
-
-
-def _prefer_wait(prefer: str | None, cap_s: float) -> float | None:
-    if not prefer:
-        return None
-    match = re.search(r"(?:^|[,;\s])wait\s*=\s*(\d+)", prefer)
-    return min(float(match.group(1)), cap_s) if match else None
-
-
-def _retry_after(next_poll_at: datetime | None) -> str:
-    """Seconds until the gateway's next poll of a processing prediction: asking earlier learns nothing."""
-    if next_poll_at is None:
-        return "1"
-    return retry_after_value(max(1.0, (next_poll_at - clock.now()).total_seconds()))
 
 
 @router.post(
@@ -69,45 +44,14 @@ async def generate(
     caller: CallerDep,
     base_url: PublicBaseUrlDep,
     body: GenerateRequest,
-    model_id: Annotated[Line, Path(alias="modelId", max_length=100)],
+    model_id: Annotated[Line, Path(alias="modelId", max_length=hot.MODEL_ID_MAX)],
     idempotency_key: Annotated[Line | None, Header(alias="Idempotency-Key")] = None,
     prefer: Annotated[str | None, Header(alias="Prefer")] = None,
 ) -> Response:
-    if idempotency_key is not None and not (0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX):
-        raise InvalidRequest(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters.", field="Idempotency-Key")
-    result = await failover.submit(
-        runtime,
-        caller.tenant,
-        caller.key,
-        model_id,
-        body,
-        idempotency_key=idempotency_key,
-        status_url_base=f"{base_url}/api/v1/predictions",
-        public_base_url=base_url,
-    )
-    headers = {"Idempotent-Replayed": "true"} if result.replayed else {}
-    content: dict[str, Any] = result.body
-    if not result.replayed:
-        note_charge(content.get("costCents") or 0)
-    wait_s = _prefer_wait(prefer, runtime.settings.prefer_wait_max_s)
-    next_poll_at = result.next_poll_at
-    if wait_s is not None:
-        prediction = await predictions_service.wait_until_terminal(
-            runtime, caller.tenant.id, result.prediction_id, wait_s
-        )
-        if prediction is not None:
-            content = predictions_service.present_submit(prediction, content["statusUrl"], extended=True)
-            if content["status"] == "completed" and content["outputs"]:
-                # The links stored at completion are the current ones unless they expired meanwhile:
-                # a database away now is no reason to answer a recorded submit with an error.
-                with contextlib.suppress(DatabaseUnavailable):
-                    async with transaction(runtime.sessions, readonly=True) as session:
-                        await outputs_service.show_current_links(session, runtime.settings, [content])
-            next_poll_at = prediction.next_poll_at
-        headers["Preference-Applied"] = f"wait={int(wait_s)}"
-    if content["status"] == "processing":
-        headers["Retry-After"] = _retry_after(next_poll_at)
-    return json_response(content, headers=headers)
+    # Served by the bare handler in app/predictions/hot.py (dispatched in app/main.py): this declaration
+    # is the interface (OpenAPI) and the way FastAPI serves what the dispatcher passes on.
+    content, headers = await hot.submit_answer(runtime, caller, base_url, body, model_id, idempotency_key, prefer)
+    return json_bytes_response(content, headers=headers)
 
 
 @router.post(
@@ -120,7 +64,7 @@ async def quote(
     session: ReadSessionDep,
     caller: QuoterDep,
     body: GenerateRequest,
-    model_id: Annotated[Line, Path(alias="modelId", max_length=100)],
+    model_id: Annotated[Line, Path(alias="modelId", max_length=hot.MODEL_ID_MAX)],
 ) -> Response:
     predictions_service.check_submittable(runtime, model_id, body)
     tenants_service.require_model(caller.key, model_id)
@@ -162,42 +106,8 @@ async def quote(
 async def get_prediction(
     runtime: RuntimeDep, credentials: Credentials, prediction_id: Annotated[Line, Path(alias="predictionId")]
 ) -> Response:
-    # The route callers poll: the key check from the cache; a final prediction (terminal, never
-    # rehosted) from memory with the balance snapshot, else one statement reads the prediction, its
-    # links and the balance for the headers (on a bare connection: no ORM session).
-    caller = cached_caller(credentials)
-    if caller is not None:
-        tenants_service.require_scope(caller.key, "read")
-        final = FINAL.get(caller.tenant.id, prediction_id)
-        snapshot = balances.BALANCES.get(caller.tenant.id) if final is not None else None
-        if final is not None and snapshot is not None:
-            note_balance(snapshot)
-            return json_bytes_response(final)
-    async with read_connection(runtime.sessions) as connection:
-        if caller is None:
-            caller = await authenticate(connection, credentials, runtime=runtime)
-            tenants_service.require_scope(caller.key, "read")
-        tenant = caller.tenant
-        now = clock.now()
-        period_start = budgets_service.period_of(tenant.budget_period, now).start
-        read = await predictions_service.read_with_balance(
-            connection, runtime.settings, tenant.id, prediction_id, balances.counter_scope(tenant), period_start
-        )
-        if read is None:
-            balance = await balances.read_balance(connection, tenant)
-        else:
-            balance = balances.balance_of(tenant, read.spent_cents, read.reserved_cents, now)
-            if read.body.get("queued") and runtime.queue is not None:
-                read.body["queuePosition"] = await runtime.queue.position(connection, tenant.id, prediction_id)
-    balances.BALANCES.put(tenant.id, balance, runtime.settings.balance_ttl_s)
-    note_balance(balance)
-    if read is None:
-        raise predictions_service.not_found(prediction_id)
-    body = dumps(read.body)
-    if read.final:
-        FINAL.put(tenant.id, prediction_id, body)
-    processing = read.body["status"] == "processing"
-    headers = {"Retry-After": _retry_after(read.next_poll_at)} if processing else None
+    # Served by the bare handler in app/predictions/hot.py, as the submit above.
+    body, headers = await hot.prediction_answer(runtime, credentials, prediction_id)
     return json_bytes_response(body, headers=headers)
 
 

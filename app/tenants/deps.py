@@ -39,3 +39,16 @@ def cached_caller(credentials: HTTPAuthorizationCredentials | None) -> Caller | 
         return None
     tenant_id_var.set(hit[0].id)
     return Caller(*hit)
+
+
+def bearer_credentials(authorization: str | None) -> HTTPAuthorizationCredentials | None:
+    """What `bearer` (HTTPBearer, auto_error=False) makes of an Authorization header, for the bare routes
+    that read their headers from the ASGI scope (app/predictions/hot.py)."""
+    if not authorization:
+        return None
+    scheme, _, credentials = authorization.partition(" ")
+    credentials = credentials.strip()
+    if not scheme or not credentials or scheme.lower() != "bearer":
+        return None
+    # Already checked as HTTPBearer checks it: no second validation per request.
+    return HTTPAuthorizationCredentials.model_construct(scheme=scheme, credentials=credentials)
