@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ARRAY, Boolean, Date, Integer, String, bindparam, column, text
+from sqlalchemy import ARRAY, Boolean, Date, DateTime, Integer, String, bindparam, column, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.budgets.scopes import TENANT, tenant_scope
@@ -172,7 +172,8 @@ SELECT (SELECT go FROM gate) AS go,
 """  # noqa: S608 (only constants of the code are formatted in: the thresholds, the scope prefix)
 
 _TEXT, _INT, _BOOL = ARRAY(String()), ARRAY(Integer()), ARRAY(Boolean())
-_TIME = ARRAY(UTCDateTime())
+# Plain timestamps, no per-element processor: every datetime here comes from app/core/clock, aware and UTC.
+_TIME = ARRAY(DateTime(timezone=True))
 _PARAMS: dict[str, Any] = {
     "s_id": _TEXT,
     "s_upstream_id": _TEXT,
