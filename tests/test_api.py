@@ -252,13 +252,14 @@ async def test_logs_are_json_lines_with_ids_and_no_secrets(api: Api) -> None:
         root.removeHandler(handler)
         root.setLevel(old_level)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    submitted = [line for line in lines if line["msg"] == "prediction submitted"]
-    assert len(submitted) == 1
-    assert submitted[0]["prediction_id"] == response.json()["id"]
-    assert submitted[0]["tenant_id"] == tenant.id
-    assert submitted[0]["request_id"] == response.headers["x-request-id"]
+    # One line for the submit: its access line names the prediction, the provider and the charge.
     access = [line for line in lines if line["msg"] == "request" and line["route"].endswith("/generate")]
-    assert access and access[0]["status"] == 200 and access[0]["tenant_id"] == tenant.id
+    assert len(access) == 1 and access[0]["status"] == 200
+    assert access[0]["tenant_id"] == tenant.id
+    assert access[0]["request_id"] == response.headers["x-request-id"]
+    assert access[0]["prediction_id"] == response.json()["id"]
+    assert (access[0]["provider"], access[0]["cost_cents"]) == ("vibedream", response.json()["costCents"])
+    assert not [line for line in lines if line["msg"] == "prediction submitted"]
     text = stream.getvalue()
     for secret in (tenant.key, ADMIN_TOKEN, "vendor-test-key", "hush", tenant.data["webhookSecret"]):
         assert secret not in text

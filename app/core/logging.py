@@ -14,6 +14,19 @@ from app.core import clock
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 tenant_id_var: ContextVar[str | None] = ContextVar("tenant_id", default=None)
+# What a request's handler adds to its access log line (app/core/middleware.py opens it per request).
+access_fields_var: ContextVar[dict[str, Any] | None] = ContextVar("access_fields", default=None)
+
+
+def note_access(**fields: Any) -> bool:
+    """Add `fields` to this request's access log line: one line a request rather than one more of its
+    own (a log line costs a record, its JSON and a write). False outside a request: the caller logs."""
+    noted = access_fields_var.get()
+    if noted is None:
+        return False
+    noted.update(fields)
+    return True
+
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
     "message",

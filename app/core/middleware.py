@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core import guard, lifecycle, metrics, timing
-from app.core.logging import request_id_var, tenant_id_var
+from app.core.logging import access_fields_var, request_id_var, tenant_id_var
 
 access_log = logging.getLogger("vidgate.access")
 
@@ -95,6 +95,8 @@ class RequestMiddleware:
         request_id = given_id if _VALID_REQUEST_ID.match(given_id) else f"{random.getrandbits(96):024x}"
         token = request_id_var.set(request_id)
         tenant_token = tenant_id_var.set(None)
+        access_fields: dict[str, Any] = {}
+        fields_token = access_fields_var.set(access_fields)
         started = time.perf_counter()
         spent, timing_token = timing.start()
         opened = [(slot, *slot.open()) for slot in self.header_slots]
@@ -202,10 +204,17 @@ class RequestMiddleware:
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(
                     "request",
-                    extra={"method": method, "route": path, "status": status, "ms": round(elapsed * 1000, 1)},
+                    extra={
+                        **access_fields,
+                        "method": method,
+                        "route": path,
+                        "status": status,
+                        "ms": round(elapsed * 1000, 1),
+                    },
                 )
             for slot, _, slot_token in reversed(opened):
                 slot.close(slot_token)
             timing.stop(timing_token)
+            access_fields_var.reset(fields_token)
             tenant_id_var.reset(tenant_token)
             request_id_var.reset(token)

@@ -24,6 +24,7 @@ from app.budgets import service as budgets_service
 from app.core import clock
 from app.core.database import table_of, transaction
 from app.core.ids import new_id
+from app.core.logging import note_access
 from app.predictions import service, writer
 from app.predictions.models import Prediction, PredictionStatus
 from app.predictions.schemas import GenerateRequest
@@ -289,10 +290,9 @@ async def _settle(
         price_cents=candidate.price_cents,
     )
     body = await writer.confirm_until_recorded(runtime, confirm)
-    log.info(
-        "prediction submitted",
-        extra={"prediction_id": prediction.id, "provider": provider.name, "cost_cents": confirm.cost},
-    )
+    submitted_fields = {"prediction_id": prediction.id, "provider": provider.name, "cost_cents": confirm.cost}
+    if not note_access(**submitted_fields):
+        log.info("prediction submitted", extra=submitted_fields)
     return service.SubmitResult(
         body=body, replayed=False, prediction_id=prediction.id, next_poll_at=prediction.next_poll_at
     )
