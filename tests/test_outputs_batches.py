@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import event, select, update
 
 from app.core import clock
@@ -317,3 +318,67 @@ async def test_files_stored_under_a_lost_lease_are_deleted_once_the_job_has_fail
     assert (await positions(setup, taken), await positions(setup, ended)) == ([], [])
     assert ((await setup.job(taken)).lease_owner, (await setup.job(ended)).status) == ("other-process", "failed")
     assert copier.unwritten == set()
+
+
+async def test_jobs_are_claimed_ahead_of_the_download_slots(
+    setup: Setup, sim_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup.runtime.settings.output_copy_concurrency = 2
+    ids = [await setup.prediction([f"{sim_url}/sandbox/outputs/{n}.mp4"]) for n in range(5)]
+    copier = setup.copier
+    gate = asyncio.Event()
+    started: asyncio.Queue[str] = asyncio.Queue()
+    copying = most = 0
+    real = copier._copy_all
+
+    async def held(job: OutputCopy, done: set[int], files: list[dict[str, Any]]) -> Outcome:
+        nonlocal copying, most
+        copying += 1
+        most = max(most, copying)
+        started.put_nowait(job.prediction_id)
+        try:
+            await gate.wait()
+            return await real(job, done, files)
+        finally:
+            copying -= 1
+
+    monkeypatch.setattr(copier, "_copy_all", held)
+    # One claim takes the slots' worth and as many again, which wait for a slot: a slot that frees
+    # starts its next copy at once, not after another claim's round trip.
+    assert await copier.run_once() == 4
+    first = {await started.get(), await started.get()}
+    assert copier.slots.locked() and started.empty()  # two download, two wait
+    gate.set()
+    await asyncio.gather(*copier.tasks)
+    assert most == 2
+    claimed = first | {started.get_nowait(), started.get_nowait()}
+    await copier._store([copier.outcomes.get_nowait() for _ in range(copier.outcomes.qsize())])
+    assert [(await setup.row(i)).status for i in sorted(claimed)] == ["completed"] * 4
+    assert await copier.run_round() == 1
+    assert [(await setup.row(i)).status for i in ids] == ["completed"] * 5
+
+
+async def test_a_job_that_waited_long_for_its_slot_renews_its_lease_before_copying(
+    setup: Setup, sim_url: str, sim: Any
+) -> None:
+    kept = await setup.prediction([f"{sim_url}/sandbox/outputs/kept.mp4"])
+    taken = await setup.prediction([f"{sim_url}/sandbox/outputs/taken.mp4"])
+    copier = setup.copier
+    claimed = await copier._claim(10)
+    # While both waited for a slot (the copies ahead of them large), one lease ran out and was taken.
+    async with transaction(setup.runtime.sessions) as session:
+        await session.execute(
+            update(OutputCopy).where(OutputCopy.prediction_id == taken).values(lease_owner="other-process")
+        )
+    long_ago = asyncio.get_running_loop().time() - setup.runtime.settings.lease_s
+    fetched = sim.output_fetches
+    await asyncio.gather(*(copier._run(job, done, long_ago) for job, done in claimed))
+    # The lease is renewed before the copy starts: the one taken over is not fetched at all.
+    assert sim.output_fetches == fetched + 1
+    batch = [copier.outcomes.get_nowait() for _ in range(copier.outcomes.qsize())]
+    assert sorted((o.job.prediction_id, o.status, len(o.files)) for o in batch) == sorted(
+        [(kept, "stored", 1), (taken, "copying", 0)]
+    )
+    await copier._store(batch)
+    assert (await setup.row(kept)).status == "completed"
+    assert ((await setup.row(taken)).status, (await setup.job(taken)).lease_owner) == ("processing", "other-process")

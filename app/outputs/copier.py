@@ -31,7 +31,7 @@ import logging
 import mimetypes
 import random
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -66,9 +66,17 @@ _MEDIA_TYPE: Final = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-
 MAX_BACKOFF_S: Final = 60.0
 USER_AGENT: Final = "vidgate-outputs/1"
 WRITE_BATCH: Final = 500
+# Jobs claimed ahead of the download slots: up to VIDGATE_OUTPUT_COPY_CONCURRENCY jobs wait for a slot
+# besides those copying, so a slot that frees starts its next copy at once instead of after a claim's
+# round trip, and one claim takes many jobs. Bounded, so another process still finds jobs to take.
+CLAIM_AHEAD: Final = 1
 # Stored-file rows per INSERT: 9 parameters a row, well under the 32,767 bound parameters asyncpg
 # (and SQLite) take in one statement, however many outputs the jobs of a batch have.
 INSERT_ROWS: Final = 1000
+
+
+def _nothing() -> None:
+    pass
 
 
 class Refused(Exception):
@@ -143,7 +151,11 @@ class Copier:
     # so an idle copier takes no write transaction (on SQLite, BEGIN IMMEDIATE against the submits)
     # per tick; a busy one, whose claims fill up, claims straight away.
     idle: bool = True
+    # Called once a write that made predictions terminal (with their webhooks) has committed: the
+    # worker wakes its webhook dispatcher, so a delivery does not wait for the dispatcher's idle tick.
+    events_queued: Callable[[], None] = _nothing
     _http: aiohttp.ClientSession | None = None
+    _slots: asyncio.Semaphore | None = None
 
     def __post_init__(self) -> None:
         if self.store is None:
@@ -160,25 +172,40 @@ class Copier:
             )
         return self._http
 
+    @property
+    def slots(self) -> asyncio.Semaphore:
+        """The download slots: VIDGATE_OUTPUT_COPY_CONCURRENCY copies at once; claimed jobs wait here."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.runtime.settings.output_copy_concurrency)
+        return self._slots
+
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
+
+    def wake(self) -> None:
+        """Copy jobs were queued (the poller's write committed): claim now, not at the next idle tick."""
+        self.idle = True  # read first all the same: the jobs may be another process's by now
+        self.room.set()
 
     # ------------------------------------------------------------ claiming
 
     async def run_once(self) -> int:
         # VIDGATE_OUTPUT_COPY_CONCURRENCY bounds the downloads (connections, memory), not the outcomes
-        # waiting for the writer: a slot is free again as soon as its bytes are stored.
-        free = min(self.runtime.settings.output_copy_concurrency - len(self.tasks), WRITE_BATCH - len(self.unwritten))
+        # waiting for the writer: a slot is free again as soon as its bytes are stored. Jobs in hand
+        # (copying, or claimed ahead and waiting for a slot) are at most (1 + CLAIM_AHEAD) times that.
+        in_hand = (1 + CLAIM_AHEAD) * self.runtime.settings.output_copy_concurrency
+        free = min(in_hand - len(self.tasks), WRITE_BATCH - len(self.unwritten))
         if free <= 0:
             return 0
         if self.idle and not await self._any_due():
             return 0
         claimed = await self._claim(free)
         self.idle = len(claimed) < free  # nothing more was due: read first next time
+        claimed_at = asyncio.get_running_loop().time()
         for job, done in claimed:
             self.unwritten.add(job.prediction_id)
-            task = asyncio.create_task(self._run(job, done))
+            task = asyncio.create_task(self._run(job, done, claimed_at))
             self.tasks.add(task)
             task.add_done_callback(self._done)
         return len(claimed)
@@ -265,10 +292,19 @@ class Copier:
     def _deadline(self, job: OutputCopy) -> datetime:
         return job.started_at + timedelta(seconds=self.runtime.settings.output_copy_max_s)
 
-    async def _run(self, job: OutputCopy, done: set[int]) -> None:
+    async def _run(self, job: OutputCopy, done: set[int], claimed_at: float | None = None) -> None:
+        """Copy one claimed job once a download slot is free (`claimed_at`: the loop's time of its claim,
+        by default now), and queue its outcome for the writer."""
         files: list[dict[str, Any]] = []
+        loop = asyncio.get_running_loop()
+        claimed_at = loop.time() if claimed_at is None else claimed_at
         try:
-            outcome = await self._copy_all(job, done, files)
+            async with self.slots:
+                if loop.time() - claimed_at > self.runtime.settings.lease_s / 3:
+                    # It waited long for its slot (the copies ahead of it are large): the lease is
+                    # renewed before the copy starts, as it is while bytes flow (LeaseLost if taken over).
+                    await self._renew(job)
+                outcome = await self._copy_all(job, done, files)
         except LeaseLost:
             # The writer records nothing for it (fenced on our lease) and says so; it deletes the files
             # this attempt stored if the job has ended meanwhile (see `write`).
@@ -544,8 +580,9 @@ class Copier:
                         for o in retried
                     ],
                 )
+            finished: set[str] = set()
             if results:
-                await self.finish(session, sorted(results, key=lambda r: r.prediction_id))
+                finished = await self.finish(session, sorted(results, key=lambda r: r.prediction_id))
             # Files stored under a lease that was lost: while another holder copies the job or has
             # stored it, they are its files too (the keys are fixed per output) and stay. Once the job
             # failed, was deleted by retention or is gone, nobody records them: deleted here, or never.
@@ -560,6 +597,8 @@ class Copier:
                     )
                 )
                 removed += sorted(f["key"] for o in lost if o.job.prediction_id not in kept for f in o.files)
+        if finished:
+            self.events_queued()  # committed: their webhooks are due now
         assert self.store is not None
         for o in batch:
             if o.job.prediction_id not in held:

@@ -122,6 +122,10 @@ class Dispatcher:
         self.waiting_for_room = False
         self.unrecorded: set[str] = set()  # deliveries attempted whose outcome is not stored yet
 
+    def wake(self) -> None:
+        """Deliveries were queued in this process (a terminal transition committed): claim now."""
+        self.room.set()
+
     def _cap(self, host: str) -> int:
         return 1 if host in self.unanswered_hosts else self.runtime.settings.webhook_per_endpoint_concurrency
 
