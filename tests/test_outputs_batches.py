@@ -324,6 +324,7 @@ async def test_jobs_are_claimed_ahead_of_the_download_slots(
     setup: Setup, sim_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     setup.runtime.settings.output_copy_concurrency = 2
+    setup.runtime.settings.output_copy_small_concurrency = 0  # small outputs share the two slots
     ids = [await setup.prediction([f"{sim_url}/sandbox/outputs/{n}.mp4"]) for n in range(5)]
     copier = setup.copier
     gate = asyncio.Event()
@@ -331,14 +332,14 @@ async def test_jobs_are_claimed_ahead_of_the_download_slots(
     copying = most = 0
     real = copier._copy_all
 
-    async def held(job: OutputCopy, done: set[int], files: list[dict[str, Any]]) -> Outcome:
+    async def held(job: OutputCopy, done: set[int], files: list[dict[str, Any]], lane: Any) -> Outcome:
         nonlocal copying, most
         copying += 1
         most = max(most, copying)
         started.put_nowait(job.prediction_id)
         try:
             await gate.wait()
-            return await real(job, done, files)
+            return await real(job, done, files, lane)
         finally:
             copying -= 1
 
@@ -382,3 +383,52 @@ async def test_a_job_that_waited_long_for_its_slot_renews_its_lease_before_copyi
     await copier._store(batch)
     assert (await setup.row(kept)).status == "completed"
     assert ((await setup.row(taken)).status, (await setup.job(taken)).lease_owner) == ("processing", "other-process")
+
+
+@dataclasses.dataclass
+class Gated:
+    """The real store, except that every put waits for `gate`; `log` says when each began and ended."""
+
+    inner: OutputStore
+    gate: asyncio.Event
+    log: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    began: asyncio.Queue[str] = dataclasses.field(default_factory=asyncio.Queue)
+    description: str = "gated"
+
+    async def put(self, key: str, chunks: AsyncIterable[bytes]) -> None:
+        prediction_id = key.split("/", 1)[0]
+        self.log.append(("began", prediction_id))
+        self.began.put_nowait(prediction_id)
+        await self.gate.wait()
+        await self.inner.put(key, chunks)
+        self.log.append(("ended", prediction_id))
+
+    def read(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
+        return self.inner.read(key, start, end)
+
+    async def delete(self, key: str) -> None:
+        await self.inner.delete(key)
+
+
+async def test_small_outputs_are_copied_beside_the_large_ones_which_stay_bounded(setup: Setup, sim_url: str) -> None:
+    settings = setup.runtime.settings
+    settings.output_copy_concurrency = 1
+    settings.output_copy_small_concurrency = 3
+    size = copier_module.SMALL_OUTPUT_BYTES + 1
+    large = [await setup.prediction([f"{sim_url}/sandbox/generated/{size}/large{n}.mp4"]) for n in range(2)]
+    smalls = [await setup.prediction([f"{sim_url}/sandbox/outputs/small{n}.mp4"]) for n in range(3)]
+    copier = setup.copier
+    assert copier.store is not None
+    store = copier.store = Gated(copier.store, asyncio.Event())
+    assert await copier.run_once() == 5
+    # The three small outputs and one large one flow at once; the other large one waits for the
+    # large slot (before, one slot in all: a single copy at a time).
+    first = {await asyncio.wait_for(store.began.get(), 15) for _ in range(4)}
+    assert first == {*smalls, large[0]} or first == {*smalls, large[1]}
+    store.gate.set()
+    await asyncio.gather(*copier.tasks)
+    first_large, second_large = (large[0], large[1]) if large[0] in first else (large[1], large[0])
+    assert store.log.index(("ended", first_large)) < store.log.index(("began", second_large))
+    await copier._store([copier.outcomes.get_nowait() for _ in range(copier.outcomes.qsize())])
+    assert [(await setup.row(i)).status for i in large + smalls] == ["completed"] * 5
+    assert [len(links or []) for links in [await setup.links(i) for i in large + smalls]] == [1] * 5
