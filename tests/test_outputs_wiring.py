@@ -104,10 +104,14 @@ async def test_completed_means_copied_with_one_webhook_equal_to_get(
     assert (await live_api.http.get(fresh)).content == SANDBOX_MP4.read_bytes()
     # A rehosted prediction is never answered from memory (its links expire): one statement reads it
     # with the files its links are made from. (The worker beside it claims due rows meanwhile, and its
-    # idle copier reads whether any copy is due: neither is counted.)
+    # idle copier and queue dispatcher read whether anything is due: none of that is counted.)
     with statements(live_runtime) as seen:
         again = (await tenant.get(f"/api/v1/predictions/{prediction_id}")).json()
-    worker_sql = ("UPDATE", "SELECT OUTPUT_COPIES.PREDICTION_ID \nFROM OUTPUT_COPIES")
+    worker_sql = (
+        "UPDATE",
+        "SELECT OUTPUT_COPIES.PREDICTION_ID \nFROM OUTPUT_COPIES",
+        "SELECT QUEUE_TENANTS.TENANT_ID \nFROM QUEUE_TENANTS",
+    )
     reads = [s for s in seen if not s.lstrip().upper().startswith(worker_sql)]
     assert len(reads) == 1 and again["outputs"] == [fresh]
 
