@@ -44,10 +44,12 @@ test: lint typecheck test-sqlite test-postgresql test-client
 bench: $(STAMP)
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.hardening
+	$(BIN)/python -m bench.burst
 
 bench-smoke: $(STAMP)
 	$(BIN)/python -m bench --smoke
 	$(BIN)/python -m bench.hardening --smoke
+	$(BIN)/python -m bench.burst --smoke
 
 # The wheel deploys with no checkout: built, installed from the lock outside the checkout, migrated
 # (SQLite and PostgreSQL), served until /readyz answers.

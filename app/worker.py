@@ -45,9 +45,11 @@ class Worker:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.stopping = asyncio.Event()
-        self.poller = poller.Poller(runtime)
         self.dispatcher = Dispatcher(runtime)
-        self.copier = Copier(runtime, finish=self._finish_copied)
+        self.copier = Copier(runtime, finish=self._finish_copied, events_queued=self.dispatcher.wake)
+        # Each stage wakes the next when it queues work for it, so a burst flows through at the speed
+        # of the work, not of the idle ticks; the ticks remain for rows queued by other processes.
+        self.poller = poller.Poller(runtime, copies_queued=self.copier.wake, events_queued=self.dispatcher.wake)
         self.queue = QueueDispatcher(runtime)
 
     async def _finish_copied(self, session: AsyncSession, results: list[outputs_service.CopyResult]) -> set[str]:

@@ -243,6 +243,15 @@ class Bench:
         await wait_http(url + "/", proc)
         return proc, url
 
+    async def start_receiver(self, healthy: int) -> tuple[Proc, list[int], int]:
+        """bench/receiver.py on `healthy` ports that answer 200 (and record lags) and one black hole."""
+        ports = [free_port() for _ in range(healthy)]
+        hole = free_port()
+        argv = [sys.executable, "-m", "bench.receiver", "--ports", ",".join(map(str, ports))]
+        receiver = self.procs.start("receiver", [*argv, "--blackhole-port", str(hole)], self.env(), self.workdir)
+        await wait_http(f"http://127.0.0.1:{ports[0]}/_stats?lags=0", receiver)
+        return receiver, ports, hole
+
     async def start_floor(self, sim_url: str, client: str) -> tuple[Proc, str]:
         port = free_port()
         argv = [sys.executable, "-m", "bench.floor", "--port", str(port), "--upstream", sim_url, "--client", client]
@@ -946,24 +955,8 @@ class Bench:
         n = plan.poll_predictions
         db = VidgateDb("postgresql-poll", await self.fresh_postgres(f"vidgate_bench_poll_{self.db_tag}"))
         await self.migrate(db.url)
-        ports = [free_port() for _ in range(1 + plan.webhook_receivers)]
-        hole = free_port()
-        receiver = self.procs.start(
-            "receiver",
-            [
-                sys.executable,
-                "-m",
-                "bench.receiver",
-                "--ports",
-                ",".join(map(str, ports)),
-                "--blackhole-port",
-                str(hole),
-            ],
-            self.env(),
-            self.workdir,
-        )
+        receiver, ports, hole = await self.start_receiver(1 + plan.webhook_receivers)
         rec_url = f"http://127.0.0.1:{ports[0]}"
-        await wait_http(rec_url + "/_stats?lags=0", receiver)
         self.receiver, self.receiver_ports, self.black_hole_port, self.poll_db = receiver, ports, hole, db
         sim, sim_url = await self.start_simulator()
         self.poll_sim_url = sim_url

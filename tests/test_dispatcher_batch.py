@@ -3,9 +3,12 @@ lease, and one attempt row per delivery."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import orjson
 from sqlalchemy import event, select
+from standardwebhooks.webhooks import Webhook
 
 from app.core import clock
 from app.core.database import transaction
@@ -64,3 +67,39 @@ async def test_a_batch_of_outcomes_is_one_update(live_api: Api, live_runtime: Ru
     assert rows[failed.id].next_attempt_at is not None and rows[failed.id].lease_owner is None
     assert rows[gone.id].status == "dead"
     assert attempts == sorted([(ok.id, 204), (failed.id, 500), (gone.id, 410)])
+
+
+async def test_a_claim_and_its_signing_secrets_are_one_transaction(
+    live_api: Api, live_runtime: Runtime, receiver_factory: Any
+) -> None:
+    receiver: Receiver = await receiver_factory()
+    tenants = [await live_api.tenant(webhookUrl=receiver.url) for _ in range(2)]
+    secret_of: dict[str, str] = {}
+    for tenant in tenants:
+        submitted = (await tenant.submit()).json()
+        secret_of[submitted["id"]] = tenant.data["webhookSecret"]
+        async with transaction(live_runtime.sessions) as session:
+            finishing = predictions_service.Finish(
+                submitted["id"], PredictionStatus.FAILED, outputs=None, error="boom", completed_at=None
+            )
+            await predictions_service.finish_many(session, live_runtime, [finishing], lease_owner=None)
+    dispatcher = Dispatcher(live_runtime)
+    commits: list[int] = []
+
+    def commit(_conn: Any) -> None:
+        commits.append(1)
+
+    event.listen(live_runtime.engine.sync_engine, "commit", commit)
+    try:
+        # The dispatcher claims each time slots free up: one transaction for that, not two.
+        assert await dispatcher.run_once() == 2
+    finally:
+        event.remove(live_runtime.engine.sync_engine, "commit", commit)
+    assert len(commits) == 1
+    for _ in tenants:
+        # Each delivery signed with its own tenant's secret.
+        arrived = await receiver.next()
+        prediction_id = orjson.loads(arrived.body)["data"]["id"]
+        verified = Webhook(secret_of[prediction_id]).verify(arrived.body, arrived.headers)
+        assert verified["type"] == "prediction.failed"
+    await asyncio.gather(*dispatcher.tasks)

@@ -639,6 +639,35 @@ async def test_the_local_store_syncs_the_directories_it_changes(
     assert synced == [(root.stat().st_ino, False), (target.stat().st_ino, False), (target.parent.stat().st_ino, True)]
 
 
+async def test_an_output_that_fits_one_write_costs_one_hop_to_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.outputs import store as store_module
+
+    hops: list[str] = []
+    real = store_module._off_loop
+
+    async def counting(fn: Any, *args: Any) -> Any:
+        hops.append(getattr(fn, "__name__", "?"))
+        return await real(fn, *args)
+
+    monkeypatch.setattr(store_module, "_off_loop", counting)
+
+    async def chunks(n: int) -> AsyncIterator[bytes]:
+        for _ in range(n):
+            yield b"x" * (64 * 1024)
+
+    store = LocalStore(tmp_path / "outputs")
+    await store.put("small/0.mp4", chunks(4))
+    assert hops == ["_finish"]  # open, write, fsync, rename, fsync the directory: one hop, not two
+    hops.clear()
+    await store.put("large/0.mp4", chunks(20))  # over one write buffer: opened when the first is full
+    assert hops == ["_open_staging", "write", "_finish"]
+    assert (tmp_path / "outputs" / "small" / "0.mp4").stat().st_size == 4 * 64 * 1024
+    assert (tmp_path / "outputs" / "large" / "0.mp4").stat().st_size == 20 * 64 * 1024
+    assert [p.name for p in (tmp_path / "outputs" / "large").iterdir()] == ["0.mp4"]  # no staging file left
+
+
 # ---------------------------------------------------------------- memory
 
 

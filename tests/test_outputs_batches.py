@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import event, select, update
 
 from app.core import clock
@@ -317,3 +318,117 @@ async def test_files_stored_under_a_lost_lease_are_deleted_once_the_job_has_fail
     assert (await positions(setup, taken), await positions(setup, ended)) == ([], [])
     assert ((await setup.job(taken)).lease_owner, (await setup.job(ended)).status) == ("other-process", "failed")
     assert copier.unwritten == set()
+
+
+async def test_jobs_are_claimed_ahead_of_the_download_slots(
+    setup: Setup, sim_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup.runtime.settings.output_copy_concurrency = 2
+    setup.runtime.settings.output_copy_small_concurrency = 0  # small outputs share the two slots
+    ids = [await setup.prediction([f"{sim_url}/sandbox/outputs/{n}.mp4"]) for n in range(5)]
+    copier = setup.copier
+    gate = asyncio.Event()
+    started: asyncio.Queue[str] = asyncio.Queue()
+    copying = most = 0
+    real = copier._copy_all
+
+    async def held(job: OutputCopy, done: set[int], files: list[dict[str, Any]], lane: Any) -> Outcome:
+        nonlocal copying, most
+        copying += 1
+        most = max(most, copying)
+        started.put_nowait(job.prediction_id)
+        try:
+            await gate.wait()
+            return await real(job, done, files, lane)
+        finally:
+            copying -= 1
+
+    monkeypatch.setattr(copier, "_copy_all", held)
+    # One claim takes the slots' worth and as many again, which wait for a slot: a slot that frees
+    # starts its next copy at once, not after another claim's round trip.
+    assert await copier.run_once() == 4
+    first = {await started.get(), await started.get()}
+    assert copier.slots.locked() and started.empty()  # two download, two wait
+    gate.set()
+    await asyncio.gather(*copier.tasks)
+    assert most == 2
+    claimed = first | {started.get_nowait(), started.get_nowait()}
+    await copier._store([copier.outcomes.get_nowait() for _ in range(copier.outcomes.qsize())])
+    assert [(await setup.row(i)).status for i in sorted(claimed)] == ["completed"] * 4
+    assert await copier.run_round() == 1
+    assert [(await setup.row(i)).status for i in ids] == ["completed"] * 5
+
+
+async def test_a_job_that_waited_long_for_its_slot_renews_its_lease_before_copying(
+    setup: Setup, sim_url: str, sim: Any
+) -> None:
+    kept = await setup.prediction([f"{sim_url}/sandbox/outputs/kept.mp4"])
+    taken = await setup.prediction([f"{sim_url}/sandbox/outputs/taken.mp4"])
+    copier = setup.copier
+    claimed = await copier._claim(10)
+    # While both waited for a slot (the copies ahead of them large), one lease ran out and was taken.
+    async with transaction(setup.runtime.sessions) as session:
+        await session.execute(
+            update(OutputCopy).where(OutputCopy.prediction_id == taken).values(lease_owner="other-process")
+        )
+    long_ago = asyncio.get_running_loop().time() - setup.runtime.settings.lease_s
+    fetched = sim.output_fetches
+    await asyncio.gather(*(copier._run(job, done, long_ago) for job, done in claimed))
+    # The lease is renewed before the copy starts: the one taken over is not fetched at all.
+    assert sim.output_fetches == fetched + 1
+    batch = [copier.outcomes.get_nowait() for _ in range(copier.outcomes.qsize())]
+    assert sorted((o.job.prediction_id, o.status, len(o.files)) for o in batch) == sorted(
+        [(kept, "stored", 1), (taken, "copying", 0)]
+    )
+    await copier._store(batch)
+    assert (await setup.row(kept)).status == "completed"
+    assert ((await setup.row(taken)).status, (await setup.job(taken)).lease_owner) == ("processing", "other-process")
+
+
+@dataclasses.dataclass
+class Gated:
+    """The real store, except that every put waits for `gate`; `log` says when each began and ended."""
+
+    inner: OutputStore
+    gate: asyncio.Event
+    log: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    began: asyncio.Queue[str] = dataclasses.field(default_factory=asyncio.Queue)
+    description: str = "gated"
+
+    async def put(self, key: str, chunks: AsyncIterable[bytes]) -> None:
+        prediction_id = key.split("/", 1)[0]
+        self.log.append(("began", prediction_id))
+        self.began.put_nowait(prediction_id)
+        await self.gate.wait()
+        await self.inner.put(key, chunks)
+        self.log.append(("ended", prediction_id))
+
+    def read(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
+        return self.inner.read(key, start, end)
+
+    async def delete(self, key: str) -> None:
+        await self.inner.delete(key)
+
+
+async def test_small_outputs_are_copied_beside_the_large_ones_which_stay_bounded(setup: Setup, sim_url: str) -> None:
+    settings = setup.runtime.settings
+    settings.output_copy_concurrency = 1
+    settings.output_copy_small_concurrency = 3
+    size = copier_module.SMALL_OUTPUT_BYTES + 1
+    large = [await setup.prediction([f"{sim_url}/sandbox/generated/{size}/large{n}.mp4"]) for n in range(2)]
+    smalls = [await setup.prediction([f"{sim_url}/sandbox/outputs/small{n}.mp4"]) for n in range(3)]
+    copier = setup.copier
+    assert copier.store is not None
+    store = copier.store = Gated(copier.store, asyncio.Event())
+    assert await copier.run_once() == 5
+    # The three small outputs and one large one flow at once; the other large one waits for the
+    # large slot (before, one slot in all: a single copy at a time).
+    first = {await asyncio.wait_for(store.began.get(), 15) for _ in range(4)}
+    assert first == {*smalls, large[0]} or first == {*smalls, large[1]}
+    store.gate.set()
+    await asyncio.gather(*copier.tasks)
+    first_large, second_large = (large[0], large[1]) if large[0] in first else (large[1], large[0])
+    assert store.log.index(("ended", first_large)) < store.log.index(("began", second_large))
+    await copier._store([copier.outcomes.get_nowait() for _ in range(copier.outcomes.qsize())])
+    assert [(await setup.row(i)).status for i in large + smalls] == ["completed"] * 5
+    assert [len(links or []) for links in [await setup.links(i) for i in large + smalls]] == [1] * 5

@@ -4,6 +4,8 @@ whose `data` equals GET; pass-through with rehosting off; the bound on failing c
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,14 @@ from sqlalchemy import func, select
 from app.core import clock
 from app.core.database import transaction
 from app.outputs.models import OutputCopy
+from app.predictions import poller
 from app.predictions.models import Prediction
 from app.runtime import Runtime
 from app.upstream.simulator import SANDBOX_MP4, SimState
 from app.webhooks.models import WebhookDelivery
 from tests.conftest import Api, Receiver, Tenant, eventually
 from tests.test_get_statements import statements
+from tests.test_leases import upstream_done
 
 # The ASGI client's base: no VIDGATE_PUBLIC_BASE_URL is set, so links start where the submit came in.
 GATEWAY = "http://gateway.test"
@@ -99,11 +103,16 @@ async def test_completed_means_copied_with_one_webhook_equal_to_get(
     assert fresh != link
     assert (await live_api.http.get(fresh)).content == SANDBOX_MP4.read_bytes()
     # A rehosted prediction is never answered from memory (its links expire): one statement reads it
-    # with the files its links are made from. (The worker beside it claims due rows meanwhile: its
-    # claims are UPDATEs, and are not counted.)
+    # with the files its links are made from. (The worker beside it claims due rows meanwhile, and its
+    # idle copier and queue dispatcher read whether anything is due: none of that is counted.)
     with statements(live_runtime) as seen:
         again = (await tenant.get(f"/api/v1/predictions/{prediction_id}")).json()
-    reads = [s for s in seen if not s.lstrip().upper().startswith("UPDATE")]
+    worker_sql = (
+        "UPDATE",
+        "SELECT OUTPUT_COPIES.PREDICTION_ID \nFROM OUTPUT_COPIES",
+        "SELECT QUEUE_TENANTS.TENANT_ID \nFROM QUEUE_TENANTS",
+    )
+    reads = [s for s in seen if not s.lstrip().upper().startswith(worker_sql)]
     assert len(reads) == 1 and again["outputs"] == [fresh]
 
 
@@ -160,3 +169,67 @@ async def test_prefer_wait_answers_with_the_gateway_link(live_api: Api, worker: 
     (link,) = body["outputs"]
     assert link.startswith(f"{GATEWAY}/outputs/{body['id']}/")
     assert (await live_api.http.get(link)).content == SANDBOX_MP4.read_bytes()
+
+
+# ---------------------------------------------------------------- a burst: each stage wakes the next
+
+
+async def test_a_poll_batch_queues_its_copies_in_one_insert_and_wakes_the_next_stages(
+    live_api: Api, live_runtime: Runtime, sim: SimState
+) -> None:
+    tenant = await live_api.tenant()
+    ids = [(await tenant.submit()).json()["id"] for _ in range(6)]
+    claimed = await poller.claim_due(live_runtime, 10)
+    assert sorted(p.id for p in claimed) == sorted(ids)
+    woken: list[str] = []
+    writer = poller.Poller(
+        live_runtime,
+        copies_queued=lambda: woken.append("copier"),
+        events_queued=lambda: woken.append("dispatcher"),
+    )
+    # Five completed with outputs (copied first), one failed (ends now, with its webhook).
+    batch = [poller.Outcome(p, seen=upstream_done(p, "failed" if p.id == ids[0] else "completed")) for p in claimed]
+    with statements(live_runtime) as seen:
+        await writer.write(batch)
+    # One INSERT for the batch's copy jobs, not a round trip each inside the poller's transaction.
+    assert len([s for s in seen if s.lstrip().upper().startswith("INSERT INTO OUTPUT_COPIES")]) == 1
+    assert await copies(live_runtime) == 5
+    # Told once committed: the copier has jobs, the dispatcher a webhook.
+    assert woken == ["copier", "dispatcher"]
+
+
+async def test_each_stage_wakes_the_next_instead_of_waiting_for_its_idle_tick(
+    live_api: Api, live_runtime: Runtime, receiver_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.worker
+
+    # Left to the copier's and the dispatcher's idle ticks, the copy and the delivery would wait a minute.
+    monkeypatch.setattr(app.worker, "IDLE_COPY_S", 60.0)
+    monkeypatch.setattr(app.worker, "IDLE_DISPATCH_S", 60.0)
+    receiver: Receiver = await receiver_factory()
+    tenant = await live_api.tenant(webhookUrl=receiver.url)
+    process = app.worker.Worker(live_runtime)
+    idle = {"copier": asyncio.Event(), "dispatcher": asyncio.Event()}
+
+    def watched(name: str, step: Callable[[], Awaitable[int]]) -> Callable[[], Awaitable[int]]:
+        async def run_once() -> int:
+            started = await step()
+            if started == 0:
+                idle[name].set()
+            return started
+
+        return run_once
+
+    monkeypatch.setattr(process.copier, "run_once", watched("copier", process.copier.run_once))
+    monkeypatch.setattr(process.dispatcher, "run_once", watched("dispatcher", process.dispatcher.run_once))
+    task = asyncio.create_task(process.run())
+    try:
+        # Both found nothing and sleep their minute: from here only a wake-up brings them back sooner.
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in idle.values())), 15)
+        ids = [(await tenant.submit()).json()["id"] for _ in range(3)]
+        arrived = [orjson.loads((await receiver.next(timeout=30)).body)["data"] for _ in ids]
+        assert sorted(data["id"] for data in arrived) == sorted(ids)
+        assert {data["status"] for data in arrived} == {"completed"}
+    finally:
+        process.stop()
+        await asyncio.wait_for(task, 30)

@@ -122,7 +122,12 @@ class Settings(BaseSettings):
     output_copy_max_s: float = Field(default=1800.0, gt=0)
     # A vendor connection that sends nothing for this long is a stalled copy (retried).
     output_read_timeout_s: float = Field(default=30.0, gt=0)
+    # Downloads at once of outputs larger than SMALL_OUTPUT_BYTES (1 MiB) or of unknown size: they bound
+    # the memory copies take (up to 1 MiB each before a local write, two 8 MiB parts each to S3).
     output_copy_concurrency: int = Field(default=8, ge=1)
+    # Downloads at once, besides those, of outputs that declare at most 1 MiB: a burst of small outputs
+    # is copied many at a time (bench/burst.md) while the large ones stay bounded as above.
+    output_copy_small_concurrency: int = Field(default=64, ge=0)
     output_url_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     output_signing_key: SecretStr | None = None
     output_retention_days: int = Field(default=30, ge=1, le=36500)

@@ -31,7 +31,7 @@ import logging
 import mimetypes
 import random
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -66,9 +66,69 @@ _MEDIA_TYPE: Final = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-
 MAX_BACKOFF_S: Final = 60.0
 USER_AGENT: Final = "vidgate-outputs/1"
 WRITE_BATCH: Final = 500
+# Jobs claimed ahead of the download slots: up to VIDGATE_OUTPUT_COPY_CONCURRENCY jobs wait for a slot
+# besides those copying, so a slot that frees starts its next copy at once instead of after a claim's
+# round trip, and one claim takes many jobs. Bounded, so another process still finds jobs to take.
+CLAIM_AHEAD: Final = 1
+# An output that declares at most this many bytes is small: it is copied in one of the
+# VIDGATE_OUTPUT_COPY_SMALL_CONCURRENCY slots, holding at most this much in memory (what the local
+# store gathers into one write, a single PUT to S3); a larger one, or one of unknown size, also needs one
+# of the VIDGATE_OUTPUT_COPY_CONCURRENCY large slots while its bytes flow.
+SMALL_OUTPUT_BYTES: Final = 1024 * 1024
 # Stored-file rows per INSERT: 9 parameters a row, well under the 32,767 bound parameters asyncpg
 # (and SQLite) take in one statement, however many outputs the jobs of a batch have.
 INSERT_ROWS: Final = 1000
+
+
+def _nothing() -> None:
+    pass
+
+
+class _Lane:
+    """The slots one job holds: a download slot from the start (its connection), and a large slot once
+    one of its outputs is not small, until the job ends. It waits for the large slot without its
+    download slot, so jobs waiting for a large slot never keep small outputs waiting."""
+
+    def __init__(self, slots: asyncio.Semaphore, large: asyncio.Semaphore) -> None:
+        self.slots = slots
+        self.large = large
+        self.slot = False
+        self.held = False
+
+    async def enter(self) -> None:
+        await self.slots.acquire()
+        self.slot = True
+
+    async def take_large_now(self) -> bool:
+        """The large slot if one is free now (then the open connection goes on), else False."""
+        if self.large.locked():
+            return False
+        await self.large.acquire()  # not locked: returns at once, nobody can take it in between
+        self.held = True
+        return True
+
+    async def take_large(self) -> None:
+        if self.slot:
+            self.slots.release()
+            self.slot = False
+        await self.large.acquire()
+        self.held = True
+        await self.slots.acquire()  # a slot holder never waits for a large slot: this wait ends
+        self.slot = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.large.release()
+        if self.slot:
+            self.slot = False
+            self.slots.release()
+
+
+def small(response: aiohttp.ClientResponse) -> bool:
+    """Copied in a small slot: declared at most SMALL_OUTPUT_BYTES, or an error answer (no bytes to hold)."""
+    declared = response.content_length
+    return response.status != 200 or (declared is not None and declared <= SMALL_OUTPUT_BYTES)
 
 
 class Refused(Exception):
@@ -126,9 +186,10 @@ class Outcome:
 
 @dataclass
 class Copier:
-    """Claims due jobs in batches, copies them concurrently (at most VIDGATE_OUTPUT_COPY_CONCURRENCY at
-    once) and writes how they ended in batches: one transaction stores the files of many jobs, ends
-    them, and makes their predictions terminal with their webhooks (the FinishCopies callback)."""
+    """Claims due jobs in batches, copies them concurrently (outputs over 1 MiB or of unknown size at
+    most VIDGATE_OUTPUT_COPY_CONCURRENCY at once, smaller ones VIDGATE_OUTPUT_COPY_SMALL_CONCURRENCY more)
+    and writes how they ended in batches: one transaction stores the files of many jobs, ends them, and
+    makes their predictions terminal with their webhooks (the FinishCopies callback)."""
 
     runtime: Runtime
     finish: service.FinishCopies
@@ -143,7 +204,12 @@ class Copier:
     # so an idle copier takes no write transaction (on SQLite, BEGIN IMMEDIATE against the submits)
     # per tick; a busy one, whose claims fill up, claims straight away.
     idle: bool = True
+    # Called once a write that made predictions terminal (with their webhooks) has committed: the
+    # worker wakes its webhook dispatcher, so a delivery does not wait for the dispatcher's idle tick.
+    events_queued: Callable[[], None] = _nothing
     _http: aiohttp.ClientSession | None = None
+    _slots: asyncio.Semaphore | None = None
+    _large: asyncio.Semaphore | None = None
 
     def __post_init__(self) -> None:
         if self.store is None:
@@ -154,31 +220,59 @@ class Copier:
         if self._http is None:
             settings = self.runtime.settings
             self._http = outputs_session(
-                concurrency=settings.output_copy_concurrency,
+                concurrency=self.downloads,
                 read_timeout_s=settings.output_read_timeout_s,
                 allow_private=private_allowed(settings),
             )
         return self._http
 
+    @property
+    def downloads(self) -> int:
+        """Copies at once: the large slots and the small ones."""
+        settings = self.runtime.settings
+        return settings.output_copy_concurrency + settings.output_copy_small_concurrency
+
+    @property
+    def slots(self) -> asyncio.Semaphore:
+        """A copy runs in one of these (its connection); claimed jobs wait here for one."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.downloads)
+        return self._slots
+
+    @property
+    def large(self) -> asyncio.Semaphore:
+        """VIDGATE_OUTPUT_COPY_CONCURRENCY: held besides a slot while an output that is not small flows."""
+        if self._large is None:
+            self._large = asyncio.Semaphore(self.runtime.settings.output_copy_concurrency)
+        return self._large
+
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
+
+    def wake(self) -> None:
+        """Copy jobs were queued (the poller's write committed): claim now, not at the next idle tick."""
+        self.idle = True  # read first all the same: the jobs may be another process's by now
+        self.room.set()
 
     # ------------------------------------------------------------ claiming
 
     async def run_once(self) -> int:
         # VIDGATE_OUTPUT_COPY_CONCURRENCY bounds the downloads (connections, memory), not the outcomes
-        # waiting for the writer: a slot is free again as soon as its bytes are stored.
-        free = min(self.runtime.settings.output_copy_concurrency - len(self.tasks), WRITE_BATCH - len(self.unwritten))
+        # waiting for the writer: a slot is free again as soon as its bytes are stored. Jobs in hand:
+        # those copying (in a large or a small slot), and CLAIM_AHEAD times the large slots waiting.
+        in_hand = self.downloads + CLAIM_AHEAD * self.runtime.settings.output_copy_concurrency
+        free = min(in_hand - len(self.tasks), WRITE_BATCH - len(self.unwritten))
         if free <= 0:
             return 0
         if self.idle and not await self._any_due():
             return 0
         claimed = await self._claim(free)
         self.idle = len(claimed) < free  # nothing more was due: read first next time
+        claimed_at = asyncio.get_running_loop().time()
         for job, done in claimed:
             self.unwritten.add(job.prediction_id)
-            task = asyncio.create_task(self._run(job, done))
+            task = asyncio.create_task(self._run(job, done, claimed_at))
             self.tasks.add(task)
             task.add_done_callback(self._done)
         return len(claimed)
@@ -265,10 +359,20 @@ class Copier:
     def _deadline(self, job: OutputCopy) -> datetime:
         return job.started_at + timedelta(seconds=self.runtime.settings.output_copy_max_s)
 
-    async def _run(self, job: OutputCopy, done: set[int]) -> None:
+    async def _run(self, job: OutputCopy, done: set[int], claimed_at: float | None = None) -> None:
+        """Copy one claimed job once a download slot is free (`claimed_at`: the loop's time of its claim,
+        by default now), and queue its outcome for the writer."""
         files: list[dict[str, Any]] = []
+        loop = asyncio.get_running_loop()
+        claimed_at = loop.time() if claimed_at is None else claimed_at
+        lane = _Lane(self.slots, self.large)
         try:
-            outcome = await self._copy_all(job, done, files)
+            await lane.enter()
+            if loop.time() - claimed_at > self.runtime.settings.lease_s / 3:
+                # It waited long for its slot (the copies ahead of it are large): the lease is renewed
+                # before the copy starts, as it is while bytes flow (LeaseLost if taken over).
+                await self._renew(job)
+            outcome = await self._copy_all(job, done, files, lane)
         except LeaseLost:
             # The writer records nothing for it (fenced on our lease) and says so; it deletes the files
             # this attempt stored if the job has ended meanwhile (see `write`).
@@ -293,21 +397,33 @@ class Copier:
                 "output copy failed", extra={"prediction_id": job.prediction_id, "error_type": type(exc).__name__}
             )
             outcome = self._retry_or_give_up(job, files, f"internal error ({type(exc).__name__})")
+        finally:
+            lane.release()
         self.outcomes.put_nowait(outcome)
 
-    async def _copy_all(self, job: OutputCopy, done: set[int], files: list[dict[str, Any]]) -> Outcome:
+    async def _copy_all(self, job: OutputCopy, done: set[int], files: list[dict[str, Any]], lane: _Lane) -> Outcome:
         if clock.now() >= self._deadline(job):
             raise Transient(job.last_error or "the copy did not finish in time")
         for position, source in enumerate(job.sources):
             if position not in done:
-                files.append(await self._copy_one(job, position, source))
+                files.append(await self._copy_one(job, position, source, lane))
         return Outcome(job, STORED, files)
 
-    async def _copy_one(self, job: OutputCopy, position: int, source: str) -> dict[str, Any]:
+    async def _copy_one(self, job: OutputCopy, position: int, source: str, lane: _Lane) -> dict[str, Any]:
         """Stream one output into the store; returns its `stored_outputs` row, for the writer."""
         settings = self.runtime.settings
         assert self.store is not None
         response = await self._open(source, job.provider)
+        if not lane.held and not small(response) and not await lane.take_large_now():
+            # Large, or of unknown size, and every large slot busy: its bytes wait for one. The
+            # connection is not held meanwhile (the wait may outlast the vendor's patience): the output
+            # is asked for again once the slot is ours.
+            response.close()
+            waited_from = asyncio.get_running_loop().time()
+            await lane.take_large()
+            if asyncio.get_running_loop().time() - waited_from > settings.lease_s / 3:
+                await self._renew(job)
+            response = await self._open(source, job.provider)
         try:
             if response.status != 200:
                 raise Transient(f"the provider answered {response.status} for output {position + 1}")
@@ -544,8 +660,9 @@ class Copier:
                         for o in retried
                     ],
                 )
+            finished: set[str] = set()
             if results:
-                await self.finish(session, sorted(results, key=lambda r: r.prediction_id))
+                finished = await self.finish(session, sorted(results, key=lambda r: r.prediction_id))
             # Files stored under a lease that was lost: while another holder copies the job or has
             # stored it, they are its files too (the keys are fixed per output) and stay. Once the job
             # failed, was deleted by retention or is gone, nobody records them: deleted here, or never.
@@ -560,6 +677,8 @@ class Copier:
                     )
                 )
                 removed += sorted(f["key"] for o in lost if o.job.prediction_id not in kept for f in o.files)
+        if finished:
+            self.events_queued()  # committed: their webhooks are due now
         assert self.store is not None
         for o in batch:
             if o.job.prediction_id not in held:

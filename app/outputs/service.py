@@ -87,6 +87,23 @@ def link_base(settings: Settings, fallback: str | None) -> str:
     return base.rstrip("/")
 
 
+@dataclass(frozen=True)
+class CopyJob:
+    """One prediction the vendor reported `completed` with outputs: what its copy job is made of."""
+
+    prediction_id: str
+    tenant_id: str
+    sources: Sequence[str]
+    vendor_completed_at: datetime | None
+    model_name: str | None
+    base_url: str | None = None
+    provider: str | None = None
+
+
+# Job rows per INSERT: 12 parameters a row, well under the 32,767 bound parameters of one statement.
+ENQUEUE_ROWS = 1000
+
+
 async def enqueue_copy(
     session: AsyncSession,
     settings: Settings,
@@ -104,30 +121,38 @@ async def enqueue_copy(
     `processing`, not due for polling, and the copier finishes it through its FinishCopies callback.
     Returns False when nothing was queued (rehosting off, or no outputs): finish it as before.
     Idempotent: a second call for the same prediction changes nothing."""
-    if not rehosting(settings) or not sources:
-        return False
+    job = CopyJob(prediction_id, tenant_id, sources, vendor_completed_at, model_name, base_url, provider)
+    return bool(await enqueue_copies(session, settings, [job]))
+
+
+async def enqueue_copies(session: AsyncSession, settings: Settings, jobs: Sequence[CopyJob]) -> set[str]:
+    """enqueue_copy for a whole batch of the poller's endings: one multi-row INSERT per ENQUEUE_ROWS
+    jobs instead of a statement (a round trip inside the poll writer's transaction) per job. Returns the
+    ids queued (those with outputs, rehosting on); idempotent like enqueue_copy."""
+    if not rehosting(settings):
+        return set()
     now = clock.now()
-    await insert_ignore(
-        session,
-        OutputCopy,
-        [
-            dict(
-                prediction_id=prediction_id,
-                tenant_id=tenant_id,
-                status=COPYING,
-                sources=list(sources),
-                link_base=link_base(settings, base_url),
-                vendor_completed_at=vendor_completed_at,
-                model_name=model_name,
-                provider=provider,
-                attempts=0,
-                next_attempt_at=now,
-                started_at=now,
-                stored_bytes=0,
-            )
-        ],
-    )
-    return True
+    rows = [
+        dict(
+            prediction_id=job.prediction_id,
+            tenant_id=job.tenant_id,
+            status=COPYING,
+            sources=list(job.sources),
+            link_base=link_base(settings, job.base_url),
+            vendor_completed_at=job.vendor_completed_at,
+            model_name=job.model_name,
+            provider=job.provider,
+            attempts=0,
+            next_attempt_at=now,
+            started_at=now,
+            stored_bytes=0,
+        )
+        for job in jobs
+        if job.sources
+    ]
+    for start in range(0, len(rows), ENQUEUE_ROWS):
+        await insert_ignore(session, OutputCopy, rows[start : start + ENQUEUE_ROWS])
+    return {job.prediction_id for job in jobs if job.sources}
 
 
 # ---------------------------------------------------------------- links

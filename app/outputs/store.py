@@ -87,8 +87,20 @@ def _open_staging(target: Path, staging: Path) -> IO[bytes]:
     return staging.open("wb")
 
 
+def _finish(handle: IO[bytes] | None, rest: bytes | bytearray, staging: Path, target: Path) -> None:
+    """The last bytes, the fsync and the rename in one hop to a thread; an output that fit in one write
+    buffer is opened here too, so it costs that one hop (each hop waits for a thread and then for the
+    event loop again, which in a burst of small copies is most of a copy's time)."""
+    if handle is None:
+        handle = _open_staging(target, staging)
+    try:
+        _commit(handle, rest, staging, target)
+    except BaseException:
+        handle.close()
+        raise
+
+
 def _commit(handle: IO[bytes], rest: bytes | bytearray, staging: Path, target: Path) -> None:
-    """The last bytes, the fsync and the rename in one hop to a thread: a small output costs two."""
     if rest:
         handle.write(rest)
     handle.flush()
@@ -112,17 +124,20 @@ class LocalStore:
     async def put(self, key: str, chunks: AsyncIterable[bytes]) -> None:
         target = self._path(key)
         staging = target.with_name(f".{target.name}.{secrets.token_hex(6)}{STAGING_SUFFIX}")
-        handle = await _off_loop(_open_staging, target, staging)
+        handle: IO[bytes] | None = None  # opened with the first full buffer, or by _finish
         try:
             buffer = bytearray()
             async for chunk in chunks:
                 buffer += chunk
                 if len(buffer) >= WRITE_BYTES:
+                    if handle is None:
+                        handle = await _off_loop(_open_staging, target, staging)
                     await _off_loop(handle.write, buffer)
                     buffer = bytearray()
-            await _off_loop(_commit, handle, buffer, staging, target)
+            await _off_loop(_finish, handle, buffer, staging, target)
         except BaseException:
-            handle.close()
+            if handle is not None:
+                handle.close()
             staging.unlink(missing_ok=True)
             raise
 

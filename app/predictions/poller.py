@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -84,9 +85,24 @@ async def release_leases(runtime: Runtime) -> None:
         )
 
 
+def _nothing() -> None:
+    pass
+
+
 class Poller:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        copies_queued: Callable[[], None] = _nothing,
+        events_queued: Callable[[], None] = _nothing,
+    ) -> None:
         self.runtime = runtime
+        # Called once a write that queued copy jobs, or ended predictions with their webhooks, has
+        # committed: the worker wakes the copier or the dispatcher then, instead of leaving the rows to
+        # their next idle tick (part of the notification lag, at every step of a burst).
+        self.copies_queued = copies_queued
+        self.events_queued = events_queued
         self.tasks: set[asyncio.Task[None]] = set()
         self.outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
         self.unwritten = 0  # claimed rows whose result is not stored yet: bounds the work in flight
@@ -157,6 +173,8 @@ class Poller:
         still = [o.prediction.id for o in batch if o.seen is not None and o.seen.status not in TERMINAL_STATUSES]
         failed = [o for o in batch if o.seen is None and not o.expired]
         ended = [o for o in batch if o.expired or (o.seen is not None and o.seen.status in TERMINAL_STATUSES)]
+        queued: set[str] = set()
+        finished = False
         async with transaction(runtime.sessions) as session:
             if still:
                 # Fenced on the lease: a worker that lost its lease writes nothing.
@@ -199,12 +217,19 @@ class Poller:
                 finals = [(o, self._final(o)) for o in ended]
                 copies = [(o, f) for o, f in finals if self._rehosted(o, f)]
                 if copies:
-                    await self._enqueue_copies(session, copies)
+                    queued = await self._enqueue_copies(session, copies)
                 copied = {o.prediction.id for o, _ in copies}
                 # One batch of terminal transitions: fenced on our lease, with their webhook deliveries.
-                await predictions_service.finish_many(
-                    session, runtime, [f for _, f in finals if f.prediction_id not in copied], lease_owner=owner
+                finished = bool(
+                    await predictions_service.finish_many(
+                        session, runtime, [f for _, f in finals if f.prediction_id not in copied], lease_owner=owner
+                    )
                 )
+        # Committed: the next stage need not wait for its idle tick to see these rows.
+        if queued:
+            self.copies_queued()
+        if finished:
+            self.events_queued()
 
     def _rehosted(self, outcome: Outcome, final: predictions_service.Finish) -> bool:
         """Completed with outputs and VIDGATE_REHOST_OUTPUTS on: copied first, finished by the copier.
@@ -219,7 +244,7 @@ class Poller:
 
     async def _enqueue_copies(
         self, session: AsyncSession, copies: list[tuple[Outcome, predictions_service.Finish]]
-    ) -> None:
+    ) -> set[str]:
         """The prediction stays `processing` for the caller, no longer due for polling (fenced on our
         lease), and its copy job is queued in the same transaction: the webhook waits for the copy."""
         kept = set(
@@ -237,21 +262,25 @@ class Poller:
                 .execution_options(synchronize_session=False)
             )
         )
-        for outcome, final in copies:
-            prediction = outcome.prediction
-            if prediction.id not in kept:
-                continue  # our lease was taken over: the new owner polls it again
-            await outputs_service.enqueue_copy(
-                session,
-                self.runtime.settings,
-                prediction_id=prediction.id,
-                tenant_id=prediction.tenant_id,
-                sources=final.outputs or [],
-                vendor_completed_at=final.completed_at,
-                model_name=final.model_name,
-                base_url=prediction.public_base_url,
-                provider=prediction.provider,
-            )
+        # One multi-row INSERT for the batch, not a round trip per job: this transaction holds the
+        # poller's write slot, and a burst of completions is many jobs at once.
+        return await outputs_service.enqueue_copies(
+            session,
+            self.runtime.settings,
+            [
+                outputs_service.CopyJob(
+                    prediction_id=outcome.prediction.id,
+                    tenant_id=outcome.prediction.tenant_id,
+                    sources=final.outputs or [],
+                    vendor_completed_at=final.completed_at,
+                    model_name=final.model_name,
+                    base_url=outcome.prediction.public_base_url,
+                    provider=outcome.prediction.provider,
+                )
+                for outcome, final in copies
+                if outcome.prediction.id in kept  # else our lease was taken over: the new owner polls it again
+            ],
+        )
 
     def _backoff_s(self, outcome: Outcome) -> float:
         failures = outcome.prediction.poll_failures + 1
