@@ -222,6 +222,10 @@ class Bench:
                 VIDGATE_OUTPUTS_STORE=str(self.workdir / "outputs"),
                 VIDGATE_RUN_WORKER="true" if run_worker else "false",
                 VIDGATE_POLL_INTERVAL_S=str(POLL_INTERVAL_S),
+                # No shedding: a cell measures throughput at a fixed concurrency, and at 128 the requests a
+                # run's closed connections left in flight overlap the next run's (shedding has its own cell
+                # in bench/hardening.py).
+                VIDGATE_MAX_INFLIGHT_REQUESTS="100000",
             )
             | self.extra_vidgate_env
         )
