@@ -116,6 +116,7 @@ def sim(simulator: tuple[str, SimState]) -> SimState:
     state.auths.clear()
     state.accepted = 0
     state.max_in_flight = 0
+    state.live.clear()
     return state
 
 
