@@ -408,15 +408,14 @@ def _before_after_section(r: dict[str, Any], before: dict[str, Any] | None, w: A
     if not before:
         return
     bmeta = before.get("meta", {})
-    w("## Before and after issue 13")
+    w("## Before and after")
     w("")
     w(
-        f"*Before* is the run of git {bmeta.get('git')} ({bmeta.get('date')}, `{bmeta.get('command')}`, kept in "
-        "`bench/before/results.json`): the results committed before issue 13's batched ledger writer, key cache and "
-        "`--workers`. *After* is this run. Both ran on this machine with the same plan; the shares against the floor and the "
-        "simulator are measured within each run, so they are the fairest comparison on a shared machine. The before run "
-        "measured neither the `--workers` sweep nor per-request costs, so those cells show n/a or compare with its one "
-        "process. (The run before issue 6's fixes, 4aede71, is kept in `bench/before/4aede71/results.json` for `FINDINGS.md`.)"
+        f"*Before* is the run of git {bmeta.get('git')} ({bmeta.get('date')}, `{bmeta.get('command')}`), the "
+        "results.json given with `--before` (by default `bench/before/results.json`, the run committed before issue "
+        "13). *After* is this run. Both ran on this machine with the same plan; the shares against the floor and the "
+        "simulator are measured within each run, so they are the fairest comparison on a shared machine. Phases this "
+        "run did not measure, and costs the before run did not record, show n/a."
     )
     w("")
     w("| metric | before | after | after / before |")
