@@ -230,6 +230,15 @@ async def read_connection(sessions: async_sessionmaker[AsyncSession]) -> AsyncIt
         raise
 
 
+def _alive(connection: AsyncConnection) -> bool:
+    """Whether a kept connection can still be used, as far as is known without a round trip (asyncpg
+    notes a connection the server closed)."""
+    if connection.closed or connection.invalidated:
+        return False
+    is_closed = getattr(connection.sync_connection.connection.driver_connection, "is_closed", None)  # type: ignore[union-attr]
+    return not (callable(is_closed) and is_closed())
+
+
 class OwnConnection:
     """A connection one serial user keeps for itself (PostgreSQL, AUTOCOMMIT: each statement a
     transaction of its own): the ledger writer, which runs one batch at a time as one statement
@@ -250,6 +259,10 @@ class OwnConnection:
             return
         assert isinstance(bind, AsyncEngine), bind
         try:
+            if self._connection is not None and not _alive(self._connection):
+                # The server closed it (a restart, an outage, a proxy cut), as the pool's checkout would
+                # find: replaced before use, so the first batch after an outage does not fail on it.
+                await self.close()
             if self._connection is None:
                 self._connection = await self._connect(bind)
             yield self._connection
