@@ -149,13 +149,7 @@ async def phase(bench: Bench, plan: BurstPlan) -> dict[str, Any]:
         sim_cpu_before = sum(tree_cpu_s(sim.pid).values())
         burst_began = time.time()
         meter = CpuMeter(bench.db_tag)  # other people's processes on a shared machine, during the burst
-        deadline = first_completion + plan.spread_s + plan.drain_s
-        delivered = 0
-        while time.time() < deadline:
-            delivered = await bench._received(rec_url, ports)
-            if delivered >= n:
-                break
-            await asyncio.sleep(0.5)
+        delivered = await bench.wait_delivered(rec_url, ports, n, first_completion + plan.spread_s + plan.drain_s, 0.5)
         finished = time.time()
         cpu = sum(tree_cpu_s(server.pid).values()) - cpu_before
         sim_cpu = sum(tree_cpu_s(sim.pid).values()) - sim_cpu_before

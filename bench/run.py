@@ -1007,13 +1007,9 @@ class Bench:
             prof = self.maybe_profile(
                 server, "polling-postgresql", max(first_completion - time.time(), 0) + plan.poll_spread_s
             )
-            deadline = first_completion + plan.poll_spread_s + plan.poll_drain_s
-            delivered = 0
-            while time.time() < deadline:
-                delivered = await self._received(rec_url, ports)
-                if delivered >= n:
-                    break
-                await asyncio.sleep(1.0)
+            delivered = await self.wait_delivered(
+                rec_url, ports, n, first_completion + plan.poll_spread_s + plan.poll_drain_s, 1.0
+            )
             finished = time.time()
             await self.finish_profile(prof, "polling-postgresql")
             sampling.cancel()
@@ -1265,6 +1261,16 @@ class Bench:
         async with self.http.get(url, headers=headers) as response:
             response.raise_for_status()
             return await response.text()
+
+    async def wait_delivered(self, rec_url: str, ports: list[int], n: int, deadline: float, every_s: float) -> int:
+        """How many webhooks the receivers got, once `n` arrived or at `deadline` (a time.time())."""
+        delivered = 0
+        while time.time() < deadline:
+            delivered = await self._received(rec_url, ports)
+            if delivered >= n:
+                break
+            await asyncio.sleep(every_s)
+        return delivered
 
     async def _received(self, rec_url: str, ports: list[int]) -> int:
         stats = await self._json(rec_url + "/_stats?lags=0")
