@@ -64,6 +64,16 @@ def _referenced(node: Any, found: set[str]) -> None:
             _referenced(value, found)
 
 
+def _without_defaults(node: Any) -> Any:
+    """The schema with `additionalProperties: true` left out: it is JSON Schema's default, which newer
+    pydantic writes out for a `dict[str, Any]` and older pydantic does not (`make test-lowest`)."""
+    if isinstance(node, dict):
+        return {k: _without_defaults(v) for k, v in node.items() if not (k == "additionalProperties" and v is True)}
+    if isinstance(node, list):
+        return [_without_defaults(v) for v in node]
+    return node
+
+
 async def test_the_hot_routes_openapi_is_unchanged(api: Api) -> None:
     spec = (await api.http.get("/openapi.json")).json()
     operations = {f"{method.upper()} {path}": spec["paths"][path][method] for path, method in HOT}
@@ -83,7 +93,7 @@ async def test_the_hot_routes_openapi_is_unchanged(api: Api) -> None:
         for n in s
     }
     snapshot = {"operations": operations, "schemas": {n: schemas[n] for n in sorted(names)}, "security": security}
-    compare_with_snapshot("hot_routes_openapi.json", snapshot)
+    compare_with_snapshot("hot_routes_openapi.json", _without_defaults(snapshot))
 
 
 def _labelled(text: str, ids: dict[str, str]) -> str:
