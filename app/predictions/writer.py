@@ -13,22 +13,19 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from functools import cache, partial
 from typing import Any
 
-import orjson
 from sqlalchemy import String, bindparam, delete, insert, inspect, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.budgets import fastbatch
 from app.budgets import movements as budgets_movements
 from app.budgets import service as budgets_service
 from app.core import clock, metrics, prebuilt
 from app.core.batching import Batcher
 from app.core.database import (
-    OwnConnection,
     RowShape,
     UTCDateTime,
     insert_ignore,
@@ -41,12 +38,14 @@ from app.core.database import (
 )
 from app.core.errors import AppError, DatabaseUnavailable
 from app.core.retry_after import retry_after_value
-from app.predictions import service
+from app.predictions import onestatement, service
+from app.predictions.jobs import ConfirmJob as ConfirmJob
+from app.predictions.jobs import Held, Job, new_prediction
+from app.predictions.jobs import HoldJob as HoldJob
+from app.predictions.jobs import ReleaseJob as ReleaseJob
 from app.predictions.models import IdempotencyKey, Prediction, PredictionStatus
-from app.predictions.schemas import GenerateRequest
 from app.runtime import Runtime
 from app.tenants.models import ApiKey, Tenant
-from app.upstream.schemas import UpstreamSubmitted
 from app.webhooks import service as webhooks_service
 
 log = logging.getLogger("vidgate.predictions")
@@ -120,13 +119,13 @@ def _row(prediction: Prediction) -> dict[str, Any]:
     return {column: getattr(prediction, attribute) for attribute, column in _columns()}
 
 
-async def hold(runtime: Runtime, job: HoldJob) -> _Held | service.SubmitResult:
+async def hold(runtime: Runtime, job: HoldJob) -> Held | service.SubmitResult:
     """Claim the idempotency key, pass the limits and hold the estimate, in the ledger writer's next
     batch: committed before any provider is called, so concurrent requests and other replicas see it.
     The prediction held, or a replay of an earlier answer; raises the refusal. A caller that goes away
     meanwhile (its task cancelled) has its hold given back as soon as it commits."""
     abandoned = partial(_abandoned_hold, runtime, job.key, job.idempotency_key)
-    result: _Held | service.SubmitResult = await _writer(runtime).submit(job, on_abandoned=abandoned)
+    result: Held | service.SubmitResult = await _writer(runtime).submit(job, on_abandoned=abandoned)
     return result
 
 
@@ -148,57 +147,10 @@ async def abandon(runtime: Runtime, prediction: Prediction, key: ApiKey, idempot
         await asyncio.shield(release)
 
 
-# ---------------------------------------------------------------- the ledger writers
+# ---------------------------------------------------------------- the ledger writer
 #
-# One writer per process and operation (hold, settle, release): a submit hands its step to the writer
-# and awaits it; the writer applies everything that queued meanwhile in one transaction (one commit,
-# multi-row statements where the rows are alike). The money rules stay in app/budgets/movements.py.
-
-
-@dataclass(frozen=True)
-class HoldJob:
-    tenant: Tenant
-    key: ApiKey
-    model_id: str
-    request: GenerateRequest
-    prediction_id: str
-    idempotency_key: str | None
-    fingerprint: str
-    public_base_url: str | None = None
-    # The candidates' prices by the providers file, and whether one is charged the cost its answer
-    # reports (held at the estimate): the hold is the highest (budgets_service.hold_cents).
-    provider_prices: tuple[int, ...] = ()
-    answer_priced: bool = True
-
-
-@dataclass(frozen=True)
-class ConfirmJob:
-    tenant: Tenant
-    key: ApiKey
-    prediction: Prediction
-    estimate: budgets_service.Estimate
-    submitted: UpstreamSubmitted
-    idempotency_key: str | None
-    status_url_base: str
-    # The provider that accepted it, and its price by the file (charged when its answer carries no cost).
-    provider: str = "vibedream"
-    price_cents: int | None = None
-
-    @property
-    def cost(self) -> int:
-        return budgets_service.provider_charge(self.submitted.cost_cents, self.price_cents)
-
-
-@dataclass(frozen=True)
-class ReleaseJob:
-    prediction: Prediction
-    key: ApiKey
-    reason: str
-    idempotency_key: str | None
-
-
-_Held = tuple[Prediction, budgets_service.Estimate]
-Job = HoldJob | ConfirmJob | ReleaseJob
+# The jobs it takes are app/predictions/jobs.py's; on PostgreSQL a batch's common jobs go in one
+# statement (app/predictions/onestatement.py), the rest in one transaction here.
 
 
 def _writer(runtime: Runtime) -> Batcher[Job, Any]:
@@ -224,14 +176,14 @@ def _observe(jobs: list[Job]) -> None:
 
 
 async def _in_transactions(runtime: Runtime, jobs: list[Job]) -> list[Any]:
-    """The batch: its common jobs in one statement on PostgreSQL (_one_statement), the rest in one
+    """The batch: its common jobs in one statement on PostgreSQL (onestatement.apply), the rest in one
     transaction. If that fails for a reason other than an outage (a deadlock, a bug one job triggers),
     each job runs alone, so one job's failure is its caller's alone."""
     _observe(jobs)
     results: list[Any] = [None] * len(jobs)
     rest = list(range(len(jobs)))
     if runtime.engine.dialect.name == "postgresql":
-        done = await _one_statement(runtime, jobs)
+        done = await onestatement.apply(runtime, jobs)
         for index, result in done.items():
             results[index] = result
         rest = [i for i in rest if i not in done]
@@ -258,147 +210,6 @@ async def _in_one_transaction(runtime: Runtime, jobs: list[Job]) -> list[Any]:
         except Exception as exc:
             results.append(exc)
     return results
-
-
-def _common_hold(job: HoldJob) -> bool:
-    """A hold app/budgets/fastbatch.py applies: no Idempotency-Key to claim, no rate unit or slot to
-    take, no key counter."""
-    tenant = job.tenant
-    return (
-        job.idempotency_key is None
-        and tenant.rate_per_minute is None
-        and tenant.max_concurrent is None
-        and job.key.budget_cents is None
-    )
-
-
-def _common_confirm(job: ConfirmJob) -> bool:
-    """A confirm app/budgets/fastbatch.py applies: no answer to remember, no key counter, no price to
-    learn (the cost is one the price point has seen, or none was reported)."""
-    seen = job.estimate.seen_cents
-    learns = job.submitted.cost_cents is not None and (seen is None or job.cost > seen)
-    return job.idempotency_key is None and job.key.budget_cents is None and not learns
-
-
-def _json(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
-
-
-async def _one_statement(runtime: Runtime, jobs: list[Job]) -> dict[int, Any]:
-    """The batch's common holds and confirms in one statement (app/budgets/fastbatch.py): the results of
-    the jobs it applied, by index. The others, and all of them when it did nothing (a budget line crossed,
-    an error other than an outage), are for the transaction that follows."""
-    confirms = [(i, j) for i, j in enumerate(jobs) if isinstance(j, ConfirmJob) and _common_confirm(j)]
-    # A batch settles and releases before it holds, so that a hold sees the money they moved: a tenant
-    # with a settle or release left to the transaction has its holds applied there too, after them.
-    later = {
-        j.tenant.id if isinstance(j, ConfirmJob) else j.prediction.tenant_id
-        for j in jobs
-        if isinstance(j, ReleaseJob) or (isinstance(j, ConfirmJob) and not _common_confirm(j))
-    }
-    holds = [
-        (i, j) for i, j in enumerate(jobs) if isinstance(j, HoldJob) and _common_hold(j) and j.tenant.id not in later
-    ]
-    if not holds and not confirms:
-        return {}
-    settings = runtime.settings
-    now = clock.now()
-    predictions = [_new_prediction(job, 0, now) for _, job in holds]
-    fast_holds = [
-        fastbatch.FastHold(
-            prediction_id=p.id,
-            tenant_id=p.tenant_id,
-            api_key_id=p.api_key_id,
-            model_id=p.model_id,
-            model_name=p.model_name or p.model_id,
-            params=orjson.dumps(p.params).decode(),
-            webhook_url=p.webhook_url,
-            webhook_events=_json(p.webhook_events),
-            meta=_json(p.meta),
-            public_base_url=p.public_base_url,
-            period_start=p.period_start,
-            floor_cents=budgets_service.hold_cents(None, list(job.provider_prices)),
-            table_cents=budgets_service.table_estimate(settings.price_table, *_point(job)),
-            priced=job.answer_priced,
-            resolution=_point(job)[1],
-            duration_s=_point(job)[2],
-        )
-        for (_, job), p in zip(holds, predictions, strict=True)
-    ]
-    polls = {
-        job.prediction.id: service.first_poll_at(now, job.submitted.estimated_time, settings.poll_interval_s)
-        for _, job in confirms
-    }
-    fast_settles = [
-        fastbatch.FastSettle(
-            prediction_id=job.prediction.id,
-            tenant_id=job.tenant.id,
-            upstream_id=job.submitted.id,
-            estimated_time=job.submitted.estimated_time,
-            next_poll_at=polls[job.prediction.id],
-            provider=job.provider,
-            cost=job.cost,
-            ref=_json(job.submitted.ref),
-        )
-        for _, job in confirms
-    ]
-    if runtime.ledger_connection is None:
-        # A generic plan: the statement is the same for every batch, and planning it anew each time (a
-        # custom plan, PostgreSQL's choice for its array parameters) cost about as much as running it.
-        # Past a transaction pooler a session setting does not stay with the connection: none is made.
-        generic = {} if runtime.settings.database_pooled else {"plan_cache_mode": "force_generic_plan"}
-        runtime.ledger_connection = OwnConnection(runtime.sessions, generic)
-    try:
-        async with runtime.ledger_connection.use() as connection:
-            applied = await fastbatch.apply(connection, fast_holds, fast_settles, now)
-    except DatabaseUnavailable:
-        raise
-    except Exception:
-        log.warning("one-statement batch failed: applied in a transaction instead", exc_info=True)
-        return {}
-    if not applied.go:
-        return {}
-    done: dict[int, Any] = {}
-    for (index, job), prediction, amount, seen in zip(holds, predictions, applied.amounts, applied.seen, strict=True):
-        if prediction.id not in applied.held:
-            continue
-        prediction.estimate_cents = amount
-        if job.answer_priced:
-            table_cents = budgets_service.table_estimate(settings.price_table, *_point(job))
-            estimate = budgets_service.Estimate(max(table_cents, seen or 0), seen)
-        else:
-            estimate = budgets_service.Estimate(amount, None)
-        done[index] = (prediction, estimate)
-    for index, confirm in confirms:
-        if confirm.prediction.id not in applied.confirmed:
-            continue
-        _confirmed(confirm, polls[confirm.prediction.id])
-        done[index] = service.present_submit(
-            confirm.prediction, f"{confirm.status_url_base}/{confirm.prediction.id}", extended=False
-        )
-    return done
-
-
-def _confirmed(job: ConfirmJob, next_poll_at: datetime) -> None:
-    """The caller's copy of a prediction fastbatch confirmed shows what its row says now."""
-    prediction = job.prediction
-    prediction.upstream_id = job.submitted.id
-    prediction.status = PredictionStatus.PROCESSING
-    prediction.estimated_time = job.submitted.estimated_time
-    prediction.next_poll_at = next_poll_at
-    prediction.provider = job.provider
-    prediction.upstream_ref = job.submitted.ref
-    budgets_movements.show_charged(prediction, job.cost)
-
-
-def _point(job: HoldJob) -> tuple[str, str, int]:
-    """The price point of a hold: (model, resolution, duration), defaults filled in."""
-    request = job.request
-    return (
-        job.model_id,
-        request.resolution or budgets_service.DEFAULT_RESOLUTION,
-        request.duration or budgets_service.DEFAULT_DURATION_S,
-    )
 
 
 async def apply(runtime: Runtime, session: AsyncSession, jobs: list[Job]) -> list[Any]:
@@ -467,7 +278,7 @@ def _ignore(_result: object) -> None:
 
 
 def _abandoned_hold(
-    runtime: Runtime, key: ApiKey, idempotency_key: str | None, held: _Held | service.SubmitResult
+    runtime: Runtime, key: ApiKey, idempotency_key: str | None, held: Held | service.SubmitResult
 ) -> None:
     """A hold committed for a caller that went away while its batch ran: give it back."""
     if not isinstance(held, service.SubmitResult):
@@ -599,14 +410,14 @@ class _Claimed:
     already (a replay, a refusal) by index, and (index, prediction with its estimate, hold request) for the
     rest, to be held."""
 
-    done: dict[int, _Held | service.SubmitResult | BaseException]
-    pending: list[tuple[int, _Held, budgets_movements.HoldRequest]]
+    done: dict[int, Held | service.SubmitResult | BaseException]
+    pending: list[tuple[int, Held, budgets_movements.HoldRequest]]
 
 
 async def _claim_and_price(session: AsyncSession, runtime: Runtime, jobs: list[HoldJob]) -> _Claimed:
     settings = runtime.settings
     now = clock.now()
-    done: dict[int, _Held | service.SubmitResult | BaseException] = {}
+    done: dict[int, Held | service.SubmitResult | BaseException] = {}
     # By (tenant, key): two batches claiming the same keys wait for each other in one order (lock order:
     # app/budgets/movements.py); the same key twice in a batch keeps its arrival order.
     claims = sorted(
@@ -626,7 +437,7 @@ async def _claim_and_price(session: AsyncSession, runtime: Runtime, jobs: list[H
             done[index] = replay
     estimates: dict[tuple[str, str, int], budgets_service.Estimate] = {}
     retry_after_s = max(1, round(settings.poll_interval_s))
-    pending: list[tuple[int, _Held, budgets_movements.HoldRequest]] = []
+    pending: list[tuple[int, Held, budgets_movements.HoldRequest]] = []
     for index, job in enumerate(jobs):
         if index in done:
             continue
@@ -642,7 +453,7 @@ async def _claim_and_price(session: AsyncSession, runtime: Runtime, jobs: list[H
             # Every candidate is priced by the file: nothing to estimate or learn.
             cents = budgets_service.hold_cents(None, list(job.provider_prices))
             estimate = budgets_service.Estimate(cents, None)
-        prediction = _new_prediction(job, cents, now)
+        prediction = new_prediction(job, cents, now)
         request = budgets_movements.HoldRequest(
             tenant=job.tenant,
             key=job.key,
@@ -656,7 +467,7 @@ async def _claim_and_price(session: AsyncSession, runtime: Runtime, jobs: list[H
 
 async def _insert_held(
     session: AsyncSession, jobs: list[HoldJob], claimed: _Claimed, refusals: list[AppError | None]
-) -> list[_Held | service.SubmitResult | BaseException]:
+) -> list[Held | service.SubmitResult | BaseException]:
     """The admitted predictions inserted in one statement; the refused ones' Idempotency-Keys freed. Each
     job's answer: its prediction, a replay or its refusal."""
     results = dict(claimed.done)
@@ -674,36 +485,6 @@ async def _insert_held(
         # A Core INSERT of many rows (no unit of work): the objects stay in memory for their requests.
         await prebuilt.execute_many(session, _INSERT, admitted)
     return [results[i] for i in range(len(jobs))]
-
-
-# Built as the ORM builds an object it loaded, its attributes set directly (no attribute events): these
-# objects are never added to a session (their INSERT is Core), and the instrumented __init__ cost about
-# 57 µs a submit, more than the rest of the hold. ClassManager.new_instance is SQLAlchemy's own way to
-# make an instance without __init__.
-_PREDICTIONS = inspect(Prediction).class_manager
-
-
-def _new_prediction(job: HoldJob, estimate_cents: int, now: datetime) -> Prediction:
-    prediction: Prediction = _PREDICTIONS.new_instance()
-    prediction.__dict__.update(
-        id=job.prediction_id,
-        tenant_id=job.tenant.id,
-        api_key_id=job.key.id,
-        model_id=job.model_id,
-        model_name=service.MODEL_NAMES.get(job.model_id, job.model_id),
-        status=PredictionStatus.SUBMITTING,
-        params=job.request.upstream_body(),
-        webhook_url=job.request.webhook,
-        public_base_url=job.public_base_url,
-        webhook_events=job.request.webhook_events_filter,
-        meta=job.request.metadata,
-        **budgets_movements.new_hold_columns(job.tenant, estimate_cents, now),
-        holds_provider_slot=False,
-        created_at=now,
-        poll_count=0,
-        poll_failures=0,
-    )
-    return prediction
 
 
 async def _confirm_states(
