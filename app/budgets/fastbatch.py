@@ -16,7 +16,7 @@ for the same jobs (tests/test_fastbatch.py runs both on the same batches and com
   the price point's highest bill seen; each held prediction is inserted "submitting" with a ledger row
   "reserve".
 
-Only the common case comes here (app/predictions/writer.py decides): no Idempotency-Key, a tenant with
+Only the common case comes here (app/predictions/onestatement.py decides): no Idempotency-Key, a tenant with
 neither ratePerMinute nor maxConcurrent, a key with no budget of its own, and a settle that teaches no
 new price. Everything else, and everything this statement leaves undone, goes through move_batch, which
 holds one by one and names the refusal:
@@ -27,8 +27,9 @@ holds one by one and names the refusal:
   as the charge, by move_batch.
 
 Locks, in the lock order (app/budgets/movements.py, top): the settles' predictions (sorted), then the
-counters (sorted by scope: tenants in order), then the days (after the counters: their upsert waits
-for the counters' UPDATE). It takes no rate-limit or slot row.
+counters (sorted by scope: tenants in order, `locked`), then the days: every write is gated on `gate`,
+which reads `locked`, so no row is written before the counters are locked. It takes no rate-limit or
+slot row.
 """
 
 from __future__ import annotations

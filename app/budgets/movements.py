@@ -9,8 +9,8 @@ Lock order. Every writer (holds, settles, releases, terminal transitions, late c
 each, several processes) takes the rows it changes phase by phase, each phase sorted by tenant id, so
 that no two transactions wait for each other in a cycle (PostgreSQL would abort one after
 deadlock_timeout; SQLite has one writer at a time):
-  0. the batch's own rows: its idempotency keys (by tenant, key), its predictions, the price points
-     (sorted); rows no other writer takes at the same time but by a race the fences settle.
+  0. the batch's own rows: its predictions, the price points (sorted), its idempotency keys (by tenant,
+     key); rows no other writer takes at the same time but by a race the fences settle.
   1. rate limits (rate_limits, holds only);
   2. slots (tenants.in_flight);
   3. budget counters: each tenant's own, then its keys' (sorted), in tenant order;
@@ -421,6 +421,10 @@ async def move_batch(
         costs[(s.tenant.id, s.hold.period_start)] = costs.get((s.tenant.id, s.hold.period_start), 0) + s.cost
     crossed: list[tuple[Tenant, int]] = []
     for (tenant_id, period_start), after in sorted(spent_after.items()):
+        if (tenant_id, period_start) not in costs:
+            # A period only locked for this batch's holds (a settle of the last period beside holds of a
+            # new one): nothing was spent in it, so no line was crossed.
+            continue
         before = after - costs[(tenant_id, period_start)]
         tenant = tenants[tenant_id]
         crossed += [(tenant, p) for p in await newly_crossed_thresholds(session, tenant, period_start, before, after)]

@@ -17,9 +17,10 @@ from app.budgets import service as budgets_service
 from app.core import clock
 from app.core.database import OwnConnection
 from app.core.errors import DatabaseUnavailable
+from app.core.settings import Settings
 from app.predictions import service
 from app.predictions.jobs import ConfirmJob, HoldJob, Job, ReleaseJob, new_prediction, point
-from app.predictions.models import PredictionStatus
+from app.predictions.models import Prediction, PredictionStatus
 from app.runtime import Runtime
 
 log = logging.getLogger("vidgate.predictions")
@@ -68,6 +69,51 @@ async def apply(runtime: Runtime, batch: list[Job]) -> dict[int, Any]:
         return {}
     settings = runtime.settings
     now = clock.now()
+    if runtime.ledger_connection is None:
+        # A generic plan: the statement is the same for every batch, and planning it anew each time (a
+        # custom plan, PostgreSQL's choice for its array parameters) cost about as much as running it.
+        # Past a transaction pooler a session setting does not stay with the connection: none is made.
+        generic = {} if runtime.settings.database_pooled else {"plan_cache_mode": "force_generic_plan"}
+        runtime.ledger_connection = OwnConnection(runtime.sessions, generic)
+    try:
+        # Built inside the try: a job that cannot be put into the statement (a bug, a cost that cannot be
+        # told) sends the batch to the transaction, whose one-job fallback keeps the error its caller's.
+        predictions, fast_holds, polls, fast_settles = _inputs(settings, holds, confirms, now)
+        async with runtime.ledger_connection.use() as connection:
+            applied = await fastbatch.apply(connection, fast_holds, fast_settles, now)
+    except DatabaseUnavailable:
+        raise
+    except Exception:
+        log.warning("one-statement batch failed: applied in a transaction instead", exc_info=True)
+        return {}
+    if not applied.go:
+        return {}
+    done: dict[int, Any] = {}
+    for (index, job), prediction, amount, seen in zip(holds, predictions, applied.amounts, applied.seen, strict=True):
+        if prediction.id not in applied.held:
+            continue
+        prediction.estimate_cents = amount
+        if job.answer_priced:
+            table_cents = budgets_service.table_estimate(settings.price_table, *point(job))
+            estimate = budgets_service.Estimate(max(table_cents, seen or 0), seen)
+        else:
+            estimate = budgets_service.Estimate(amount, None)
+        done[index] = (prediction, estimate)
+    for index, confirm in confirms:
+        if confirm.prediction.id not in applied.confirmed:
+            continue
+        _confirmed(confirm, polls[confirm.prediction.id])
+        done[index] = service.present_submit(
+            confirm.prediction, f"{confirm.status_url_base}/{confirm.prediction.id}", extended=False
+        )
+    return done
+
+
+def _inputs(
+    settings: Settings, holds: list[tuple[int, HoldJob]], confirms: list[tuple[int, ConfirmJob]], now: datetime
+) -> tuple[list[Prediction], list[fastbatch.FastHold], dict[str, datetime], list[fastbatch.FastSettle]]:
+    """The statement's rows: the holds' new predictions and their money, the confirms' first polls and
+    charges."""
     predictions = [new_prediction(job, 0, now) for _, job in holds]
     fast_holds = [
         fastbatch.FastHold(
@@ -107,41 +153,7 @@ async def apply(runtime: Runtime, batch: list[Job]) -> dict[int, Any]:
         )
         for _, job in confirms
     ]
-    if runtime.ledger_connection is None:
-        # A generic plan: the statement is the same for every batch, and planning it anew each time (a
-        # custom plan, PostgreSQL's choice for its array parameters) cost about as much as running it.
-        # Past a transaction pooler a session setting does not stay with the connection: none is made.
-        generic = {} if runtime.settings.database_pooled else {"plan_cache_mode": "force_generic_plan"}
-        runtime.ledger_connection = OwnConnection(runtime.sessions, generic)
-    try:
-        async with runtime.ledger_connection.use() as connection:
-            applied = await fastbatch.apply(connection, fast_holds, fast_settles, now)
-    except DatabaseUnavailable:
-        raise
-    except Exception:
-        log.warning("one-statement batch failed: applied in a transaction instead", exc_info=True)
-        return {}
-    if not applied.go:
-        return {}
-    done: dict[int, Any] = {}
-    for (index, job), prediction, amount, seen in zip(holds, predictions, applied.amounts, applied.seen, strict=True):
-        if prediction.id not in applied.held:
-            continue
-        prediction.estimate_cents = amount
-        if job.answer_priced:
-            table_cents = budgets_service.table_estimate(settings.price_table, *point(job))
-            estimate = budgets_service.Estimate(max(table_cents, seen or 0), seen)
-        else:
-            estimate = budgets_service.Estimate(amount, None)
-        done[index] = (prediction, estimate)
-    for index, confirm in confirms:
-        if confirm.prediction.id not in applied.confirmed:
-            continue
-        _confirmed(confirm, polls[confirm.prediction.id])
-        done[index] = service.present_submit(
-            confirm.prediction, f"{confirm.status_url_base}/{confirm.prediction.id}", extended=False
-        )
-    return done
+    return predictions, fast_holds, polls, fast_settles
 
 
 def _confirmed(job: ConfirmJob, next_poll_at: datetime) -> None:

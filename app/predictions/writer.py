@@ -1,7 +1,8 @@
 """The ledger writer: one per process. A submit hands each of its money steps to it (the hold before the
 provider is called, the settle once one accepted, the release when none did) and awaits it; the writer
-applies everything that queued meanwhile as one batch, in one transaction: one commit, and multi-row
-statements where the rows are alike. The money rules stay in app/budgets/movements.py.
+applies everything that queued meanwhile as one batch: on PostgreSQL its common jobs in one statement
+that commits on its own (app/predictions/onestatement.py), the rest in one transaction, with multi-row
+statements where the rows are alike. The money rules stay in app/budgets.
 
 Why one writer for all three steps: holds and settles of the same tenant lock the same counter row, so
 two writers (one per step) queued behind each other's commits; one writer takes both in one transaction
@@ -178,7 +179,8 @@ def _observe(jobs: list[Job]) -> None:
 async def _in_transactions(runtime: Runtime, jobs: list[Job]) -> list[Any]:
     """The batch: its common jobs in one statement on PostgreSQL (onestatement.apply), the rest in one
     transaction. If that fails for a reason other than an outage (a deadlock, a bug one job triggers),
-    each job runs alone, so one job's failure is its caller's alone."""
+    each job runs alone, so one job's failure is its caller's alone; and a failure of the transaction
+    (an outage included) is only its own jobs' callers': the jobs the statement committed are done."""
     _observe(jobs)
     results: list[Any] = [None] * len(jobs)
     rest = list(range(len(jobs)))
@@ -188,7 +190,11 @@ async def _in_transactions(runtime: Runtime, jobs: list[Job]) -> list[Any]:
             results[index] = result
         rest = [i for i in rest if i not in done]
     if rest:
-        for index, result in zip(rest, await _in_one_transaction(runtime, [jobs[i] for i in rest]), strict=True):
+        try:
+            applied = await _in_one_transaction(runtime, [jobs[i] for i in rest])
+        except Exception as exc:
+            applied = [exc] * len(rest)
+        for index, result in zip(rest, applied, strict=True):
             results[index] = result
     return results
 
