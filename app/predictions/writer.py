@@ -190,24 +190,22 @@ async def _in_transactions(runtime: Runtime, jobs: list[Job]) -> list[Any]:
             results[index] = result
         rest = [i for i in rest if i not in done]
     if rest:
-        try:
-            applied = await _in_one_transaction(runtime, [jobs[i] for i in rest])
-        except Exception as exc:
-            applied = [exc] * len(rest)
-        for index, result in zip(rest, applied, strict=True):
+        for index, result in zip(rest, await _in_one_transaction(runtime, [jobs[i] for i in rest]), strict=True):
             results[index] = result
     return results
 
 
 async def _in_one_transaction(runtime: Runtime, jobs: list[Job]) -> list[Any]:
+    """Each job's result, or the exception that is its caller's: never raises an Exception, so what the
+    one statement committed beside these jobs reaches its callers whatever happens here."""
     try:
         async with transaction(runtime.sessions) as session:
             return await apply(runtime, session, jobs)
-    except DatabaseUnavailable:
-        raise
-    except Exception:
+    except DatabaseUnavailable as exc:
+        return [exc] * len(jobs)
+    except Exception as exc:
         if len(jobs) == 1:
-            raise
+            return [exc]
     results: list[Any] = []
     for job in jobs:
         try:
