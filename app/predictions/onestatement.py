@@ -26,6 +26,16 @@ from app.runtime import Runtime
 log = logging.getLogger("vidgate.predictions")
 
 
+# The writer connection's settings. A generic plan: the statement is the same for every batch, and
+# planning it anew each time (a custom plan, PostgreSQL's choice for its array parameters) cost about as
+# much as running it. But that plan is made once, at the connection's first batch, from the tables' sizes
+# then: on a new database predictions is empty, a sequential scan looks cheapest, and the plan kept it
+# while the table grew (9 ms per batch at 14,000 rows, the writer's whole cycle, and growing). Without
+# sequential scans the plan finds rows by their keys whatever the sizes were when it was made
+# (tests/test_writer_plan.py).
+GENERIC_PLAN = {"plan_cache_mode": "force_generic_plan", "enable_seqscan": "off"}
+
+
 def _common_hold(job: HoldJob) -> bool:
     """A hold app/budgets/fastbatch.py applies: no Idempotency-Key to claim, no rate unit or slot to
     take, no key counter."""
@@ -70,10 +80,9 @@ async def apply(runtime: Runtime, batch: list[Job]) -> dict[int, Any]:
     settings = runtime.settings
     now = clock.now()
     if runtime.ledger_connection is None:
-        # A generic plan: the statement is the same for every batch, and planning it anew each time (a
-        # custom plan, PostgreSQL's choice for its array parameters) cost about as much as running it.
-        # Past a transaction pooler a session setting does not stay with the connection: none is made.
-        generic = {} if runtime.settings.database_pooled else {"plan_cache_mode": "force_generic_plan"}
+        # Past a transaction pooler a session setting does not stay with the connection: none is made
+        # (each batch is then planned anew, which costs more but follows the tables as they grow).
+        generic = {} if runtime.settings.database_pooled else GENERIC_PLAN
         runtime.ledger_connection = OwnConnection(runtime.sessions, generic)
     try:
         # Built inside the try: a job that cannot be put into the statement (a bug, a cost that cannot be
