@@ -238,3 +238,43 @@ async def test_a_settle_of_the_last_period_beside_a_hold_of_a_new_one_is_one_tra
     assert seen.commits == 1, seen.statements
     async with transaction(live_runtime.sessions) as session:
         assert await budgets_service.verify_ledger(session) == []
+
+
+async def test_slots_given_back_and_counted_in_one_batch_change_tenants_in_order(
+    live_api: Api, live_runtime: Runtime
+) -> None:
+    """A batch that gives a slot back (a release) for one tenant and counts one (a late confirm, charged
+    whatever the limit) for another changes the tenants' rows in tenant order, the lock order every writer
+    keeps (app/budgets/movements.py, top). Before, the slots given back went first: tenant B before A, a
+    deadlock with a batch that took them in order."""
+    rows = [await caller_of(live_runtime, (await live_api.tenant(maxConcurrent=5)).id) for _ in range(2)]
+    (late_tenant, late_key), (released_tenant, released_key) = sorted(rows, key=lambda row: row[0].id)
+    (late_held,), _ = await one_batch(live_runtime, hold_jobs(late_tenant, late_key, 1))
+    (released_held,), _ = await one_batch(live_runtime, hold_jobs(released_tenant, released_key, 1))
+    # Recovery gave the first one up; its vendor's answer comes only now: a late confirm, its slot counted.
+    await predictions_writer.release(live_runtime, late_held[0], late_key, "recovered", None)
+    (late_confirm,) = confirm_jobs(late_tenant, late_key, [late_held])
+    release = predictions_writer.ReleaseJob(released_held[0], released_key, "no provider", None)
+
+    changed: list[str] = []
+
+    def slots(_conn: Any, _cursor: Any, sql: str, _params: Any, context: Any, _many: bool) -> None:
+        if sql.lstrip().upper().startswith("UPDATE TENANTS SET IN_FLIGHT"):
+            changed.extend(p["b_tenant"] for p in context.compiled_parameters if p.get("b_n"))
+
+    engine = live_runtime.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", slots)
+    try:
+        results, _ = await one_batch(live_runtime, [release, late_confirm])
+    finally:
+        event.remove(engine, "before_cursor_execute", slots)
+
+    assert results[0] is True and results[1]["status"] == "processing", results
+    assert changed == [late_tenant.id, released_tenant.id], changed
+    async with transaction(live_runtime.sessions) as session:
+        in_flight = {
+            t.id: t.in_flight
+            for t in (await session.scalars(select(Tenant).where(Tenant.id.in_([late_tenant.id, released_tenant.id]))))
+        }
+        assert in_flight == {late_tenant.id: 1, released_tenant.id: 0}
+        assert await budgets_service.verify_ledger(session) == []

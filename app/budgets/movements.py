@@ -453,8 +453,10 @@ async def _move_slots(
         tenant_id: min(rates[tenant_id], sum(holds[i].takes_slot for i in members))
         for tenant_id, members in groups.items()
     }
-    if not any(wanted.values()):
-        # No hold takes a slot: each statement below changes tenants in order on its own.
+    if not any(wanted.values()) and not (any(back.values()) and any(counted.values())):
+        # No hold takes a slot, and slots only come back or are only counted: one statement, which changes
+        # tenants in order. Both at once go tenant by tenant, as below: back for a tenant B, then counted
+        # for a tenant A < B, would lock B before A.
         await budget_limits.give_slots_many(session, back)
         await budget_limits.add_slots_many(session, counted)
         return dict.fromkeys(groups, 0)
