@@ -15,6 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.budgets import fastbatch
+from app.core.database import OwnConnection, create_sessionmaker
 from app.predictions.onestatement import GENERIC_PLAN
 from tests.conftest import TEST_DB
 
@@ -53,3 +54,23 @@ async def test_without_those_settings_the_plan_scans_predictions_whole(engine: A
     """The case the settings are for: the same generic plan, made the same way, reads every row."""
     plan = await _generic_plan(engine, {"plan_cache_mode": "force_generic_plan"})
     assert "Seq Scan on predictions p" in plan, plan
+
+
+async def test_the_writer_connection_takes_its_settings_away_with_it(engine: AsyncEngine) -> None:
+    """Closed (an outage, a shutdown), the writer's connection is not handed back to the pool: the next
+    user of that pool would plan with its settings (no sequential scan, generic plans), whose reset on
+    checkin is a ROLLBACK that keeps them."""
+    own = OwnConnection(create_sessionmaker(engine), GENERIC_PLAN)
+    async with own.use() as connection:
+        writer_pid = await connection.scalar(text("SELECT pg_backend_pid()"))
+    await own.close()
+
+    idle = engine.pool.checkedin()  # type: ignore[attr-defined]
+    connections = [await engine.connect() for _ in range(idle)]
+    try:
+        for pooled in connections:
+            assert await pooled.scalar(text("SELECT pg_backend_pid()")) != writer_pid
+            assert await pooled.scalar(text("SHOW enable_seqscan")) == "on"
+    finally:
+        for pooled in connections:
+            await pooled.close()

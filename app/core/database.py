@@ -286,8 +286,12 @@ class OwnConnection:
         return connection
 
     async def close(self) -> None:
+        """Closed, not handed back to the pool: its session settings must not reach the pool's other users
+        (the pool's reset on checkin is a ROLLBACK, which keeps them)."""
         connection, self._connection = self._connection, None
         if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.invalidate()
             with contextlib.suppress(Exception):
                 await connection.close()
 
