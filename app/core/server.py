@@ -74,15 +74,55 @@ _TIMED_OUT = _problem_response(
 )
 
 
+_JOIN_MAX = 64 * 1024  # a larger body goes in a write of its own rather than be copied
+
+
 class _LingeringTransport:
     """The transport as uvicorn's request cycles see it: its close() lingers when the request was not read
-    to its end. Everything else is the real transport's."""
+    to its end, and a response's head goes out with the first write of its body. Everything else is the
+    real transport's.
+
+    Why the head waits: uvicorn writes the head (on http.response.start) and then the body in two calls,
+    each a send(2) on an idle socket, so every answer cost two system calls and two packets (on this
+    machine a send(2) on loopback is among the costliest calls a request makes: bench/FINDINGS.md, issue
+    25). The head is held for the body's first write, which an app sends in the same turn of the loop,
+    and sent with it in one call; if the body is not there by the loop's next turn (a stream waiting for
+    its first chunk), the head goes alone then. Only the head waits: a 100 Continue (written before any
+    response starts) and body chunks go at once."""
 
     def __init__(self, transport: asyncio.Transport, protocol: GuardedHttpProtocol) -> None:
         self._transport = transport
         self._protocol = protocol
+        self._head: bytes | None = None
+        self._head_of: object = None  # the request cycle whose head was held: one per response
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            if len(data) <= _JOIN_MAX:
+                # One buffer: uvloop sends it at once (writelines() would queue it to the loop's turn end).
+                self._transport.write(head + data)
+                return
+            self._transport.write(head)
+        cycle = self._protocol.cycle
+        if cycle is not None and cycle is not self._head_of and cycle.response_started and not cycle.response_complete:
+            self._head_of, self._head = cycle, data
+            self._protocol.loop.call_soon(self.flush)
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            if not self._transport.is_closing():
+                self._transport.write(head)
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
 
     def close(self) -> None:
+        self.flush()
         self._protocol.close_lingering()
 
     def __getattr__(self, name: str) -> Any:
