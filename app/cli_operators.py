@@ -288,16 +288,10 @@ def register_operator_commands(
     ) -> None:
         """The audit log, newest first: who changed what, before and after."""
         from app.audit import service as audit_service
-        from app.core.types import moment_bound
 
         async def work(session: Any, _op: Any) -> dict[str, Any]:
-            filters = audit_service.AuditFilters(
-                target=target,
-                actor=actor,
-                action=action,
-                start=moment_bound(from_, "from", end=False),
-                end=moment_bound(to, "to", end=True),
-                cursor=cursor,
+            filters = audit_service.AuditFilters.of(
+                target=target, actor=actor, action=action, from_=from_, to=to, cursor=cursor
             )
             rows, next_cursor = await audit_service.list_entries(session, filters, limit)
             return {"data": [audit_service.present(e) for e in rows], "nextCursor": next_cursor}

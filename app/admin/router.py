@@ -310,13 +310,8 @@ async def audit_log(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[Line | None, Query(max_length=64)] = None,
 ) -> Response:
-    filters = audit_service.AuditFilters(
-        target=target,
-        actor=actor,
-        action=action,
-        start=moment_bound(from_, "from", end=False),
-        end=moment_bound(to, "to", end=True),
-        cursor=cursor,
+    filters = audit_service.AuditFilters.of(
+        target=target, actor=actor, action=action, from_=from_, to=to, cursor=cursor
     )
     rows, next_cursor = await audit_service.list_entries(session, filters, limit)
     return json_response({"data": [audit_service.present(e) for e in rows], "nextCursor": next_cursor})

@@ -17,6 +17,7 @@ from app.audit.models import AuditEntry
 from app.core import clock
 from app.core.ids import new_id
 from app.core.logging import request_id_var
+from app.core.types import moment_bound
 
 
 def target(noun: str, ident: str) -> str:
@@ -63,6 +64,32 @@ class AuditFilters:
     start: datetime | None = None
     end: datetime | None = None
     cursor: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        target: str | None,
+        actor: str | None,
+        action: str | None,
+        from_: str | None,
+        to: str | None,
+        cursor: str | None,
+    ) -> AuditFilters:
+        """The filters as the API, the CLI and the dashboard take them: a blank one is no filter, `from` and
+        `to` a date or a moment (a date's `to` takes in its whole day)."""
+        return cls(
+            target=_given(target),
+            actor=_given(actor),
+            action=_given(action),
+            start=moment_bound(from_, "from", end=False),
+            end=moment_bound(to, "to", end=True),
+            cursor=_given(cursor),
+        )
+
+
+def _given(value: str | None) -> str | None:
+    return (value or "").strip() or None
 
 
 async def list_entries(session: AsyncSession, filters: AuditFilters, limit: int) -> tuple[list[AuditEntry], str | None]:

@@ -720,13 +720,8 @@ async def audit_page(
     to: Moment = None,
     cursor: Text = None,
 ) -> Response:
-    filters = audit_service.AuditFilters(
-        target=(target or "").strip() or None,
-        actor=(actor or "").strip() or None,
-        action=(action or "").strip() or None,
-        start=moment_bound(from_, "from", end=False),
-        end=moment_bound(to, "to", end=True),
-        cursor=cursor or None,
+    filters = audit_service.AuditFilters.of(
+        target=target, actor=actor, action=action, from_=from_, to=to, cursor=cursor
     )
     async with transaction(runtime.sessions, readonly=True) as session:
         rows, next_cursor = await audit_service.list_entries(session, filters, 50)
