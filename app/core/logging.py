@@ -94,8 +94,11 @@ class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._write_pending()
 
     def flush(self) -> None:
-        with self.lock or _NO_LOCK:
+        self.acquire()
+        try:
             self._write_pending()
+        finally:
+            self.release()
 
     def _write_pending(self) -> None:
         if not self._pending:
@@ -113,17 +116,6 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_: object) -> None:
-        return None
-
-
-_NO_LOCK = _NoLock()
 
 
 def configure_logging(level: str = "INFO", json_lines: bool = True) -> None:
