@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -94,10 +93,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker_task = asyncio.create_task(worker.run())
     if settings.sandbox:
         await sandbox.create_demo_key(sessions, settings, sandbox_base_url)
-    # Everything loaded so far lives as long as the process: move it out of the collector's sight,
-    # so full collections under load only walk what requests allocate.
-    gc.collect()
-    gc.freeze()
+    lifecycle.ready_heap()
     try:
         # SIGTERM: out of the balancer while still serving, the worker handing its leases back meanwhile.
         with lifecycle.drain_on_sigterm(settings.shutdown_drain_s, [worker.stop] if worker_task else []):
