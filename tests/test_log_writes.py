@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from app.core.logging import JsonFormatter, TurnHandler
+from app.core.logging import JsonFormatter, TurnHandler, configure_logging
 
 
 class Stream:
@@ -80,3 +80,26 @@ async def test_lines_pending_at_exit_are_written(logged: tuple[logging.Logger, S
     logger.info("last words")
     handler.flush()  # what logging.shutdown() does at exit
     assert [messages(w) for w in stream.writes] == [["last words"]]
+
+
+def test_configured_logging_gathers_nothing_no_line_shows() -> None:
+    """configure_logging turns off the caller's frame walk and the thread and process lookups (issue 25):
+    a record then carries none of them, and the line is as before."""
+    switches = (logging.logThreads, logging.logProcesses, logging.logMultiprocessing, logging._srcfile)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    records: list[logging.LogRecord] = []
+    capture = logging.Handler()
+    capture.emit = records.append  # type: ignore[method-assign,assignment]
+    try:
+        configure_logging("INFO")
+        root.addHandler(capture)
+        logging.getLogger("vidgate.test_log_writes").info("gathered %s", "nothing", extra={"route": "/x"})
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.logThreads, logging.logProcesses, logging.logMultiprocessing, logging._srcfile = switches
+    (record,) = records
+    assert (record.lineno, record.funcName, record.thread, record.process) == (0, "(unknown function)", None, None)
+    line = orjson.loads(JsonFormatter().format(record))
+    assert (line["msg"], line["route"], line["level"]) == ("gathered nothing", "/x", "info")
