@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import ARRAY, Boolean, String, bindparam, event, func, insert, select
+from sqlalchemy import bindparam, event, func, insert, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -206,24 +206,3 @@ async def test_the_hot_statements_take_the_fast_path(live_api: Api, worker: Any,
     }
     missing = {name: start for name, start in hot.items() if not any(start in sql for sql in ran)}
     assert missing == {}, f"not run on the driver: {missing}; ran: {sorted(ran)}"
-
-
-@postgresql_only
-async def test_arrays_of_plain_items_go_to_the_driver_as_they_are(engine: AsyncEngine) -> None:
-    """An ARRAY whose items need no processing is bound and read without SQLAlchemy's copying processor
-    (issue 25: 25 of them a ledger batch); one whose items do (a Boolean's check) keeps it. Either way the
-    rows are what SQLAlchemy's execution gives."""
-    texts = bindparam("b_texts", type_=ARRAY(String()))
-    flags = bindparam("b_flags", type_=ARRAY(Boolean()))
-    statement = select(texts.label("texts"), func.array_length(flags, 1).label("n"))
-    plan = prebuilt._plan(statement, ("b_flags", "b_texts"), engine.dialect)
-    assert isinstance(plan, prebuilt._Plan)
-    by_name = dict(zip(plan.names, plan.processors, strict=True))
-    assert by_name["b_texts"] is None
-    assert by_name["b_flags"] is not None
-    assert plan.results[0] is None
-    params = {"b_texts": ["a", None, "c"], "b_flags": [True, False]}
-    async with engine.connect() as connection:
-        fast = await prebuilt.fetch(connection, statement, params)
-        slow = (await connection.execute(statement, params)).all()
-    assert [tuple(r) for r in fast] == [tuple(r) for r in slow] == [(["a", None, "c"], 2)]

@@ -31,7 +31,6 @@ from collections import Counter, namedtuple
 from collections.abc import Sequence
 from typing import Any, NamedTuple, NoReturn, cast
 
-from sqlalchemy import types as sqltypes
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -99,36 +98,16 @@ def _build(statement: Any, keys: tuple[str, ...], dialect: Dialect) -> _Plan | _
     if compiled.insert_prefetch or compiled.update_prefetch:
         return _NotPrebuilt(compiled.string, "Python-side defaults (SQLAlchemy's execution context computes them)")
     names = list(compiled.positiontup)
-    processors = [
-        None if _array_as_is(compiled.binds[name].type, dialect) else compiled._bind_processors.get(name)
-        for name in names
-    ]
+    processors = [compiled._bind_processors.get(name) for name in names]
     if any(isinstance(p, tuple) for p in processors):
         return _NotPrebuilt(compiled.string, "bind processors per element")
     columns = [entry.keyname for entry in compiled._result_columns]
     bad = any(not k.isidentifier() or keyword.iskeyword(k) or k.startswith("_") for k in columns)
     if bad or len(set(columns)) != len(columns):
         return _NotPrebuilt(compiled.string, "result column names a namedtuple cannot hold")
-    results = [
-        None if _array_as_is(entry.type, dialect, result=True) else entry.type._cached_result_processor(dialect, None)
-        for entry in compiled._result_columns
-    ]
+    results = [entry.type._cached_result_processor(dialect, None) for entry in compiled._result_columns]
     row = namedtuple("Row", columns) if columns else tuple
     return _Plan(compiled, compiled.string, names, processors, row, results)
-
-
-def _array_as_is(type_: Any, dialect: Dialect, *, result: bool = False) -> bool:
-    """An ARRAY whose items need no processing either way: SQLAlchemy's processor for it only copies the list
-    (asyncpg takes a list or tuple as it is, and gives back a list), at about half a microsecond an array:
-    the ledger writer's statement binds 25 of them a batch (issue 25). Its items' own processors (a
-    Boolean's check, an enum's) keep the whole processor."""
-    impl = type_.dialect_impl(dialect)
-    if not isinstance(impl, sqltypes.ARRAY) or getattr(impl, "_against_native_enum", False):
-        return False
-    item = impl.item_type.dialect_impl(dialect)
-    if result:
-        return not impl.as_tuple and item.result_processor(dialect, None) is None
-    return item.bind_processor(dialect) is None
 
 
 async def _connection(runner: AsyncSession | AsyncConnection) -> AsyncConnection:
