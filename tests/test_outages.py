@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -37,6 +36,7 @@ from app.upstream.schemas import UpstreamSubmitted
 from app.upstream.simulator import SimState
 from app.webhooks.models import WebhookDelivery
 from app.worker import Worker
+from bench.ports import free_port
 from tests.conftest import TEST_DB, Api, Receiver, Tenant, _api, empty_tables, eventually, make_settings, valid_body
 from tests.tcpproxy import TcpProxy
 
@@ -44,12 +44,6 @@ COST = 9  # what the simulator charges for 480p, 5 s
 
 pg_only = pytest.mark.skipif(TEST_DB != "postgresql", reason="cuts PostgreSQL away through a TCP proxy")
 sqlite_only = pytest.mark.skipif(TEST_DB != "sqlite", reason="locks a SQLite file")
-
-
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def assert_unavailable(response: httpx.Response, what: str) -> None:
@@ -66,7 +60,7 @@ async def test_an_unreachable_database_is_an_outage_and_a_wrong_statement_is_not
     engine: AsyncEngine, tmp_path: Path
 ) -> None:
     # Nothing listens on the port: the driver's connect is refused.
-    refused = create_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{unused_port()}/vidgate", pool_size=1)
+    refused = create_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/vidgate", pool_size=1)
     # The SQLite file's directory is gone and a plain file stands in its place: "unable to open database file".
     gone = create_engine(f"sqlite+aiosqlite:///{tmp_path}/volume/vidgate.db")
     (tmp_path / "volume").rmdir()

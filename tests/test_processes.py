@@ -195,7 +195,7 @@ async def test_sigkill_between_terminal_state_and_delivery(procs: Procs, proc_db
     gw = await procs.serve(env)
     # The receiver's port is held, bound but not listening: connections are refused until it starts.
     held = socket.socket()
-    held.bind(("127.0.0.1", 0))
+    held.bind(("127.0.0.1", free_port()))
     port = held.getsockname()[1]
     runner: web.AppRunner | None = None
     try:

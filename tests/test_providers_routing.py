@@ -6,7 +6,6 @@ never by time: where time matters, the app clock is moved (app/core/clock.py).
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from app.providers.models import ProviderState
 from app.runtime import build_runtime
 from app.upstream.simulator import STATE, SimConfig, SimState, start_simulator
 from app.worker import Worker
+from bench.ports import free_port
 from tests.conftest import Api, _api, empty_tables, eventually, make_settings, valid_body
 
 POLICIES = ["priority", "cheapest", "weighted"]
@@ -53,10 +53,7 @@ async def sims() -> AsyncIterator[list[Sim]]:
 
 
 def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"  # nothing listens there any more: connections are refused
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there: connections are refused
 
 
 def provider(name: str, kind: str, url: str, **values: Any) -> ProviderConfig:

@@ -8,7 +8,9 @@ A small fault proxy can sit between the client and the gateway. Nothing here imp
 from __future__ import annotations
 
 import http.server
+import itertools
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -37,10 +39,25 @@ BODY: dict[str, Any] = {
 COST = 9  # what the simulator charges for BODY
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port for a server another process binds later. Not `bind(0)`: that answers from the ephemeral
+    range, which every outgoing connection also draws from, so the port could be taken before the server
+    binds it. Below that range the kernel hands nothing out by itself."""
+    first = random.randrange(10_000, 32_000)
+    for port in itertools.chain(range(first, 32_000), range(10_000, first)):
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free loopback port below 32000")
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
