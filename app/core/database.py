@@ -6,14 +6,16 @@ import asyncio
 import contextlib
 import logging
 import random
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from weakref import WeakKeyDictionary, WeakSet
 
+import aiosqlite
 from sqlalchemy import CTE, BigInteger, DateTime, Integer, MetaData, Table, bindparam, column, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Dialect, Engine
@@ -24,6 +26,8 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 from app.core.errors import DatabaseUnavailable
 
 log = logging.getLogger("vidgate.database")
+
+T = TypeVar("T")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -242,8 +246,9 @@ def _alive(connection: AsyncConnection) -> bool:
 class OwnConnection:
     """A connection one serial user keeps for itself (PostgreSQL, AUTOCOMMIT: each statement a
     transaction of its own): the ledger writer, which runs one batch at a time as one statement
-    (app/budgets/fastbatch.py). Kept rather than taken from the pool per batch, so that it keeps its
-    prepared statement and its `settings`; replaced after an outage. In the tests' outer transaction
+    (app/budgets/fastbatch.py), or on SQLite as one step on the connection's thread (run_in_thread).
+    Kept rather than taken from the pool per batch, so that it keeps its prepared statement and its
+    `settings`; replaced after an outage. In the tests' outer transaction
     (sessions bound to one connection), that connection: the statement joins it."""
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], settings: dict[str, str]) -> None:
@@ -272,6 +277,20 @@ class OwnConnection:
             if not isinstance(exc, DatabaseUnavailable) and is_outage(exc):
                 raise DatabaseUnavailable() from exc
             raise
+
+    async def run_in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """SQLite: `fn(connection)` on the kept connection's own thread (aiosqlite's), in one step rather
+        than a hop there and back for each cursor, execute, fetch and close, in this process's turn to
+        write. `fn` begins and ends its transaction itself. As with `use`, a database that cannot be used
+        raises `DatabaseUnavailable`."""
+        async with _writer_lock(self._sessions) or nullcontext(), self.use() as connection:
+            assert connection.sync_connection is not None
+            driver = connection.sync_connection.connection.driver_connection
+            assert isinstance(driver, aiosqlite.Connection), driver
+            # aiosqlite's own queue to its thread (it has no public call for a function of the connection):
+            # behind anything still queued there, and the connection is this one user's (OwnConnection).
+            result: T = await driver._execute(fn, driver._conn)  # type: ignore[no-untyped-call]
+            return result
 
     async def _connect(self, bind: AsyncEngine) -> AsyncConnection:
         connection = await bind.connect()
@@ -309,11 +328,14 @@ def is_outage(exc: BaseException) -> bool:
     outage: retry later) rather than that the statement or the code is wrong (a bug: stay loud)."""
     if isinstance(exc, (sa_exc.TimeoutError, sa_exc.DisconnectionError)):
         return True  # no connection to be had from the pool, or a dead one that could not be replaced
-    if not isinstance(exc, sa_exc.DBAPIError):
+    if isinstance(exc, sqlite3.Error):
+        driver_error: BaseException | None = exc  # raised on a connection's thread (run_in_thread), unwrapped
+    elif not isinstance(exc, sa_exc.DBAPIError):
         return False  # only what the database driver raised is looked at: our own errors are not outages
-    if exc.connection_invalidated:
+    elif exc.connection_invalidated:
         return True  # the dialect recognised a disconnect (and the pool dropped its connections)
-    driver_error = exc.orig
+    else:
+        driver_error = exc.orig
     for error in (driver_error, driver_error.__cause__ if driver_error is not None else None):
         if isinstance(error, OSError):
             return True

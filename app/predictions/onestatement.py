@@ -1,5 +1,6 @@
-"""The ledger writer's common jobs in one statement on PostgreSQL (app/budgets/fastbatch.py): holds with
-no Idempotency-Key, limit or key budget, and the confirms that remember no answer and learn no price.
+"""The ledger writer's common jobs in one statement on PostgreSQL (app/budgets/fastbatch.py), or in one step
+on SQLite's connection thread (app/budgets/sqlitebatch.py): holds with no Idempotency-Key, limit or key
+budget, and the confirms that remember no answer and learn no price.
 Everything else in a batch, and the whole batch when this does nothing, goes to the writer's
 transaction (app/predictions/writer.py)."""
 
@@ -10,8 +11,9 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.budgets import fastbatch
+from app.budgets import fastbatch, sqlitebatch
 from app.budgets import movements as budgets_movements
 from app.budgets import service as budgets_service
 from app.core import clock
@@ -79,17 +81,23 @@ async def apply(runtime: Runtime, batch: list[Job]) -> dict[int, Any]:
         return {}
     settings = runtime.settings
     now = clock.now()
+    sqlite = runtime.engine.dialect.name == "sqlite"
+    if sqlite and not isinstance(runtime.sessions.kw.get("bind"), AsyncEngine):
+        return {}  # the tests' outer transaction: SQLite cannot begin one of its own inside it
     if runtime.ledger_connection is None:
         # Past a transaction pooler a session setting does not stay with the connection: none is made
         # (each batch is then planned anew, which costs more but follows the tables as they grow).
-        generic = {} if runtime.settings.database_pooled else GENERIC_PLAN
+        generic = {} if runtime.settings.database_pooled or sqlite else GENERIC_PLAN
         runtime.ledger_connection = OwnConnection(runtime.sessions, generic)
     try:
         # Built inside the try: a job that cannot be put into the statement (a bug, a cost that cannot be
         # told) sends the batch to the transaction, whose one-job fallback keeps the error its caller's.
         predictions, fast_holds, polls, fast_settles = _inputs(settings, holds, confirms, now)
-        async with runtime.ledger_connection.use() as connection:
-            applied = await fastbatch.apply(connection, fast_holds, fast_settles, now)
+        if sqlite:
+            applied = await runtime.ledger_connection.run_in_thread(sqlitebatch.batch(fast_holds, fast_settles, now))
+        else:
+            async with runtime.ledger_connection.use() as connection:
+                applied = await fastbatch.apply(connection, fast_holds, fast_settles, now)
     except DatabaseUnavailable:
         raise
     except Exception:

@@ -184,7 +184,7 @@ async def _in_transactions(runtime: Runtime, jobs: list[Job]) -> list[Any]:
     _observe(jobs)
     results: list[Any] = [None] * len(jobs)
     rest = list(range(len(jobs)))
-    if runtime.engine.dialect.name == "postgresql":
+    if runtime.engine.dialect.name in ("postgresql", "sqlite"):
         done = await onestatement.apply(runtime, jobs)
         for index, result in done.items():
             results[index] = result
