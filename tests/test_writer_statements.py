@@ -1,13 +1,16 @@
 """What one ledger writer batch costs the database, for a batch of 1 and of 32 submits (issue 25): on
 PostgreSQL the common holds, and the common settles, are one statement that commits on its own
-(app/budgets/fastbatch.py); on SQLite a batch is one transaction whose statements do not grow with it.
-Counted at the driver: every statement SQLAlchemy or app/core/prebuilt.py sends, and every commit (a
-COMMIT, or a statement on an AUTOCOMMIT connection)."""
+(app/budgets/fastbatch.py); on SQLite they are one step on the writer connection's thread
+(app/budgets/sqlitebatch.py), a transaction whose statements do not grow with it. Counted at the driver:
+every statement SQLAlchemy or app/core/prebuilt.py sends, and every commit (a COMMIT, or a statement on
+an AUTOCOMMIT connection); for SQLite's step, its statements as `vidgate_db_statements_total` counts them
+and the COMMITs its connection runs."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,6 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import event, func, select
 
 from app.budgets import service as budgets_service
@@ -38,6 +42,23 @@ MODEL = "ltx-2-19b"
 class Seen:
     statements: list[str] = field(default_factory=list)
     commits: int = 0
+    engine_executes: int = 0  # everything SQLAlchemy sent, its BEGINs included
+    step_statements: int = 0  # SQLite's one step (app/budgets/sqlitebatch.py)
+    step_commits: int = 0
+
+
+def writer_sqlite3(runtime: Runtime) -> sqlite3.Connection | None:
+    """The sqlite3 connection the ledger writer keeps for its one step, once it has one."""
+    own = runtime.ledger_connection
+    kept = own._connection if own is not None else None
+    if kept is None or kept.sync_connection is None:
+        return None
+    connection: sqlite3.Connection = kept.sync_connection.connection.driver_connection._conn
+    return connection
+
+
+def sent_statements() -> float:
+    return REGISTRY.get_sample_value("vidgate_db_statements_total") or 0.0
 
 
 @contextmanager
@@ -45,6 +66,7 @@ def counted(runtime: Runtime) -> Iterator[Seen]:
     seen = Seen()
 
     def statement(conn: Any, _cursor: Any, sql: str, *_: Any) -> None:
+        seen.engine_executes += 1
         if sql.lstrip().upper().startswith(("BEGIN", "SAVEPOINT", "RELEASE SAVEPOINT")):
             return
         seen.statements.append(sql)
@@ -54,14 +76,24 @@ def counted(runtime: Runtime) -> Iterator[Seen]:
     def commit(_conn: Any) -> None:
         seen.commits += 1
 
+    def traced(sql: str) -> None:  # on the step's thread
+        seen.step_commits += sql == "COMMIT"
+
     engine = runtime.engine.sync_engine
+    sent = sent_statements()
+    step = writer_sqlite3(runtime) if TEST_DB == "sqlite" else None
     event.listen(engine, "before_cursor_execute", statement)
     event.listen(engine, "commit", commit)
+    if step is not None:
+        step.set_trace_callback(traced)
     try:
         yield seen
     finally:
         event.remove(engine, "before_cursor_execute", statement)
         event.remove(engine, "commit", commit)
+        if step is not None:
+            step.set_trace_callback(None)
+        seen.step_statements = int(sent_statements() - sent) - seen.engine_executes
 
 
 async def caller(api: Api, runtime: Runtime) -> tuple[Tenant, ApiKey]:
@@ -128,11 +160,12 @@ async def test_a_batch_of_holds_then_of_settles_costs_a_fixed_number_of_statemen
         assert (len(holding.statements), holding.commits) == (1, 1), holding.statements
         assert (len(settling.statements), settling.commits) == (1, 1), settling.statements
     else:
-        # A transaction: the price point, the counter's conditional UPDATE, the ledger rows, the
-        # predictions; then the confirms, charges, counters, ledger rows and the day.
-        assert holding.commits == settling.commits == 1
-        assert len(holding.statements) == 4, holding.statements
-        assert len(settling.statements) == 5, settling.statements
+        # Nothing through SQLAlchemy. The step: BEGIN IMMEDIATE, the price point, the counter, its UPDATE,
+        # the predictions, the ledger rows; then BEGIN IMMEDIATE, the predictions still waiting, the
+        # counter, the confirms, its UPDATE, the ledger rows, the day. One COMMIT each.
+        assert holding.statements == settling.statements == []
+        assert (holding.step_statements, holding.step_commits) == (6, 1)
+        assert (settling.step_statements, settling.step_commits) == (7, 1)
     async with transaction(live_runtime.sessions) as session:
         charged = await session.scalar(
             select(func.sum(Prediction.charged_cents)).where(Prediction.tenant_id == tenant.id)
@@ -142,8 +175,8 @@ async def test_a_batch_of_holds_then_of_settles_costs_a_fixed_number_of_statemen
 
 
 async def test_holds_and_settles_in_one_batch_are_one_statement(live_api: Api, live_runtime: Runtime) -> None:
-    """The writer takes holds and settles together: on PostgreSQL one statement holds the new ones and
-    settles the others."""
+    """The writer takes holds and settles together: one statement (one step on SQLite) holds the new ones
+    and settles the others."""
     tenant, key = await caller(live_api, live_runtime)
     warm, _ = await one_batch(live_runtime, hold_jobs(tenant, key, 1))
     await one_batch(live_runtime, confirm_jobs(tenant, key, warm))
@@ -156,12 +189,11 @@ async def test_holds_and_settles_in_one_batch_are_one_statement(live_api: Api, l
     if TEST_DB == "postgresql":
         assert (len(seen.statements), seen.commits) == (1, 1), seen.statements
     else:
-        assert seen.commits == 1
+        assert (seen.statements, seen.step_commits) == ([], 1)
     async with transaction(live_runtime.sessions) as session:
         assert await budgets_service.verify_ledger(session) == []
 
 
-@pytest.mark.skipif(TEST_DB != "postgresql", reason="the one-statement path is PostgreSQL's")
 async def test_a_failed_transaction_reaches_only_its_own_jobs_callers(
     live_api: Api, live_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -189,7 +221,6 @@ async def test_a_failed_transaction_reaches_only_its_own_jobs_callers(
         assert await budgets_service.verify_ledger(session) == []
 
 
-@pytest.mark.skipif(TEST_DB != "postgresql", reason="the one-statement path is PostgreSQL's")
 async def test_a_job_the_statement_cannot_take_fails_its_caller_alone(live_api: Api, live_runtime: Runtime) -> None:
     """A confirm whose charge cannot be told (no cost in the answer, no price in the file: a bug the
     providers file's checks keep out) beside a good one: the good one is settled, the bad one's caller
