@@ -1,12 +1,12 @@
 """A ledger writer batch in one step on SQLite: what app/budgets/fastbatch.py's one statement does on
-PostgreSQL, for the same common holds and settles, as one transaction run in one call on the connection's
-own thread (app/core/sqlite.py).
+PostgreSQL, for the same common holds and settles, as one transaction run in one call on the writer
+connection's own thread (OwnConnection.run_in_thread, app/core/database.py).
 
 Why: SQLite has no statement that writes several tables, and through SQLAlchemy each of the transaction's
-ten or so statements cost about 0.3 ms of the event loop's time and a turn of it, so a batch held the
-loop for 2-3 ms and SQLite served 0.12 of the floor (bench/FINDINGS.md, issue 25). Here the statements
-are plain sqlite3 calls on the connection's thread, which SQLite's own work (and the fsync) runs on
-without the loop's lock.
+ten or so statements cost about 0.3 ms of the event loop's time and three or four hops to aiosqlite's
+thread and back, so a batch took 2-3 ms of the loop and SQLite served 0.12 of the floor
+(bench/FINDINGS.md, issue 25). Here the statements are plain sqlite3 calls on that thread, where SQLite's
+own work and the fsync do not hold up the event loop.
 
 It is the PostgreSQL statement's rules, step for step (its docstring says them; tests/test_fastbatch.py
 runs both this and move_batch on the same batches and compares every row): the batch's settles (those
