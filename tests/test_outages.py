@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.budgets import service as budgets_service
 from app.budgets.models import LedgerEntry
 from app.core import clock
-from app.core.database import create_engine, create_sessionmaker, transaction
+from app.core.database import create_engine, create_sessionmaker, is_outage, transaction
 from app.core.errors import DatabaseUnavailable
 from app.predictions.models import Prediction
 from app.runtime import Runtime, build_runtime
@@ -80,6 +80,27 @@ async def test_an_unreachable_database_is_an_outage_and_a_wrong_statement_is_not
         async with transaction(create_sessionmaker(engine)) as session:
             await session.execute(text("SELECT * FROM no_such_table"))
     assert not isinstance(wrong.value, DatabaseUnavailable), repr(wrong.value)
+
+
+def test_sqlite_errors_from_the_writer_thread_are_judged_as_wrapped_ones(tmp_path: Path) -> None:
+    """SQLite's one-step batch (app/budgets/sqlitebatch.py) runs sqlite3 itself, so what it raises comes
+    unwrapped by SQLAlchemy: a file locked beyond the busy timeout is an outage (a 503), a missing table
+    a bug, as when SQLAlchemy raised them."""
+    path = tmp_path / "locked.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x INTEGER)")
+    holder.execute("BEGIN IMMEDIATE")
+    writer = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        with pytest.raises(sqlite3.OperationalError) as locked:
+            writer.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sqlite3.OperationalError) as missing:
+            writer.execute("SELECT * FROM no_such_table")
+    finally:
+        writer.close()
+        holder.close()
+    assert is_outage(locked.value), locked.value
+    assert not is_outage(missing.value), missing.value
 
 
 # ---------------------------------------------------------------- a gateway whose database the test takes away

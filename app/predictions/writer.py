@@ -177,18 +177,16 @@ def _observe(jobs: list[Job]) -> None:
 
 
 async def _in_transactions(runtime: Runtime, jobs: list[Job]) -> list[Any]:
-    """The batch: its common jobs in one statement on PostgreSQL (onestatement.apply), the rest in one
-    transaction. If that fails for a reason other than an outage (a deadlock, a bug one job triggers),
+    """The batch: its common jobs in one statement (onestatement.apply: one step on SQLite), the rest in
+    one transaction. If that fails for a reason other than an outage (a deadlock, a bug one job triggers),
     each job runs alone, so one job's failure is its caller's alone; and a failure of the transaction
     (an outage included) is only its own jobs' callers': the jobs the statement committed are done."""
     _observe(jobs)
     results: list[Any] = [None] * len(jobs)
-    rest = list(range(len(jobs)))
-    if runtime.engine.dialect.name in ("postgresql", "sqlite"):
-        done = await onestatement.apply(runtime, jobs)
-        for index, result in done.items():
-            results[index] = result
-        rest = [i for i in rest if i not in done]
+    done = await onestatement.apply(runtime, jobs)
+    for index, result in done.items():
+        results[index] = result
+    rest = [i for i in range(len(jobs)) if i not in done]
     if rest:
         for index, result in zip(rest, await _in_one_transaction(runtime, [jobs[i] for i in rest]), strict=True):
             results[index] = result
